@@ -1,0 +1,131 @@
+"""Smoothing, symmetric quantization and the plain quantized products (DESIGN.md §1).
+
+Weights are quantized offline in float64. Activation quantization is defined in IEEE float32
+arithmetic (absmax, scale = absmax / qmax, code = rint(x / scale)), because that is what a GPU
+kernel computes: with float32 as the definition a kernel can match the oracle's codes bit for bit,
+ties at rounding boundaries included.
+"""
+import numpy as np
+
+from .validation import as_float_matrix, as_int_codes, check_bits, check_group_size, n_groups
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def smooth_scales(act_absmax, weight_absmax, alpha=0.5, eps=1e-5):
+    """SmoothQuant factors `s_k = max(a_k, eps)**alpha / max(w_k, eps)**(1 - alpha)`.
+
+    `X / s` and `W * s` then give the same product as `X` and `W` in exact arithmetic; a larger
+    `alpha` moves more of the activations' range into the weights.
+    """
+    a = as_float_matrix("act_absmax", act_absmax, rank=1)
+    w = as_float_matrix("weight_absmax", weight_absmax, rank=1)
+    if a.shape != w.shape:
+        raise ValueError(f"act_absmax shape {a.shape} does not match weight_absmax shape {w.shape}")
+    if np.any(a < 0) or np.any(w < 0):
+        raise ValueError("act_absmax and weight_absmax must be non-negative")
+    if not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    if not (float(eps) > 0.0 and np.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return np.maximum(a, eps) ** alpha / np.maximum(w, eps) ** (1.0 - alpha)
+
+
+def _expand_groups(scale, k, group_size):
+    """Scale per row [R] or per row and group [R, G] -> one scale per element [R, k]."""
+    if scale.ndim == 1:
+        return scale[:, None]
+    return np.repeat(scale, group_size, axis=1)[:, :k]
+
+
+def quantize_activations(x, bits=4, group_size=None):
+    """Per-token (or per-token, per-group) symmetric quantization in IEEE float32.
+
+    `scale_m = float32(max_k |x[m,k]|) / float32(2**(bits-1) - 1)` and
+    `qx = clip(rint(float32(x) / scale_m), -2**(bits-1), 2**(bits-1) - 1)`, round half to even.
+    With `group_size = g` each token has one scale per group of g channels (the last group may be
+    short). A row (group) of zeros gets scale 0 and codes 0, never NaN.
+    Returns (qx int8 [M, K], scale float64 [M] or [M, ceil(K/g)]) with float32-exact scales.
+    """
+    x = as_float_matrix("x", x)
+    bits = check_bits("bits", bits)
+    group_size = check_group_size("group_size", group_size)
+    if x.size and np.abs(x).max() > _FLOAT32_MAX:
+        raise ValueError("x holds values beyond the float32 range")
+    m, k = x.shape
+    qmax = 2 ** (bits - 1) - 1
+    x32 = x.astype(np.float32)
+    g = k if group_size is None else group_size
+    ng = n_groups(k, group_size)
+    padded = np.zeros((m, ng * g), dtype=np.float32)
+    padded[:, :k] = np.abs(x32)
+    absmax = padded.reshape(m, ng, g).max(axis=2)  # [M, G]
+    scale32 = absmax / np.float32(qmax)
+    per_elem = _expand_groups(scale32 if group_size else scale32[:, 0], k, g)
+    ratio = np.divide(x32, per_elem, out=np.zeros_like(x32), where=per_elem > 0)
+    qx = np.clip(np.rint(ratio), -qmax - 1, qmax).astype(np.int8)
+    scale = scale32.astype(np.float64)
+    return qx, (scale if group_size else scale[:, 0])
+
+
+def quantize_weights(w, bits=4, group_size=None):
+    """Symmetric round-to-nearest per output channel (or per group of input channels), float64.
+
+    `scale = absmax / (2**(bits-1) - 1)`, `q = rint(w / scale)` (so |q| <= qmax, nothing clips);
+    an all-zero row (group) gets scale 0 and codes 0.
+    Returns (q int8 [N, K], scale float64 [N] or [N, ceil(K/g)]).
+    """
+    w = as_float_matrix("w", w)
+    bits = check_bits("bits", bits)
+    group_size = check_group_size("group_size", group_size)
+    n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    g = k if group_size is None else group_size
+    ng = n_groups(k, group_size)
+    padded = np.zeros((n, ng * g))
+    padded[:, :k] = np.abs(w)
+    scale = padded.reshape(n, ng, g).max(axis=2) / qmax
+    per_elem = _expand_groups(scale if group_size else scale[:, 0], k, g)
+    ratio = np.divide(w, per_elem, out=np.zeros_like(w), where=per_elem > 0)
+    q = np.clip(np.rint(ratio), -qmax - 1, qmax).astype(np.int8)
+    return q, (scale if group_size else scale[:, 0])
+
+
+def dequantize(q, scale, group_size=None):
+    """`q * scale` with a scale per row ([R]) or per row and group ([R, ceil(K/g)]), float64."""
+    q = as_int_codes("q", q, -(2**31), 2**31 - 1, rank=2)
+    scale = np.asarray(scale, dtype=np.float64)
+    group_size = check_group_size("group_size", group_size)
+    r, k = q.shape
+    if group_size is None:
+        if scale.shape != (r,):
+            raise ValueError(f"scale must have shape ({r},) for per-row scales, got {scale.shape}")
+        return q * scale[:, None]
+    if scale.shape != (r, n_groups(k, group_size)):
+        raise ValueError(
+            f"scale must have shape ({r}, {n_groups(k, group_size)}) for group_size {group_size}, "
+            f"got {scale.shape}"
+        )
+    return q * _expand_groups(scale, k, group_size)
+
+
+def w4a4_matmul(qx, sx, qw, sw, act_group_size=None, weight_group_size=None):
+    """Quantized product `dequantize(qx, sx) @ dequantize(qw, sw).T` in float64.
+
+    Equal to `sx_m * sw_n * (qx @ qw.T)` with per-token and per-channel scales; with group scales
+    each group's integer partial sum is rescaled before it is added, as a GEMM kernel does.
+    """
+    qx = np.asarray(qx)
+    qw = np.asarray(qw)
+    if qx.ndim != 2 or qw.ndim != 2 or qx.shape[1] != qw.shape[1]:
+        raise ValueError(f"qx {qx.shape} and qw {qw.shape} must be [M, K] and [N, K]")
+    return dequantize(qx, sx, act_group_size) @ dequantize(qw, sw, weight_group_size).T
+
+
+def w4a16_matmul(x, qw, sw, group_size=None):
+    """Weight-only product `x @ dequantize(qw, sw).T` with float activations, float64."""
+    x = as_float_matrix("x", x)
+    qw = np.asarray(qw)
+    if qw.ndim != 2 or x.shape[1] != qw.shape[1]:
+        raise ValueError(f"x {x.shape} and qw {qw.shape} must be [M, K] and [N, K]")
+    return x @ dequantize(qw, sw, group_size).T

@@ -1,0 +1,100 @@
+"""ZipperQuant: bit-based inlier-outlier disaggregation (DESIGN.md §2.2-2.4).
+
+Every integer weight splits exactly as `q = q_low + 16 * q_high`: the dense low part (4-bit,
+every element) runs as a W4A4 GEMM; the sparse high part (nonzero only on outliers) multiplies
+high-precision activations, through the pattern table of `reference.lut`.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quant import dequantize, quantize_activations
+from .validation import as_float_matrix, as_int_codes, check_bits, check_group_size
+
+
+@dataclass(frozen=True)
+class ZipperCodes:
+    """`W' ≈ scale[:, None] * (q_low + 16 * q_high)`; q_low in [-8, 7], q_high sparse."""
+
+    q_low: np.ndarray  # int8 [N, K]
+    q_high: np.ndarray  # int8 [N, K]
+    scale: np.ndarray  # float64 [N], Δ_n
+
+    @property
+    def shape(self):
+        return self.q_low.shape
+
+
+def _check_low_bits(low_bits):
+    return check_bits("low_bits", low_bits, allowed=range(1, 9))
+
+
+def bit_split(q, low_bits=4):
+    """Exact split `q_low = ((q + 2**(b-1)) mod 2**b) - 2**(b-1)`, `q_high = (q - q_low) / 2**b`.
+
+    `q_low` lies in [-2**(b-1), 2**(b-1) - 1] and `q_high == 0` exactly where q already does.
+    Returns (q_low int8, q_high int8); raises ValueError if q_high would not fit int8.
+    """
+    b = _check_low_bits(low_bits)
+    codes = as_int_codes("q", q, -(2**31), 2**31 - 1)
+    half, full = 2 ** (b - 1), 2**b
+    q_low = np.mod(codes + half, full) - half
+    q_high = (codes - q_low) // full
+    if q_high.size and (q_high.min() < -128 or q_high.max() > 127):
+        raise ValueError(f"q too large for an int8 high part with low_bits={b}")
+    return q_low.astype(np.int8), q_high.astype(np.int8)
+
+
+def bit_join(q_low, q_high, low_bits=4):
+    """`q = q_low + 2**low_bits * q_high` (int32), the exact inverse of `bit_split`."""
+    b = _check_low_bits(low_bits)
+    lo = as_int_codes("q_low", q_low, -(2 ** (b - 1)), 2 ** (b - 1) - 1)
+    hi = as_int_codes("q_high", q_high, -128, 127)
+    if lo.shape != hi.shape:
+        raise ValueError(f"q_low shape {lo.shape} does not match q_high shape {hi.shape}")
+    return (lo + (2**b) * hi).astype(np.int32)
+
+
+def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
+    """Per-row grid whose 4-bit range holds the inliers, then the exact bit split.
+
+    `Δ_n = max(quantile(|W'[n,:]|, 1 - outlier_ratio) / 7, max|W'[n,:]| / Q)` with
+    `Q = 7 + 16 * (2**(high_bits-1) - 1)`; `q = rint(W' / Δ_n)` so `|q| <= Q` and nothing clips:
+    every weight lies within Δ_n / 2 of `Δ_n * q`. An all-zero row gets Δ = 0 and codes 0.
+    """
+    w = as_float_matrix("w_smoothed", w_smoothed)
+    if not (0.0 <= float(outlier_ratio) <= 1.0):
+        raise ValueError(f"outlier_ratio must lie in [0, 1], got {outlier_ratio!r}")
+    high_bits = check_bits("high_bits", high_bits, allowed=range(1, 9))
+    q_max = 7 + 16 * (2 ** (high_bits - 1) - 1)
+    a = np.abs(w)
+    inlier_edge = np.quantile(a, 1.0 - float(outlier_ratio), axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    row_max = a.max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    scale = np.maximum(inlier_edge / 7.0, row_max / q_max)
+    ratio = np.divide(w, scale[:, None], out=np.zeros_like(w), where=scale[:, None] > 0)
+    # rint(max / (max / Q)) is Q up to one ulp of the quotient; the clip never moves a code.
+    q = np.clip(np.rint(ratio), -q_max, q_max).astype(np.int64)
+    q_low, q_high = bit_split(q)
+    return ZipperCodes(q_low=q_low, q_high=q_high, scale=scale)
+
+
+def zipper_matmul(x_smoothed, codes, act_bits=4, act_group_size=None):
+    """`Y = scale_m * Δ_n * (qx @ q_low.T) + 16 * Δ_n * (X' @ q_high.T)`, float64.
+
+    The low part uses 4-bit activations (`act_bits=None`: the float activations, a W4A16 low
+    part); the high part always uses the high-precision activations `X'`.
+    """
+    x = as_float_matrix("x_smoothed", x_smoothed)
+    n, k = codes.q_low.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x_smoothed has K={x.shape[1]} but codes were built for K={k}")
+    act_group_size = check_group_size("act_group_size", act_group_size)
+    if act_bits is None:
+        x_low = x
+    else:
+        qx, sx = quantize_activations(x, bits=act_bits, group_size=act_group_size)
+        x_low = dequantize(qx, sx, act_group_size)
+    scale = np.asarray(codes.scale, dtype=np.float64)
+    low = x_low @ (codes.q_low.astype(np.float64) * scale[:, None]).T
+    high = 16.0 * scale[None, :] * (x @ codes.q_high.astype(np.float64).T)
+    return low + high
