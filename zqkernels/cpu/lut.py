@@ -1,0 +1,374 @@
+"""ZipperQuant's sparse high part on the CPU: the pattern lookup table and its baseline (DESIGN.md §2.5).
+
+`Y[m, n] = row_scale[n] * Σ_{e in row n} T[m, id_e]` with the per-token table
+`T[m, u] = Σ_i x[m, j_u*g + i] * pattern_u[i]`: U·g multiply-adds per token build the table, then
+E lookups and adds gather the output. The direct CSR product `x @ q_high.T` over the nonzeros
+(`sparse_matmul`) is the baseline the table has to beat; it pays only when the reuse E/U is high.
+
+Cache layout, the reason the kernels look the way they do: tokens are processed in tiles of `mt`.
+Each tile of `x` is transposed once to `xt[K, mt]` and the table is kept as `T[U, mt]`, so one
+entry id fetches `mt` contiguous partial products and the add runs as a SIMD loop over tokens;
+the entry-id stream (E int32s) is read once per tile instead of once per token. `mt` is chosen so
+the table tile stays in the per-core L2 (`_TABLE_TILE_BYTES`); for M = 1 the tile degenerates to
+one token and the gather is a scalar sum per row. Rows are split in chunks over the threads so the
+per-chunk accumulator is allocated once, not once per row.
+
+Both products accept float64 or float32 activations; the table, the accumulators and the output
+have the activations' dtype (float32: faster, half the table bytes; float64: matches the oracle).
+`fastmath` stays off: the float64 results must equal `reference.lut_matmul` on integer-valued
+inputs exactly, which reassociation would not break there but would elsewhere.
+Every function is compiled with `cache=True` (a second process loads the machine code from
+`__pycache__`) and `nogil=True` (the hybrid executor runs them on a worker thread while the main
+thread keeps launching GPU work).
+"""
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# A table tile this large stays in one core's L2 (2 MiB on the development Xeon, 2 MiB on an H100
+# host's Sapphire Rapids) with room for the entry-id stream and the output chunk.
+_TABLE_TILE_BYTES = 1 << 20
+_MAX_TOKEN_TILE = 64
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class LutArrays:
+    """A `reference.PatternLUT` laid out for the kernels; build with `prepare_lut` once per layer."""
+
+    shape: tuple  # (N, K) of the q_high the table was built from
+    group_size: int
+    indptr: np.ndarray  # int64 [N+1]
+    entry_ids: np.ndarray  # int32 [E]
+    pattern_cols: np.ndarray  # int64 [U]: first input channel of each dictionary entry's group
+    patterns64: np.ndarray  # float64 [U, g], zero-padded past K
+    patterns32: np.ndarray  # float32 [U, g], the same small integers (exact in float32)
+
+    @property
+    def E(self):
+        return int(self.entry_ids.size)
+
+    @property
+    def U(self):
+        return int(self.patterns64.shape[0])
+
+    @property
+    def reuse(self):
+        return self.E / self.U if self.U else 0.0
+
+    def patterns_for(self, dtype):
+        return self.patterns32 if np.dtype(dtype) == np.float32 else self.patterns64
+
+    @property
+    def nbytes(self):
+        """Bytes the kernels stream: CSR indices, entry ids and one pattern copy (float32)."""
+        return int(self.indptr.nbytes + self.entry_ids.nbytes + self.pattern_cols.nbytes + self.patterns32.nbytes)
+
+
+@dataclass(frozen=True)
+class CsrHigh:
+    """`q_high` as CSR over output rows, the direct product's operand; build with `prepare_csr`."""
+
+    shape: tuple  # (N, K)
+    indptr: np.ndarray  # int64 [N+1]
+    indices: np.ndarray  # int32 [nnz], column of each nonzero, ascending per row
+    values64: np.ndarray  # float64 [nnz]
+    values32: np.ndarray  # float32 [nnz]
+
+    @property
+    def nnz(self):
+        return int(self.indices.size)
+
+    def values_for(self, dtype):
+        return self.values32 if np.dtype(dtype) == np.float32 else self.values64
+
+
+def prepare_lut(lut):
+    """Check a `reference.PatternLUT` (or any object with its fields) and lay it out for the kernels."""
+    for field in ("indptr", "entry_ids", "patterns", "pattern_groups", "group_size", "shape"):
+        if not hasattr(lut, field):
+            raise ValueError(f"lut must be a reference.PatternLUT, it has no field {field!r}")
+    if len(lut.shape) != 2:
+        raise ValueError(f"lut.shape must be (N, K), got {lut.shape!r}")
+    n, k = (int(d) for d in lut.shape)
+    g = int(lut.group_size)
+    if g <= 0:
+        raise ValueError(f"lut.group_size must be positive, got {lut.group_size!r}")
+    indptr = np.ascontiguousarray(lut.indptr, dtype=np.int64)
+    ids = np.ascontiguousarray(lut.entry_ids, dtype=np.int32)
+    patterns = np.asarray(lut.patterns)
+    groups = np.ascontiguousarray(lut.pattern_groups, dtype=np.int64)
+    if patterns.ndim != 2 or patterns.shape[1] != g:
+        raise ValueError(f"lut.patterns must have shape [U, {g}], got {patterns.shape}")
+    u = patterns.shape[0]
+    if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] != ids.size or np.any(np.diff(indptr) < 0):
+        raise ValueError(f"lut.indptr must be a non-decreasing [N+1={n + 1}] array from 0 to E={ids.size}")
+    if ids.size and (ids.min() < 0 or ids.max() >= u):
+        raise ValueError(f"lut.entry_ids must lie in [0, U={u}), got [{ids.min()}, {ids.max()}]")
+    n_grp = -(-k // g) if k else 0
+    if groups.shape != (u,) or (u and (groups.min() < 0 or groups.max() >= n_grp)):
+        raise ValueError(f"lut.pattern_groups must be [U={u}] group indices below {n_grp}")
+    p64 = np.ascontiguousarray(patterns, dtype=np.float64)
+    return LutArrays(
+        shape=(n, k),
+        group_size=g,
+        indptr=indptr,
+        entry_ids=ids,
+        pattern_cols=np.ascontiguousarray(groups * g),
+        patterns64=p64,
+        patterns32=np.ascontiguousarray(p64, dtype=np.float32),
+    )
+
+
+def prepare_csr(q_high):
+    """`q_high` int [N, K] -> CsrHigh (row-major nonzeros, columns ascending)."""
+    q = np.asarray(q_high)
+    if q.ndim != 2 or not np.issubdtype(q.dtype, np.integer):
+        raise ValueError(f"q_high must be an integer [N, K] array, got dtype {q.dtype} shape {q.shape}")
+    rows, cols = np.nonzero(q)
+    indptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=q.shape[0]), out=indptr[1:])
+    vals = q[rows, cols].astype(np.float64)
+    return CsrHigh(
+        shape=tuple(int(d) for d in q.shape),
+        indptr=indptr,
+        indices=cols.astype(np.int32),
+        values64=vals,
+        values32=vals.astype(np.float32),
+    )
+
+
+def default_token_tile(m, u, itemsize):
+    """Largest power-of-two token tile (<= 64, <= M) whose table tile `[U, mt]` fits `_TABLE_TILE_BYTES`."""
+    fit = max(1, _TABLE_TILE_BYTES // max(1, u * itemsize))
+    mt = 1
+    while mt * 2 <= min(fit, _MAX_TOKEN_TILE, max(1, m)):
+        mt *= 2
+    return mt
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels (private): one parallel region per step of a token tile, the tile loop inside Numba so
+# M in the thousands costs no Python round trips.
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _transpose_tile(x, m0, mcur, xt):
+    k = x.shape[1]
+    for c in prange(k):
+        for t in range(mcur):
+            xt[c, t] = x[m0 + t, c]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _build_table_tile(xt, mcur, pattern_cols, patterns, table):
+    u_count, g = patterns.shape
+    for u in prange(u_count):
+        c = pattern_cols[u]
+        for t in range(mcur):
+            table[u, t] = 0.0
+        for i in range(g):
+            p = patterns[u, i]
+            if p != 0.0:  # zero-padded slots and zero codes add nothing; skip the load
+                for t in range(mcur):
+                    table[u, t] += p * xt[c + i, t]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _gather_tile(table, mcur, indptr, entry_ids, row_scale, m0, n_chunks, out):
+    n = indptr.shape[0] - 1
+    mt = table.shape[1]
+    for ch in prange(n_chunks):
+        acc = np.empty(mt, dtype=table.dtype)
+        lo_row = (n * ch) // n_chunks
+        hi_row = (n * (ch + 1)) // n_chunks
+        for r in range(lo_row, hi_row):
+            for t in range(mcur):
+                acc[t] = 0.0
+            for e in range(indptr[r], indptr[r + 1]):
+                u = entry_ids[e]
+                for t in range(mcur):
+                    acc[t] += table[u, t]
+            s = row_scale[r]
+            for t in range(mcur):
+                out[m0 + t, r] = acc[t] * s
+
+
+@njit(nogil=True, cache=True)
+def _lut_matmul_kernel(x, indptr, entry_ids, pattern_cols, patterns, row_scale, mt, n_chunks, xt, table, out):
+    m = x.shape[0]
+    for m0 in range(0, m, mt):
+        mcur = min(mt, m - m0)
+        _transpose_tile(x, m0, mcur, xt)
+        _build_table_tile(xt, mcur, pattern_cols, patterns, table)
+        _gather_tile(table, mcur, indptr, entry_ids, row_scale, m0, n_chunks, out)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _csr_tile(xt, mcur, indptr, indices, values, row_scale, m0, n_chunks, out):
+    n = indptr.shape[0] - 1
+    mt = xt.shape[1]
+    for ch in prange(n_chunks):
+        acc = np.empty(mt, dtype=xt.dtype)
+        lo_row = (n * ch) // n_chunks
+        hi_row = (n * (ch + 1)) // n_chunks
+        for r in range(lo_row, hi_row):
+            for t in range(mcur):
+                acc[t] = 0.0
+            for e in range(indptr[r], indptr[r + 1]):
+                c = indices[e]
+                v = values[e]
+                for t in range(mcur):
+                    acc[t] += v * xt[c, t]
+            s = row_scale[r]
+            for t in range(mcur):
+                out[m0 + t, r] = acc[t] * s
+
+
+@njit(nogil=True, cache=True)
+def _sparse_matmul_kernel(x, indptr, indices, values, row_scale, mt, n_chunks, xt, out):
+    m = x.shape[0]
+    for m0 in range(0, m, mt):
+        mcur = min(mt, m - m0)
+        _transpose_tile(x, m0, mcur, xt)
+        _csr_tile(xt, mcur, indptr, indices, values, row_scale, m0, n_chunks, out)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _lut_table_kernel(x, pattern_cols, patterns, k, out):
+    u_count, g = patterns.shape
+    m = x.shape[0]
+    for u in prange(u_count):
+        c = pattern_cols[u]
+        for t in range(m):
+            acc = 0.0
+            for i in range(g):
+                if c + i < k:
+                    acc += patterns[u, i] * x[t, c + i]
+            out[t, u] = acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points: validate, allocate, dispatch on dtype. No silent conversions: a float16 x, a
+# strided view or a table built for another K is a ValueError naming the argument.
+
+
+def _check_x(x, k, what):
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"x must have rank 2 [M, K], got shape {x.shape}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32 or float64, got dtype {x.dtype}")
+    if not x.flags.c_contiguous:
+        raise ValueError("x must be C-contiguous (row-major [M, K])")
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but the {what} was built for K={k}")
+
+
+def _check_out(out, m, n, dtype):
+    if out is None:
+        return np.empty((m, n), dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.shape != (m, n) or out.dtype != dtype:
+        got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+        raise ValueError(f"out must be a {dtype} array of shape ({m}, {n}), got {got}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
+def _check_row_scale(row_scale, n, dtype):
+    if row_scale is None:
+        return np.ones(n, dtype=dtype)
+    s = np.asarray(row_scale)
+    if s.shape != (n,) or not np.issubdtype(s.dtype, np.floating):
+        raise ValueError(f"row_scale must be a float array of shape ({n},), got {s.dtype} {s.shape}")
+    return np.ascontiguousarray(s, dtype=dtype)
+
+
+def _check_tile(token_tile, m, u, itemsize):
+    if token_tile is None:
+        return default_token_tile(m, u, itemsize)
+    if not isinstance(token_tile, (int, np.integer)) or isinstance(token_tile, bool) or token_tile <= 0:
+        raise ValueError(f"token_tile must be a positive integer or None, got {token_tile!r}")
+    return int(token_tile)
+
+
+def _row_chunks(n):
+    # 8 chunks per thread balance rows of very different lengths (outlier-heavy rows) under
+    # the static schedule; read here, not inside the kernel, so the kernels stay cacheable.
+    return max(1, min(n, 8 * numba.get_num_threads()))
+
+
+def _as_lut_arrays(lut):
+    return lut if isinstance(lut, LutArrays) else prepare_lut(lut)
+
+
+def lut_build(x, lut):
+    """The per-token table `T[M, U]` (`reference.lut_table`), in x's dtype (float32 or float64)."""
+    la = _as_lut_arrays(lut)
+    _check_x(x, la.shape[1], "table")
+    out = np.empty((x.shape[0], la.U), dtype=x.dtype)
+    _lut_table_kernel(x, la.pattern_cols, la.patterns_for(x.dtype), la.shape[1], out)
+    return out
+
+
+def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None):
+    """`x @ q_high.T` through the pattern table: `out[m, n] = row_scale[n] * Σ_{e in row n} T[m, id_e]`.
+
+    x: float32|float64 [M, K] C-contiguous. lut: `LutArrays` (or a `reference.PatternLUT`,
+    converted on every call: prepare it once instead). out: optional [M, N] in x's dtype.
+    row_scale: optional [N] (the hybrid passes `16 * Δ_n`, fusing the high part's scaling).
+    token_tile: tokens per table tile (None: the largest that keeps `T[U, mt]` in L2).
+    """
+    la = _as_lut_arrays(lut)
+    _check_x(x, la.shape[1], "table")
+    m, (n, k) = x.shape[0], la.shape
+    out = _check_out(out, m, n, x.dtype)
+    scale = _check_row_scale(row_scale, n, x.dtype)
+    mt = _check_tile(token_tile, m, la.U, x.dtype.itemsize)
+    if m == 0:
+        return out
+    g = la.group_size
+    # xt covers whole groups: the last group's zero-padded slots read zeros, never past the end.
+    xt = np.zeros((max(1, -(-k // g)) * g, mt), dtype=x.dtype)
+    table = np.empty((la.U, mt), dtype=x.dtype)
+    _lut_matmul_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale, mt, _row_chunks(n), xt, table, out)
+    return out
+
+
+def sparse_matmul(x, csr, out=None, row_scale=None, token_tile=None):
+    """The direct product `x @ q_high.T` over the CSR nonzeros, tiled like `lut_matmul` (its baseline).
+
+    csr: `CsrHigh` (or an integer q_high [N, K], converted on every call).
+    """
+    c = csr if isinstance(csr, CsrHigh) else prepare_csr(csr)
+    _check_x(x, c.shape[1], "CSR matrix")
+    m, (n, k) = x.shape[0], c.shape
+    out = _check_out(out, m, n, x.dtype)
+    scale = _check_row_scale(row_scale, n, x.dtype)
+    # Same tile rule as the table product (with the K-row transposed tile as the working set).
+    mt = _check_tile(token_tile, m, k, x.dtype.itemsize)
+    if m == 0:
+        return out
+    xt = np.zeros((max(1, k), mt), dtype=x.dtype)
+    _sparse_matmul_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, mt, _row_chunks(n), xt, out)
+    return out
+
+
+def lut_stats(lut):
+    """`reference.lut_stats` plus the bytes the kernels actually stream (`kernel_bytes`).
+
+    The reference's figures (E, U, reuse, index/pattern bytes, patterns per group) are the report's
+    definition; this adds the prepared layout's size so benchmarks can state bytes moved.
+    """
+    import reference
+
+    ref_lut = lut
+    if isinstance(lut, LutArrays):
+        raise ValueError("lut_stats needs the reference.PatternLUT, not the prepared LutArrays")
+    stats = dict(reference.lut_stats(ref_lut))
+    stats["kernel_bytes"] = prepare_lut(ref_lut).nbytes
+    return stats
