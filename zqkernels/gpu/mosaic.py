@@ -1,0 +1,602 @@
+"""MosaicQuant on the GPU: ZipperEngine, the fused dense-base + block-sparse-residual 4-bit GEMM.
+
+Product (DESIGN.md §3.3), per token m and output channel n:
+
+    Y[m, n] = sx[m] * (Δb[n] * (qx[m] @ qb[n]) + Σ_{kept blocks b in the row-block of n} Δr[b, n] * (qx_b[m] @ qr_b[n]))
+
+Layout built once by `prepare_mosaic` (offline, like any weight packing):
+- the base `qb` packed to int4 `[N, K/2]` and its scale (per channel `[N]` or per group `[N, G]`);
+- the kept residual blocks packed block by block `[B, bn, bk/2]` with their row scales `[B, bn]`;
+- a block-CSR over the residual row-blocks: `indptr[rb]:indptr[rb+1]` are the kept blocks of
+  row-block rb and `kblock[b]` their column-blocks, ascending. `reference.mosaic_quantize` emits
+  `block_index` sorted row-major, so the CSR order IS the storage order and block ids are positions.
+
+ZipperEngine (`mosaic_w4a4_gemm`): one program owns a [BLOCK_M, BLOCK_N] output tile that lies in
+one residual row-block (BLOCK_N divides bn). It walks K in BLOCK_K steps (BLOCK_K divides bk, so
+each step lies inside one residual column-block, whose per-row scale is constant along the step).
+Every step does the dense base MMA; when the step's column-block is the next entry of the tile's
+CSR list, a second int8 MMA multiplies the SAME activation registers by the residual tile into a
+separate fp32 accumulator, scaled by the block's row scales. X is read once, one launch.
+`mosaic_w4a4_gemm_unfused` is the baseline: the dense GEMM, then a second kernel that re-reads X
+for every kept block and adds the residual into the output.
+
+Nibbles are unpacked with `int4.unpack_lo_hi` into an even-element plane and an odd-element plane;
+a dot over K is a sum, so `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from zqkernels.gpu.int4 import unpack_lo_hi
+
+# Launch configurations as data: M bucket -> tile shape. BLOCK_N must divide bn and BLOCK_K must
+# divide bk (64 x 64 by default). Small M is memory-bound on the weights: narrow N tiles give the
+# 132 SMs enough programs. Large M is MMA-bound: the widest tile the residual block allows.
+_CONFIGS = {
+    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    None: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+}
+
+
+def _pick_config(m, block, act_group_size, weight_group_size):
+    for bound in (16, 64, 256, None):
+        if bound is None or m <= bound:
+            cfg = dict(_CONFIGS[bound])
+            break
+    bn, bk = block
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], bn)
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], bk)
+    for g in (act_group_size, weight_group_size):
+        if g is not None:
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], g)
+    return cfg
+
+
+@dataclass(frozen=True)
+class MosaicGPUWeights:
+    """Device-side MosaicQuant weights (see the module doc for the layout)."""
+
+    shape: tuple  # (N, K)
+    block: tuple  # (bn, bk)
+    group_size: object  # base weight group size or None
+    qb_packed: torch.Tensor  # uint8 [N, K/2]
+    scale_base: torch.Tensor  # float32 [N] or [N, G]
+    res_packed: torch.Tensor  # uint8 [max(B,1), bn, bk/2] (one zero block when B == 0)
+    scale_res: torch.Tensor  # float32 [max(B,1), bn]
+    indptr: torch.Tensor  # int32 [NBr + 1]
+    kblock: torch.Tensor  # int32 [max(B,1)]
+    n_blocks: int  # B
+    block_index: np.ndarray  # int64 [B, 2], host copy
+
+    @property
+    def density(self):
+        n, k = self.shape
+        bn, bk = self.block
+        total = -(-n // bn) * -(-k // bk)
+        return self.n_blocks / total if total else 0.0
+
+    @property
+    def device(self):
+        return self.qb_packed.device
+
+
+def _int_codes(name, a, lo, hi, shape=None):
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer codes, got dtype {a.dtype}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(f"{name} holds codes outside [{lo}, {hi}]")
+    return a.astype(np.int64)
+
+
+def _pack_int4_np(q):
+    nib = (q & 0xF).astype(np.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def prepare_mosaic(codes, device):
+    """`reference.MosaicCodes` -> `MosaicGPUWeights` on `device` (packing, CSR, float32 scales).
+
+    Raises ValueError when the residual block list does not match the weight: wrong shapes, a
+    block outside the grid, an unsorted or repeated block (density would exceed 1), nonzero codes
+    past the matrix edge, odd K or odd bk (int4 packs two codes per byte), non-finite scales.
+    """
+    qb = np.asarray(codes.q_base)
+    if qb.ndim != 2:
+        raise ValueError(f"codes.q_base must be [N, K], got shape {qb.shape}")
+    n, k = qb.shape
+    if k % 2:
+        raise ValueError(f"codes.q_base has odd K={k}; int4 packing needs an even K")
+    qb = _int_codes("codes.q_base", qb, -8, 7)
+    try:
+        bn, bk = (int(b) for b in codes.block)
+    except (TypeError, ValueError):
+        raise ValueError(f"codes.block must be (bn, bk), got {codes.block!r}") from None
+    if bn <= 0 or bk <= 0 or bk % 2:
+        raise ValueError(f"codes.block must be positive with an even bk, got {(bn, bk)}")
+    group_size = codes.group_size
+    sb = np.asarray(codes.scale_base, dtype=np.float64)
+    want = (n,) if group_size is None else (n, -(-k // int(group_size)))
+    if sb.shape != want:
+        raise ValueError(f"codes.scale_base must have shape {want}, got {sb.shape}")
+    if not np.all(np.isfinite(sb)):
+        raise ValueError("codes.scale_base holds NaN or Inf")
+
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    bi = np.asarray(codes.block_index)
+    if bi.size == 0:
+        bi = bi.reshape(0, 2)
+    if bi.ndim != 2 or bi.shape[1] != 2 or not np.issubdtype(bi.dtype, np.integer):
+        raise ValueError(f"codes.block_index must be an integer [B, 2] array, got {bi.shape} {bi.dtype}")
+    b = bi.shape[0]
+    if b > nbr * nbc:
+        raise ValueError(f"density must lie in [0, 1]: {b} blocks for a grid of {nbr * nbc}")
+    if b and (bi[:, 0].min() < 0 or bi[:, 0].max() >= nbr or bi[:, 1].min() < 0 or bi[:, 1].max() >= nbc):
+        raise ValueError(f"codes.block_index holds a block outside the {nbr} x {nbc} grid")
+    flat = bi[:, 0].astype(np.int64) * nbc + bi[:, 1]
+    if b and np.any(np.diff(flat) <= 0):
+        raise ValueError("codes.block_index must be sorted row-major without repeats")
+    qr = _int_codes("codes.q_res", codes.q_res, -8, 7, shape=(b, bn, bk))
+    sr = np.asarray(codes.scale_res, dtype=np.float64)
+    if sr.shape != (b, bn):
+        raise ValueError(f"codes.scale_res must have shape {(b, bn)}, got {sr.shape}")
+    if not np.all(np.isfinite(sr)):
+        raise ValueError("codes.scale_res holds NaN or Inf")
+    for i in range(b):  # the kernel reads whole blocks: what lies past the edge must be zero
+        rows = n - bi[i, 0] * bn
+        cols = k - bi[i, 1] * bk
+        if (rows < bn and np.any(qr[i, rows:, :])) or (cols < bk and np.any(qr[i, :, cols:])):
+            raise ValueError(f"codes.q_res block {i} holds nonzero codes past the matrix edge")
+
+    indptr = np.zeros(nbr + 1, dtype=np.int32)
+    np.cumsum(np.bincount(bi[:, 0], minlength=nbr), out=indptr[1:])
+    if b == 0:  # kernels take a pointer; one zero block is never read (every CSR list is empty)
+        qr = np.zeros((1, bn, bk), dtype=np.int64)
+        sr = np.zeros((1, bn))
+        kblock = np.zeros(1, dtype=np.int32)
+    else:
+        kblock = bi[:, 1].astype(np.int32)
+
+    dev = torch.device(device)
+    return MosaicGPUWeights(
+        shape=(n, k),
+        block=(bn, bk),
+        group_size=None if group_size is None else int(group_size),
+        qb_packed=torch.from_numpy(_pack_int4_np(qb)).to(dev),
+        scale_base=torch.from_numpy(sb.astype(np.float32)).to(dev).contiguous(),
+        res_packed=torch.from_numpy(_pack_int4_np(qr)).to(dev).contiguous(),
+        scale_res=torch.from_numpy(sr.astype(np.float32)).to(dev).contiguous(),
+        indptr=torch.from_numpy(indptr).to(dev),
+        kblock=torch.from_numpy(kblock).to(dev),
+        n_blocks=b,
+        block_index=bi.astype(np.int64).copy(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it sits in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mosaic_w4a4_kernel(
+    xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr, out2_ptr,
+    M, N, K,
+    stride_sx, stride_sw,
+    ACT_GROUP: tl.constexpr,  # 0: one scale per token; else channels per activation group
+    W_GROUP: tl.constexpr,  # 0: one base scale per channel; else channels per weight group
+    HAS_RES: tl.constexpr,  # False: the dense base alone (the unfused baseline's first kernel)
+    INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
+    BN_RES: tl.constexpr, BK_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    KH = K // 2
+    HALF: tl.constexpr = BLOCK_K // 2
+    PER_STEP_SCALE: tl.constexpr = (ACT_GROUP != 0) or (W_GROUP != 0)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, HALF)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_ptrs = xp_ptr + rm[:, None] * KH + rh[None, :]
+    w_ptrs = wp_ptr + rn[None, :] * KH + rh[:, None]  # [HALF, BLOCK_N]: the transposed B operand
+
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+
+    # This tile's residual row-block and the cursor into its CSR list of kept column-blocks.
+    n0 = pid_n * BLOCK_N
+    rb = n0 // BN_RES
+    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
+    p = tl.load(indptr_ptr + rb)
+    p_end = tl.load(indptr_ptr + rb + 1)
+    NO_BLOCK = 2147483647
+    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+    r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]  # within one packed residual block
+
+    for k0 in range(0, K, BLOCK_K):
+        kh_ok = (k0 // 2 + rh) < KH
+        xq = tl.load(x_ptrs, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+        wq = tl.load(w_ptrs, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+        x_lo, x_hi = unpack_lo_hi(xq)
+        w_lo, w_hi = unpack_lo_hi(wq)
+        if PER_STEP_SCALE:
+            part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
+            part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
+            step = part.to(tl.float32)
+            if ACT_GROUP != 0:
+                sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+                step = step * sxg[:, None]
+            if W_GROUP != 0:
+                swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+                step = step * swg[None, :]
+            acc_f += step
+        else:
+            acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
+        if HAS_RES:
+            cb = k0 // BK_RES
+            if cb == next_cb:
+                koff = k0 - cb * BK_RES
+                # Whole-block tiles need no mask: blocks are zero past the matrix edge.
+                rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+                r_lo, r_hi = unpack_lo_hi(rq)
+                rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
+                rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
+                if INT_DEBUG:
+                    res_i += rpart
+                else:
+                    srow = tl.load(sr_ptr + p * BN_RES + n_local)
+                    rstep = rpart.to(tl.float32) * srow[None, :]
+                    if ACT_GROUP != 0:
+                        rstep = rstep * sxg[:, None]
+                    res_f += rstep
+                if koff + BLOCK_K == BK_RES:  # last step of this block: advance the cursor
+                    p += 1
+                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+        x_ptrs += HALF
+        w_ptrs += HALF
+
+    o_off = rm[:, None] * N + rn[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if INT_DEBUG:
+        tl.store(out_ptr + o_off, acc_i, mask=o_mask)
+        tl.store(out2_ptr + o_off, res_i, mask=o_mask)
+    else:
+        if PER_STEP_SCALE:
+            y = acc_f
+        else:
+            y = acc_i.to(tl.float32)
+        if W_GROUP == 0:
+            sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+            y = y * sw[None, :]
+        y = y + res_f
+        if ACT_GROUP == 0:
+            sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
+            y = y * sx[:, None]
+        tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _mosaic_residual_kernel(
+    xp_ptr, sx_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
+    M, N, K, stride_sx,
+    ACT_GROUP: tl.constexpr,
+    BN_RES: tl.constexpr, BK_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Unfused baseline, second launch: out += sx * Σ_b Δr_b * (qx_b @ qr_b.T), re-reading X."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    KH = K // 2
+    HALF: tl.constexpr = BLOCK_K // 2
+    STEPS: tl.constexpr = BK_RES // BLOCK_K
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, HALF)
+    m_ok = rm < M
+    n_ok = rn < N
+    n0 = pid_n * BLOCK_N
+    rb = n0 // BN_RES
+    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
+    p0 = tl.load(indptr_ptr + rb)
+    p1 = tl.load(indptr_ptr + rb + 1)
+    if p1 > p0:
+        res_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]
+        for t in range(p0 * STEPS, p1 * STEPS):
+            p = t // STEPS
+            koff = (t - p * STEPS) * BLOCK_K
+            k0 = tl.load(kblock_ptr + p) * BK_RES + koff
+            kh_ok = (k0 // 2 + rh) < KH
+            xq = tl.load(xp_ptr + rm[:, None] * KH + k0 // 2 + rh[None, :],
+                         mask=m_ok[:, None] & kh_ok[None, :], other=0)
+            rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+            x_lo, x_hi = unpack_lo_hi(xq)
+            r_lo, r_hi = unpack_lo_hi(rq)
+            rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
+            rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
+            srow = tl.load(sr_ptr + p * BN_RES + n_local)
+            rstep = rpart.to(tl.float32) * srow[None, :]
+            if ACT_GROUP != 0:
+                sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+                rstep = rstep * sxg[:, None]
+            res_f += rstep
+        if ACT_GROUP == 0:
+            sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
+            res_f = res_f * sx[:, None]
+        o_ptrs = out_ptr + rm[:, None] * N + rn[None, :]
+        o_mask = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32) + res_f
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _mosaic_w4a16_kernel(
+    x_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
+    M, N, K, stride_xm, stride_sw,
+    W_GROUP: tl.constexpr,
+    BN_RES: tl.constexpr, BK_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """W4A16 ZipperEngine: float activations, the same fused base + residual structure.
+
+    X is read as its even and odd channels (two strided loads of the same lines) so that the
+    weight nibble planes need no interleave; codes in [-8, 7] are exact in fp16/bf16.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    KH = K // 2
+    HALF: tl.constexpr = BLOCK_K // 2
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, HALF)
+    m_ok = rm < M
+    n_ok = rn < N
+    xe_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * rh[None, :]
+    w_ptrs = wp_ptr + rn[None, :] * KH + rh[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n0 = pid_n * BLOCK_N
+    rb = n0 // BN_RES
+    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
+    p = tl.load(indptr_ptr + rb)
+    p_end = tl.load(indptr_ptr + rb + 1)
+    NO_BLOCK = 2147483647
+    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+    r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        kh_ok = (k0 // 2 + rh) < KH
+        xm = m_ok[:, None] & kh_ok[None, :]
+        x_e = tl.load(xe_ptrs, mask=xm, other=0.0)
+        x_o = tl.load(xe_ptrs + 1, mask=xm, other=0.0)
+        wq = tl.load(w_ptrs, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+        w_lo, w_hi = unpack_lo_hi(wq)
+        part = tl.dot(x_e, w_lo.to(x_e.dtype))
+        part = tl.dot(x_o, w_hi.to(x_e.dtype), part)
+        if W_GROUP != 0:
+            swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+            acc += part * swg[None, :]
+        else:
+            acc += part
+        cb = k0 // BK_RES
+        if cb == next_cb:
+            koff = k0 - cb * BK_RES
+            rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+            r_lo, r_hi = unpack_lo_hi(rq)
+            rpart = tl.dot(x_e, r_lo.to(x_e.dtype))
+            rpart = tl.dot(x_o, r_hi.to(x_e.dtype), rpart)
+            srow = tl.load(sr_ptr + p * BN_RES + n_local)
+            res += rpart * srow[None, :]
+            if koff + BLOCK_K == BK_RES:
+                p += 1
+                next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+        xe_ptrs += BLOCK_K
+        w_ptrs += HALF
+    if W_GROUP == 0:
+        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+        acc = acc * sw[None, :]
+    y = acc + res
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_weights(weights):
+    if not isinstance(weights, MosaicGPUWeights):
+        raise ValueError(f"weights must be MosaicGPUWeights from prepare_mosaic, got {type(weights).__name__}")
+
+
+def _check_config(cfg, weights, act_group_size):
+    bn, bk = weights.block
+    bm, bnt, bkt = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if bn % bnt:
+        raise ValueError(f"BLOCK_N={bnt} must divide the residual block's bn={bn}")
+    if bk % bkt:
+        raise ValueError(f"BLOCK_K={bkt} must divide the residual block's bk={bk}")
+    if bkt % 2 or bkt < 2:
+        raise ValueError(f"BLOCK_K={bkt} must be even (packed int4)")
+    for name, g in (("act_group_size", act_group_size), ("weights.group_size", weights.group_size)):
+        if g is not None and g % bkt:
+            raise ValueError(f"{name}={g} must be a multiple of BLOCK_K={bkt} (one scale per K step)")
+    for name, v in (("BLOCK_M", bm), ("BLOCK_N", bnt), ("BLOCK_K", bkt)):
+        if v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two")
+
+
+def _check_packed_acts(qx_packed, weights):
+    n, k = weights.shape
+    if not isinstance(qx_packed, torch.Tensor):
+        raise ValueError("qx_packed must be a torch.Tensor")
+    if qx_packed.dtype != torch.uint8:
+        raise ValueError(f"qx_packed must be uint8 packed int4, got {qx_packed.dtype}")
+    if qx_packed.dim() != 2 or qx_packed.shape[1] != k // 2:
+        raise ValueError(f"qx_packed must be [M, {k // 2}] for K={k}, got {tuple(qx_packed.shape)}")
+    if qx_packed.device != weights.device:
+        raise ValueError(f"qx_packed is on {qx_packed.device} but weights are on {weights.device}")
+    if not qx_packed.is_contiguous():
+        raise ValueError("qx_packed must be contiguous")
+
+
+def _check_act_scale(act_scale, m, k, act_group_size, device):
+    if act_group_size is not None and (not isinstance(act_group_size, int) or act_group_size <= 0):
+        raise ValueError(f"act_group_size must be None or a positive int, got {act_group_size!r}")
+    want = (m,) if act_group_size is None else (m, -(-k // act_group_size))
+    if not isinstance(act_scale, torch.Tensor) or act_scale.dtype != torch.float32:
+        raise ValueError(f"act_scale must be a float32 tensor, got {getattr(act_scale, 'dtype', type(act_scale))}")
+    if tuple(act_scale.shape) != want:
+        raise ValueError(f"act_scale must have shape {want}, got {tuple(act_scale.shape)}")
+    if act_scale.device != device:
+        raise ValueError(f"act_scale is on {act_scale.device} but weights are on {device}")
+    if not act_scale.is_contiguous():
+        raise ValueError("act_scale must be contiguous")
+
+
+def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, int_debug, config):
+    n, k = weights.shape
+    m = qx_packed.shape[0]
+    bn, bk = weights.block
+    cfg = dict(config) if config is not None else _pick_config(m, weights.block, act_group_size, weights.group_size)
+    _check_config(cfg, weights, act_group_size)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    sw = weights.scale_base
+    _mosaic_w4a4_kernel[grid](
+        qx_packed, act_scale, weights.qb_packed, sw, weights.res_packed, weights.scale_res,
+        weights.indptr, weights.kblock, out, out2,
+        m, n, k,
+        act_scale.stride(0), sw.stride(0),
+        ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
+        HAS_RES=has_res, INT_DEBUG=int_debug, BN_RES=bn, BK_RES=bk,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return cfg
+
+
+def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *, config=None):
+    """ZipperEngine: `Y = sx * (Δb * (qx @ qb.T) + Σ_b Δr_b * (qx_b @ qr_b.T))` in ONE launch.
+
+    qx_packed uint8 [M, K/2], act_scale float32 [M] (or [M, ceil(K/g)] with act_group_size g),
+    weights from `prepare_mosaic`; returns out_dtype [M, N]. `config` (a dict of BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the tuned table, for tuning.
+    """
+    _check_weights(weights)
+    _check_packed_acts(qx_packed, weights)
+    m = qx_packed.shape[0]
+    _check_act_scale(act_scale, m, weights.shape[1], act_group_size, weights.device)
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    out = torch.empty((m, weights.shape[0]), dtype=out_dtype, device=weights.device)
+    if m == 0:
+        return out
+    _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out, True, False, config)
+    return out
+
+
+def mosaic_w4a4_gemm_int32(qx_packed, weights, *, config=None):
+    """Debug entry point of the same fused kernel: `(qx @ qb.T, Σ_b qx_b @ qr_b.T)` as two int32
+    [M, N] tensors, no scales, so a test can check the accumulators (and the CSR walk) exactly."""
+    _check_weights(weights)
+    _check_packed_acts(qx_packed, weights)
+    if weights.group_size is not None:
+        raise ValueError("mosaic_w4a4_gemm_int32 needs per-channel base scales (weights.group_size None)")
+    m, n = qx_packed.shape[0], weights.shape[0]
+    base = torch.empty((m, n), dtype=torch.int32, device=weights.device)
+    res = torch.empty((m, n), dtype=torch.int32, device=weights.device)
+    if m == 0:
+        return base, res
+    dummy = torch.zeros(max(m, 1), dtype=torch.float32, device=weights.device)
+    _launch_fused(qx_packed, dummy, weights, None, base, res, True, True, config)
+    return base, res
+
+
+def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *,
+                             config=None):
+    """The baseline ZipperEngine replaces: the dense base GEMM (same kernel, residual off), then
+    a second launch that re-reads X for every kept block and adds the residual into Y."""
+    _check_weights(weights)
+    _check_packed_acts(qx_packed, weights)
+    m = qx_packed.shape[0]
+    n, k = weights.shape
+    _check_act_scale(act_scale, m, k, act_group_size, weights.device)
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    out = torch.empty((m, n), dtype=out_dtype, device=weights.device)
+    if m == 0:
+        return out
+    cfg = _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out, False, False, config)
+    if weights.n_blocks:
+        bn, bk = weights.block
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _mosaic_residual_kernel[grid](
+            qx_packed, act_scale, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
+            m, n, k, act_scale.stride(0),
+            ACT_GROUP=act_group_size or 0, BN_RES=bn, BK_RES=bk,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
+    return out
+
+
+def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, config=None):
+    """W4A16 ZipperEngine: `Y = X @ (Δb * qb + Σ_b Δr_b * qr_b).T` with fp16/bf16 activations
+    [M, K]; output dtype defaults to x's."""
+    _check_weights(weights)
+    n, k = weights.shape
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if x.device != weights.device:
+        raise ValueError(f"x is on {x.device} but weights are on {weights.device}")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along K")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=weights.device)
+    if m == 0:
+        return out
+    bn, bk = weights.block
+    cfg = dict(config) if config is not None else _pick_config(m, weights.block, None, weights.group_size)
+    _check_config(cfg, weights, None)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    sw = weights.scale_base
+    _mosaic_w4a16_kernel[grid](
+        x, weights.qb_packed, sw, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
+        m, n, k, x.stride(0), sw.stride(0),
+        W_GROUP=weights.group_size or 0, BN_RES=bn, BK_RES=bk,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return out
