@@ -1,0 +1,67 @@
+"""Nibble helpers for packed signed int4, shared by every Triton kernel that reads or writes it.
+
+Format (DESIGN.md §1): two two's-complement 4-bit codes per uint8, element 2i in the low nibble,
+element 2i+1 in the high nibble. Hopper has no INT4 tensor-core MMA, so kernels unpack to int8 in
+registers and feed int8 `tl.dot` (or fp16 for W4A16).
+
+Two ways to lay the unpacked codes out for a dot, both exact:
+- planes: `unpack_lo_hi` gives the even-element plane and the odd-element plane, each [.., BK/2];
+  a dot over K is a sum, so `dot(a_lo, w_lo) + dot(a_hi, w_hi)` equals the dot over the
+  interleaved K. Needs BK/2 >= 32 for an int8 dot (Triton's minimum K for 8-bit operands).
+- interleaved: `unpack_interleaved` rebuilds the natural order [.., BK] (join + reshape), one dot
+  of depth BK; used when BK/2 would be too short (act group 32).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def unpack_lo_hi(packed):
+    """uint8 tile [.., P] -> (lo, hi) int8 tiles [.., P]: codes of elements 2i and 2i+1."""
+    p = packed.to(tl.int32)
+    # ((n ^ 8) - 8) sign-extends a 4-bit two's-complement nibble n in [0, 15] to [-8, 7].
+    lo = ((p & 15) ^ 8) - 8
+    hi = (((p >> 4) & 15) ^ 8) - 8
+    return lo.to(tl.int8), hi.to(tl.int8)
+
+
+@triton.jit
+def unpack_interleaved(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 tile [ROWS, COLS//2] -> int8 tile [ROWS, COLS] in natural element order."""
+    lo, hi = unpack_lo_hi(packed)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
+def pack_lo_hi(lo, hi):
+    """int32 code tiles in [-8, 7] (elements 2i, 2i+1) -> uint8 tile of packed bytes."""
+    return ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+
+
+# IEEE round-to-nearest float32 division: the activation-quantization contract (brief) is defined
+# with IEEE division; Triton's plain `/` on fp32 compiles to an approximate divide on NVIDIA GPUs.
+# `tl.math.div_rn` exists on Triton 3.x (interpreter included); older builds expose it in libdevice.
+# Wrapped in a jit function (not aliased): the interpreter patches `tl.math` at call time.
+if hasattr(tl.math, "div_rn"):
+
+    @triton.jit
+    def div_rn(x, y):
+        return tl.math.div_rn(x, y)
+
+else:  # pragma: no cover - depends on the installed Triton
+    from triton.language.extra import libdevice as _libdevice
+
+    @triton.jit
+    def div_rn(x, y):
+        return _libdevice.div_rn(x, y)
+
+
+@triton.jit
+def rint_f32(v):
+    """Round half to even for |v| < 2**22 (our codes are clipped to [-8, 7] first).
+
+    Adding then subtracting 1.5 * 2**23 leaves an integer rounded by the FPU's own
+    round-to-nearest-even, the same rule as numpy's `rint`; works compiled and interpreted without
+    libdevice. Two separate IEEE adds: no fast-math reassociation is enabled in Triton.
+    """
+    return (v + 12582912.0) - 12582912.0
