@@ -36,10 +36,10 @@ from zqkernels.gpu.int4 import unpack_lo_hi
 # divide bk (64 x 64 by default). Small M is memory-bound on the weights: narrow N tiles give the
 # 132 SMs enough programs. Large M is MMA-bound: the widest tile the residual block allows.
 _CONFIGS = {
-    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
-    64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    None: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
+    64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+    None: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
 }
 
 
@@ -209,7 +209,8 @@ def _mosaic_w4a4_kernel(
     HAS_RES: tl.constexpr,  # False: the dense base alone (the unfused baseline's first kernel)
     INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     KH = K // 2
@@ -239,48 +240,48 @@ def _mosaic_w4a4_kernel(
     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]  # within one packed residual block
 
-    for k0 in range(0, K, BLOCK_K):
-        kh_ok = (k0 // 2 + rh) < KH
-        xq = tl.load(x_ptrs, mask=m_ok[:, None] & kh_ok[None, :], other=0)
-        wq = tl.load(w_ptrs, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-        x_lo, x_hi = unpack_lo_hi(xq)
-        w_lo, w_hi = unpack_lo_hi(wq)
-        if PER_STEP_SCALE:
-            part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
-            part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
-            step = part.to(tl.float32)
-            if ACT_GROUP != 0:
-                sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
-                step = step * sxg[:, None]
-            if W_GROUP != 0:
-                swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
-                step = step * swg[None, :]
-            acc_f += step
-        else:
-            acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
-            acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
-        if HAS_RES:
-            cb = k0 // BK_RES
-            if cb == next_cb:
-                koff = k0 - cb * BK_RES
-                # Whole-block tiles need no mask: blocks are zero past the matrix edge.
-                rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
-                r_lo, r_hi = unpack_lo_hi(rq)
-                rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
-                rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
-                if INT_DEBUG:
-                    res_i += rpart
-                else:
-                    srow = tl.load(sr_ptr + p * BN_RES + n_local)
-                    rstep = rpart.to(tl.float32) * srow[None, :]
-                    if ACT_GROUP != 0:
-                        rstep = rstep * sxg[:, None]
-                    res_f += rstep
-                if koff + BLOCK_K == BK_RES:  # last step of this block: advance the cursor
-                    p += 1
-                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
-        x_ptrs += HALF
-        w_ptrs += HALF
+    for k_outer in range(0, K, BLOCK_K * UNROLL):
+        for j in tl.static_range(UNROLL):  # unrolled: UNROLL steps' loads in flight per iteration
+            k0 = k_outer + j * BLOCK_K
+            kh_ok = (k0 // 2 + rh) < KH
+            xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+            wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+            x_lo, x_hi = unpack_lo_hi(xq)
+            w_lo, w_hi = unpack_lo_hi(wq)
+            if PER_STEP_SCALE:
+                part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
+                part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
+                step = part.to(tl.float32)
+                if ACT_GROUP != 0:
+                    sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+                    step = step * sxg[:, None]
+                if W_GROUP != 0:
+                    swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+                    step = step * swg[None, :]
+                acc_f += step
+            else:
+                acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
+            if HAS_RES:
+                cb = k0 // BK_RES
+                if cb == next_cb:
+                    koff = k0 - cb * BK_RES
+                    # Whole-block tiles need no mask: blocks are zero past the matrix edge.
+                    rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+                    r_lo, r_hi = unpack_lo_hi(rq)
+                    rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
+                    rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
+                    if INT_DEBUG:
+                        res_i += rpart
+                    else:
+                        srow = tl.load(sr_ptr + p * BN_RES + n_local)
+                        rstep = rpart.to(tl.float32) * srow[None, :]
+                        if ACT_GROUP != 0:
+                            rstep = rstep * sxg[:, None]
+                        res_f += rstep
+                    if koff + BLOCK_K == BK_RES:  # last step of this block: advance the cursor
+                        p += 1
+                        next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
 
     o_off = rm[:, None] * N + rn[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
@@ -361,7 +362,8 @@ def _mosaic_w4a16_kernel(
     M, N, K, stride_xm, stride_sw,
     W_GROUP: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """W4A16 ZipperEngine: float activations, the same fused base + residual structure.
 
@@ -388,34 +390,34 @@ def _mosaic_w4a16_kernel(
     NO_BLOCK = 2147483647
     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]
-    for k0 in range(0, K, BLOCK_K):
-        kh_ok = (k0 // 2 + rh) < KH
-        xm = m_ok[:, None] & kh_ok[None, :]
-        x_e = tl.load(xe_ptrs, mask=xm, other=0.0)
-        x_o = tl.load(xe_ptrs + 1, mask=xm, other=0.0)
-        wq = tl.load(w_ptrs, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-        w_lo, w_hi = unpack_lo_hi(wq)
-        part = tl.dot(x_e, w_lo.to(x_e.dtype))
-        part = tl.dot(x_o, w_hi.to(x_e.dtype), part)
-        if W_GROUP != 0:
-            swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
-            acc += part * swg[None, :]
-        else:
-            acc += part
-        cb = k0 // BK_RES
-        if cb == next_cb:
-            koff = k0 - cb * BK_RES
-            rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
-            r_lo, r_hi = unpack_lo_hi(rq)
-            rpart = tl.dot(x_e, r_lo.to(x_e.dtype))
-            rpart = tl.dot(x_o, r_hi.to(x_e.dtype), rpart)
-            srow = tl.load(sr_ptr + p * BN_RES + n_local)
-            res += rpart * srow[None, :]
-            if koff + BLOCK_K == BK_RES:
-                p += 1
-                next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
-        xe_ptrs += BLOCK_K
-        w_ptrs += HALF
+    for k_outer in range(0, K, BLOCK_K * UNROLL):
+        for j in tl.static_range(UNROLL):
+            k0 = k_outer + j * BLOCK_K
+            kh_ok = (k0 // 2 + rh) < KH
+            xm = m_ok[:, None] & kh_ok[None, :]
+            x_e = tl.load(xe_ptrs + k0, mask=xm, other=0.0)
+            x_o = tl.load(xe_ptrs + k0 + 1, mask=xm, other=0.0)
+            wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+            w_lo, w_hi = unpack_lo_hi(wq)
+            part = tl.dot(x_e, w_lo.to(x_e.dtype))
+            part = tl.dot(x_o, w_hi.to(x_e.dtype), part)
+            if W_GROUP != 0:
+                swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+                acc += part * swg[None, :]
+            else:
+                acc += part
+            cb = k0 // BK_RES
+            if cb == next_cb:
+                koff = k0 - cb * BK_RES
+                rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+                r_lo, r_hi = unpack_lo_hi(rq)
+                rpart = tl.dot(x_e, r_lo.to(x_e.dtype))
+                rpart = tl.dot(x_o, r_hi.to(x_e.dtype), rpart)
+                srow = tl.load(sr_ptr + p * BN_RES + n_local)
+                res += rpart * srow[None, :]
+                if koff + BLOCK_K == BK_RES:
+                    p += 1
+                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     if W_GROUP == 0:
         sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
         acc = acc * sw[None, :]
@@ -496,7 +498,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
         HAS_RES=has_res, INT_DEBUG=int_debug, BN_RES=bn, BK_RES=bk,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return cfg
@@ -596,7 +598,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, config=None):
         x, weights.qb_packed, sw, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
         m, n, k, x.stride(0), sw.stride(0),
         W_GROUP=weights.group_size or 0, BN_RES=bn, BK_RES=bk,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out
