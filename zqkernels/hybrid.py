@@ -1,0 +1,419 @@
+"""ZipperQuant's hybrid executor: the dense low part on the GPU, the sparse high part on the CPU (DESIGN.md §2.6).
+
+    Y = scale_m * Δ_n * (qx @ q_low.T)      GPU: fused smooth+quantize, W4A4 GEMM, one stream
+      + 16 * Δ_n * (X' @ q_high.T)          CPU: pattern-LUT product on one worker thread
+
+with `X' = float32(x) * inv_s` (IEEE float32 mul, `inv_s = float32(1 / s)`), the definition the
+GPU quantizer uses, so every mode computes the same X'.
+
+One call of `zipper_linear(x, weights, mode="hybrid")` on CUDA:
+1. a copy stream waits for `x` and copies it (its own dtype: fp16 is half the bytes of X') into a
+   pinned host buffer, recording `d2h_done`;
+2. the worker thread is handed the job; it waits on `d2h_done` (a host wait on the worker, not on
+   the main thread), smooths on the CPU (`x32 * inv_s32`, bit-identical to the GPU's), and runs
+   `zqkernels.cpu.lut.lut_matmul` with the row scale `16 * Δ_n` fused, writing the pinned output;
+3. meanwhile the main thread launches activation quantization and the W4A4 GEMM (fp32 out) on the
+   current stream; nothing on this path waits for the host;
+4. the join: `future.result()` (the only host sync on the critical path; a worker exception is
+   re-raised here, a worker that never finishes raises TimeoutError after `join_timeout_s`), then
+   an async H2D of the high part on the current stream and one add.
+Pinned buffers live in `ZipperWeights`, grown to the largest M seen (power-of-two capacity) per
+activation dtype and reused. Reuse is safe because each buffer's last reader is fenced: the worker
+waits on the previous call's `h2d_done` before overwriting the output buffer, and the input buffer
+is only rewritten after the previous worker has been joined.
+
+Without CUDA the same threading, buffer and join logic runs when the caller passes an explicit
+stand-in for the GPU part (`gpu_part=reference_gpu_part`, the reference W4A4 product via torch on
+the CPU); `ZipperWeights` on `device="cpu"` refuses `mode="hybrid"` without one, never silently.
+
+`mode="gpu"` runs the high part on the GPU too (`zqkernels.gpu.zipper_high`), `mode="reference"`
+the numpy oracle, and `mode="auto"` picks hybrid or gpu per (N, K, M) from measurements kept as
+data in `zqkernels/configs/hybrid_auto.json` (written by `perf/hybrid_device.py`); with no
+measurement for the device and shape it raises `NoAutoMeasurement` instead of guessing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+import reference
+from zqkernels.cpu import lut as cpu_lut
+
+MODES = ("hybrid", "gpu", "reference", "auto")
+AUTO_TABLE_PATH = Path(__file__).with_name("configs") / "hybrid_auto.json"
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LUT_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+# One worker for the whole process: layers run one after another, and a single thread keeps the
+# Numba thread pool (workqueue layer included) free of concurrent launches.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zq-lut")
+
+
+class NoAutoMeasurement(LookupError):
+    """mode="auto" found no measured decision for this device and layer shape."""
+
+
+@dataclass
+class _HostBuffers:
+    """Host staging for one activation dtype, capacity rows; views [:M] are contiguous."""
+
+    capacity: int
+    x_host: torch.Tensor  # [cap, K] x.dtype, pinned on CUDA
+    xs32: torch.Tensor  # [cap, K] float32, X' on the host
+    xs64: torch.Tensor | None  # [cap, K] float64 when the LUT runs in float64
+    y_host: torch.Tensor  # [cap, N] LUT dtype, pinned on CUDA
+    d2h_done: object = None  # torch.cuda.Event or None on CPU
+    h2d_done: object = None
+
+
+@dataclass
+class ZipperWeights:
+    """One ZipperQuant layer prepared once: packed low codes and scales on the device, the LUT on
+    the CPU, the reference codes for mode="reference". Build with `ZipperWeights.prepare`."""
+
+    codes: reference.ZipperCodes
+    device: torch.device
+    act_group_size: int | None
+    inv_smooth: torch.Tensor | None  # float32 [K] on device
+    inv_smooth_host: torch.Tensor | None  # float32 [K] on the CPU
+    qw_packed: torch.Tensor  # uint8 [N, K/2] on device (low codes)
+    w_scale: torch.Tensor  # float32 [N] on device (Δ_n)
+    lut: cpu_lut.LutArrays
+    high_row_scale: np.ndarray  # [N] 16 * Δ_n in the LUT dtype
+    lut_dtype: np.dtype
+    cpu_threads: int
+    join_timeout_s: float
+    _buffers: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _copy_stream: object = field(default=None, repr=False)
+    _high_gpu: object = field(default=None, repr=False)
+    _low_ref: torch.Tensor | None = field(default=None, repr=False)
+    last_timing: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self):
+        return tuple(int(d) for d in self.codes.q_low.shape)
+
+    @classmethod
+    def prepare(cls, codes, smooth=None, device="cuda", act_group_size=None, lut=None, lut_group_size=4,
+                lut_dtype=np.float32, cpu_threads=None, join_timeout_s=300.0):
+        """codes: reference.ZipperCodes of the smoothed weight W' [N, K]; smooth: s [K] (X' = X / s)
+        or None; lut: an optional prebuilt reference.PatternLUT of codes.q_high (else built here
+        with `lut_group_size`); lut_dtype: float32 (fast) or float64 (the oracle's precision);
+        cpu_threads: Numba threads of the worker (None: all Numba threads)."""
+        for name in ("q_low", "q_high", "scale"):
+            if not hasattr(codes, name):
+                raise ValueError(f"codes must be a reference.ZipperCodes, it has no field {name!r}")
+        q_low, q_high = np.asarray(codes.q_low), np.asarray(codes.q_high)
+        scale = np.asarray(codes.scale, dtype=np.float64)
+        if q_low.ndim != 2 or q_high.shape != q_low.shape or scale.shape != (q_low.shape[0],):
+            raise ValueError(f"codes: q_low {q_low.shape}, q_high {q_high.shape}, scale {scale.shape} disagree")
+        n, k = q_low.shape
+        if k % 2:
+            raise ValueError(f"codes: K must be even to pack int4 low codes, got K={k}")
+        if q_low.size and (q_low.min() < -8 or q_low.max() > 7):
+            raise ValueError("codes.q_low holds codes outside [-8, 7]")
+        if not np.all(np.isfinite(scale)):
+            raise ValueError("codes.scale holds NaN or Inf")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA GPU is available")
+        if act_group_size is not None and (not isinstance(act_group_size, int) or act_group_size <= 0):
+            raise ValueError(f"act_group_size must be None or a positive integer, got {act_group_size!r}")
+        lut_dtype = np.dtype(lut_dtype)
+        if lut_dtype not in _LUT_DTYPES:
+            raise ValueError(f"lut_dtype must be float32 or float64, got {lut_dtype}")
+        if lut is None:
+            lut = reference.build_pattern_lut(q_high, group_size=lut_group_size)
+        elif tuple(lut.shape) != (n, k):
+            raise ValueError(f"lut was built for shape {tuple(lut.shape)}, the codes have shape {(n, k)}")
+        inv_dev = inv_host = None
+        if smooth is not None:
+            s = np.asarray(smooth, dtype=np.float64)
+            if s.shape != (k,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+                raise ValueError(f"smooth must be a positive finite [K={k}] vector, got shape {s.shape}")
+            inv_host = torch.from_numpy((1.0 / s).astype(np.float32))
+            inv_dev = inv_host.to(device)
+        if cpu_threads is None:
+            cpu_threads = numba.config.NUMBA_NUM_THREADS
+        if not (1 <= int(cpu_threads) <= numba.config.NUMBA_NUM_THREADS):
+            raise ValueError(f"cpu_threads must lie in [1, {numba.config.NUMBA_NUM_THREADS}], got {cpu_threads}")
+        w = cls(
+            codes=codes,
+            device=device,
+            act_group_size=act_group_size,
+            inv_smooth=inv_dev,
+            inv_smooth_host=inv_host,
+            qw_packed=torch.from_numpy(reference.pack_int4(q_low)).to(device),
+            w_scale=torch.from_numpy(scale.astype(np.float32)).to(device),
+            lut=cpu_lut.prepare_lut(lut),
+            high_row_scale=(16.0 * scale).astype(lut_dtype),
+            lut_dtype=lut_dtype,
+            cpu_threads=int(cpu_threads),
+            join_timeout_s=float(join_timeout_s),
+        )
+        if device.type == "cuda":
+            w._copy_stream = torch.cuda.Stream(device=device)
+        return w
+
+    # -- host buffers -----------------------------------------------------------------------
+    def buffers(self, m, x_dtype):
+        """The host buffers for M tokens of x_dtype, allocated (pinned on CUDA) once per capacity."""
+        bufs = self._buffers.get(x_dtype)
+        if bufs is not None and bufs.capacity >= m:
+            return bufs
+        cap = 1 << max(0, math.ceil(math.log2(max(1, m))))
+        n, k = self.shape
+        pin = self.device.type == "cuda"
+        old = self._buffers.get(x_dtype)
+        if old is not None and old.h2d_done is not None:
+            old.h2d_done.synchronize()  # the old pinned block may still feed the last H2D copy
+        bufs = _HostBuffers(
+            capacity=cap,
+            x_host=torch.empty((cap, k), dtype=x_dtype, pin_memory=pin),
+            xs32=torch.empty((cap, k), dtype=torch.float32),
+            xs64=torch.empty((cap, k), dtype=torch.float64) if self.lut_dtype == np.float64 else None,
+            y_host=torch.empty((cap, n), dtype=_LUT_DTYPES[self.lut_dtype], pin_memory=pin),
+            d2h_done=torch.cuda.Event() if pin else None,
+            h2d_done=torch.cuda.Event() if pin else None,
+        )
+        self._buffers[x_dtype] = bufs
+        return bufs
+
+    def high_gpu(self):
+        """The high part prepared for `zqkernels.gpu.zipper_high` (built on first use)."""
+        if self._high_gpu is None:
+            from zqkernels.gpu.zipper_high import prepare_zipper_high
+
+            self._high_gpu = prepare_zipper_high(self.codes, self.device)
+        return self._high_gpu
+
+
+# -------------------------------------------------------------------------------------------
+# The parts
+
+
+def smooth_host(x_host, inv_smooth_host, out32):
+    """X' = float32(x) * inv_s on the CPU, IEEE float32 like the GPU quantizer; into out32."""
+    out32.copy_(x_host)
+    if inv_smooth_host is not None:
+        out32.mul_(inv_smooth_host)
+    return out32
+
+
+def gpu_low_part(x, weights):
+    """Low part on the GPU: fused smooth + quantize, W4A4 GEMM, float32 [M, N], current stream."""
+    from zqkernels.gpu.actquant import quantize_activations
+    from zqkernels.gpu.w4a4 import w4a4_gemm
+
+    qx, sx = quantize_activations(x, weights.inv_smooth, group_size=weights.act_group_size)
+    return w4a4_gemm(qx, sx, weights.qw_packed, weights.w_scale, act_group_size=weights.act_group_size,
+                     out_dtype=torch.float32)
+
+
+def reference_gpu_part(x, weights):
+    """CPU stand-in for `gpu_low_part` (float64 [M, N] on the CPU): the reference activation
+    quantization, then the dequantized W4A4 product as a torch float64 matmul. Explicitly passed
+    as `gpu_part=` so a CPU-only run proves the hybrid plumbing; never chosen silently."""
+    xs = smooth_host(x.detach().cpu(), weights.inv_smooth_host, torch.empty(x.shape, dtype=torch.float32))
+    qx, sx = reference.quantize_activations(xs.numpy().astype(np.float64), group_size=weights.act_group_size)
+    deq = torch.from_numpy(reference.dequantize(qx, sx, weights.act_group_size))
+    if weights._low_ref is None:
+        q_low = torch.from_numpy(np.asarray(weights.codes.q_low, dtype=np.float64))
+        weights._low_ref = (q_low * torch.from_numpy(np.asarray(weights.codes.scale, dtype=np.float64))[:, None]).T.contiguous()
+    return deq @ weights._low_ref
+
+
+def _cpu_high_part(weights, bufs, m):
+    """The worker's job: wait for the activations, smooth, LUT product with 16*Δ_n fused."""
+    t0 = time.perf_counter()
+    numba.set_num_threads(weights.cpu_threads)  # thread-local in Numba: set on the worker itself
+    if bufs.d2h_done is not None:
+        bufs.d2h_done.synchronize()
+    if bufs.h2d_done is not None:
+        bufs.h2d_done.synchronize()  # the previous call's H2D has finished reading y_host
+    t1 = time.perf_counter()
+    xs = smooth_host(bufs.x_host[:m], weights.inv_smooth_host, bufs.xs32[:m])
+    if bufs.xs64 is not None:
+        xs = bufs.xs64[:m].copy_(xs)
+    y = bufs.y_host[:m]
+    cpu_lut.lut_matmul(xs.numpy(), weights.lut, out=y.numpy(), row_scale=weights.high_row_scale)
+    t2 = time.perf_counter()
+    return {"worker_wait_s": t1 - t0, "worker_compute_s": t2 - t1}
+
+
+def _drain(future):
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - the caller is already raising its own error
+        pass
+
+
+def _hybrid(x, weights, gpu_part):
+    m = x.shape[0]
+    cuda = weights.device.type == "cuda"
+    t_start = time.perf_counter()
+    with weights._lock:  # one call per layer at a time: the buffers are per layer
+        bufs = weights.buffers(m, x.dtype)
+        if cuda:
+            main = torch.cuda.current_stream(weights.device)
+            copy = weights._copy_stream
+            copy.wait_stream(main)  # x is produced on the main stream
+            with torch.cuda.stream(copy):
+                bufs.x_host[:m].copy_(x, non_blocking=True)
+                bufs.d2h_done.record(copy)
+        else:
+            bufs.x_host[:m].copy_(x)
+        future = _WORKER.submit(_cpu_high_part, weights, bufs, m)
+        try:
+            y = gpu_part(x, weights)
+        except BaseException:
+            _drain(future)
+            raise
+        t_launched = time.perf_counter()
+        try:
+            timing = future.result(timeout=weights.join_timeout_s)
+        except FutureTimeout:
+            # The worker may still write these buffers: drop them so no later call shares them.
+            weights._buffers.pop(x.dtype, None)
+            raise TimeoutError(
+                f"zipper_linear: the CPU high part did not finish within join_timeout_s={weights.join_timeout_s}"
+            ) from None
+        t_joined = time.perf_counter()
+        y_high = bufs.y_host[:m]
+        if cuda:
+            y_high = y_high.to(weights.device, non_blocking=True)
+            bufs.h2d_done.record(main)
+        if y.shape != (m, weights.shape[0]):
+            raise ValueError(f"gpu_part returned shape {tuple(y.shape)}, expected {(m, weights.shape[0])}")
+        y = y.add_(y_high) if y.dtype.is_floating_point and y.dtype.itemsize >= 4 else y.float().add_(y_high)
+    timing.update(launch_s=t_launched - t_start, join_wait_s=t_joined - t_launched)
+    weights.last_timing = timing
+    return y
+
+
+def _gpu(x, weights):
+    from zqkernels.gpu.zipper_high import zipper_high_gpu
+
+    y = gpu_low_part(x, weights)
+    xs = x.to(torch.float32)
+    if weights.inv_smooth is not None:
+        xs = xs * weights.inv_smooth
+    zipper_high_gpu(xs, weights.high_gpu(), out=y)
+    return y
+
+
+def reference_linear(x, weights):
+    """The oracle for `zipper_linear`: reference.zipper_matmul on X' = float32(x) * inv_s, float64."""
+    xs = smooth_host(x.detach().cpu(), weights.inv_smooth_host, torch.empty(x.shape, dtype=torch.float32))
+    return reference.zipper_matmul(xs.numpy().astype(np.float64), weights.codes, act_bits=4,
+                                   act_group_size=weights.act_group_size)
+
+
+# -------------------------------------------------------------------------------------------
+# mode="auto": measured decisions, kept as data
+
+
+def _auto_device_key(device):
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device)
+
+
+def load_auto_table(path=AUTO_TABLE_PATH):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def auto_mode(n, k, m, device, table=None):
+    """The measured choice ("hybrid" or "gpu") for layer shape (N, K) and M tokens on `device`.
+
+    Uses the entry measured at M if there is one, else the measured M nearest in log2 (the
+    decision changes slowly with M; the gap is reported in the error if nothing is measured).
+    Raises NoAutoMeasurement when the table holds nothing for this device and shape.
+    """
+    table = load_auto_table() if table is None else table
+    dev_key = _auto_device_key(torch.device(device))
+    dev = table.get("devices", {}).get(dev_key)
+    shape_key = f"{n}x{k}"
+    if dev is None or shape_key not in dev.get("entries", {}):
+        measured = sorted(table.get("devices", {}))
+        raise NoAutoMeasurement(
+            f"mode='auto': no measurement for shape {shape_key} on device {dev_key!r} in {AUTO_TABLE_PATH.name} "
+            f"(devices measured: {measured or 'none'}); run perf/hybrid_device.py on this device and commit its "
+            f"hybrid_auto.json, or pass mode='hybrid' or mode='gpu'"
+        )
+    entries = dev["entries"][shape_key]
+    ms = sorted(int(key) for key in entries)
+    best = min(ms, key=lambda mm: (abs(math.log2(mm) - math.log2(max(1, m))), mm))
+    return entries[str(best)]["mode"]
+
+
+# -------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _check_x(x, weights):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    n, k = weights.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but the weights were prepared for K={k}")
+    if x.shape[0] < 1:
+        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous")
+    if x.device != weights.device and not (x.device.type == weights.device.type == "cuda"
+                                           and weights.device.index is None):
+        raise ValueError(f"x is on {x.device}, the weights on {weights.device}")
+
+
+def zipper_linear(x, weights, mode="hybrid", gpu_part=None, out_dtype=None):
+    """`Y = X' @ W'.T` of a ZipperQuant layer, [M, N], with X' = float32(x) * inv_s.
+
+    x: [M, K] fp16|bf16|fp32 contiguous on `weights.device`. weights: `ZipperWeights`.
+    mode: "hybrid" (GPU low part overlapped with the CPU LUT), "gpu" (both parts on the GPU),
+    "reference" (the numpy oracle, float64 then cast), "auto" (measured choice of hybrid/gpu).
+    gpu_part: callable (x, weights) -> [M, N] float tensor replacing the GPU low part (required on
+    a CPU device: pass `reference_gpu_part`). out_dtype: result dtype (None: x.dtype).
+    """
+    if not isinstance(weights, ZipperWeights):
+        raise ValueError(f"weights must be ZipperWeights (ZipperWeights.prepare), got {type(weights).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_x(x, weights)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if mode == "auto":
+        mode = auto_mode(*weights.shape, x.shape[0], weights.device)
+    if mode == "reference":
+        y = torch.from_numpy(reference_linear(x, weights)).to(weights.device)
+    elif mode == "hybrid":
+        if gpu_part is None:
+            if weights.device.type != "cuda":
+                raise ValueError(
+                    "mode='hybrid' on a CPU device needs an explicit gpu_part stand-in "
+                    "(gpu_part=zqkernels.hybrid.reference_gpu_part); no silent fallback"
+                )
+            gpu_part = gpu_low_part
+        y = _hybrid(x, weights, gpu_part)
+    else:  # gpu
+        if weights.device.type != "cuda":
+            raise ValueError("mode='gpu' needs CUDA weights (ZipperWeights.prepare(..., device='cuda'))")
+        if gpu_part is not None:
+            raise ValueError("gpu_part applies to mode='hybrid' only")
+        y = _gpu(x, weights)
+    return y.to(out_dtype)
