@@ -1,0 +1,34 @@
+"""Fused activation quantization (`zqkernels.gpu.actquant.quantize_activations`).
+
+x [M, K] fp16 times `inv_smooth` [K] (smoothing), per-token (or per-token-per-group-of-128)
+absmax, round half to even, int4 packing. A bandwidth-bound kernel: the figure of merit is GB/s
+of bytes read + written against the device's copy bandwidth (the report shows the fraction).
+K comes from each selected layer shape (its input width); N is recorded but unused.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+GROUP = 128
+
+
+def _run(zq_bench, zq_kernel, shape, m, group_size):
+    quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
+    x = torch.randn(m, shape.k, device="cuda", dtype=torch.float16)
+    inv_s = torch.rand(shape.k, device="cuda") + 0.5
+    scales = m if group_size is None else m * -(-shape.k // group_size)
+    moved = 2 * m * shape.k + 4 * shape.k + m * shape.k // 2 + 4 * scales
+    zq_bench.gpu(lambda: quantize_activations(x, inv_s, group_size=group_size), family="actquant",
+                 method="zq_actquant" if group_size is None else f"zq_actquant_g{group_size}", role="component",
+                 shape=shape, m=m, bytes_moved=moved, act_group_size=group_size)
+
+
+def test_zq_actquant(zq_bench, zq_kernel, shape, m):
+    _run(zq_bench, zq_kernel, shape, m, None)
+
+
+def test_zq_actquant_g128(zq_bench, zq_kernel, shape, m):
+    _run(zq_bench, zq_kernel, shape, m, GROUP)

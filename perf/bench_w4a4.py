@@ -1,0 +1,97 @@
+"""W4A4 GEMM (`zqkernels.gpu.w4a4.w4a4_gemm`): packed int4 activations x packed int4 weights.
+
+- zq_w4a4:      the GEMM alone, per-token activation scales (inputs already quantized).
+- zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales.
+- zq_w4a4_aq:   what a layer runs: fp16 X -> `quantize_activations` (fused smoothing) -> GEMM,
+                the fair figure beside cuBLAS FP16, which takes fp16 X too.
+Integer math on Hopper's INT8 tensor cores (no INT4 MMA): rates are TOPS.
+
+`test_oracle_w4a4_cpu` times the numpy oracle on a tiny layer on the CPU, so `pytest perf/ -k w4a4`
+runs something (and the iterate loop can be tried) on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+GROUP = 128
+
+
+def _weights(cache, shape):
+    key = ("w4a4_weights", shape.name)
+    if key not in cache:
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        qw = torch.randint(0, 256, (shape.n, shape.k // 2), device="cuda", dtype=torch.uint8, generator=gen)
+        sw = torch.rand(shape.n, device="cuda", generator=gen) * 0.01 + 0.001
+        cache[key] = (qw, sw)
+    return cache[key]
+
+
+def _packed_acts(m, k, groups):
+    qx = torch.randint(0, 256, (m, k // 2), device="cuda", dtype=torch.uint8)
+    sx = torch.rand(m, device="cuda") * 0.1 + 0.01 if groups is None else torch.rand(m, groups, device="cuda") * 0.1 + 0.01
+    return qx, sx
+
+
+def _gemm_bytes(m, n, k, act_scale_count):
+    return m * k // 2 + 4 * act_scale_count + n * k // 2 + 4 * n + 2 * m * n
+
+
+@pytest.mark.gpu
+def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
+    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
+    qw, sw = _weights(weight_cache, shape)
+    qx, sx = _packed_acts(m, shape.k, None)
+    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw), family="w4a4", method="zq_w4a4", role="ours", shape=shape,
+                 m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
+                 bytes_moved=_gemm_bytes(m, shape.n, shape.k, m))
+
+
+@pytest.mark.gpu
+def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
+    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
+    qw, sw = _weights(weight_cache, shape)
+    groups = -(-shape.k // GROUP)
+    qx, sx = _packed_acts(m, shape.k, groups)
+    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=GROUP), family="w4a4", method="zq_w4a4_g128",
+                 role="ours", shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
+                 act_group_size=GROUP, bytes_moved=_gemm_bytes(m, shape.n, shape.k, m * groups))
+
+
+@pytest.mark.gpu
+def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
+    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
+    quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
+    qw, sw = _weights(weight_cache, shape)
+    x = torch.randn(m, shape.k, device="cuda", dtype=torch.float16)
+    inv_s = torch.rand(shape.k, device="cuda") + 0.5
+
+    def layer():
+        qx, sx = quantize_activations(x, inv_s)
+        return w4a4_gemm(qx, sx, qw, sw)
+
+    # bytes: X read once as fp16, the packed activations written and read back, weights, output
+    moved = 2 * m * shape.k + 4 * shape.k + 2 * (m * shape.k // 2 + 4 * m) + shape.n * shape.k // 2 + 4 * shape.n \
+        + 2 * m * shape.n
+    zq_bench.gpu(layer, family="w4a4", method="zq_w4a4_aq", role="ours", shape=shape, m=m,
+                 flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved,
+                 notes=["activation quantization (smoothing, per-token scales) + GEMM, two launches"])
+
+
+# The oracle on the CPU: tiny, fixed layer (not the --shapes grid), so it runs anywhere in seconds.
+ORACLE_M, ORACLE_N, ORACLE_K = 16, 256, 256
+
+
+def test_oracle_w4a4_cpu(zq_bench):
+    import reference
+
+    rng = np.random.default_rng(0)
+    qx = rng.integers(-8, 8, size=(ORACLE_M, ORACLE_K)).astype(np.int8)
+    qw = rng.integers(-8, 8, size=(ORACLE_N, ORACLE_K)).astype(np.int8)
+    sx = rng.random(ORACLE_M) + 0.1
+    sw = rng.random(ORACLE_N) + 0.1
+    zq_bench.cpu(lambda: reference.w4a4_matmul(qx, sx, qw, sw), family="w4a4", method="oracle_w4a4",
+                 role="oracle", shape_name=f"tiny-{ORACLE_N}x{ORACLE_K}", m=ORACLE_M, n=ORACLE_N, k=ORACLE_K,
+                 flops=2 * ORACLE_M * ORACLE_N * ORACLE_K,
+                 notes=["numpy oracle (float64) on the CPU: the definition, not a kernel"])

@@ -1,0 +1,427 @@
+"""The one timing harness of perf/ (pytest-benchmark), its options, and the GPU skip.
+
+How a GPU benchmark is timed (the `zq_bench` fixture, `Harness.gpu`):
+
+1. `triton.testing.do_bench(fn, warmup, rep, return_mode="median")`: CUDA events around each call,
+   the L2 cache flushed (a 256 MB buffer zeroed) before every call, the median kept. Done twice:
+   eagerly (`time_us_eager`) and on a CUDA graph that replays one captured call
+   (`time_us_graph`), which removes Python and launch overhead. The graph figure is the kernel's
+   speed (`time_us`, `primary_mode: "graph"`); where capture fails (a host sync, a CPU worker)
+   the eager one is used and `graph_error` says why. These numbers, with TFLOP/s (or TOPS), GB/s,
+   bytes moved and the speedups, are in each benchmark's `extra_info`, with
+   `"timer": "cuda-events do_bench median"`.
+2. The same call is then fed to pytest-benchmark in pedantic mode with a synchronizing timer
+   (`cuda_synchronized_perf_counter`: `torch.cuda.synchronize()` then `time.perf_counter()`), so
+   its stats measure finished GPU work, not launches. These stats (the `stats` block of the JSON,
+   `options.timer` names the timer) include launch overhead and run with a warm L2: they are what
+   `--benchmark-compare` checks for regressions, not the figure to quote. Quote `extra_info`.
+
+Speedups (`extra_info["speedup"][baseline]` = baseline time / this time, graph figures;
+`speedup_eager` from the eager ones) are filled in at session end over every baseline timed in
+the same run for the same shape and M, so they need the baselines selected too
+(`pytest perf/` runs everything; `-k w4a4` alone leaves them empty; `zq report` also recomputes
+them across several JSON files).
+
+Without a CUDA GPU every test marked `gpu` is skipped with a reason that says so; CPU benchmarks
+still run and `--benchmark-json` is still written (an empty run still gets a valid JSON whose
+`zq_perf.skipped` lists what was skipped and why).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+PERF_DIR = Path(__file__).resolve().parent
+if str(PERF_DIR) not in sys.path:  # bench files import `shapes` whatever pytest's import mode
+    sys.path.insert(0, str(PERF_DIR))
+
+from shapes import select_m, select_shapes  # noqa: E402
+
+GPU_AVAILABLE = torch.cuda.is_available()
+NO_GPU_REASON = "no CUDA GPU on this machine: GPU benchmark skipped (the CPU benchmarks still run)"
+TIMER = "cuda-events do_bench median"
+PEDANTIC_TIMER = "pytest-benchmark pedantic, cuda_synchronized_perf_counter (sync + wall clock)"
+
+# Defaults sized so the GPU part of `pytest perf/` (default shapes, all M) fits in ~8 minutes on an
+# H100: ~380 timed calls, each two do_bench runs of warmup+rep ms plus the pedantic rounds, plus
+# the kernels' own first-call compilation and autotuning.
+DEFAULT_WARMUP_MS = 5.0
+DEFAULT_REP_MS = 25.0
+
+_CONFIG: list = []
+_RECORDS = pytest.StashKey[list]()
+_SKIPPED = pytest.StashKey[list]()
+_SHAPES = pytest.StashKey[list]()
+_MS = pytest.StashKey[list]()
+
+
+def cuda_synchronized_perf_counter() -> float:
+    """pytest-benchmark timer for GPU work: wait for the device, then read the wall clock."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# --------------------------------------------------------------------------- options, collection
+def pytest_addoption(parser):
+    group = parser.getgroup("zq perf", "zqkernels benchmark selection and timing")
+    group.addoption("--shapes", default="default", help=(
+        "comma-separated layer shapes: 'default' (llama3-8b o, qkv, gate_up, down), 'all', a model "
+        "('qwen3-8b'), a name ('llama3-8b.down') or a glob ('*.down'); see perf/shapes.py"))
+    group.addoption("--m", default="all", help="comma-separated token counts M (default 1,16,64,256,1024,4096)")
+    group.addoption("--bench-warmup-ms", type=float, default=DEFAULT_WARMUP_MS,
+                    help=f"do_bench warm-up per timing in ms (default {DEFAULT_WARMUP_MS})")
+    group.addoption("--bench-rep-ms", type=float, default=DEFAULT_REP_MS,
+                    help=f"do_bench measuring time per timing in ms (default {DEFAULT_REP_MS})")
+    group.addoption("--no-cuda-graph", action="store_true",
+                    help="time eagerly only (no CUDA-graph capture)")
+
+
+def pytest_configure(config):
+    try:
+        config.stash[_SHAPES] = select_shapes(config.getoption("--shapes"))
+        config.stash[_MS] = select_m(config.getoption("--m"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_RECORDS] = []
+    config.stash[_SKIPPED] = []
+    _CONFIG.append(config)  # pytest_runtest_logreport gets no config argument
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped with a reason on CPU-only machines")
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect perf/bench_*.py as test modules (pytest's default pattern is test_*.py)."""
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if PERF_DIR not in file_path.resolve().parents:
+        return None
+    from _pytest.pathlib import fnmatch_ex
+
+    if any(fnmatch_ex(pattern, file_path) for pattern in parent.config.getini("python_files")):
+        return None  # already collected by pytest's own python_files setting
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize the `shape` and `m` arguments of a benchmark from --shapes and --m."""
+    already = set()
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", "")
+        already.update(n.strip() for n in (names.split(",") if isinstance(names, str) else names))
+    config = metafunc.config
+    if "shape" in metafunc.fixturenames and "shape" not in already:
+        metafunc.parametrize("shape", config.stash[_SHAPES], ids=[s.name for s in config.stash[_SHAPES]])
+    if "m" in metafunc.fixturenames and "m" not in already:
+        metafunc.parametrize("m", config.stash[_MS], ids=[f"M{m}" for m in config.stash[_MS]])
+
+
+def _in_perf(item) -> bool:
+    return PERF_DIR in Path(str(item.fspath)).resolve().parents
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("gpu") is None:
+            continue
+        if not GPU_AVAILABLE:
+            item.add_marker(pytest.mark.skip(reason=NO_GPU_REASON))
+        elif _in_perf(item):
+            existing = item.get_closest_marker("benchmark")
+            options = dict(existing.kwargs) if existing else {}
+            options.setdefault("timer", cuda_synchronized_perf_counter)
+            item.add_marker(pytest.mark.benchmark(**options), append=False)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _CONFIG[-1].stash[_SKIPPED].append({"nodeid": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+# --------------------------------------------------------------------------- the harness
+def device_name() -> str:
+    if GPU_AVAILABLE:
+        return torch.cuda.get_device_name()
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _do_bench_median_ms(fn, warmup_ms: float, rep_ms: float) -> float:
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except TypeError:  # a Triton without return_mode
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
+
+
+def _capture_graph(fn):
+    """One call of `fn` captured in a CUDA graph. `fn` has already run eagerly (compiled, tuned)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on a side stream, as torch.cuda.graphs asks before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+class Harness:
+    """Times one benchmark the one way all of perf/ does; see the module docstring."""
+
+    def __init__(self, benchmark, config):
+        self.benchmark = benchmark
+        self.config = config
+
+    def _record(self, info: dict) -> dict:
+        self.benchmark.extra_info.update(info)
+        self.config.stash[_RECORDS].append(self.benchmark.extra_info)
+        return self.benchmark.extra_info
+
+    def gpu(self, fn, *, family, method, role, shape, m, bytes_moved, flops=None, ops_unit="TFLOP/s",
+            graph=True, notes=(), **extra) -> dict:
+        """Time `fn()` (a closure over prepared CUDA tensors) and record it.
+
+        role: "baseline" (others' kernels and our W4A16), "ours", or "component" (not a GEMM:
+        no speedups). ops_unit: "TFLOP/s" for float math, "TOPS" for integer math.
+        `shape` is a perf.shapes.LayerShape (or None with n and k in `extra`).
+        """
+        warmup = self.config.getoption("--bench-warmup-ms")
+        rep = self.config.getoption("--bench-rep-ms")
+        torch.cuda.synchronize()
+        eager_ms = _do_bench_median_ms(fn, warmup, rep)
+        graph_ms, graph_error, g = None, None, None
+        if graph and not self.config.getoption("--no-cuda-graph"):
+            try:
+                g = _capture_graph(fn)
+                graph_ms = _do_bench_median_ms(g.replay, warmup, rep)
+            except Exception as exc:  # noqa: BLE001 - recorded, the eager figure stands
+                graph_error = f"{type(exc).__name__}: {exc}"[:400]
+                g = None
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    pass
+        elif graph:
+            graph_error = "--no-cuda-graph"
+        else:
+            graph_error = "not capturable (host synchronization / CPU work)"
+        primary_ms = graph_ms if graph_ms is not None else eager_ms
+        primary_fn = g.replay if g is not None else fn
+
+        if getattr(self.benchmark, "_timer", cuda_synchronized_perf_counter) is cuda_synchronized_perf_counter:
+            target = primary_fn
+        else:  # a timer was forced from outside: synchronize inside the timed call instead
+
+            def target():
+                primary_fn()
+                torch.cuda.synchronize()
+
+        rounds = int(min(max(rep / max(primary_ms, 1e-3), 5), 200))
+        self.benchmark.pedantic(target, rounds=rounds, warmup_rounds=2, iterations=1)
+        torch.cuda.synchronize()
+        del g
+
+        seconds = primary_ms * 1e-3
+        n = shape.n if shape is not None else extra.pop("n")
+        k = shape.k if shape is not None else extra.pop("k")
+        info = {
+            "family": family,
+            "method": method,
+            "role": role,
+            "shape": shape.name if shape is not None else extra.pop("shape_name", f"{n}x{k}"),
+            "model": shape.model if shape is not None else None,
+            "layer": shape.layer if shape is not None else None,
+            "M": int(m),
+            "N": int(n),
+            "K": int(k),
+            "device": device_name(),
+            "timer": TIMER,
+            "pedantic_timer": PEDANTIC_TIMER,
+            "primary_mode": "graph" if graph_ms is not None else "eager",
+            "time_us": primary_ms * 1e3,
+            "time_us_eager": eager_ms * 1e3,
+            "time_us_graph": None if graph_ms is None else graph_ms * 1e3,
+            "graph_error": graph_error,
+            "bytes_moved": int(bytes_moved),
+            "gbps": bytes_moved / seconds / 1e9,
+            "flops": None if flops is None else int(flops),
+            "ops_unit": ops_unit if flops is not None else None,
+            "tflops": None if flops is None else flops / seconds / 1e12,
+            "warmup_ms": warmup,
+            "rep_ms": rep,
+            "notes": list(notes),
+            "speedup": {},
+            "speedup_eager": {},
+        }
+        info.update(extra)
+        return self._record(info)
+
+    def cpu(self, fn, *, family, method, role, shape_name, m, n, k, bytes_moved=None, flops=None,
+            ops_unit="TFLOP/s", notes=(), **extra) -> dict:
+        """Time a CPU callable with pytest-benchmark's own calibrated wall clock and record it."""
+        self.benchmark(fn)
+        stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
+        median_s = stats.median if stats is not None else None
+        info = {
+            "family": family,
+            "method": method,
+            "role": role,
+            "shape": shape_name,
+            "M": int(m),
+            "N": int(n),
+            "K": int(k),
+            "device": device_name() if not GPU_AVAILABLE else f"cpu: {platform.processor() or platform.machine()}",
+            "timer": "pytest-benchmark wall clock median (CPU)",
+            "primary_mode": "cpu",
+            "time_us": None if median_s is None else median_s * 1e6,
+            "bytes_moved": None if bytes_moved is None else int(bytes_moved),
+            "gbps": None if (bytes_moved is None or not median_s) else bytes_moved / median_s / 1e9,
+            "flops": None if flops is None else int(flops),
+            "ops_unit": ops_unit if flops is not None else None,
+            "tflops": None if (flops is None or not median_s) else flops / median_s / 1e12,
+            "notes": list(notes),
+            "speedup": {},
+            "speedup_eager": {},
+        }
+        info.update(extra)
+        return self._record(info)
+
+
+@pytest.fixture(scope="session")
+def weight_cache():
+    """Session-wide dict for prepared weights, keyed by (format, shape name): each layer's weights
+    are made (and any expensive preparation done) once, not once per M."""
+    cache: dict = {}
+    yield cache
+    cache.clear()
+
+
+@pytest.fixture
+def selected_shapes(request):
+    """The LayerShapes chosen with --shapes (for benchmarks that sweep something else)."""
+    return request.config.stash[_SHAPES]
+
+
+@pytest.fixture
+def selected_ms(request):
+    """The token counts chosen with --m."""
+    return request.config.stash[_MS]
+
+
+@pytest.fixture
+def zq_kernel():
+    """`zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")`: our kernel, or a clear failure of this
+    benchmark alone (never a collection error) when it is missing or does not import."""
+    import importlib
+
+    def load(module: str, name: str):
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+            pytest.fail(f"{module}.{name} is not importable ({type(exc).__name__}: {exc}); "
+                        f"this benchmark needs it", pytrace=False)
+        fn = getattr(mod, name, None)
+        if fn is None:
+            pytest.fail(f"{module} has no {name!r}; this benchmark needs it", pytrace=False)
+        return fn
+
+    return load
+
+
+@pytest.fixture
+def zq_bench(benchmark, request):
+    """The timing harness: `zq_bench.gpu(fn, ...)` / `zq_bench.cpu(fn, ...)`."""
+    return Harness(benchmark, request.config)
+
+
+# --------------------------------------------------------------------------- session end
+def _fill_speedups(records: list[dict]) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        if rec.get("time_us") and rec.get("role") in ("baseline", "ours") and rec.get("primary_mode") != "cpu":
+            groups.setdefault((rec["shape"], rec["M"], rec["N"], rec["K"]), []).append(rec)
+    for group in groups.values():
+        baselines = [r for r in group if r["role"] == "baseline"]
+        for rec in group:
+            for base in baselines:
+                if base is rec:
+                    continue
+                rec["speedup"][base["method"]] = base["time_us"] / rec["time_us"]
+                if base.get("time_us_eager") and rec.get("time_us_eager"):
+                    rec["speedup_eager"][base["method"]] = base["time_us_eager"] / rec["time_us_eager"]
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    # tryfirst wrapper: runs before pytest-benchmark's own wrapper writes the JSON
+    _fill_speedups(session.config.stash.get(_RECORDS, []))
+    yield
+    _write_json_for_empty_run(session.config)
+
+
+def _zq_perf_block(config) -> dict:
+    return {
+        "timer": TIMER,
+        "pedantic_timer": PEDANTIC_TIMER,
+        "device": device_name(),
+        "gpu_available": GPU_AVAILABLE,
+        "shapes": [s.name for s in config.stash.get(_SHAPES, [])],
+        "m": config.stash.get(_MS, []),
+        "warmup_ms": config.getoption("--bench-warmup-ms"),
+        "rep_ms": config.getoption("--bench-rep-ms"),
+        "skipped": config.stash.get(_SKIPPED, []),
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["zq_perf"] = _zq_perf_block(config)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import triton
+
+    machine_info["zq_device"] = device_name()
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    if GPU_AVAILABLE:
+        props = torch.cuda.get_device_properties(0)
+        machine_info["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+        }
+    else:
+        machine_info["gpu"] = None
+
+
+def _write_json_for_empty_run(config) -> None:
+    """pytest-benchmark writes nothing (an empty, invalid file) when no benchmark ran: fill it."""
+    fh = getattr(config.option, "benchmark_json", None)
+    if fh is None or getattr(fh, "closed", True):
+        return
+    import datetime
+
+    import triton
+
+    output = {
+        "machine_info": {"zq_device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                         "gpu": None, "python_version": platform.python_version()},
+        "commit_info": {},
+        "benchmarks": [],
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": None,
+        "zq_perf": _zq_perf_block(config),
+    }
+    fh.write(json.dumps(output, indent=4).encode())
+    fh.close()
