@@ -431,6 +431,7 @@ def _mosaic_w4a16_kernel(
 # --------------------------------------------------------------------------------------------
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LAST_COMPILED = {}
 
 
 def _check_weights(weights):
@@ -491,7 +492,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     _check_config(cfg, weights, act_group_size)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     sw = weights.scale_base
-    _mosaic_w4a4_kernel[grid](
+    handle = _mosaic_w4a4_kernel[grid](
         qx_packed, act_scale, weights.qb_packed, sw, weights.res_packed, weights.scale_res,
         weights.indptr, weights.kblock, out, out2,
         m, n, k,
@@ -501,6 +502,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
+    _LAST_COMPILED["fused"] = handle  # the compiled kernel, for perf/tune_mosaic.py's resource report
     return cfg
 
 
