@@ -95,22 +95,34 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def quantize_activations(x, inv_smooth=None, group_size=None):
+def _out(name, t, shape, dtype, device):
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous on {device}")
+    return t
+
+
+def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_scales=None):
     """x [M, K] fp16|bf16|fp32, inv_smooth [K] fp32 or None, group_size None|32|64|128|256
-    -> (packed uint8 [M, K/2], float32 scales [M] or [M, ceil(K/group_size)])."""
+    -> (packed uint8 [M, K/2], float32 scales [M] or [M, ceil(K/group_size)]).
+    `out` / `out_scales` (optional) are preallocated results (tests poison them)."""
     _check(x, inv_smooth, group_size)
     M, K = x.shape
-    q = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
+    q = _out("out", out, (M, K // 2), torch.uint8, x.device)
     if group_size is None:
         group = block_k = max(triton.next_power_of_2(K), 2)
-        scales = torch.empty((M,), dtype=torch.float32, device=x.device)
+        scales = _out("out_scales", out_scales, (M,), torch.float32, x.device)
         stride_sm = 1
     else:
         group = group_size
         # 1024 channels a program: enough bytes in flight per program, few programs per token.
         block_k = max(group, min(1024, triton.next_power_of_2(K)))
         n_groups = triton.cdiv(K, group)
-        scales = torch.empty((M, n_groups), dtype=torch.float32, device=x.device)
+        scales = _out("out_scales", out_scales, (M, n_groups), torch.float32, x.device)
         stride_sm = n_groups
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
     grid = (M, triton.cdiv(K, block_k))

@@ -161,7 +161,8 @@ def _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_
     tl.store(ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# M is not specialized: M == 1 (decode) would otherwise compile a second kernel per config.
+@triton.jit(do_not_specialize=["M"])
 def _w4a4_gemm_kernel(
     qx_ptr, sx_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, KH, stride_xm, stride_wn, stride_om, stride_sxm,
@@ -259,6 +260,18 @@ def _check_scale(name, t, shape, device):
         raise ValueError(f"{name} must be contiguous")
 
 
+def check_out(out, shape, dtype, device):
+    """A caller's preallocated result (tests poison it), or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    if out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous on {device}")
+    return out
+
+
 def _launch(qx, sx, qw, sw, out, act_group, out_int32, cfg=None):
     M, KH = qx.shape
     N = qw.shape[0]
@@ -290,10 +303,11 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, cfg=None):
     return out
 
 
-def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *, config=None):
+def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *,
+              out=None, config=None):
     """qx_packed uint8 [M, K/2], act_scale fp32 [M] (or [M, ceil(K/g)] with act_group_size=g),
     qw_packed uint8 [N, K/2], w_scale fp32 [N] -> out_dtype [M, N] (fp16, bf16 or fp32).
-    `config` overrides the tuned launch config (tuning scripts only)."""
+    `out` (optional): preallocated result. `config` overrides the tuned launch config (tuning only)."""
     _check_packed("qx_packed", qx_packed)
     _check_packed("qw_packed", qw_packed)
     if qw_packed.device != qx_packed.device:
@@ -310,11 +324,11 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
     sx_shape = (M,) if act_group_size is None else (M, triton.cdiv(K, act_group_size))
     _check_scale("act_scale", act_scale, sx_shape, qx_packed.device)
     _check_scale("w_scale", w_scale, (N,), qx_packed.device)
-    out = torch.empty((M, N), dtype=out_dtype, device=qx_packed.device)
+    out = check_out(out, (M, N), out_dtype, qx_packed.device)
     return _launch(qx_packed, act_scale, qw_packed, w_scale, out, act_group_size or 0, False, config)
 
 
-def w4a4_gemm_int32(qx_packed, qw_packed, *, config=None):
+def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None):
     """qx_packed uint8 [M, K/2] x qw_packed uint8 [N, K/2] -> int32 [M, N] = qx @ qw.T exactly."""
     _check_packed("qx_packed", qx_packed)
     _check_packed("qw_packed", qw_packed)
@@ -324,6 +338,6 @@ def w4a4_gemm_int32(qx_packed, qw_packed, *, config=None):
     N = qw_packed.shape[0]
     if qw_packed.shape[1] != KH:
         raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
-    out = torch.empty((M, N), dtype=torch.int32, device=qx_packed.device)
+    out = check_out(out, (M, N), torch.int32, qx_packed.device)
     dummy = torch.empty(1, dtype=torch.float32, device=qx_packed.device)
     return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config)
