@@ -31,14 +31,15 @@ def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GRO
     tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# M is not specialized: M == 1 (decode) would otherwise compile a second kernel per config.
-@triton.jit(do_not_specialize=["M"])
+# M and SPLIT_K are plain runtime ints: M == 1 (decode) or each split count would otherwise
+# compile another kernel per config.
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, KH, stride_xm, stride_wn, stride_om, stride_swn,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     BKH: tl.constexpr = BLOCK_K // 2
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -89,7 +90,7 @@ def _w4a16_gemm_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BKH
 
-    if SPLIT_K == 1:
+    if not USE_SPLIT:
         _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
     else:
         ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -145,7 +146,7 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None)
         x, qw_packed, w_scale, out, ws.view(torch.float32), cnt,
         M, N, KH, x.stride(0), qw_packed.stride(0), out.stride(0), w_scale.stride(0) if group_size else 1,
         GROUP=group_size or 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split, USE_SPLIT=split > 1,
         GROUP_M=cfg["GROUP_M"], EVEN_K=(KH % bkh == 0),
         DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -161,14 +161,15 @@ def _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_
     tl.store(ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# M is not specialized: M == 1 (decode) would otherwise compile a second kernel per config.
-@triton.jit(do_not_specialize=["M"])
+# M and SPLIT_K are plain runtime ints: M == 1 (decode) or each split count would otherwise
+# compile another kernel per config.
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _w4a4_gemm_kernel(
     qx_ptr, sx_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, KH, stride_xm, stride_wn, stride_om, stride_sxm,
     ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     BKH: tl.constexpr = BLOCK_K // 2
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -219,7 +220,7 @@ def _w4a4_gemm_kernel(
         acc = acc_i
     else:
         acc = acc_f
-    if SPLIT_K == 1:
+    if not USE_SPLIT:
         _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32)
     else:
         ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -296,7 +297,7 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, cfg=None):
         qx, sx, qw, sw, out, ws, cnt,
         M, N, KH, qx.stride(0), qw.stride(0), out.stride(0), sx.stride(0) if sx.dim() == 2 else 1,
         ACT_GROUP=act_group, OUT_INT32=out_int32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split, USE_SPLIT=split > 1,
         GROUP_M=cfg["GROUP_M"], PLANES=planes, EVEN_K=(KH % bkh == 0),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
