@@ -20,9 +20,15 @@ separate fp32 accumulator, scaled by the block's row scales. X is read once, one
 `mosaic_w4a4_gemm_unfused` is the baseline: the dense GEMM, then a second kernel that re-reads X
 for every kept block and adds the residual into the output.
 
-Nibbles are unpacked with `int4.unpack_lo_hi` into an even-element plane and an odd-element plane;
-a dot over K is a sum, so `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order.
+Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
+`dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order. The W4A4 kernels unpack each
+nibble to SIXTEEN times its code (`byte << 4` and `byte & 0xF0`, both exact int8): that is two
+32-bit ops per four bytes (inline PTX, `pack=4`) instead of a sign extension per nibble, which the
+first H100 run showed to be the bottleneck (the unpack cost more ALU time than the MMAs). Each dot
+then carries a factor 256 that the epilogue removes exactly (`>> 8`, or a power-of-two scale);
+int32 holds it while 256 * 64 * K < 2**31, i.e. K < 131072 (checked).
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from zqkernels.gpu.int4 import unpack_lo_hi
+from zqkernels.gpu.int4 import unpack_interleaved
+
+# Inline PTX does not run under Triton's CPU interpreter; there the same bytes are computed with
+# int8 shifts and masks (identical results, checked by the tests against the compiled path on GPU).
+_USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
+MAX_K = 131071  # 256 * 64 * K must stay below 2**31 in the int32 accumulators
 
 # Launch configurations as data: M bucket -> tile shape. BLOCK_N must divide bn and BLOCK_K must
 # divide bk (64 x 64 by default). Small M is memory-bound on the weights: narrow N tiles give the
@@ -114,6 +125,8 @@ def prepare_mosaic(codes, device):
     n, k = qb.shape
     if k % 2:
         raise ValueError(f"codes.q_base has odd K={k}; int4 packing needs an even K")
+    if k > MAX_K:
+        raise ValueError(f"codes.q_base has K={k}; the int32 accumulators hold K <= {MAX_K}")
     qb = _int_codes("codes.q_base", qb, -8, 7)
     try:
         bn, bk = (int(b) for b in codes.block)
@@ -186,6 +199,25 @@ def prepare_mosaic(codes, device):
 
 
 @triton.jit
+def _unpack_x16(packed, USE_ASM: tl.constexpr):
+    """uint8 tile of packed int4 -> (16 * even codes, 16 * odd codes) as int8 tiles.
+
+    `byte << 4` moves the low nibble into the top of the byte and `byte & 0xF0` keeps the high
+    one: read as two's-complement int8 they are exactly 16 * code, so no sign extension is needed.
+    """
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="{\n shl.b32 $0, $2, 4;\n and.b32 $0, $0, 0xF0F0F0F0;\n and.b32 $1, $2, 0xF0F0F0F0;\n}",
+            constraints="=r,=r,r", args=[packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4,
+        )
+    else:
+        p = packed.to(tl.int8, bitcast=True)
+        lo = p << 4
+        hi = p & -16
+    return lo, hi
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it sits in L2.
     pid = tl.program_id(0)
@@ -208,6 +240,7 @@ def _mosaic_w4a4_kernel(
     W_GROUP: tl.constexpr,  # 0: one base scale per channel; else channels per weight group
     HAS_RES: tl.constexpr,  # False: the dense base alone (the unfused baseline's first kernel)
     INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
+    USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -216,6 +249,7 @@ def _mosaic_w4a4_kernel(
     KH = K // 2
     HALF: tl.constexpr = BLOCK_K // 2
     PER_STEP_SCALE: tl.constexpr = (ACT_GROUP != 0) or (W_GROUP != 0)
+    INV256: tl.constexpr = 0.00390625  # removes the 16 * 16 of the x16 nibble planes, exactly
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,12 +280,12 @@ def _mosaic_w4a4_kernel(
             kh_ok = (k0 // 2 + rh) < KH
             xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
             wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-            x_lo, x_hi = unpack_lo_hi(xq)
-            w_lo, w_hi = unpack_lo_hi(wq)
+            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
+            w_lo, w_hi = _unpack_x16(wq, USE_ASM)
             if PER_STEP_SCALE:
                 part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
                 part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
-                step = part.to(tl.float32)
+                step = part.to(tl.float32) * INV256
                 if ACT_GROUP != 0:
                     sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
                     step = step * sxg[:, None]
@@ -268,13 +302,13 @@ def _mosaic_w4a4_kernel(
                     koff = k0 - cb * BK_RES
                     # Whole-block tiles need no mask: blocks are zero past the matrix edge.
                     rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
-                    r_lo, r_hi = unpack_lo_hi(rq)
+                    r_lo, r_hi = _unpack_x16(rq, USE_ASM)
                     rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
                     rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
                     if INT_DEBUG:
-                        res_i += rpart
+                        res_i += rpart >> 8
                     else:
-                        srow = tl.load(sr_ptr + p * BN_RES + n_local)
+                        srow = tl.load(sr_ptr + p * BN_RES + n_local) * INV256
                         rstep = rpart.to(tl.float32) * srow[None, :]
                         if ACT_GROUP != 0:
                             rstep = rstep * sxg[:, None]
@@ -286,13 +320,13 @@ def _mosaic_w4a4_kernel(
     o_off = rm[:, None] * N + rn[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
     if INT_DEBUG:
-        tl.store(out_ptr + o_off, acc_i, mask=o_mask)
+        tl.store(out_ptr + o_off, acc_i >> 8, mask=o_mask)
         tl.store(out2_ptr + o_off, res_i, mask=o_mask)
     else:
         if PER_STEP_SCALE:
             y = acc_f
         else:
-            y = acc_i.to(tl.float32)
+            y = (acc_i >> 8).to(tl.float32)
         if W_GROUP == 0:
             sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
             y = y * sw[None, :]
@@ -307,7 +341,7 @@ def _mosaic_w4a4_kernel(
 def _mosaic_residual_kernel(
     xp_ptr, sx_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
     M, N, K, stride_sx,
-    ACT_GROUP: tl.constexpr,
+    ACT_GROUP: tl.constexpr, USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -316,6 +350,7 @@ def _mosaic_residual_kernel(
     KH = K // 2
     HALF: tl.constexpr = BLOCK_K // 2
     STEPS: tl.constexpr = BK_RES // BLOCK_K
+    INV256: tl.constexpr = 0.00390625
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rh = tl.arange(0, HALF)
@@ -337,11 +372,11 @@ def _mosaic_residual_kernel(
             xq = tl.load(xp_ptr + rm[:, None] * KH + k0 // 2 + rh[None, :],
                          mask=m_ok[:, None] & kh_ok[None, :], other=0)
             rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
-            x_lo, x_hi = unpack_lo_hi(xq)
-            r_lo, r_hi = unpack_lo_hi(rq)
+            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
+            r_lo, r_hi = _unpack_x16(rq, USE_ASM)
             rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
             rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
-            srow = tl.load(sr_ptr + p * BN_RES + n_local)
+            srow = tl.load(sr_ptr + p * BN_RES + n_local) * INV256
             rstep = rpart.to(tl.float32) * srow[None, :]
             if ACT_GROUP != 0:
                 sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
@@ -367,19 +402,20 @@ def _mosaic_w4a16_kernel(
 ):
     """W4A16 ZipperEngine: float activations, the same fused base + residual structure.
 
-    X is read as its even and odd channels (two strided loads of the same lines) so that the
-    weight nibble planes need no interleave; codes in [-8, 7] are exact in fp16/bf16.
+    X is loaded in natural order; the weight nibbles are rebuilt in natural order
+    (`int4.unpack_interleaved`) and converted to X's dtype: codes in [-8, 7] are exact there.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     KH = K // 2
     HALF: tl.constexpr = BLOCK_K // 2
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
     rh = tl.arange(0, HALF)
     m_ok = rm < M
     n_ok = rn < N
-    xe_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * rh[None, :]
-    w_ptrs = wp_ptr + rn[None, :] * KH + rh[:, None]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    w_ptrs = wp_ptr + rn[:, None] * KH + rh[None, :]  # [BLOCK_N, HALF]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n0 = pid_n * BLOCK_N
@@ -389,32 +425,26 @@ def _mosaic_w4a16_kernel(
     p_end = tl.load(indptr_ptr + rb + 1)
     NO_BLOCK = 2147483647
     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
-    r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]
+    r_off = n_local[:, None] * (BK_RES // 2) + rh[None, :]
     for k_outer in range(0, K, BLOCK_K * UNROLL):
         for j in tl.static_range(UNROLL):
             k0 = k_outer + j * BLOCK_K
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             kh_ok = (k0 // 2 + rh) < KH
-            xm = m_ok[:, None] & kh_ok[None, :]
-            x_e = tl.load(xe_ptrs + k0, mask=xm, other=0.0)
-            x_o = tl.load(xe_ptrs + k0 + 1, mask=xm, other=0.0)
-            wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-            w_lo, w_hi = unpack_lo_hi(wq)
-            part = tl.dot(x_e, w_lo.to(x_e.dtype))
-            part = tl.dot(x_o, w_hi.to(x_e.dtype), part)
+            wq = tl.load(w_ptrs + k0 // 2, mask=n_ok[:, None] & kh_ok[None, :], other=0)
+            w = tl.trans(unpack_interleaved(wq, BLOCK_N, BLOCK_K).to(x.dtype))
             if W_GROUP != 0:
                 swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
-                acc += part * swg[None, :]
+                acc += tl.dot(x, w) * swg[None, :]
             else:
-                acc += part
+                acc = tl.dot(x, w, acc)
             cb = k0 // BK_RES
             if cb == next_cb:
                 koff = k0 - cb * BK_RES
                 rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
-                r_lo, r_hi = unpack_lo_hi(rq)
-                rpart = tl.dot(x_e, r_lo.to(x_e.dtype))
-                rpart = tl.dot(x_o, r_hi.to(x_e.dtype), rpart)
+                r = tl.trans(unpack_interleaved(rq, BLOCK_N, BLOCK_K).to(x.dtype))
                 srow = tl.load(sr_ptr + p * BN_RES + n_local)
-                res += rpart * srow[None, :]
+                res += tl.dot(x, r) * srow[None, :]
                 if koff + BLOCK_K == BK_RES:
                     p += 1
                     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
@@ -498,7 +528,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         m, n, k,
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
-        HAS_RES=has_res, INT_DEBUG=int_debug, BN_RES=bn, BK_RES=bk,
+        HAS_RES=has_res, INT_DEBUG=int_debug, USE_ASM=_USE_ASM, BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
@@ -564,7 +594,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
         _mosaic_residual_kernel[grid](
             qx_packed, act_scale, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
             m, n, k, act_scale.stride(0),
-            ACT_GROUP=act_group_size or 0, BN_RES=bn, BK_RES=bk,
+            ACT_GROUP=act_group_size or 0, USE_ASM=_USE_ASM, BN_RES=bn, BK_RES=bk,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
