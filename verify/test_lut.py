@@ -163,11 +163,9 @@ def test_reuse_pays_on_column_concentrated_outliers_and_stats_report_it():
     assert np.array_equal(L.lut_matmul(x, L.prepare_lut(lut)), x @ q.T.astype(np.float64))
 
 
-def test_default_token_tile_keeps_the_table_tile_within_budget():
-    for m in (1, 7, 64, 4096):
-        for u in (1, 100, 10_000, 1_000_000):
-            mt = L.default_token_tile(m, u, 8)
-            assert 1 <= mt <= max(1, min(m, 64)) and (mt == 1 or mt * u * 8 <= 1 << 20)
+def test_default_token_tile_is_128_bytes_of_tokens_at_most_m():
+    assert [L.default_token_tile(m, 4) for m in (1, 7, 64, 4096)] == [1, 7, 32, 32]
+    assert [L.default_token_tile(m, 8) for m in (1, 7, 64, 4096)] == [1, 7, 16, 16]
 
 
 def test_zero_tokens_and_empty_table():

@@ -8,10 +8,13 @@ E lookups and adds gather the output. The direct CSR product `x @ q_high.T` over
 Cache layout, the reason the kernels look the way they do: tokens are processed in tiles of `mt`.
 Each tile of `x` is transposed once to `xt[K, mt]` and the table is kept as `T[U, mt]`, so one
 entry id fetches `mt` contiguous partial products and the add runs as a SIMD loop over tokens;
-the entry-id stream (E int32s) is read once per tile instead of once per token. `mt` is chosen so
-the table tile stays in the per-core L2 (`_TABLE_TILE_BYTES`); for M = 1 the tile degenerates to
-one token and the gather is a scalar sum per row. Rows are split in chunks over the threads so the
-per-chunk accumulator is allocated once, not once per row.
+the entry-id stream (E int32s) is read once per tile instead of once per token. Each output row
+accumulates in its own contiguous `acc[n, :mt]` (writing `out[m, n]` directly touched mt lines
+N*itemsize apart, one L1 set: 2x slower), two entries per step to halve the add chain, and a
+blocked pass writes the scaled tile into `out`. `mt` is 128 bytes of tokens (32 float32 / 16
+float64): measured on the 2-core Xeon over U from 1e3 to 6e4, per-token cost falls up to there and
+rises beyond (a larger table tile spills L2 faster than the id stream is amortized); for M = 1 the
+tile is one token and the gather is a scalar sum per row. The CSR baseline uses the same loops.
 
 Both products accept float64 or float32 activations; the table, the accumulators and the output
 have the activations' dtype (float32: faster, half the table bytes; float64: matches the oracle).
@@ -27,10 +30,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# A table tile this large stays in one core's L2 (2 MiB on the development Xeon, 2 MiB on an H100
-# host's Sapphire Rapids) with room for the entry-id stream and the output chunk.
-_TABLE_TILE_BYTES = 1 << 20
-_MAX_TOKEN_TILE = 64
+# Tokens per tile: 128 bytes of one table row (two cache lines), see the module docstring.
+_TILE_ROW_BYTES = 128
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -140,13 +141,9 @@ def prepare_csr(q_high):
     )
 
 
-def default_token_tile(m, u, itemsize):
-    """Largest power-of-two token tile (<= 64, <= M) whose table tile `[U, mt]` fits `_TABLE_TILE_BYTES`."""
-    fit = max(1, _TABLE_TILE_BYTES // max(1, u * itemsize))
-    mt = 1
-    while mt * 2 <= min(fit, _MAX_TOKEN_TILE, max(1, m)):
-        mt *= 2
-    return mt
+def default_token_tile(m, itemsize):
+    """Tokens per tile: 128 bytes of tokens (32 float32 / 16 float64), at most M."""
+    return max(1, min(max(1, m), _TILE_ROW_BYTES // itemsize))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,63 +174,93 @@ def _build_table_tile(xt, mcur, pattern_cols, patterns, table):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _gather_tile(table, mcur, indptr, entry_ids, row_scale, m0, n_chunks, out):
+def _gather_tile(table, mcur, indptr, entry_ids, n_chunks, acc):
+    # acc[N, mt]: row r accumulates in its own contiguous mt values (writing out[m, r] directly
+    # would touch mt cache lines N*itemsize apart, all in one L1 set). Two entries per step
+    # halve the add dependency chain through acc.
     n = indptr.shape[0] - 1
-    mt = table.shape[1]
     for ch in prange(n_chunks):
-        acc = np.empty(mt, dtype=table.dtype)
         lo_row = (n * ch) // n_chunks
         hi_row = (n * (ch + 1)) // n_chunks
         for r in range(lo_row, hi_row):
+            a = acc[r]
             for t in range(mcur):
-                acc[t] = 0.0
-            for e in range(indptr[r], indptr[r + 1]):
+                a[t] = 0.0
+            e = indptr[r]
+            e1 = indptr[r + 1]
+            while e + 1 < e1:
+                u0 = entry_ids[e]
+                u1 = entry_ids[e + 1]
+                for t in range(mcur):
+                    a[t] += table[u0, t] + table[u1, t]
+                e += 2
+            if e < e1:
                 u = entry_ids[e]
                 for t in range(mcur):
-                    acc[t] += table[u, t]
-            s = row_scale[r]
-            for t in range(mcur):
-                out[m0 + t, r] = acc[t] * s
+                    a[t] += table[u, t]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _scatter_tile(acc, mcur, row_scale, m0, out):
+    # acc[N, mt] -> out[m0:m0+mcur, :] scaled, in blocks of 64 rows so the writes are contiguous.
+    n = acc.shape[0]
+    n_blocks = (n + 63) // 64
+    for b in prange(n_blocks):
+        r0 = b * 64
+        r1 = min(n, r0 + 64)
+        for t in range(mcur):
+            for r in range(r0, r1):
+                out[m0 + t, r] = acc[r, t] * row_scale[r]
 
 
 @njit(nogil=True, cache=True)
-def _lut_matmul_kernel(x, indptr, entry_ids, pattern_cols, patterns, row_scale, mt, n_chunks, xt, table, out):
+def _lut_matmul_kernel(x, indptr, entry_ids, pattern_cols, patterns, row_scale, mt, n_chunks, xt, table, acc, out):
     m = x.shape[0]
     for m0 in range(0, m, mt):
         mcur = min(mt, m - m0)
         _transpose_tile(x, m0, mcur, xt)
         _build_table_tile(xt, mcur, pattern_cols, patterns, table)
-        _gather_tile(table, mcur, indptr, entry_ids, row_scale, m0, n_chunks, out)
+        _gather_tile(table, mcur, indptr, entry_ids, n_chunks, acc)
+        _scatter_tile(acc, mcur, row_scale, m0, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _csr_tile(xt, mcur, indptr, indices, values, row_scale, m0, n_chunks, out):
+def _csr_tile(xt, mcur, indptr, indices, values, n_chunks, acc):
+    # The same loop structure as _gather_tile (row accumulators, two nonzeros per step), so the
+    # comparison measures the table's arithmetic saving, not a difference in tuning.
     n = indptr.shape[0] - 1
-    mt = xt.shape[1]
     for ch in prange(n_chunks):
-        acc = np.empty(mt, dtype=xt.dtype)
         lo_row = (n * ch) // n_chunks
         hi_row = (n * (ch + 1)) // n_chunks
         for r in range(lo_row, hi_row):
+            a = acc[r]
             for t in range(mcur):
-                acc[t] = 0.0
-            for e in range(indptr[r], indptr[r + 1]):
+                a[t] = 0.0
+            e = indptr[r]
+            e1 = indptr[r + 1]
+            while e + 1 < e1:
+                c0 = indices[e]
+                v0 = values[e]
+                c1 = indices[e + 1]
+                v1 = values[e + 1]
+                for t in range(mcur):
+                    a[t] += v0 * xt[c0, t] + v1 * xt[c1, t]
+                e += 2
+            if e < e1:
                 c = indices[e]
                 v = values[e]
                 for t in range(mcur):
-                    acc[t] += v * xt[c, t]
-            s = row_scale[r]
-            for t in range(mcur):
-                out[m0 + t, r] = acc[t] * s
+                    a[t] += v * xt[c, t]
 
 
 @njit(nogil=True, cache=True)
-def _sparse_matmul_kernel(x, indptr, indices, values, row_scale, mt, n_chunks, xt, out):
+def _sparse_matmul_kernel(x, indptr, indices, values, row_scale, mt, n_chunks, xt, acc, out):
     m = x.shape[0]
     for m0 in range(0, m, mt):
         mcur = min(mt, m - m0)
         _transpose_tile(x, m0, mcur, xt)
-        _csr_tile(xt, mcur, indptr, indices, values, row_scale, m0, n_chunks, out)
+        _csr_tile(xt, mcur, indptr, indices, values, n_chunks, acc)
+        _scatter_tile(acc, mcur, row_scale, m0, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -288,9 +315,9 @@ def _check_row_scale(row_scale, n, dtype):
     return np.ascontiguousarray(s, dtype=dtype)
 
 
-def _check_tile(token_tile, m, u, itemsize):
+def _check_tile(token_tile, m, itemsize):
     if token_tile is None:
-        return default_token_tile(m, u, itemsize)
+        return default_token_tile(m, itemsize)
     if not isinstance(token_tile, (int, np.integer)) or isinstance(token_tile, bool) or token_tile <= 0:
         raise ValueError(f"token_tile must be a positive integer or None, got {token_tile!r}")
     return int(token_tile)
@@ -321,21 +348,23 @@ def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None):
     x: float32|float64 [M, K] C-contiguous. lut: `LutArrays` (or a `reference.PatternLUT`,
     converted on every call: prepare it once instead). out: optional [M, N] in x's dtype.
     row_scale: optional [N] (the hybrid passes `16 * Δ_n`, fusing the high part's scaling).
-    token_tile: tokens per table tile (None: the largest that keeps `T[U, mt]` in L2).
+    token_tile: tokens per tile (None: `default_token_tile`).
     """
     la = _as_lut_arrays(lut)
     _check_x(x, la.shape[1], "table")
     m, (n, k) = x.shape[0], la.shape
     out = _check_out(out, m, n, x.dtype)
     scale = _check_row_scale(row_scale, n, x.dtype)
-    mt = _check_tile(token_tile, m, la.U, x.dtype.itemsize)
+    mt = _check_tile(token_tile, m, x.dtype.itemsize)
     if m == 0:
         return out
     g = la.group_size
     # xt covers whole groups: the last group's zero-padded slots read zeros, never past the end.
     xt = np.zeros((max(1, -(-k // g)) * g, mt), dtype=x.dtype)
     table = np.empty((la.U, mt), dtype=x.dtype)
-    _lut_matmul_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale, mt, _row_chunks(n), xt, table, out)
+    acc = np.empty((n, mt), dtype=x.dtype)
+    _lut_matmul_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale, mt,
+                       _row_chunks(n), xt, table, acc, out)
     return out
 
 
@@ -349,12 +378,12 @@ def sparse_matmul(x, csr, out=None, row_scale=None, token_tile=None):
     m, (n, k) = x.shape[0], c.shape
     out = _check_out(out, m, n, x.dtype)
     scale = _check_row_scale(row_scale, n, x.dtype)
-    # Same tile rule as the table product (with the K-row transposed tile as the working set).
-    mt = _check_tile(token_tile, m, k, x.dtype.itemsize)
+    mt = _check_tile(token_tile, m, x.dtype.itemsize)  # the table product's tile rule
     if m == 0:
         return out
     xt = np.zeros((max(1, k), mt), dtype=x.dtype)
-    _sparse_matmul_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, mt, _row_chunks(n), xt, out)
+    acc = np.empty((n, mt), dtype=x.dtype)
+    _sparse_matmul_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, mt, _row_chunks(n), xt, acc, out)
     return out
 
 
