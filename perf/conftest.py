@@ -127,8 +127,8 @@ def _in_perf(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("gpu") is None:
-            continue
+        if item.get_closest_marker("gpu") is None or not _in_perf(item):
+            continue  # verify/ and tests/ handle their own gpu marks
         if not GPU_AVAILABLE:
             item.add_marker(pytest.mark.skip(reason=NO_GPU_REASON))
         elif _in_perf(item):
