@@ -600,6 +600,25 @@ def _pivot_times(g: pd.DataFrame) -> pd.DataFrame:
     return p
 
 
+RELATIVE = (  # (numerator, denominator, what it answers)
+    ("zq_w4a4_g128", "zq_w4a4", "per-group-128 activation scales cost"),
+    ("zq_w4a4_aq", "zq_w4a4", "activation quantization in front"),
+    ("zq_mosaic_w4a4", "zq_w4a4", "residual at 5 % density, fused"),
+    ("zq_mosaic_w4a4_unfused", "zq_mosaic_w4a4", "what fusion saves"),
+    ("zq_zipper_gpu", "zq_w4a4_aq", "the high part on the GPU"),
+    ("zq_zipper_hybrid", "zq_zipper_gpu", "hybrid vs all-GPU"),
+)
+
+
+def _relative_table(g: pd.DataFrame) -> pd.DataFrame:
+    p = g.pivot_table(index=["shape", "M"], columns="method", values="time_us", aggfunc="last")
+    out = pd.DataFrame(index=p.index)
+    for num, den, _ in RELATIVE:
+        if num in p.columns and den in p.columns:
+            out[f"{num} / {den}"] = p[num] / p[den]
+    return out if len(out.columns) else pd.DataFrame()
+
+
 def _skip_summary(runs) -> pd.DataFrame:
     rows = []
     for run in runs:
@@ -699,6 +718,14 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
                 if img:
                     images.append(img)
                     doc.img(img, f"speedup over {base} vs M on {device}")
+            eager = g[g["time_us_eager"].notna()]
+            if not eager.empty and (g["primary_mode"] == "graph").any():
+                pe = eager.pivot_table(index=["shape", "M"], columns="method", values="time_us_eager", aggfunc="last")
+                doc.table(pe[_method_order(pe.columns)], index=True,
+                          caption=f"time (us, median) launched eagerly, Python and launch overhead included — {device}")
+            rel = _relative_table(g)
+            if not rel.empty:
+                doc.table(rel, index=True, caption=f"time ratios between our kernels (first time / second time) — {device}")
             graph_err = g[g["graph_error"].notna() & (g["primary_mode"] == "eager")]
             if not graph_err.empty:
                 doc.p("Timed eagerly (no CUDA graph): " + "; ".join(
