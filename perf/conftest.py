@@ -122,7 +122,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _in_perf(item) -> bool:
-    return PERF_DIR in Path(str(item.fspath)).resolve().parents
+    return PERF_DIR in Path(str(item.path)).resolve().parents
 
 
 def pytest_collection_modifyitems(config, items):
@@ -131,7 +131,7 @@ def pytest_collection_modifyitems(config, items):
             continue  # verify/ and tests/ handle their own gpu marks
         if not GPU_AVAILABLE:
             item.add_marker(pytest.mark.skip(reason=NO_GPU_REASON))
-        elif _in_perf(item):
+        else:
             existing = item.get_closest_marker("benchmark")
             options = dict(existing.kwargs) if existing else {}
             options.setdefault("timer", cuda_synchronized_perf_counter)
