@@ -1,0 +1,128 @@
+"""The fused activation quantizer equals the oracle bit for bit: `zqkernels.gpu.actquant` vs
+`reference.quantize_activations` + `reference.pack_int4` (DESIGN.md §1, the brief's float32 contract).
+
+Everything here is exact: packed bytes equal, float32 scales equal (the oracle returns float64
+arrays holding float32 values). Without a GPU the kernel runs under TRITON_INTERPRET=1 on small
+shapes; with one, compiled, on LLaMA-sized rows too. Outputs are poisoned before each run.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from strategies import matrices
+from zqkernels.gpu.actquant import quantize_activations
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FINFO_MAX = {"float16": 65504.0, "bfloat16": 3.0e38, "float32": 3.0e38}
+
+
+def run_kernel(x, inv, group):
+    """Our kernel with poisoned outputs (0xA5 bytes, NaN scales): an unwritten element fails."""
+    m, k = x.shape
+    out = torch.full((m, k // 2), 0xA5, dtype=torch.uint8, device=x.device)
+    shape = (m,) if group is None else (m, -(-k // group))
+    out_scales = torch.full(shape, float("nan"), dtype=torch.float32, device=x.device)
+    q, s = quantize_activations(x, inv, group, out=out, out_scales=out_scales)
+    assert q.data_ptr() == out.data_ptr() and s.data_ptr() == out_scales.data_ptr()
+    return q.cpu().numpy(), s.cpu().numpy()
+
+
+def oracle(x, inv, group):
+    """The oracle on exactly the float32 values the kernel quantizes (x * inv_smooth in IEEE fp32)."""
+    x32 = x.float().cpu()
+    if inv is not None:
+        x32 = x32 * inv.cpu()  # one IEEE float32 multiply per element, as in the kernel
+    q, s = R.quantize_activations(x32.numpy(), bits=4, group_size=group)
+    return R.pack_int4(q), s
+
+
+def check_equal(x, inv, group):
+    qk, sk = run_kernel(x, inv, group)
+    qr, sr = oracle(x, inv, group)
+    # exact: packed codes and float32 scales are defined bit for bit
+    np.testing.assert_array_equal(qk, qr)
+    np.testing.assert_array_equal(sk.astype(np.float64), sr)
+
+
+@st.composite
+def activations(draw, max_rows=6, max_cols=160):
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    x = draw(matrices(max_rows=max_rows, max_cols=max_cols, min_cols=2, even_cols=True))
+    x = np.clip(x, -FINFO_MAX[dtype], FINFO_MAX[dtype])
+    group = draw(st.sampled_from([None, 32, 64, 128]))
+    smooth = draw(st.booleans())
+    return dtype, x, group, smooth
+
+
+@settings(max_examples=25)
+@given(activations(), st.integers(0, 2**32 - 1))
+@example(("float16", np.full((1, 2), 0.0), None, False), 0)  # all-zero row: scale 0, codes 0
+@example(("float32", np.array([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5]]), None, False), 0)  # ties -> even
+@example(("float32", np.array([[1e-40, 3e-45, -1e-41, 0.0]]), None, False), 0)  # subnormal absmax
+def test_codes_and_scales_equal_oracle(case, seed):
+    dtype, x, group, smooth = case
+    xt = torch.from_numpy(x).to(DTYPES[dtype]).to(DEVICE)
+    inv = None
+    if smooth:
+        rng = np.random.default_rng(seed)
+        inv = torch.from_numpy(rng.uniform(0.05, 20.0, x.shape[1]).astype(np.float32)).to(DEVICE)
+    check_equal(xt, inv, group)
+
+
+@settings(max_examples=15)
+@given(st.integers(1, 4), st.sampled_from([32, 64, 128]), st.integers(1, 5), st.integers(-6, 5), st.integers(0, 2**32 - 1))
+def test_group_ties_round_half_to_even(m, group, n_groups, e, seed):
+    """Every group's absmax is 7 * 2**e: its scale is exactly 2**e and every other element is a
+    tie (n + 0.5); K is a multiple of neither the group (short last group) nor the tile."""
+    rng = np.random.default_rng(seed)
+    k = group * n_groups - 2 * int(rng.integers(0, group // 2))
+    x = (rng.integers(-7, 7, size=(m, k)) + 0.5) * 2.0**e
+    x[:, ::group] = 7.0 * 2.0**e * rng.choice([-1.0, 1.0], size=x[:, ::group].shape)
+    check_equal(torch.from_numpy(x).to(torch.float16).to(DEVICE), None, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("k", [4096, 14336])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_llama_rows_equal_oracle_compiled(k, group, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(k + (group or 0))
+    x = torch.randn(64, k, generator=gen, device="cuda").to(dtype)
+    x[3] = 0
+    x[5, 7] = 3000.0
+    inv = torch.rand(k, generator=gen, device="cuda") * 4 + 0.25
+    check_equal(x, inv, group)
+    check_equal(x, None, group)
+
+
+def _x(m=2, k=8, dtype=torch.float16):
+    return torch.randn(m, k).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (_x(k=7), None, None), "K must be even"),
+        (lambda: (_x().to(torch.int32), None, None), "dtype"),
+        (lambda: (_x(k=16)[:, ::2], None, None), "contiguous"),
+        (lambda: (_x()[0], None, None), "2-D"),
+        (lambda: (_x(), torch.ones(7, device=DEVICE), None), "inv_smooth"),
+        (lambda: (_x(), torch.ones(8, dtype=torch.float16, device=DEVICE), None), "inv_smooth"),
+        (lambda: (_x(), None, 48), "group_size"),
+        (lambda: (np.zeros((2, 8)), None, None), "torch.Tensor"),
+    ],
+)
+def test_bad_arguments_raise_value_error(make, match):
+    x, inv, group = make()
+    with pytest.raises(ValueError, match=match):
+        quantize_activations(x, inv, group)
+
+
+def test_bad_out_buffer_raises_value_error():
+    with pytest.raises(ValueError, match="out"):
+        quantize_activations(_x(), out=torch.empty(2, 3, dtype=torch.uint8, device=DEVICE))

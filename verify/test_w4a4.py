@@ -1,0 +1,159 @@
+"""The W4A4 GEMM equals the oracle: `zqkernels.gpu.w4a4` vs `reference` (DESIGN.md §1, §4).
+
+- `w4a4_gemm_int32`: the int32 accumulators equal the int64 product of the codes exactly.
+- `w4a4_gemm`: within `eps_out * |ref| + 2**-20 * |x| @ |w|.T` of `reference.w4a4_matmul` (float64),
+  eps_out the output dtype's rounding (fp16 2**-10, bf16 2**-7, fp32 2**-22, each 2x the half-ulp)
+  and 2**-20 a generous fp32 bound for the int32 -> fp32 conversion and the per-group fp32
+  accumulation (at most a few hundred fp32 roundings, each 2**-24 of the magnitude sum).
+Shapes: M = 1, N and K not multiples of any tile, K not a multiple of the activation group; under
+TRITON_INTERPRET=1 the launcher uses tiny tiles and splits K (split-K path) on small outputs.
+Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from strategies import codes
+from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
+POISON_I32 = 0x7F7F7F7F
+
+# Explicit configs: the same result whatever the tiles, planes or split (the law tested below).
+CONFIGS = [
+    None,  # the launcher's choice
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, PLANES=True, num_warps=4, num_stages=1),
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, GROUP_M=2, PLANES=False, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, PLANES=False, num_warps=4, num_stages=1),
+]
+
+
+def dev(a, dtype=None):
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t if dtype is None else t.to(dtype)).to(DEVICE)
+
+
+def int32_product(qx, qw, config=None):
+    m, n = qx.shape[0], qw.shape[0]
+    out = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
+    y = w4a4_gemm_int32(dev(R.pack_int4(qx)), dev(R.pack_int4(qw)), out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    return y.cpu().numpy()
+
+
+@st.composite
+def operands(draw, max_m=20, max_n=40, max_k=300):
+    k = draw(st.integers(1, max_k // 2)) * 2
+    m = draw(st.sampled_from([1, draw(st.integers(1, max_m))]))
+    n = draw(st.integers(1, max_n))
+    qx = draw(codes(-8, 7, shape=(m, k)))
+    qw = draw(codes(-8, 7, shape=(n, k)))
+    if draw(st.booleans()):  # the largest magnitudes: every product is +64
+        qx[:] = -8
+        qw[:] = -8
+    if m > 1 and draw(st.booleans()):
+        qx[draw(st.integers(0, m - 1))] = 0  # a zero row (zero scale)
+    return qx.astype(np.int8), qw.astype(np.int8)
+
+
+@settings(max_examples=25)
+@given(operands(), st.sampled_from(range(len(CONFIGS))))
+def test_int32_accumulators_equal_int64_product(ops, ci):
+    qx, qw = ops
+    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[ci]).astype(np.int64), exact)  # exact
+
+
+@settings(max_examples=25)
+@given(operands(), st.sampled_from([None, 32, 64, 128]), st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       st.sampled_from(range(len(CONFIGS))), st.integers(0, 2**32 - 1))
+def test_scaled_output_matches_oracle(ops, group, out_dtype, ci, seed):
+    qx, qw = ops
+    m, k = qx.shape
+    n = qw.shape[0]
+    rng = np.random.default_rng(seed)
+    g = 1 if group is None else -(-k // group)
+    sx = rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32)
+    sx[qx.reshape(m, -1).any(axis=1) == 0] = 0.0  # a zero row has a zero scale, as quantization gives
+    sw = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
+    sx_t = dev(sx[:, 0] if group is None else sx)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = w4a4_gemm(dev(R.pack_int4(qx)), sx_t, dev(R.pack_int4(qw)), dev(sw), act_group_size=group,
+                  out_dtype=out_dtype, out=out, config=CONFIGS[ci])
+    assert y.dtype == out_dtype and y.data_ptr() == out.data_ptr()
+    sx64 = sx[:, 0].astype(np.float64) if group is None else sx.astype(np.float64)
+    ref = R.w4a4_matmul(qx, sx64, qw, sw.astype(np.float64), act_group_size=group)
+    mag = R.w4a4_matmul(np.abs(qx), sx64, np.abs(qw), sw.astype(np.float64), act_group_size=group)
+    got = y.float().cpu().numpy().astype(np.float64)
+    assert np.all(np.isfinite(got))
+    # tolerance: output rounding + fp32 accumulation of scaled partials (module docstring)
+    np.testing.assert_array_less(np.abs(got - ref), EPS_OUT[out_dtype] * np.abs(ref) + 2.0**-20 * mag + 1e-30)
+
+
+def test_split_k_counters_reset_between_calls():
+    """The last-arriving program resets its tile counter: ten calls in a row all complete."""
+    rng = np.random.default_rng(1)
+    qx = rng.integers(-8, 8, (3, 256)).astype(np.int8)
+    qw = rng.integers(-8, 8, (20, 256)).astype(np.int8)
+    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    for _ in range(10):
+        np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[1]), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16, 100, 256])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096), (1000, 4000)])
+def test_llama_shapes_int32_exact_compiled(m, n, k):
+    gen = torch.Generator(device="cuda").manual_seed(m * n + k)
+    qx = torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    px, pw = dev(R.pack_int4(qx.cpu().numpy())), dev(R.pack_int4(qw.cpu().numpy()))
+    exact = qx.double() @ qw.double().T  # |sum| <= 64 K < 2**53: exact in float64
+    out = torch.full((m, n), POISON_I32, dtype=torch.int32, device="cuda")
+    assert torch.equal(w4a4_gemm_int32(px, pw, out=out).double(), exact)
+    for group in (None, 128):
+        g = 1 if group is None else k // group
+        sx = torch.rand(m, g, generator=gen, device="cuda") * 0.1 + 1e-3
+        sw = torch.rand(n, generator=gen, device="cuda") * 0.1 + 1e-3
+        sx_t = sx[:, 0].contiguous() if group is None else sx
+        y = w4a4_gemm(px, sx_t, pw, sw, act_group_size=group).double()
+        ref = R.w4a4_matmul(qx.cpu().numpy(), sx_t.double().cpu().numpy(), qw.cpu().numpy(),
+                            sw.double().cpu().numpy(), act_group_size=group)
+        ref = torch.from_numpy(ref).cuda()
+        err = (y - ref).norm() / ref.norm()
+        assert err < 1e-3, err  # fp16 output rounding (2**-11 relative per element)
+
+
+def _p(r=4, c=8):
+    return torch.zeros(r, c, dtype=torch.uint8, device=DEVICE)
+
+
+def _s(*shape):
+    return torch.ones(*shape, dtype=torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: w4a4_gemm(_p().to(torch.int8), _s(4), _p(3), _s(3)), "qx_packed"),
+        (lambda: w4a4_gemm(_p(), _s(4), _p(3, 9), _s(3)), "K/2"),
+        (lambda: w4a4_gemm(_p(4, 16)[:, ::2], _s(4), _p(3), _s(3)), "contiguous"),
+        (lambda: w4a4_gemm(_p(), _s(5), _p(3), _s(3)), "act_scale"),
+        (lambda: w4a4_gemm(_p(), _s(4).double(), _p(3), _s(3)), "act_scale"),
+        (lambda: w4a4_gemm(_p(), _s(4), _p(3), _s(4)), "w_scale"),
+        (lambda: w4a4_gemm(_p(), _s(4, 1), _p(3), _s(3), act_group_size=48), "act_group_size"),
+        (lambda: w4a4_gemm(_p(), _s(4), _p(3), _s(3), act_group_size=32), "act_scale"),
+        (lambda: w4a4_gemm(_p(), _s(4), _p(3), _s(3), out_dtype=torch.int8), "out_dtype"),
+        (lambda: w4a4_gemm(_p(0, 8), _s(0), _p(3), _s(3)), "qx_packed"),
+        (lambda: w4a4_gemm_int32(_p(), _p(3).to(torch.int32)), "qw_packed"),
+        (lambda: w4a4_gemm_int32(_p(), _p(3), out=torch.empty(4, 3, dtype=torch.float32, device=DEVICE)), "out"),
+    ],
+)
+def test_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
