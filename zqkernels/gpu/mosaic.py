@@ -61,10 +61,10 @@ def _pick_config(m, block, act_group_size, weight_group_size):
             break
     bn, bk = block
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], bn)
+    # Group sizes must be multiples of BLOCK_K (checked in _check_config, ValueError otherwise):
+    # BLOCK_K = 64 is the smallest step whose nibble planes (32 deep) feed a compiled int8 dot,
+    # so activation groups of 32 are not supported by these kernels.
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], bk)
-    for g in (act_group_size, weight_group_size):
-        if g is not None:
-            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], g)
     return cfg
 
 
@@ -392,10 +392,21 @@ def _mosaic_residual_kernel(
 
 
 @triton.jit
+def _dot_operand(v, COMPILED: tl.constexpr):
+    # Triton 3.9's interpreter gets int8 -> bfloat16 casts and bfloat16 dots wrong (garbage
+    # values); there both operands go through float32, which is exact for these operands
+    # (bf16/fp16 activations, int4 codes) and accumulates in fp32 like the compiled dot.
+    if COMPILED:
+        return v
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _mosaic_w4a16_kernel(
     x_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
     M, N, K, stride_xm, stride_sw,
-    W_GROUP: tl.constexpr,
+    W_GROUP: tl.constexpr, COMPILED: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -429,7 +440,7 @@ def _mosaic_w4a16_kernel(
     for k_outer in range(0, K, BLOCK_K * UNROLL):
         for j in tl.static_range(UNROLL):
             k0 = k_outer + j * BLOCK_K
-            x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            x = _dot_operand(tl.load(x_ptrs + k0, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0), COMPILED)
             kh_ok = (k0 // 2 + rh) < KH
             wq = tl.load(w_ptrs + k0 // 2, mask=n_ok[:, None] & kh_ok[None, :], other=0)
             w = tl.trans(unpack_interleaved(wq, BLOCK_N, BLOCK_K).to(x.dtype))
@@ -500,6 +511,21 @@ def _check_packed_acts(qx_packed, weights):
         raise ValueError("qx_packed must be contiguous")
 
 
+def _out_tensor(out, m, n, dtype, device):
+    """The caller's output buffer (validated) or a fresh one; tests pass poisoned buffers."""
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype:
+        raise ValueError(f"out must be a {dtype} tensor, got {getattr(out, 'dtype', type(out))}")
+    if tuple(out.shape) != (m, n):
+        raise ValueError(f"out must have shape {(m, n)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but weights are on {device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
 def _check_act_scale(act_scale, m, k, act_group_size, device):
     if act_group_size is not None and (not isinstance(act_group_size, int) or act_group_size <= 0):
         raise ValueError(f"act_group_size must be None or a positive int, got {act_group_size!r}")
@@ -536,12 +562,14 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     return cfg
 
 
-def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *, config=None):
+def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *, out=None,
+                     config=None):
     """ZipperEngine: `Y = sx * (Δb * (qx @ qb.T) + Σ_b Δr_b * (qx_b @ qr_b.T))` in ONE launch.
 
     qx_packed uint8 [M, K/2], act_scale float32 [M] (or [M, ceil(K/g)] with act_group_size g),
-    weights from `prepare_mosaic`; returns out_dtype [M, N]. `config` (a dict of BLOCK_M,
-    BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the tuned table, for tuning.
+    weights from `prepare_mosaic`; returns out_dtype [M, N] (written into `out` when given).
+    `config` (a dict of BLOCK_M, BLOCK_N, BLOCK_K, UNROLL, num_warps, num_stages) overrides the
+    tuned table, for tuning and tests.
     """
     _check_weights(weights)
     _check_packed_acts(qx_packed, weights)
@@ -549,14 +577,14 @@ def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dty
     _check_act_scale(act_scale, m, weights.shape[1], act_group_size, weights.device)
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    out = torch.empty((m, weights.shape[0]), dtype=out_dtype, device=weights.device)
+    out = _out_tensor(out, m, weights.shape[0], out_dtype, weights.device)
     if m == 0:
         return out
     _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out, True, False, config)
     return out
 
 
-def mosaic_w4a4_gemm_int32(qx_packed, weights, *, config=None):
+def mosaic_w4a4_gemm_int32(qx_packed, weights, *, out=None, config=None):
     """Debug entry point of the same fused kernel: `(qx @ qb.T, Σ_b qx_b @ qr_b.T)` as two int32
     [M, N] tensors, no scales, so a test can check the accumulators (and the CSR walk) exactly."""
     _check_weights(weights)
@@ -564,8 +592,10 @@ def mosaic_w4a4_gemm_int32(qx_packed, weights, *, config=None):
     if weights.group_size is not None:
         raise ValueError("mosaic_w4a4_gemm_int32 needs per-channel base scales (weights.group_size None)")
     m, n = qx_packed.shape[0], weights.shape[0]
-    base = torch.empty((m, n), dtype=torch.int32, device=weights.device)
-    res = torch.empty((m, n), dtype=torch.int32, device=weights.device)
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise ValueError("out must be a pair (base, res) of int32 [M, N] tensors")
+    base = _out_tensor(None if out is None else out[0], m, n, torch.int32, weights.device)
+    res = _out_tensor(None if out is None else out[1], m, n, torch.int32, weights.device)
     if m == 0:
         return base, res
     dummy = torch.zeros(max(m, 1), dtype=torch.float32, device=weights.device)
@@ -574,7 +604,7 @@ def mosaic_w4a4_gemm_int32(qx_packed, weights, *, config=None):
 
 
 def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *,
-                             config=None):
+                             out=None, config=None):
     """The baseline ZipperEngine replaces: the dense base GEMM (same kernel, residual off), then
     a second launch that re-reads X for every kept block and adds the residual into Y."""
     _check_weights(weights)
@@ -584,7 +614,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
     _check_act_scale(act_scale, m, k, act_group_size, weights.device)
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    out = torch.empty((m, n), dtype=out_dtype, device=weights.device)
+    out = _out_tensor(out, m, n, out_dtype, weights.device)
     if m == 0:
         return out
     cfg = _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out, False, False, config)
@@ -601,7 +631,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
     return out
 
 
-def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, config=None):
+def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
     """W4A16 ZipperEngine: `Y = X @ (Δb * qb + Σ_b Δr_b * qr_b).T` with fp16/bf16 activations
     [M, K]; output dtype defaults to x's."""
     _check_weights(weights)
@@ -618,7 +648,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, config=None):
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     m = x.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=weights.device)
+    out = _out_tensor(out, m, n, out_dtype, weights.device)
     if m == 0:
         return out
     bn, bk = weights.block
@@ -629,7 +659,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, config=None):
     _mosaic_w4a16_kernel[grid](
         x, weights.qb_packed, sw, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
         m, n, k, x.stride(0), sw.stride(0),
-        W_GROUP=weights.group_size or 0, BN_RES=bn, BK_RES=bk,
+        W_GROUP=weights.group_size or 0, COMPILED=_USE_ASM, BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )

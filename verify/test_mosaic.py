@@ -1,0 +1,373 @@
+"""ZipperEngine equals the oracle: `zqkernels.gpu.mosaic` vs `reference.mosaic_*` (DESIGN.md §3).
+
+Laws:
+- `mosaic_w4a4_gemm_int32` (the fused kernel's own accumulators): base == qx @ qb.T and
+  residual == Σ_b qx_b @ qr_b.T, exactly; their sum equals `reference.mosaic_dequantize` of the
+  codes with unit scales, times qx (integers, exact in float64).
+- `mosaic_w4a4_gemm` (fused), `mosaic_w4a4_gemm_unfused` and `mosaic_w4a16_gemm` are within
+  `eps_out * |ref| + 2**-20 * mag` of `reference.mosaic_matmul` (float64), where eps_out is the
+  output dtype's rounding (fp16 2**-10, bf16 2**-7, fp32 2**-22: 2x the half-ulp), mag the same
+  product on absolute values, and 2**-20 a generous bound for the float32 scale products and the
+  float32 accumulation of residual blocks (a few hundred fp32 roundings of 2**-24 each).
+- any launch config (tile shapes, unroll) gives the same result.
+Residual block sets are drawn per row-block: empty, every K-block, or random (densities 0, one
+block, ~5 %, 100 %), on M = 1, N and K not multiples of the block, values with ties and outliers.
+Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
+Under TRITON_INTERPRET=1 (no GPU) shapes stay small; the `gpu` tests run LLaMA-3-8B sizes compiled.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from strategies import MATRIX_KINDS, matrices
+from zqkernels.gpu.mosaic import (
+    MosaicGPUWeights,
+    mosaic_w4a4_gemm,
+    mosaic_w4a4_gemm_int32,
+    mosaic_w4a4_gemm_unfused,
+    mosaic_w4a16_gemm,
+    prepare_mosaic,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEVICE == "cuda"
+EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
+POISON_I32 = 0x7F7F7F7F
+# Residual blocks whose bk holds a compiled int8 dot (BLOCK_K/2 >= 32) and a tile that divides them.
+BLOCKS = [(64, 64), (32, 64), (16, 64), (64, 128)]
+# Explicit configs (each must divide every block above it is used with; see `configs_for`).
+CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
+]
+
+
+def dev(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
+
+
+@st.composite
+def mosaic_codes(draw, max_n=130, max_k=260, group_sizes=(None,)):
+    """MosaicCodes drawn directly: base codes with extremes, and a residual block set chosen per
+    row-block (none / every K-block / random), so empty N-tiles and full N-tiles both occur."""
+    bn, bk = draw(st.sampled_from(BLOCKS))
+    n = draw(st.integers(1, max_n))
+    k = 2 * draw(st.integers(1, max_k // 2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    style = draw(st.sampled_from(["per_row_block", "density_0", "one_block", "five_percent", "all"]))
+    if style == "per_row_block":
+        modes = rng.integers(0, 3, size=nbr)  # 0 empty, 1 every K-block, 2 random half
+        kept = np.array([(r, c) for r in range(nbr) for c in range(nbc)
+                         if modes[r] == 1 or (modes[r] == 2 and rng.random() < 0.5)], dtype=np.int64)
+    else:
+        total = nbr * nbc
+        count = {"density_0": 0, "one_block": 1, "five_percent": math.ceil(0.05 * total), "all": total}[style]
+        flat = np.sort(rng.choice(total, size=count, replace=False))
+        kept = np.stack(np.divmod(flat, nbc), axis=1).astype(np.int64)
+    kept = kept.reshape(-1, 2)
+    b = kept.shape[0]
+    q_base = rng.integers(-8, 8, size=(n, k)).astype(np.int8)
+    q_res = rng.integers(-8, 8, size=(b, bn, bk)).astype(np.int8)
+    if draw(st.booleans()):  # the extreme codes: every product is +64
+        q_base[:] = -8
+        q_res[:] = -8
+    for i, (r, c) in enumerate(kept):  # the oracle's format: zero past the matrix edge
+        q_res[i, n - r * bn:, :] = 0
+        q_res[i, :, k - c * bk:] = 0
+    group_size = draw(st.sampled_from(group_sizes))
+    sb_shape = (n,) if group_size is None else (n, -(-k // group_size))
+    scale_base = rng.uniform(0.0, 2.0, size=sb_shape)
+    scale_base[rng.random(sb_shape) < 0.1] = 0.0  # zero scales (all-zero weight rows)
+    scale_res = rng.uniform(0.0, 0.3, size=(b, bn))
+    return R.MosaicCodes(q_base=q_base, scale_base=scale_base, block_index=kept, q_res=q_res,
+                         scale_res=scale_res, block=(bn, bk), group_size=group_size)
+
+
+def unit_scales(codes):
+    return R.MosaicCodes(q_base=codes.q_base, scale_base=np.ones(codes.q_base.shape[0]),
+                         block_index=codes.block_index, q_res=codes.q_res,
+                         scale_res=np.ones_like(codes.scale_res), block=codes.block, group_size=None)
+
+
+def abs_codes(codes):
+    return R.MosaicCodes(q_base=np.abs(codes.q_base.astype(np.int64)), scale_base=np.abs(codes.scale_base),
+                         block_index=codes.block_index, q_res=np.abs(codes.q_res.astype(np.int64)),
+                         scale_res=np.abs(codes.scale_res), block=codes.block, group_size=codes.group_size)
+
+
+def w4a4_inputs(x, act_group_size):
+    qx, sx = R.quantize_activations(x, group_size=act_group_size)
+    return qx, sx, dev(R.pack_int4(qx)), dev(sx.astype(np.float32))
+
+
+# Absolute floor: fp16's subnormal spacing (2**-24); bf16 and fp32 share float32's exponent range.
+TINY = {torch.float16: 2.0**-24, torch.bfloat16: 1e-30, torch.float32: 1e-30}
+
+
+def bound(ref, mag, dtype):
+    return EPS_OUT[dtype] * np.abs(ref) + 2.0**-20 * mag + TINY[dtype]
+
+
+def assert_close(out, ref, mag, dtype, what):
+    y = out.detach().cpu().double().numpy()
+    assert np.all(np.isfinite(y)), f"{what}: non-finite (unwritten?) outputs"
+    err = np.abs(y - ref)
+    tol = bound(ref, mag, dtype)  # tolerance: eps_out * |ref| + 2**-20 * |qx| @ |W|.T (see module doc)
+    worst = np.unravel_index(np.argmax(err - tol), err.shape)
+    assert np.all(err <= tol), f"{what}: |err| {err[worst]} > tol {tol[worst]} at {worst}"
+
+
+def act_matrix(draw, m, k):
+    return draw(matrices(shape=(m, k), kinds=MATRIX_KINDS))
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact integer accumulators of the fused kernel
+
+
+@settings(max_examples=60)
+@given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1),
+       cfg=st.sampled_from([None] + CONFIGS))
+def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
+    n, k = codes.q_base.shape
+    rng = np.random.default_rng(seed)
+    qx = rng.integers(-8, 8, size=(m, k)).astype(np.int8)
+    if rng.random() < 0.3:
+        qx[:] = -8
+    w = prepare_mosaic(codes, DEVICE)
+    base = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
+    res = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
+    cfg = cfg if cfg is None or codes.block[0] % cfg["BLOCK_N"] == 0 else None
+    b, r = mosaic_w4a4_gemm_int32(dev(R.pack_int4(qx)), w, out=(base, res), config=cfg)
+    assert b.data_ptr() == base.data_ptr() and r.data_ptr() == res.data_ptr()
+    q64 = qx.astype(np.int64)
+    want_base = q64 @ codes.q_base.astype(np.int64).T
+    # The oracle's dequantization with unit scales is the integer weight base + residual.
+    want_total = q64.astype(np.float64) @ R.mosaic_dequantize(unit_scales(codes)).T
+    np.testing.assert_array_equal(b.cpu().numpy(), want_base)
+    np.testing.assert_array_equal((b.cpu().numpy().astype(np.int64) + r.cpu().numpy()).astype(np.float64), want_total)
+
+
+# ------------------------------------------------------------------------------------------------
+# Float outputs against reference.mosaic_matmul
+
+
+@settings(max_examples=40)
+@given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
+       act_group_size=st.sampled_from([None, None, 64, 128]),
+       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype):
+    n, k = codes.q_base.shape
+    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
+        return  # beyond fp16's range: the product itself is not representable
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, ref, mag, out_dtype, "fused")
+
+
+@settings(max_examples=25)
+@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]))
+def test_unfused_baseline_matches_reference(codes, data, act_group_size):
+    n, k = codes.q_base.shape
+    m = data.draw(st.integers(1, 20))
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    y = mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
+    # Two launches: the base is rounded to the output dtype once before the residual is added.
+    assert_close(y, ref, mag, torch.float32, "unfused")
+
+
+@settings(max_examples=25)
+@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(),
+       x_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_w4a16_variant_matches_reference(codes, data, x_dtype):
+    n, k = codes.q_base.shape
+    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
+    x = act_matrix(data.draw, m, k)
+    xt = torch.from_numpy(x).to(x_dtype)
+    if not torch.isfinite(xt).all():
+        return  # an outlier beyond fp16's range is not an fp16 input
+    x_used = xt.double().numpy()  # the kernel sees the rounded activations
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x_used, codes, act_bits=None)
+    mag = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
+    # fp16/bf16 x int4 products are exact in fp32; only the fp32 accumulation rounds.
+    assert_close(y, ref, mag, torch.float32, "w4a16")
+
+
+@settings(max_examples=15)
+@given(codes=mosaic_codes(max_n=70, max_k=200), data=st.data())
+def test_every_launch_config_gives_the_same_output(codes, data):
+    n, k = codes.q_base.shape
+    m = data.draw(st.integers(1, 33))
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, None)
+    w = prepare_mosaic(codes, DEVICE)
+    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu() for c in [None] + CONFIGS
+            if c is None or codes.block[0] % c["BLOCK_N"] == 0]
+    # Each config sums the same int32 partials per K step and adds the scaled residual steps in
+    # the same K order: identical under the interpreter. Compiled, the compiler may contract a
+    # multiply-add into an FMA differently per config: 1e-6 relative to the largest output then.
+    atol = 0.0 if not GPU else 1e-6 * float(outs[0].abs().max())
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0 if not GPU else 1e-6, atol=atol)
+
+
+def test_real_mosaic_quantize_layer_matches_reference():
+    rng = np.random.default_rng(7)
+    n, k = 96, 200
+    wt = rng.standard_normal((n, k)) * (1 + 20 * (rng.random(k) < 0.02))
+    codes = R.mosaic_quantize(wt, rng.random(k) + 0.1, density=0.2)
+    assert codes.block_index.shape[0] > 0
+    x = rng.standard_normal((5, k))
+    qx, sx, qxp, sxt = w4a4_inputs(x, None)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes)
+    mag = np.abs(R.dequantize(qx, sx)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    assert_close(mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32), ref, mag, torch.float32, "fused")
+    # The residual must matter here, or the test could not tell the fused kernel from the base.
+    base_only = R.mosaic_matmul(x, R.MosaicCodes(codes.q_base, codes.scale_base, np.zeros((0, 2), np.int64),
+                                                 np.zeros((0, 64, 64), np.int8), np.zeros((0, 64)), (64, 64)))
+    assert np.abs(base_only - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_zero_tokens_give_an_empty_output():
+    codes = R.mosaic_quantize(np.ones((8, 64)), np.ones(64), density=0.5)
+    w = prepare_mosaic(codes, DEVICE)
+    y = mosaic_w4a4_gemm(torch.zeros((0, 32), dtype=torch.uint8, device=DEVICE),
+                         torch.zeros(0, dtype=torch.float32, device=DEVICE), w)
+    assert tuple(y.shape) == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: ValueError naming the bad argument, never a silent fallback
+
+
+def _small_codes(**change):
+    rng = np.random.default_rng(1)
+    base = R.mosaic_quantize(rng.standard_normal((70, 130)), np.ones(130), density=0.3)
+    fields = dict(q_base=base.q_base, scale_base=base.scale_base, block_index=base.block_index, q_res=base.q_res,
+                  scale_res=base.scale_res, block=base.block, group_size=base.group_size)
+    fields.update(change)
+    return R.MosaicCodes(**fields)
+
+
+def test_prepare_rejects_block_lists_that_do_not_match_the_weight():
+    good = _small_codes()
+    assert good.block_index.shape[0] >= 2
+    bi = good.block_index
+    bad = {
+        "outside the": dict(block_index=bi + np.array([[5, 0]])),
+        "sorted": dict(block_index=bi[::-1].copy(), q_res=good.q_res[::-1].copy(), scale_res=good.scale_res[::-1].copy()),
+        "q_res": dict(q_res=good.q_res[:, :32]),
+        "scale_res": dict(scale_res=good.scale_res[:-1]),
+        "scale_base": dict(scale_base=good.scale_base[:-1]),
+        "odd K": dict(q_base=np.zeros((70, 131), np.int8), scale_base=np.ones(70)),
+        "codes outside": dict(q_base=good.q_base * 2),
+    }
+    for what, change in bad.items():
+        with pytest.raises(ValueError, match=what):
+            prepare_mosaic(_small_codes(**change), DEVICE)
+    dup = np.concatenate([bi, bi[:1]])
+    with pytest.raises(ValueError, match="sorted|density"):
+        prepare_mosaic(_small_codes(block_index=dup, q_res=np.concatenate([good.q_res, good.q_res[:1]]),
+                                    scale_res=np.concatenate([good.scale_res, good.scale_res[:1]])), DEVICE)
+    # A nonzero code past the edge of the matrix (the last column-block holds only 2 real columns).
+    edge = np.array([[0, 2]] + [[1, 0]], dtype=np.int64)
+    q = np.zeros((2, 64, 64), np.int8)
+    q[0, 0, 10] = 1
+    with pytest.raises(ValueError, match="past the matrix edge"):
+        prepare_mosaic(_small_codes(block_index=edge, q_res=q, scale_res=np.ones((2, 64))), DEVICE)
+
+
+def test_prepare_rejects_more_blocks_than_the_grid_holds():
+    good = _small_codes()
+    nbr, nbc = 2, 3
+    bi = np.array([(r, c) for r in range(nbr) for c in range(nbc)] * 2, dtype=np.int64)
+    with pytest.raises(ValueError, match="density"):
+        prepare_mosaic(_small_codes(block_index=bi, q_res=np.zeros((len(bi), 64, 64), np.int8),
+                                    scale_res=np.ones((len(bi), 64))), DEVICE)
+    assert good.block_index.shape[0] <= nbr * nbc
+
+
+def test_entry_points_reject_bad_arguments():
+    w = prepare_mosaic(_small_codes(), DEVICE)
+    qx = torch.zeros((3, 65), dtype=torch.uint8, device=DEVICE)
+    sx = torch.ones(3, dtype=torch.float32, device=DEVICE)
+    cases = [
+        (lambda: mosaic_w4a4_gemm(qx.to(torch.int8), sx, w), "uint8"),
+        (lambda: mosaic_w4a4_gemm(qx[:, :64], sx, w), r"\[M, 65\]"),
+        (lambda: mosaic_w4a4_gemm(torch.zeros((65, 3), dtype=torch.uint8, device=DEVICE).t(), sx, w), "contiguous"),
+        (lambda: mosaic_w4a4_gemm(qx, sx.double(), w), "float32"),
+        (lambda: mosaic_w4a4_gemm(qx, sx[:2], w), "shape"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, act_group_size=64), "shape"),
+        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32), "multiple of BLOCK_K"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, out_dtype=torch.int32), "out_dtype"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicGPUWeights"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64)), "BLOCK_N=128 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "BLOCK_K=128 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, out=torch.zeros((3, 70), device=DEVICE)), "out must be"),
+        (lambda: mosaic_w4a4_gemm_unfused(qx, sx[:1], w), "shape"),
+        (lambda: mosaic_w4a16_gemm(torch.zeros((3, 130), device=DEVICE), w), "float16 or bfloat16"),
+        (lambda: mosaic_w4a16_gemm(torch.zeros((3, 128), dtype=torch.float16, device=DEVICE), w), r"\[M, 130\]"),
+    ]
+    if GPU:
+        cases.append((lambda: mosaic_w4a4_gemm(qx.cpu(), sx, w), "device|on cpu"))
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled, LLaMA-3-8B sizes (GPU only)
+
+LLAMA = {"o": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiled kernels on LLaMA-3-8B sizes")
+@pytest.mark.parametrize("shape", list(LLAMA))
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_llama_sizes_compiled(shape, m):
+    n, k = LLAMA[shape]
+    rng = np.random.default_rng(m)
+    nbr, nbc = n // 64, k // 64
+    flat = np.sort(rng.choice(nbr * nbc, size=int(0.05 * nbr * nbc), replace=False))
+    bi = np.stack(np.divmod(flat, nbc), 1).astype(np.int64)
+    codes = R.MosaicCodes(q_base=rng.integers(-8, 8, size=(n, k)).astype(np.int8), scale_base=rng.uniform(0.1, 1, n),
+                          block_index=bi, q_res=rng.integers(-8, 8, size=(len(bi), 64, 64)).astype(np.int8),
+                          scale_res=rng.uniform(0, 0.1, size=(len(bi), 64)), block=(64, 64))
+    w = prepare_mosaic(codes, DEVICE)
+    qx = rng.integers(-8, 8, size=(m, k)).astype(np.int8)
+    b, r = mosaic_w4a4_gemm_int32(dev(R.pack_int4(qx)), w)
+    qd = torch.from_numpy(qx).double().to(DEVICE)
+    np.testing.assert_array_equal(b.cpu().numpy(), (qd @ torch.from_numpy(codes.q_base).double().to(DEVICE).T).cpu().numpy())
+    total = qd @ torch.from_numpy(R.mosaic_dequantize(unit_scales(codes))).to(DEVICE).T
+    np.testing.assert_array_equal((b.double() + r.double()).cpu().numpy(), total.cpu().numpy())
+    sx = rng.uniform(0.01, 1, m)
+    ref = (qx * sx[:, None]) @ R.mosaic_dequantize(codes).T
+    y = mosaic_w4a4_gemm(dev(R.pack_int4(qx)), dev(sx.astype(np.float32)), w, out_dtype=torch.float32)
+    yu = mosaic_w4a4_gemm_unfused(dev(R.pack_int4(qx)), dev(sx.astype(np.float32)), w, out_dtype=torch.float32)
+    for out in (y, yu):
+        rel = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
+        assert rel < 1e-6  # fp32 scale products and residual accumulation only
