@@ -40,11 +40,13 @@ EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0*
 POISON_I32 = 0x7F7F7F7F
 # Residual blocks whose bk holds a compiled int8 dot (BLOCK_K/2 >= 32) and a tile that divides them.
 BLOCKS = [(64, 64), (32, 64), (16, 64), (64, 128)]
-# Explicit configs (each must divide every block above it is used with; see `configs_for`).
+# Explicit configs: BLOCK_N divides bn or is a multiple of it (a tile over several row-blocks,
+# whose residual list is the union of theirs), BLOCK_K = 64 divides every bk above.
 CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
 ]
 
 
@@ -144,7 +146,6 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
     w = prepare_mosaic(codes, DEVICE)
     base = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
     res = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
-    cfg = cfg if cfg is None or codes.block[0] % cfg["BLOCK_N"] == 0 else None
     b, r = mosaic_w4a4_gemm_int32(dev(R.pack_int4(qx)), w, out=(base, res), config=cfg)
     assert b.data_ptr() == base.data_ptr() and r.data_ptr() == res.data_ptr()
     q64 = qx.astype(np.int64)
@@ -180,8 +181,9 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
 
 
 @settings(max_examples=25)
-@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]))
-def test_unfused_baseline_matches_reference(codes, data, act_group_size):
+@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]),
+       cfg=st.sampled_from([None] + CONFIGS))
+def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.integers(1, 20))
     x = act_matrix(data.draw, m, k)
@@ -190,15 +192,16 @@ def test_unfused_baseline_matches_reference(codes, data, act_group_size):
     ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
     mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
     out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    y = mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
+    y = mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out,
+                                 config=cfg)
     # Two launches: the base is rounded to the output dtype once before the residual is added.
     assert_close(y, ref, mag, torch.float32, "unfused")
 
 
 @settings(max_examples=25)
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(),
-       x_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
-def test_w4a16_variant_matches_reference(codes, data, x_dtype):
+       x_dtype=st.sampled_from([torch.float16, torch.bfloat16]), cfg=st.sampled_from([None] + CONFIGS))
+def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
     x = act_matrix(data.draw, m, k)
@@ -210,7 +213,7 @@ def test_w4a16_variant_matches_reference(codes, data, x_dtype):
     ref = R.mosaic_matmul(x_used, codes, act_bits=None)
     mag = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
     out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
+    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out, config=cfg)
     # fp16/bf16 x int4 products are exact in fp32; only the fp32 accumulation rounds.
     assert_close(y, ref, mag, torch.float32, "w4a16")
 
@@ -223,8 +226,7 @@ def test_every_launch_config_gives_the_same_output(codes, data):
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, None)
     w = prepare_mosaic(codes, DEVICE)
-    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu() for c in [None] + CONFIGS
-            if c is None or codes.block[0] % c["BLOCK_N"] == 0]
+    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu() for c in [None] + CONFIGS]
     # Each config sums the same int32 partials per K step and adds the scaled residual steps in
     # the same K order: identical under the interpreter. Compiled, the compiler may contract a
     # multiply-add into an FMA differently per config: 1e-6 relative to the largest output then.
@@ -312,6 +314,7 @@ def test_prepare_rejects_more_blocks_than_the_grid_holds():
 
 def test_entry_points_reject_bad_arguments():
     w = prepare_mosaic(_small_codes(), DEVICE)
+    w24 = prepare_mosaic(R.mosaic_quantize(np.ones((70, 130)), np.ones(130), density=0.3, block=(24, 64)), DEVICE)
     qx = torch.zeros((3, 65), dtype=torch.uint8, device=DEVICE)
     sx = torch.ones(3, dtype=torch.float32, device=DEVICE)
     cases = [
@@ -324,7 +327,7 @@ def test_entry_points_reject_bad_arguments():
         (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32), "multiple of BLOCK_K"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out_dtype=torch.int32), "out_dtype"),
         (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicGPUWeights"),
-        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64)), "BLOCK_N=128 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w24, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)), "BLOCK_N=16 must divide"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "BLOCK_K=128 must divide"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out=torch.zeros((3, 70), device=DEVICE)), "out must be"),
         (lambda: mosaic_w4a4_gemm_unfused(qx, sx[:1], w), "shape"),

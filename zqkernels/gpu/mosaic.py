@@ -10,9 +10,12 @@ Layout built once by `prepare_mosaic` (offline, like any weight packing):
 - a block-CSR over the residual row-blocks: `indptr[rb]:indptr[rb+1]` are the kept blocks of
   row-block rb and `kblock[b]` their column-blocks, ascending. `reference.mosaic_quantize` emits
   `block_index` sorted row-major, so the CSR order IS the storage order and block ids are positions.
+  For output tiles wider than bn (BLOCK_N a multiple of bn) `MosaicGPUWeights.tile_lists` builds
+  the same CSR per N-tile over the union of its row-blocks, with the block id of each row-block
+  (-1 where it keeps none): the residual MMA of such a tile multiplies zeros in the absent part.
 
-ZipperEngine (`mosaic_w4a4_gemm`): one program owns a [BLOCK_M, BLOCK_N] output tile that lies in
-one residual row-block (BLOCK_N divides bn). It walks K in BLOCK_K steps (BLOCK_K divides bk, so
+ZipperEngine (`mosaic_w4a4_gemm`): one program owns a [BLOCK_M, BLOCK_N] output tile (BLOCK_N
+divides bn, or is a multiple of it). It walks K in BLOCK_K steps (BLOCK_K divides bk, so
 each step lies inside one residual column-block, whose per-row scale is constant along the step).
 Every step does the dense base MMA; when the step's column-block is the next entry of the tile's
 CSR list, a second int8 MMA multiplies the SAME activation registers by the residual tile into a
@@ -29,7 +32,7 @@ then carries a factor 256 that the epilogue removes exactly (`>> 8`, or a power-
 int32 holds it while 256 * 64 * K < 2**31, i.e. K < 131072 (checked).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,6 +86,34 @@ class MosaicGPUWeights:
     kblock: torch.Tensor  # int32 [max(B,1)]
     n_blocks: int  # B
     block_index: np.ndarray  # int64 [B, 2], host copy
+    _tile_lists: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tile_lists(self, list_width):
+        """Block-CSR over N-tiles of `list_width` output rows (a multiple of bn), on the device.
+
+        Returns (indptr int32 [T+1], kblock int32 [max(E,1)], bids int32 [max(E,1), R]): entries
+        indptr[t]:indptr[t+1] are the column-blocks, ascending, where any of the R = list_width/bn
+        row-blocks of tile t keeps a block, and bids[e, j] is the block id of row-block t*R + j
+        at that column-block (-1 when that row-block keeps none there). R = 1 is the plain CSR.
+        """
+        if list_width not in self._tile_lists:
+            bn, bk = self.block
+            n, k = self.shape
+            r = list_width // bn
+            nbr, nbc = -(-n // bn), -(-k // bk)
+            n_tiles = -(-nbr // r)
+            bi = self.block_index
+            keys = (bi[:, 0] // r) * nbc + bi[:, 1]
+            uniq, inv = np.unique(keys, return_inverse=True)
+            bids = np.full((max(len(uniq), 1), r), -1, dtype=np.int32)
+            bids[inv.reshape(-1), bi[:, 0] % r] = np.arange(len(bi), dtype=np.int32)
+            kblock = np.zeros(max(len(uniq), 1), dtype=np.int32)
+            kblock[: len(uniq)] = uniq % nbc
+            indptr = np.zeros(n_tiles + 1, dtype=np.int32)
+            np.cumsum(np.bincount(uniq // nbc, minlength=n_tiles), out=indptr[1:])
+            dev = self.device
+            self._tile_lists[list_width] = tuple(torch.from_numpy(a).to(dev) for a in (indptr, kblock, bids))
+        return self._tile_lists[list_width]
 
     @property
     def density(self):
@@ -233,7 +264,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _mosaic_w4a4_kernel(
-    xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr, out2_ptr,
+    xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr, out2_ptr,
     M, N, K,
     stride_sx, stride_sw,
     ACT_GROUP: tl.constexpr,  # 0: one scale per token; else channels per activation group
@@ -264,12 +295,16 @@ def _mosaic_w4a4_kernel(
     res_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     res_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
-    # This tile's residual row-block and the cursor into its CSR list of kept column-blocks.
+    # This tile's list (its row-block, or the union over its row-blocks when BLOCK_N > bn) and
+    # the cursor into it; each column's slot picks the block id of its own row-block.
+    LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
+    R: tl.constexpr = LIST_W // BN_RES
     n0 = pid_n * BLOCK_N
-    rb = n0 // BN_RES
-    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
-    p = tl.load(indptr_ptr + rb)
-    p_end = tl.load(indptr_ptr + rb + 1)
+    tile = n0 // LIST_W
+    slot = ((n0 - tile * LIST_W) + tl.arange(0, BLOCK_N)) // BN_RES
+    n_local = rn % BN_RES
+    p = tl.load(indptr_ptr + tile)
+    p_end = tl.load(indptr_ptr + tile + 1)
     NO_BLOCK = 2147483647
     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]  # within one packed residual block
@@ -300,15 +335,18 @@ def _mosaic_w4a4_kernel(
                 cb = k0 // BK_RES
                 if cb == next_cb:
                     koff = k0 - cb * BK_RES
-                    # Whole-block tiles need no mask: blocks are zero past the matrix edge.
-                    rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+                    # Blocks are zero past the matrix edge; only absent row-blocks are masked.
+                    bid = tl.load(bids_ptr + p * R + slot)
+                    have = bid >= 0
+                    rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
+                                 mask=have[None, :], other=0)
                     r_lo, r_hi = _unpack_x16(rq, USE_ASM)
                     rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
                     rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
                     if INT_DEBUG:
                         res_i += rpart >> 8
                     else:
-                        srow = tl.load(sr_ptr + p * BN_RES + n_local) * INV256
+                        srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
                         rstep = rpart.to(tl.float32) * srow[None, :]
                         if ACT_GROUP != 0:
                             rstep = rstep * sxg[:, None]
@@ -339,7 +377,7 @@ def _mosaic_w4a4_kernel(
 
 @triton.jit
 def _mosaic_residual_kernel(
-    xp_ptr, sx_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
+    xp_ptr, sx_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr,
     M, N, K, stride_sx,
     ACT_GROUP: tl.constexpr, USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
@@ -356,11 +394,14 @@ def _mosaic_residual_kernel(
     rh = tl.arange(0, HALF)
     m_ok = rm < M
     n_ok = rn < N
+    LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
+    R: tl.constexpr = LIST_W // BN_RES
     n0 = pid_n * BLOCK_N
-    rb = n0 // BN_RES
-    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
-    p0 = tl.load(indptr_ptr + rb)
-    p1 = tl.load(indptr_ptr + rb + 1)
+    tile = n0 // LIST_W
+    slot = ((n0 - tile * LIST_W) + tl.arange(0, BLOCK_N)) // BN_RES
+    n_local = rn % BN_RES
+    p0 = tl.load(indptr_ptr + tile)
+    p1 = tl.load(indptr_ptr + tile + 1)
     if p1 > p0:
         res_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]
@@ -371,12 +412,15 @@ def _mosaic_residual_kernel(
             kh_ok = (k0 // 2 + rh) < KH
             xq = tl.load(xp_ptr + rm[:, None] * KH + k0 // 2 + rh[None, :],
                          mask=m_ok[:, None] & kh_ok[None, :], other=0)
-            rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+            bid = tl.load(bids_ptr + p * R + slot)
+            have = bid >= 0
+            rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
+                         mask=have[None, :], other=0)
             x_lo, x_hi = _unpack_x16(xq, USE_ASM)
             r_lo, r_hi = _unpack_x16(rq, USE_ASM)
             rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
             rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
-            srow = tl.load(sr_ptr + p * BN_RES + n_local) * INV256
+            srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
             rstep = rpart.to(tl.float32) * srow[None, :]
             if ACT_GROUP != 0:
                 sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
@@ -404,7 +448,7 @@ def _dot_operand(v, COMPILED: tl.constexpr):
 
 @triton.jit
 def _mosaic_w4a16_kernel(
-    x_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, out_ptr,
+    x_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr,
     M, N, K, stride_xm, stride_sw,
     W_GROUP: tl.constexpr, COMPILED: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
@@ -429,11 +473,14 @@ def _mosaic_w4a16_kernel(
     w_ptrs = wp_ptr + rn[:, None] * KH + rh[None, :]  # [BLOCK_N, HALF]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
+    R: tl.constexpr = LIST_W // BN_RES
     n0 = pid_n * BLOCK_N
-    rb = n0 // BN_RES
-    n_local = (n0 - rb * BN_RES) + tl.arange(0, BLOCK_N)
-    p = tl.load(indptr_ptr + rb)
-    p_end = tl.load(indptr_ptr + rb + 1)
+    tile = n0 // LIST_W
+    slot = ((n0 - tile * LIST_W) + tl.arange(0, BLOCK_N)) // BN_RES
+    n_local = rn % BN_RES
+    p = tl.load(indptr_ptr + tile)
+    p_end = tl.load(indptr_ptr + tile + 1)
     NO_BLOCK = 2147483647
     next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     r_off = n_local[:, None] * (BK_RES // 2) + rh[None, :]
@@ -452,9 +499,12 @@ def _mosaic_w4a16_kernel(
             cb = k0 // BK_RES
             if cb == next_cb:
                 koff = k0 - cb * BK_RES
-                rq = tl.load(rp_ptr + p * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off)
+                bid = tl.load(bids_ptr + p * R + slot)
+                have = bid >= 0
+                rq = tl.load(rp_ptr + bid[:, None] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
+                             mask=have[:, None], other=0)
                 r = tl.trans(unpack_interleaved(rq, BLOCK_N, BLOCK_K).to(x.dtype))
-                srow = tl.load(sr_ptr + p * BN_RES + n_local)
+                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0)
                 res += tl.dot(x, r) * srow[None, :]
                 if koff + BLOCK_K == BK_RES:
                     p += 1
@@ -483,8 +533,8 @@ def _check_weights(weights):
 def _check_config(cfg, weights, act_group_size):
     bn, bk = weights.block
     bm, bnt, bkt = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if bn % bnt:
-        raise ValueError(f"BLOCK_N={bnt} must divide the residual block's bn={bn}")
+    if bn % bnt and bnt % bn:
+        raise ValueError(f"BLOCK_N={bnt} must divide the residual block's bn={bn} or be a multiple of it")
     if bk % bkt:
         raise ValueError(f"BLOCK_K={bkt} must divide the residual block's bk={bk}")
     if bkt % 2 or bkt < 2:
@@ -550,7 +600,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     sw = weights.scale_base
     handle = _mosaic_w4a4_kernel[grid](
         qx_packed, act_scale, weights.qb_packed, sw, weights.res_packed, weights.scale_res,
-        weights.indptr, weights.kblock, out, out2,
+        *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out, out2,
         m, n, k,
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
@@ -622,7 +672,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
         bn, bk = weights.block
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _mosaic_residual_kernel[grid](
-            qx_packed, act_scale, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
+            qx_packed, act_scale, weights.res_packed, weights.scale_res, *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out,
             m, n, k, act_scale.stride(0),
             ACT_GROUP=act_group_size or 0, USE_ASM=_USE_ASM, BN_RES=bn, BK_RES=bk,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -657,7 +707,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     sw = weights.scale_base
     _mosaic_w4a16_kernel[grid](
-        x, weights.qb_packed, sw, weights.res_packed, weights.scale_res, weights.indptr, weights.kblock, out,
+        x, weights.qb_packed, sw, weights.res_packed, weights.scale_res, *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out,
         m, n, k, x.stride(0), sw.stride(0),
         W_GROUP=weights.group_size or 0, COMPILED=_USE_ASM, BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
