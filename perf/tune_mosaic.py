@@ -138,24 +138,25 @@ def resources():
 
 
 CANDIDATES = {
-    "small": [  # M <= 16
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=5),
+    "small": [  # M <= 16: bound by the weight bytes; enough programs and bytes in flight
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=8, num_warps=2, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=8, num_warps=4, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=8, num_warps=2, num_stages=3),
     ],
-    "mid": [  # 64 < M <= 256
+    "mid": [  # 16 < M <= 256
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
     ],
-    "large": [  # M >= 1024
+    "large": [  # M >= 1024: MMA-bound; wide tiles cut the per-MAC unpack and operand traffic
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=4),
-        dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=5),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=4),
+        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, UNROLL=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=4),
     ],
 }
 
@@ -171,6 +172,7 @@ def main():
     ap.add_argument("--m", default="1,16,256,4096")
     ap.add_argument("--budget-s", type=float, default=380.0)
     ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--zipper", action="store_true", help="also verify and time zipper_high_gpu")
     args = ap.parse_args()
     t_start = time.time()
     dev = torch.device("cpu" if args.dry else "cuda")
@@ -314,9 +316,77 @@ def main():
             print(result["checks"][-1], flush=True)
     except Exception:
         result["errors"].append("grouped: " + traceback.format_exc()[-1500:])
+    if args.zipper and left() > 30:
+        zipper_section(result, dev, rng, left, save)
     result["wall_s"] = time.time() - t_start
     save()
     summary(result)
+
+
+def zipper_weight(n, k, rng):
+    """A smoothed weight as SmoothQuant leaves it: Gaussian rows, ~0.5 % of input channels scaled
+    up 10-30x (the activation outliers moved into W'), plus a Student-t tail."""
+    w = rng.standard_normal((n, k)) * 0.02
+    hot = rng.choice(k, size=max(1, k // 200), replace=False)
+    w[:, hot] *= rng.uniform(10, 30, size=hot.size)
+    w += 0.002 * rng.standard_t(3, size=(n, k))
+    return w
+
+
+def zipper_section(result, dev, rng, left, save):
+    from zqkernels.gpu.zipper_high import prepare_zipper_high, zipper_high_gpu
+    try:
+        from zqkernels.gpu.actquant import quantize_activations as gpu_quant
+    except Exception:
+        gpu_quant = None
+    result["zipper"] = []
+    names = ("tiny",) if DRY else ("o", "down")
+    for sname, (n, k) in ((nm, SHAPES[nm]) for nm in names):
+        if left() < 30:
+            break
+        try:
+            t0 = time.time()
+            codes = reference.zipper_quantize(zipper_weight(n, k, rng), outlier_ratio=0.01)
+            high = prepare_zipper_high(codes, dev)
+            qh = torch.from_numpy(codes.q_high.astype(np.float64)).to(dev)
+            scale16 = 16 * torch.from_numpy(codes.scale).to(dev)
+            low_packed = torch.from_numpy(reference.pack_int4(codes.q_low)).to(dev)
+            low_scale = torch.from_numpy(codes.scale.astype(np.float32)).to(dev)
+            w16 = torch.randn((n, k), device=dev, dtype=torch.float16) * 0.02
+            info = dict(shape=sname, n=n, k=k, nnz=high.nnz, nnz_frac=high.nnz / (n * k), cols=high.n_cols,
+                        e_max=high.e_max, default_method=high.default_method, prepare_s=time.time() - t0)
+            for m in ((1, 16) if DRY else (16, 4096)):
+                x = torch.randn((m, k), device=dev, dtype=torch.float32)
+                ref = scale16[None, :] * (x.double() @ qh.T)
+                row = dict(info, m=m)
+                for method in ("columns", "ell"):
+                    out = torch.zeros((m, n), device=dev, dtype=torch.float32)
+                    zipper_high_gpu(x, high, out, method=method)
+                    row[f"{method}_rel_err"] = rel_err(out, ref)
+                    row[f"{method}_us"] = bench(lambda: zipper_high_gpu(x, high, out, method=method))
+                row["cublas_fp16_us"] = bench(lambda: torch.nn.functional.linear(x.half(), w16))
+                if w4a4_gemm is not None and gpu_quant is not None:
+                    best = min(("columns", "ell"), key=lambda mm: row[f"{mm}_us"])
+
+                    def e2e():
+                        qx, sx = gpu_quant(x)
+                        y = w4a4_gemm(qx, sx, low_packed, low_scale, out_dtype=torch.float32)
+                        return zipper_high_gpu(x, high, y, method=best)
+                    qx, sx = gpu_quant(x)
+                    low_ref = (sx.double()[:, None] * torch.from_numpy(
+                        reference.unpack_int4(qx.cpu().numpy()).astype(np.float64)).to(dev)) @ (
+                        torch.from_numpy(codes.q_low.astype(np.float64)).to(dev) * low_scale.double()[:, None]).T
+                    row["e2e_rel_err_vs_quantized_oracle"] = rel_err(e2e(), low_ref + ref)
+                    row["e2e_gpu_us"] = bench(e2e)
+                    row["e2e_method"] = best
+                    row["low_only_us"] = bench(lambda: w4a4_gemm(*gpu_quant(x), low_packed, low_scale,
+                                                                 out_dtype=torch.float32))
+                result["zipper"].append(row)
+                print("zipper", {kk: (round(v, 6) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+                save()
+        except Exception:
+            result["errors"].append("zipper: " + traceback.format_exc()[-1500:])
+            print(traceback.format_exc()[-1500:], flush=True)
 
 
 def summary(result):
@@ -328,6 +398,10 @@ def summary(result):
         ratio = f"{f / w:10.3f}" if f and w else "         -"
         sp = f"{c / f:10.3f}" if f and c else "         -"
         print(f"{r['shape']:8s} {r['m']:5d} {r['density']:5.2f} {fmt(f)} {fmt(u)} {fmt(w)} {fmt(c)} {ratio} {sp}")
+    for r in result.get("zipper", []):
+        print("zipper", r["shape"], r["m"], "cols", r["cols"], "e_max", r["e_max"], "columns_us", r.get("columns_us"),
+              "ell_us", r.get("ell_us"), "e2e_us", r.get("e2e_gpu_us"), "low_us", r.get("low_only_us"),
+              "cublas_us", r.get("cublas_fp16_us"))
     print("errors:", len(result["errors"]))
     for e in result["errors"][:5]:
         print(e[-600:])
