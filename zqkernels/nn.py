@@ -1,0 +1,380 @@
+"""Drop-in `torch.nn.Module`s for `nn.Linear`: RTN / SmoothQuant W4A4, W4A16, ZipperQuant, MosaicQuant.
+
+Every layer is built from a float `nn.Linear` plus calibration statistics (the smoothing vector
+`s` shared by layers that read the same input, and for Mosaic the Hessian diagonal of the input),
+and quantizes its weight ONCE through the numpy oracle (`reference`): the codes are the definition,
+every backend executes the same codes.
+
+Backends (`backend=`):
+- "reference": the oracle's product (`reference.w4a4_matmul`, `zipper_matmul`, `mosaic_matmul`,
+  ...) in float64 on the CPU. Slow; the ground truth the other backends are tested against.
+- "torch": plain torch on any device, for CI and small models. The weights are dequantized once
+  (float32); activations are fake-quantized with exactly the oracle's float32 contract
+  (`absmax` in float32, `scale = absmax / float32(qmax)`, `rint(x32 / scale)` with IEEE division,
+  round half to even, zero group -> scale 0), so the codes equal the oracle's bit for bit and the
+  outputs differ from it only by float32 rounding of the matmul.
+- "triton": the Triton kernels of `zqkernels.gpu` (fused smooth + quantize, W4A4 / W4A16 GEMM, the
+  fused Mosaic GEMM); ZipperQuant runs `zqkernels.hybrid.zipper_linear(mode="gpu")`. CUDA only.
+- "hybrid": ZipperQuant only: GPU low part overlapped with the CPU pattern-LUT high part
+  (`zqkernels.hybrid.zipper_linear(mode="hybrid")`).
+An unsupported (method, backend, act_bits) combination raises ValueError when the layer is built,
+never a silent fallback.
+
+Smoothing is applied to the activations as `X' = float32(x) * inv_s32` (`inv_s32 = float32(1/s)`),
+the same IEEE float32 multiply as the GPU quantizer, and the weights become `W' = W * s`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+import reference
+
+BACKENDS = ("reference", "torch", "triton", "hybrid")
+ACT_BITS = (None, 4, 8)  # None: 16-bit (unquantized) activations, the W4A16 variants
+
+# Which backends exist for which method, and which activation widths each backend can run.
+_SUPPORT = {
+    "w4a16": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (None,)},
+    "rtn-w4a4": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4, None)},
+    "smoothquant-w4a4": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4, None)},
+    "zipper": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4,), "hybrid": (4,)},
+    "mosaic": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4, None)},
+}
+
+
+def check_method_backend(method, backend, act_bits=4):
+    """Raise ValueError naming the combination when (method, backend, act_bits) has no implementation."""
+    if method not in _SUPPORT:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SUPPORT)} (or fp16)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be one of {ACT_BITS} (None = 16-bit activations), got {act_bits!r}")
+    widths = _SUPPORT[method].get(backend)
+    if widths is None:
+        have = sorted(_SUPPORT[method])
+        raise ValueError(f"method {method!r} has no {backend!r} backend (available: {', '.join(have)})")
+    if act_bits not in widths:
+        shown = ["16" if b is None else str(b) for b in widths]
+        raise ValueError(
+            f"method {method!r} with backend {backend!r} runs activations of {'/'.join(shown)} bits only, "
+            f"not act_bits={act_bits!r}"
+        )
+
+
+def _check_group(name, g):
+    if g is not None and (not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g <= 0):
+        raise ValueError(f"{name} must be None or a positive integer, got {g!r}")
+    return None if g is None else int(g)
+
+
+def quantize_activations_torch(x, bits=4, group_size=None):
+    """The oracle's activation quantization in torch: (codes float32 [M, K], scale float32 [M, G]).
+
+    IEEE float32 throughout: `absmax = max|x32|`, `scale = absmax / float32(qmax)`,
+    `codes = clip(rint(x32 / scale), -qmax - 1, qmax)` (torch.round is half-to-even, like np.rint);
+    a group of zeros gets scale 0 and codes 0. G = ceil(K / group_size) (1 for per-token).
+    """
+    x = x.to(torch.float32)
+    m, k = x.shape
+    qmax = 2 ** (bits - 1) - 1
+    g = k if group_size is None else group_size
+    ng = -(-k // g) if k else 0
+    pad = ng * g - k
+    xp = nn.functional.pad(x, (0, pad)) if pad else x
+    xg = xp.reshape(m, ng, g)
+    scale = xg.abs().amax(dim=2, keepdim=True) / torch.tensor(float(qmax), dtype=torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(xg / safe), -qmax - 1, qmax)
+    codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
+    return codes.reshape(m, ng * g)[:, :k], scale.reshape(m, ng)
+
+
+def fake_quantize_activations(x, bits=4, group_size=None):
+    """`dequantize(quantize_activations(x))` in float32: the A4/A8 input of the torch backend."""
+    m, k = x.shape
+    codes, scale = quantize_activations_torch(x, bits, group_size)
+    g = k if group_size is None else group_size
+    per_elem = scale.repeat_interleave(g, dim=1)[:, :k]
+    return codes * per_elem
+
+
+class QuantLinear(nn.Module):
+    """Common machinery: smoothing, flattening, bias, backend dispatch, statistics.
+
+    Subclasses set `method`, build codes in `_build`, and provide `_forward_torch` /
+    `_forward_reference` / `_forward_triton` on a 2-D input.
+    """
+
+    method = "quantized"
+
+    def __init__(self, linear, *, smooth=None, act_bits=4, act_group_size=None, backend="torch"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_method_backend(self.method, backend, act_bits)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.backend = backend
+        self.act_bits = act_bits
+        self.act_group_size = _check_group("act_group_size", act_group_size)
+        device = linear.weight.device
+        if backend in ("triton", "hybrid"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"backend={backend!r} needs a CUDA GPU and none is available; use backend='torch'")
+            device = torch.device("cuda") if device.type != "cuda" else device
+        self._device = device
+        k = self.in_features
+        if smooth is not None:
+            s = np.asarray(smooth, dtype=np.float64)
+            if s.shape != (k,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+                raise ValueError(f"smooth must be a positive finite vector of {k} entries, got shape {s.shape}")
+            self.smooth = s
+            self.register_buffer("inv_smooth", torch.from_numpy((1.0 / s).astype(np.float32)).to(device))
+        else:
+            self.smooth = None
+            self.inv_smooth = None
+        w = linear.weight.detach().to("cpu", torch.float64).numpy()
+        self.w_smoothed = w * self.smooth[None, :] if self.smooth is not None else w
+        if linear.bias is not None:
+            self.register_buffer("bias", linear.bias.detach().to(device, torch.float32).clone())
+        else:
+            self.bias = None
+        self.stats = {}
+
+    # -- shared helpers ---------------------------------------------------------------------
+    def _smoothed(self, x2):
+        x32 = x2.to(torch.float32)
+        return x32 * self.inv_smooth if self.inv_smooth is not None else x32
+
+    def _act(self, xs):
+        if self.act_bits is None:
+            return xs
+        return fake_quantize_activations(xs, self.act_bits, self.act_group_size)
+
+    def _finish_build(self, effective_bits):
+        self.stats["effective_bits"] = effective_bits
+        self.stats["smooth_bits"] = 0.0 if self.smooth is None else 16.0 / self.out_features
+        self.w_smoothed = None  # only needed while building
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
+                f"backend={self.backend}, act_bits={self.act_bits}, act_group_size={self.act_group_size}")
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "reference":
+            xs = self._smoothed(x2).detach().cpu().numpy().astype(np.float64)
+            y = torch.from_numpy(self._forward_reference(xs)).to(x.device, torch.float32)
+        elif self.backend == "torch":
+            y = self._forward_torch(x2)
+        else:
+            y = self._forward_triton(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _cuda_input(self, x2):
+        if x2.device.type != "cuda":
+            raise ValueError(f"backend={self.backend!r} needs its input on CUDA, got {x2.device}")
+        if x2.dtype == torch.float32:
+            x2 = x2.to(torch.float16)
+        return x2.contiguous()
+
+
+def _scale_bits(scale):
+    """fp16 storage of the scales, per weight."""
+    return 16.0 * np.asarray(scale).size
+
+
+class W4A4Linear(QuantLinear):
+    """Symmetric RTN 4-bit weights (per output channel or `group_size`) with `act_bits` activations.
+
+    `smooth=None` is the RTN baseline, a smoothing vector makes it SmoothQuant. `act_bits=None`
+    gives the weight-only W4A16 variant of the same weights (the ablation's first column).
+    """
+
+    method = "rtn-w4a4"
+
+    def __init__(self, linear, *, smooth=None, group_size=None, act_bits=4, act_group_size=None, backend="torch"):
+        if smooth is not None and type(self) is W4A4Linear:
+            self.method = "smoothquant-w4a4"
+        super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
+        self.group_size = _check_group("group_size", group_size)
+        if backend == "triton" and act_bits == 4 and self.group_size is not None:
+            raise ValueError("backend='triton' W4A4 GEMM takes per-channel weight scales only; use group_size=None")
+        q, s = reference.quantize_weights(self.w_smoothed, bits=4, group_size=self.group_size)
+        n, k = q.shape
+        if backend == "reference":
+            self.codes = (q, s)
+        elif backend == "torch":
+            w_deq = reference.dequantize(q, s, self.group_size)
+            self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+        else:
+            if k % 2:
+                raise ValueError(f"backend='triton' needs an even in_features to pack int4, got {k}")
+            self.register_buffer("qw_packed", torch.from_numpy(reference.pack_int4(q)).to(self._device))
+            self.register_buffer("w_scale", torch.from_numpy(np.asarray(s, dtype=np.float32)).to(self._device))
+        self._finish_build({"low": 4.0, "high": 0.0, "index": 0.0, "scale": _scale_bits(s) / (n * k),
+                            "total": 4.0 + _scale_bits(s) / (n * k)})
+
+    def _forward_torch(self, x2):
+        return self._act(self._smoothed(x2)) @ self.w_deq_t
+
+    def _forward_reference(self, xs):
+        q, s = self.codes
+        if self.act_bits is None:
+            return reference.w4a16_matmul(xs, q, s, self.group_size)
+        qx, sx = reference.quantize_activations(xs, bits=self.act_bits, group_size=self.act_group_size)
+        return reference.w4a4_matmul(qx, sx, q, s, act_group_size=self.act_group_size,
+                                     weight_group_size=self.group_size)
+
+    def _forward_triton(self, x2):
+        x2 = self._cuda_input(x2)
+        if self.act_bits is None:
+            from zqkernels.gpu.w4a16 import w4a16_gemm
+
+            xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
+            return w4a16_gemm(xs, self.qw_packed, self.w_scale, group_size=self.group_size)
+        from zqkernels.gpu.actquant import quantize_activations
+        from zqkernels.gpu.w4a4 import w4a4_gemm
+
+        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size)
+        return w4a4_gemm(qx, sx, self.qw_packed, self.w_scale, act_group_size=self.act_group_size,
+                         out_dtype=x2.dtype)
+
+
+class W4A16Linear(W4A4Linear):
+    """Weight-only RTN 4-bit (per channel or `group_size`), 16-bit activations: our W4A16 baseline."""
+
+    method = "w4a16"
+
+    def __init__(self, linear, *, group_size=None, backend="torch"):
+        super().__init__(linear, smooth=None, group_size=group_size, act_bits=None, backend=backend)
+
+
+class ZipperLinear(QuantLinear):
+    """ZipperQuant (DESIGN §2): `W' = W * s` on a grid `Δ_n` sized for the inliers, `q = q_low + 16 q_high`.
+
+    Low part: `act_bits` activations times `Δ_n * q_low` (dense 4-bit); high part: the
+    high-precision `X'` times `16 Δ_n q_high` (sparse, through the pattern LUT on the CPU in the
+    hybrid backend). `stats` holds the table statistics (E, U, E/U, bytes) and the effective bits.
+    """
+
+    method = "zipper"
+
+    def __init__(self, linear, *, smooth=None, outlier_ratio=0.01, high_bits=4, act_bits=4, act_group_size=None,
+                 backend="torch", lut_group_size=4):
+        super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
+        codes = reference.zipper_quantize(self.w_smoothed, outlier_ratio=outlier_ratio, high_bits=high_bits)
+        lut = reference.build_pattern_lut(codes.q_high, group_size=lut_group_size)
+        n, k = codes.q_low.shape
+        table = reference.lut_stats(lut)
+        nnz = int(np.count_nonzero(codes.q_high))
+        self.stats.update({f"lut_{key}": val for key, val in table.items()})
+        self.stats["high_nonzeros"] = nnz
+        self.stats["high_density"] = nnz / max(1, n * k)
+        self.stats["outlier_ratio"] = float(outlier_ratio)
+        self.stats["high_bits"] = int(high_bits)
+        if backend == "reference":
+            self.codes = codes
+        elif backend == "torch":
+            scale = codes.scale[:, None]
+            self.register_buffer("w_low_t", torch.from_numpy((codes.q_low * scale).T.astype(np.float32))
+                                 .contiguous().to(self._device))
+            self.register_buffer("w_high_t", torch.from_numpy((16.0 * codes.q_high * scale).T.astype(np.float32))
+                                 .contiguous().to(self._device))
+        else:
+            from zqkernels.hybrid import ZipperWeights
+
+            self.zipper_weights = ZipperWeights.prepare(codes, smooth=self.smooth, device=self._device,
+                                                        act_group_size=self.act_group_size, lut=lut)
+        index = 8.0 * table["index_bytes"] / (n * k)
+        high = 8.0 * table["pattern_bytes"] / (n * k)
+        scale_b = 16.0 * n / (n * k)
+        self._finish_build({"low": 4.0, "high": high, "index": index, "scale": scale_b,
+                            "total": 4.0 + high + index + scale_b})
+
+    def _forward_torch(self, x2):
+        xs = self._smoothed(x2)
+        return self._act(xs) @ self.w_low_t + xs @ self.w_high_t
+
+    def _forward_reference(self, xs):
+        if self.act_bits is None:
+            c = self.codes
+            return xs @ (c.scale[:, None] * (c.q_low.astype(np.float64) + 16.0 * c.q_high)).T
+        return reference.zipper_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
+
+    def _forward_triton(self, x2):
+        from zqkernels.hybrid import zipper_linear
+
+        mode = "gpu" if self.backend == "triton" else "hybrid"
+        return zipper_linear(self._cuda_input(x2), self.zipper_weights, mode=mode, out_dtype=torch.float32)
+
+
+class MosaicLinear(QuantLinear):
+    """MosaicQuant (DESIGN §3): dense 4-bit base of `W' = W * s` plus 4-bit residual blocks.
+
+    `hdiag` is the Hessian diagonal of the UNSMOOTHED input, `mean_m x[m,k]**2`; the blocks are
+    scored with that of `X' = X / s`, i.e. `hdiag / s**2`. `density` of the `block` tiles keep a
+    residual. `stats` holds the density actually used and the effective bits.
+    """
+
+    method = "mosaic"
+
+    def __init__(self, linear, *, hdiag, smooth=None, density=0.05, block=(64, 64), group_size=None, act_bits=4,
+                 act_group_size=None, backend="torch"):
+        super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
+        h = np.asarray(hdiag, dtype=np.float64)
+        if h.shape != (self.in_features,):
+            raise ValueError(f"hdiag must have {self.in_features} entries, got shape {h.shape}")
+        if self.smooth is not None:
+            h = h / self.smooth**2
+        self.group_size = _check_group("group_size", group_size)
+        codes = reference.mosaic_quantize(self.w_smoothed, h, density=density, block=tuple(block),
+                                          group_size=self.group_size)
+        n, k = codes.q_base.shape
+        bn, bk = codes.block
+        n_blocks = math.ceil(n / bn) * math.ceil(k / bk)
+        b = int(codes.block_index.shape[0])
+        self.stats.update({"blocks_kept": b, "blocks_total": n_blocks, "density_used": b / n_blocks,
+                           "block": [bn, bk]})
+        if backend == "reference":
+            self.codes = codes
+        elif backend == "torch":
+            w_deq = reference.mosaic_dequantize(codes)
+            self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+        else:
+            from zqkernels.gpu.mosaic import prepare_mosaic
+
+            self.mosaic_weights = prepare_mosaic(codes, self._device)
+        base_scale = _scale_bits(codes.scale_base) / (n * k)
+        res = 4.0 * b * bn * bk / (n * k)
+        res_scale = 16.0 * b * bn / (n * k)
+        index = 2 * 32.0 * b / (n * k)  # (row-block, col-block) int32 per kept block
+        self._finish_build({"low": 4.0, "high": res, "index": index, "scale": base_scale + res_scale,
+                            "total": 4.0 + res + index + base_scale + res_scale})
+
+    def _forward_torch(self, x2):
+        return self._act(self._smoothed(x2)) @ self.w_deq_t
+
+    def _forward_reference(self, xs):
+        return reference.mosaic_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
+
+    def _forward_triton(self, x2):
+        x2 = self._cuda_input(x2)
+        if self.act_bits is None:
+            from zqkernels.gpu.mosaic import mosaic_w4a16_gemm
+
+            xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
+            return mosaic_w4a16_gemm(xs.contiguous(), self.mosaic_weights)
+        from zqkernels.gpu.actquant import quantize_activations
+        from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
+
+        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size)
+        return mosaic_w4a4_gemm(qx, sx, self.mosaic_weights, act_group_size=self.act_group_size, out_dtype=x2.dtype)
