@@ -215,27 +215,40 @@ def verify_shape(name, N, K, M, gen):
 
 
 # ----------------------------------------------------------------- candidates
-def C(BM, BN, BK, SPLIT=0, W=4, S=4, GM=8, PLANES=True, TGT=None):
-    c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SPLIT, GROUP_M=GM, PLANES=PLANES, num_warps=W, num_stages=S)
+def C(BM, BN, BK, SPLIT=0, W=4, S=4, GM=8, PLANES=False, TGT=None, SWAP=False, **extra):
+    c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SPLIT, GROUP_M=GM, PLANES=PLANES, SWAP_AB=SWAP,
+             num_warps=W, num_stages=S, **extra)
     if TGT:
         c["SPLIT_TARGET_CTAS"] = TGT
     return c
 
 
-W4A4_SMALL = [C(16, 64, 256), C(16, 32, 256), C(16, 128, 256, S=3), C(16, 64, 512, S=3), C(16, 64, 256, PLANES=False),
-              C(16, 64, 128, S=6), C(16, 128, 512, W=8, S=3), C(16, 64, 256, SPLIT=1), C(16, 64, 256, TGT=528)]
-W4A4_MID = [C(64, 64, 256), C(64, 128, 128), C(64, 128, 256, SPLIT=1, S=3), C(128, 128, 128, SPLIT=1, W=8, S=3),
-            C(128, 64, 256, SPLIT=1, S=3), C(64, 256, 128, SPLIT=1, W=8, S=3)]
-W4A4_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(128, 128, 256, SPLIT=1, W=8, S=3),
-              C(256, 128, 128, SPLIT=1, W=8, S=3), C(128, 256, 128, SPLIT=1, W=8, S=3, PLANES=False),
-              C(128, 128, 128, SPLIT=1, W=4, S=4), C(64, 256, 128, SPLIT=1, W=4, S=4)]
-W4A4G_SMALL = [C(16, 64, 128, S=4), C(16, 64, 128, S=6), C(16, 128, 128, S=4), C(16, 32, 128, S=6)]
+def SW(BN, BK, **kw):
+    """Swap-AB small-M config: weights on the MMA's M side (BLOCK_N >= 64), 16 tokens a tile."""
+    return C(16, BN, BK, SWAP=True, GM=1, **kw)
+
+
+# Run 1 (planes vs interleaved, no swap, full unpack) picked interleaved 16x64x256 for M <= 16 and
+# interleaved 128x256x128 for M >= 1024; run 2 adds the x16 unpack and swap-AB.
+W4A4_SMALL = [SW(64, 256), SW(64, 256, PLANES=True), SW(128, 256, S=3), SW(128, 128), SW(64, 512, S=3),
+              SW(128, 512, S=3, W=8), SW(64, 256, TGT=528), SW(64, 128, S=6), C(16, 64, 256), C(16, 128, 256, S=3), SW(64, 256, USE_ASM=False)]
+W4A4_MID = [C(64, 64, 256), C(64, 128, 128), C(128, 128, 128, SPLIT=1, W=8, S=3), C(128, 128, 256, SPLIT=1, W=8, S=3),
+            C(64, 128, 256, W=4, S=3), C(64, 64, 256, PLANES=True)]
+W4A4_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 256, 128, SPLIT=1, W=8, S=3, PLANES=True),
+              C(128, 128, 256, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(256, 128, 128, SPLIT=1, W=8, S=3),
+              C(128, 256, 128, SPLIT=1, W=8, S=4), C(128, 256, 256, SPLIT=1, W=8, S=2),
+              C(128, 256, 128, SPLIT=1, W=8, S=3, USE_ASM=False)]
+W4A4G_SMALL = [SW(64, 128), SW(128, 128), SW(64, 128, S=6), C(16, 64, 128), SW(64, 128, PLANES=True)]
 W4A4G_MID = [C(64, 128, 128), C(128, 128, 128, SPLIT=1, W=8, S=3), C(64, 64, 128)]
-W4A4G_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(256, 128, 128, SPLIT=1, W=8, S=3)]
-W4A16_SMALL = [C(16, 64, 256), C(16, 64, 128), C(16, 128, 128), C(16, 32, 256, S=3)]
+W4A4G_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(256, 128, 128, SPLIT=1, W=8, S=3),
+               C(128, 256, 128, SPLIT=1, W=8, S=3, PLANES=True)]
+W4A16_SMALL = [SW(64, 256), SW(128, 128), SW(64, 128), SW(128, 256, S=3), C(16, 64, 128), SW(64, 256, USE_ASM=False)]
 W4A16_MID = [C(64, 64, 128), C(64, 128, 64, SPLIT=1), C(128, 128, 64, SPLIT=1, W=8, S=4)]
 W4A16_LARGE = [C(128, 128, 64, SPLIT=1, W=8, S=4), C(128, 256, 64, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=3),
-               C(64, 128, 128, SPLIT=1, W=4, S=4)]
+               C(128, 256, 128, SPLIT=1, W=8, S=3)]
+AQ_VARIANTS = {"1d": dict(LOAD_1D=True), "3d": dict(LOAD_1D=False), "1d_chunk2048": dict(LOAD_1D=True, ONE_PASS_MAX_K=4096, ROW_CHUNK=2048),
+               "1d_onepass16k": dict(LOAD_1D=True, ONE_PASS_MAX_K=16384), "1d_gb2048": dict(LOAD_1D=True, GROUP_BLOCK=2048),
+               "1d_gb512": dict(LOAD_1D=True, GROUP_BLOCK=512)}
 
 
 def cands(family, mode, M):
@@ -408,6 +421,11 @@ def table(gen, best):
                 variants[f"{fam}_{mode}"] = variant_fns(fam, mode, cfg, inp)
             variants["actquant_per_token"] = [lambda s=s: quantize_activations(s["x"]) for s in inp.sets]
             variants["actquant_g128"] = [lambda s=s: quantize_activations(s["x"], None, 128) for s in inp.sets]
+            if M >= 1024:
+                for an, acfg in AQ_VARIANTS.items():
+                    variants[f"aq_pt_{an}"] = [lambda s=s, c=acfg: quantize_activations(s["x"], config=c) for s in inp.sets]
+                    variants[f"aq_g128_{an}"] = [lambda s=s, c=acfg: quantize_activations(s["x"], None, 128, config=c)
+                                                 for s in inp.sets]
             pt_cfg = {k: v for k, v in (best.get("w4a4", {}).get("per_token", {}).get(str(M))
                                         or launch_config("w4a4", "per_token", M, DEV)).items() if not k.startswith("_")}
 
@@ -453,6 +471,25 @@ def print_table():
         print(f"{r['shape']:>8} M={r['M']:<5}       | " + " ".join(f(v) for v in vals) + " | " + sp)
 
 
+def ptx_summary():
+    """MMA instructions and register/spill counts of every compiled kernel (Triton's cache)."""
+    out = []
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    for ptx in root.rglob("*.ptx"):
+        txt = ptx.read_text(errors="ignore")
+        meta = {}
+        js = ptx.with_suffix(".json")
+        if js.exists():
+            try:
+                m = json.loads(js.read_text())
+                meta = {k: m.get(k) for k in ("name", "num_warps", "num_stages", "shared", "n_regs", "n_spills")}
+            except Exception:
+                pass
+        out.append(dict(file=ptx.name, wgmma=txt.count("wgmma.mma_async"), mma_sync=txt.count("mma.sync"),
+                        lop_f0f0=txt.count("0xF0F0F0F0") + txt.count("-252645136"), **meta))
+    return out
+
+
 def main():
     env()
     gen = torch.Generator(device=DEV)
@@ -476,6 +513,10 @@ def main():
     save()
     (OUT / "configs_suggested.json").write_text(json.dumps(best, indent=1))
     table(gen, best)
+    try:
+        RESULT["ptx"] = ptx_summary()
+    except Exception as e:
+        RESULT["ptx"] = repr(e)
     save()
     log("verify_all_ok", all_ok)
     print_table()

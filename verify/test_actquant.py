@@ -20,13 +20,13 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 FINFO_MAX = {"float16": 65504.0, "bfloat16": 3.0e38, "float32": 3.0e38}
 
 
-def run_kernel(x, inv, group):
+def run_kernel(x, inv, group, config=None):
     """Our kernel with poisoned outputs (0xA5 bytes, NaN scales): an unwritten element fails."""
     m, k = x.shape
     out = torch.full((m, k // 2), 0xA5, dtype=torch.uint8, device=x.device)
     shape = (m,) if group is None else (m, -(-k // group))
     out_scales = torch.full(shape, float("nan"), dtype=torch.float32, device=x.device)
-    q, s = quantize_activations(x, inv, group, out=out, out_scales=out_scales)
+    q, s = quantize_activations(x, inv, group, out=out, out_scales=out_scales, config=config)
     assert q.data_ptr() == out.data_ptr() and s.data_ptr() == out_scales.data_ptr()
     return q.cpu().numpy(), s.cpu().numpy()
 
@@ -40,8 +40,8 @@ def oracle(x, inv, group):
     return R.pack_int4(q), s
 
 
-def check_equal(x, inv, group):
-    qk, sk = run_kernel(x, inv, group)
+def check_equal(x, inv, group, config=None):
+    qk, sk = run_kernel(x, inv, group, config)
     qr, sr = oracle(x, inv, group)
     # exact: packed codes and float32 scales are defined bit for bit
     np.testing.assert_array_equal(qk, qr)
@@ -83,6 +83,18 @@ def test_group_ties_round_half_to_even(m, group, n_groups, e, seed):
     x = (rng.integers(-7, 7, size=(m, k)) + 0.5) * 2.0**e
     x[:, ::group] = 7.0 * 2.0**e * rng.choice([-1.0, 1.0], size=x[:, ::group].shape)
     check_equal(torch.from_numpy(x).to(torch.float16).to(DEVICE), None, group)
+
+
+# Launch variants: strided 3-D loads; per-token rows in two passes over chunks (long-row path).
+VARIANTS = [dict(LOAD_1D=False), dict(ONE_PASS_MAX_K=64, ROW_CHUNK=32), dict(LOAD_1D=False, ONE_PASS_MAX_K=32, ROW_CHUNK=64),
+            dict(GROUP_BLOCK=64)]
+
+
+@settings(max_examples=25)
+@given(activations(max_cols=300), st.sampled_from(range(len(VARIANTS))))
+def test_launch_variants_equal_oracle(case, vi):
+    dtype, x, group, _ = case
+    check_equal(torch.from_numpy(x).to(DTYPES[dtype]).to(DEVICE), None, group, VARIANTS[vi])
 
 
 @pytest.mark.gpu

@@ -29,6 +29,8 @@ CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, PLANES=True, num_warps=4, num_stages=1),
     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, GROUP_M=2, PLANES=False, num_warps=4, num_stages=1),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, PLANES=False, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=1, PLANES=True, SWAP_AB=True, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, GROUP_M=1, PLANES=False, SWAP_AB=True, num_warps=4, num_stages=1),
 ]
 
 

@@ -2,10 +2,11 @@
 
     Y[M, N] = sum_g (x[:, g] @ qw[:, g].T) x w_scale[:, g]      (per-channel: one group = all of K)
 
-The weight codes (-8..7) are exact in fp16/bf16, so each K tile is one 16-bit tensor-core dot of
-x against the raw codes, accumulated in fp32; the scale multiplies the fp32 partial sum (per group,
-BLOCK_K divides the group) or the whole sum in the epilogue (per channel). The nibble planes pair
-with the even and odd columns of x, read as two strided tiles, so no interleave is needed.
+The weights are unpacked as 16 * code (`int4.unpack_lo_hi_x16`, exact in fp16/bf16) and put back
+in natural K order (join + reshape), so each K tile is one 16-bit tensor-core dot of a contiguous
+x tile against them, accumulated in fp32; the scale (and the exact 1/16) multiplies the fp32
+partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per channel).
+Small M swaps the operands (weights on the MMA's M side), as `w4a4` does.
 Small M splits K the same way as `w4a4` (last arriving program reduces, deterministic).
 Requirements (ValueError otherwise): x [M, K] fp16|bf16 contiguous, qw_packed uint8 [N, K/2]
 contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in (None, 32, 64, 128, 256), one device.
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zqkernels.gpu.int4 import unpack_lo_hi
+from zqkernels.gpu.int4 import unpack_lo_hi_x16
 from zqkernels.gpu.w4a4 import (
     _check_packed, _check_scale, check_out, choose_split_k, interpreting, launch_config, splitk_buffers, tile_ids,
 )
@@ -24,15 +25,17 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)
 
 @triton.jit
 def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr):
+    # `total` is 16x the product (weights unpacked as 16 * code); 1/16 is exact.
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if GROUP == 0:
-        total = total * tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        total = total * (tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0) * 0.0625)[None, :]
+    else:
+        total = total * 0.0625
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# M and SPLIT_K are plain runtime ints: M == 1 (decode) or each split count would otherwise
-# compile another kernel per config.
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -40,6 +43,7 @@ def _w4a16_gemm_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     BKH: tl.constexpr = BLOCK_K // 2
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -49,47 +53,53 @@ def _w4a16_gemm_kernel(
     rm = offs_m % M
     rn = offs_n % N
     offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
+    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
 
     k_tiles = tl.cdiv(KH, BKH)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + 2 * (t0 * BKH + offs_kh)[None, :]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + offs_k)[None, :]
     w_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_wn + (t0 * BKH + offs_kh)[None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
         if EVEN_K:
-            x_even = tl.load(x_ptrs)
-            x_odd = tl.load(x_ptrs + 1)
+            x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
         else:
-            kmask = ((t * BKH + offs_kh) < KH)[None, :]
-            x_even = tl.load(x_ptrs, mask=kmask, other=0.0)
-            x_odd = tl.load(x_ptrs + 1, mask=kmask, other=0.0)
-            w = tl.load(w_ptrs, mask=kmask, other=0)
-        w_lo, w_hi = unpack_lo_hi(w)
+            x = tl.load(x_ptrs, mask=((t * BLOCK_K + offs_k) < 2 * KH)[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=((t * BKH + offs_kh) < KH)[None, :], other=0)
+        w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
+        w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # 16 * code, natural K order
         if DOT_F32:
             # Triton 3.9's interpreter mishandles bf16 (int8 -> bf16 casts and bf16 dots act on
             # the raw bits): there, and only there, the bf16 tiles go through exact fp32 instead.
-            x_even = x_even.to(tl.float32)
-            x_odd = x_odd.to(tl.float32)
-            w_lo = w_lo.to(tl.float32)
-            w_hi = w_hi.to(tl.float32)
+            x = x.to(tl.float32)
+            wf = w8.to(tl.float32)
         else:
-            w_lo = w_lo.to(x_ptr.dtype.element_ty)
-            w_hi = w_hi.to(x_ptr.dtype.element_ty)
+            wf = w8.to(x_ptr.dtype.element_ty)  # 16 * code in [-128, 112]: exact in fp16/bf16
+        if SWAP_AB:
+            part = tl.dot(wf, tl.trans(x))
+        else:
+            part = tl.dot(x, tl.trans(wf))
         if GROUP == 0:
-            acc = tl.dot(x_even, tl.trans(w_lo), acc)
-            acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+            acc += part
         else:
-            part = tl.dot(x_even, tl.trans(w_lo))
-            part = tl.dot(x_odd, tl.trans(w_hi), part)
+            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP.
             sw = tl.load(sw_ptr + rn * stride_swn + (t * BLOCK_K) // GROUP)
-            acc += part * sw[None, :]
+            if SWAP_AB:
+                acc += part * sw[:, None]
+            else:
+                acc += part * sw[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BKH
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if not USE_SPLIT:
         _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
     else:
@@ -149,6 +159,7 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None)
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split, USE_SPLIT=split > 1,
         GROUP_M=cfg["GROUP_M"], EVEN_K=(KH % bkh == 0),
         DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_ASM=x.device.type == "cuda" and not interpreting() and bool(cfg.get("USE_ASM", True)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi
+from zqkernels.gpu.int4 import unpack_lo_hi_x16
 
 SUPPORTED_ACT_GROUPS = (32, 64, 128, 256)
+# Operands are unpacked as 16 * code (int4.unpack_lo_hi_x16): |sum| <= 256 * 64 * K must fit int32.
+MAX_KH = 65535
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -42,25 +44,25 @@ _CONFIG_DIR = Path(__file__).with_name("configs")
 _DEFAULTS = {
     "w4a4": {
         "per_token": {
-            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, PLANES=True, num_warps=4, num_stages=4),
-            "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=8, PLANES=True, num_warps=4, num_stages=4),
-            "256": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=True, num_warps=8, num_stages=3),
-            "4096": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=True, num_warps=8, num_stages=3),
+            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, PLANES=False, SWAP_AB=True, num_warps=4, num_stages=4),
+            "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=8, PLANES=False, num_warps=4, num_stages=4),
+            "256": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=False, num_warps=8, num_stages=3),
+            "4096": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=False, num_warps=8, num_stages=3),
         },
         "group": {
-            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, PLANES=True, num_warps=4, num_stages=4),
-            "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=8, PLANES=True, num_warps=4, num_stages=4),
-            "4096": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=True, num_warps=8, num_stages=3),
+            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, PLANES=False, SWAP_AB=True, num_warps=4, num_stages=4),
+            "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=8, PLANES=False, num_warps=4, num_stages=4),
+            "4096": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, PLANES=False, num_warps=8, num_stages=3),
         },
     },
     "w4a16": {
         "per_channel": {
-            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=4),
+            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
             "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=8, num_warps=4, num_stages=4),
             "4096": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4),
         },
         "group": {
-            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=4),
+            "16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
             "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=8, num_warps=4, num_stages=4),
             "4096": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4),
         },
@@ -92,7 +94,7 @@ def launch_config(family, mode, M, device):
     """Launch config for `family` ('w4a4'|'w4a16'), `mode` ('per_token'|'group'|'per_channel'),
     from the device's JSON table, bucket = smallest key >= M (else the largest)."""
     if interpreting() or device.type != "cuda":
-        return dict(_INTERPRETER_CONFIG)
+        return dict(_INTERPRETER_CONFIG, SWAP_AB=M <= 8)  # both orientations get exercised
     key = (device.index if device.index is not None else torch.cuda.current_device())
     if key not in _TABLE_CACHE:
         _TABLE_CACHE[key] = _table_for(device)
@@ -147,16 +149,17 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 @triton.jit
 def _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
                    ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr):
+    # `total` is [BLOCK_M, BLOCK_N] and 256x the code product (both operands unpacked as 16 * code).
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if OUT_INT32:
-        val = total
+        val = total >> 8  # exact: every partial sum is a multiple of 256
     else:
         sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
         if ACT_GROUP == 0:
             sa = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
-            val = total.to(tl.float32) * sa[:, None] * sw[None, :]
+            val = (total >> 8).to(tl.float32) * sa[:, None] * sw[None, :]
         else:
-            val = total * sw[None, :]
+            val = total * (sw * 0.00390625)[None, :]  # 1/256: a power of two, exact
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -170,6 +173,7 @@ def _w4a4_gemm_kernel(
     ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     BKH: tl.constexpr = BLOCK_K // 2
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -188,8 +192,15 @@ def _w4a4_gemm_kernel(
     a_ptrs = qx_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BKH + offs_kh)[None, :]
     w_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_wn + (t0 * BKH + offs_kh)[None, :]
 
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB (small M): compute the transposed tile [BLOCK_N, BLOCK_M] so the weights are the MMA's
+    # A operand (its M side must be >= 64; a few tokens are a poor one) and the tiny activation
+    # tile is B.
+    if SWAP_AB:
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -198,21 +209,31 @@ def _w4a4_gemm_kernel(
             kmask = (t * BKH + offs_kh) < KH
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0)  # byte 0 = codes (0, 0)
             w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+        a_lo, a_hi = unpack_lo_hi_x16(a, USE_ASM)
+        w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
         if PLANES:
-            a_lo, a_hi = unpack_lo_hi(a)
-            w_lo, w_hi = unpack_lo_hi(w)
-            part = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-            part = tl.dot(a_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
+            if SWAP_AB:
+                part = tl.dot(w_lo, tl.trans(a_lo), out_dtype=tl.int32)
+                part = tl.dot(w_hi, tl.trans(a_hi), part, out_dtype=tl.int32)
+            else:
+                part = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+                part = tl.dot(a_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
         else:
-            a8 = unpack_interleaved(a, BLOCK_M, BLOCK_K)
-            w8 = unpack_interleaved(w, BLOCK_N, BLOCK_K)
-            part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
+            a8 = tl.reshape(tl.join(a_lo, a_hi), (BLOCK_M, BLOCK_K))
+            w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+            if SWAP_AB:
+                part = tl.dot(w8, tl.trans(a8), out_dtype=tl.int32)
+            else:
+                part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
         if ACT_GROUP == 0:
             acc_i += part
         else:
             # BLOCK_K divides ACT_GROUP: this whole tile lies in group (t * BLOCK_K) // ACT_GROUP.
             sa = tl.load(sx_ptr + rm * stride_sxm + (t * BLOCK_K) // ACT_GROUP)
-            acc_f += part.to(tl.float32) * sa[:, None]
+            if SWAP_AB:
+                acc_f += part.to(tl.float32) * sa[None, :]
+            else:
+                acc_f += part.to(tl.float32) * sa[:, None]
         a_ptrs += BKH
         w_ptrs += BKH
 
@@ -220,6 +241,8 @@ def _w4a4_gemm_kernel(
         acc = acc_i
     else:
         acc = acc_f
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if not USE_SPLIT:
         _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32)
     else:
@@ -293,12 +316,14 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, cfg=None):
     # The workspace holds int32 partials (per-token, int32 out) or fp32 ones (group-rescaled).
     # Trailing splits left without K tiles by the ceil division still store zeros and arrive.
     ws = ws if act_group == 0 else ws.view(torch.float32)
+    use_asm = qx.device.type == "cuda" and not interpreting() and bool(cfg.get("USE_ASM", True))
     _w4a4_gemm_kernel[(tiles_mn, split)](
         qx, sx, qw, sw, out, ws, cnt,
         M, N, KH, qx.stride(0), qw.stride(0), out.stride(0), sx.stride(0) if sx.dim() == 2 else 1,
         ACT_GROUP=act_group, OUT_INT32=out_int32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split, USE_SPLIT=split > 1,
         GROUP_M=cfg["GROUP_M"], PLANES=planes, EVEN_K=(KH % bkh == 0),
+        SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_ASM=use_asm,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -317,6 +342,8 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
     N = qw_packed.shape[0]
     if qw_packed.shape[1] != KH:
         raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
+    if KH > MAX_KH:
+        raise ValueError(f"qx_packed: K={2 * KH} too large; the int32 accumulator (256x the code product) holds K <= {2 * MAX_KH}")
     if act_group_size is not None and act_group_size not in SUPPORTED_ACT_GROUPS:
         raise ValueError(f"act_group_size must be None or one of {SUPPORTED_ACT_GROUPS}, got {act_group_size}")
     if out_dtype not in _OUT_DTYPES:
@@ -339,6 +366,8 @@ def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None):
     N = qw_packed.shape[0]
     if qw_packed.shape[1] != KH:
         raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
+    if KH > MAX_KH:
+        raise ValueError(f"qx_packed: K={2 * KH} too large; the int32 accumulator (256x the code product) holds K <= {2 * MAX_KH}")
     out = check_out(out, (M, N), torch.int32, qx_packed.device)
     dummy = torch.empty(1, dtype=torch.float32, device=qx_packed.device)
     return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config)
