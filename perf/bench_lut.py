@@ -78,17 +78,15 @@ def _case(name):
     if name not in _DATA:
         q = realish_high(N, K) if name == "realish" else synthetic_high(N, K, int(name.removeprefix("reuse")))
         lut = R.build_pattern_lut(q, group_size=4)
-        stats = R.lut_stats(lut)
+        stats = L.lut_stats(lut)
         _DATA[name] = {
             "q": q,
             "lut": L.prepare_lut(lut),
             "csr": L.prepare_csr(q),
             "scipy": scipy.sparse.csr_matrix(q.astype(np.float32)),
             "torch": torch.from_numpy(q.astype(np.float32)).to_sparse_csr(),
-            "stats": {"E": stats["E"], "U": stats["U"], "reuse": stats["reuse"], "nnz": int(np.count_nonzero(q)),
-                      "nnz_per_entry": int(np.count_nonzero(q)) / max(1, stats["E"]),
-                      "index_bytes": stats["index_bytes"], "table_bytes_per_token": stats["table_bytes_per_token"],
-                      "patterns_per_group_max": stats["patterns_per_group_max"]},
+            "stats": {key: stats[key] for key in ("E", "U", "reuse", "nnz", "nnz_per_entry", "build_per_entry",
+                                                  "index_bytes", "table_bytes_per_token", "patterns_per_group_max")},
         }
     return _DATA[name]
 

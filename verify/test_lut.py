@@ -159,6 +159,8 @@ def test_reuse_pays_on_column_concentrated_outliers_and_stats_report_it():
     stats = L.lut_stats(lut)
     assert stats["E"] == 512 and stats["U"] <= 16 and stats["reuse"] >= 32
     assert stats["kernel_bytes"] == L.prepare_lut(lut).nbytes > 0
+    assert stats["nnz"] == np.count_nonzero(q) and stats["nnz_per_entry"] == stats["nnz"] / stats["E"]
+    assert L.lut_report({"o": lut})[0] == {"layer": "o", **stats}
     x = rng.integers(-9, 10, size=(3, 64)).astype(np.float64)
     assert np.array_equal(L.lut_matmul(x, L.prepare_lut(lut)), x @ q.T.astype(np.float64))
 
@@ -238,3 +240,11 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     hits, misses = (int(v) for v in runs[1].stdout.split())
     assert hits >= 2 and misses == 0, runs[1].stdout
+
+
+@settings(max_examples=100)
+@given(q=high_codes(), g=group_sizes)
+def test_stats_count_nonzeros_and_entries(q, g):
+    stats = L.lut_stats(R.build_pattern_lut(q, group_size=g))
+    assert stats["nnz"] == np.count_nonzero(q)
+    assert stats["E"] <= stats["nnz"] <= g * stats["E"]  # a stored pattern holds 1..g nonzeros

@@ -388,16 +388,30 @@ def sparse_matmul(x, csr, out=None, row_scale=None, token_tile=None):
 
 
 def lut_stats(lut):
-    """`reference.lut_stats` plus the bytes the kernels actually stream (`kernel_bytes`).
+    """Table statistics of one layer: `reference.lut_stats` (E, U, reuse = E/U, index/pattern bytes,
+    table bytes per token, patterns per group) plus what decides whether the table pays here:
 
-    The reference's figures (E, U, reuse, index/pattern bytes, patterns per group) are the report's
-    definition; this adds the prepared layout's size so benchmarks can state bytes moved.
+    nnz            nonzeros of q_high (the direct product's multiply-adds per token)
+    nnz_per_entry  nnz / E: the most the gather can save over the direct product; with scattered
+                   outliers a pattern holds one nonzero and this is ~1 (no saving), whatever E/U is
+    build_per_entry  U * group_size / E: table-build multiply-adds per gathered entry (~g / reuse)
+    kernel_bytes   bytes of the prepared layout the kernels stream (`LutArrays.nbytes`)
     """
     import reference
 
-    ref_lut = lut
     if isinstance(lut, LutArrays):
         raise ValueError("lut_stats needs the reference.PatternLUT, not the prepared LutArrays")
-    stats = dict(reference.lut_stats(ref_lut))
-    stats["kernel_bytes"] = prepare_lut(ref_lut).nbytes
+    stats = dict(reference.lut_stats(lut))
+    nz_per_pattern = np.count_nonzero(np.asarray(lut.patterns), axis=1)
+    nnz = int(nz_per_pattern[np.asarray(lut.entry_ids, dtype=np.int64)].sum()) if stats["E"] else 0
+    stats["nnz"] = nnz
+    stats["nnz_per_entry"] = nnz / stats["E"] if stats["E"] else 0.0
+    stats["build_per_entry"] = stats["U"] * lut.group_size / stats["E"] if stats["E"] else 0.0
+    stats["kernel_bytes"] = prepare_lut(lut).nbytes
     return stats
+
+
+def lut_report(layers):
+    """One `lut_stats` row per named layer, `layers` a mapping name -> reference.PatternLUT
+    (rows are plain dicts: `pandas.DataFrame(lut_report(...))` makes the report table)."""
+    return [{"layer": name, **lut_stats(lut)} for name, lut in layers.items()]
