@@ -103,6 +103,8 @@ def pytest_collect_file(file_path, parent):
         return None
     from _pytest.pathlib import fnmatch_ex
 
+    if parent.session.isinitpath(file_path):
+        return None  # named on the command line: pytest's python plugin collects it already
     if any(fnmatch_ex(pattern, file_path) for pattern in parent.config.getini("python_files")):
         return None  # already collected by pytest's own python_files setting
     return pytest.Module.from_parent(parent, path=file_path)

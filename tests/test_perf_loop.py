@@ -94,3 +94,12 @@ def test_shape_and_m_selection():
 def test_bad_option_is_a_usage_error():
     proc = pytest_perf("--shapes", "nonsense", "--collect-only")
     assert proc.returncode == 4 and "matches no shape" in proc.stdout + proc.stderr
+
+
+def test_a_bench_file_named_on_the_command_line_is_collected_once():
+    proc = pytest_perf("--collect-only", "-q", timeout=120)  # whole folder, for the reference count
+    proc_file = subprocess.run([sys.executable, "-m", "pytest", "perf/bench_w4a4.py", "--collect-only", "-q",
+                                "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ids = [line for line in proc_file.stdout.splitlines() if line.startswith("perf/bench_w4a4.py::")]
+    assert ids and len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(line for line in proc.stdout.splitlines() if line.startswith("perf/bench_w4a4.py::"))
