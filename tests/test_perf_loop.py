@@ -97,9 +97,11 @@ def test_bad_option_is_a_usage_error():
 
 
 def test_a_bench_file_named_on_the_command_line_is_collected_once():
-    proc = pytest_perf("--collect-only", "-q", timeout=120)  # whole folder, for the reference count
-    proc_file = subprocess.run([sys.executable, "-m", "pytest", "perf/bench_w4a4.py", "--collect-only", "-q",
-                                "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    ids = [line for line in proc_file.stdout.splitlines() if line.startswith("perf/bench_w4a4.py::")]
-    assert ids and len(ids) == len(set(ids))
-    assert sorted(ids) == sorted(line for line in proc.stdout.splitlines() if line.startswith("perf/bench_w4a4.py::"))
+    def collect(target):
+        proc = subprocess.run([sys.executable, "-m", "pytest", target, "--collect-only", "-q", "-p",
+                               "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return [line for line in proc.stdout.splitlines() if line.startswith("perf/bench_w4a4.py::")]
+
+    from_file, from_folder = collect("perf/bench_w4a4.py"), collect("perf/")
+    assert from_file and len(from_file) == len(set(from_file))
+    assert sorted(from_file) == sorted(from_folder)
