@@ -804,9 +804,12 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
                   "so no ratio-vs-reuse curve can be drawn. Times:")
             doc.table(lut_rows[["name", "device", "time_us"]])
         else:
-            t = lut.groupby(["device", "case", "reuse", "baseline"], dropna=False)["ratio"].median().reset_index()
-            doc.table(t, caption="baseline time / LUT time (median over shapes and M) vs reuse E/U — "
-                      + ", ".join(sorted(set(lut["device"]))))
+            for device, part in lut.groupby("device"):
+                t = part.assign(M=part["M"].astype(int)).pivot_table(
+                    index=["case", "reuse", "M"], columns="baseline", values="ratio", aggfunc="last")
+                t = t.sort_index(level=["reuse", "M"])
+                doc.table(t, index=True, caption=f"baseline time / LUT time (above 1: the LUT is faster) by "
+                          f"reuse E/U and M — {device}")
             img = plot_lut(lut, out)
             if img:
                 images.append(img)
