@@ -545,14 +545,21 @@ def plot_roofline(g: pd.DataFrame, device: str, ceil: dict | None, out_dir: Path
 def plot_lut(lut: pd.DataFrame, out_dir: Path):
     if lut.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(data=lut, x="reuse", y="ratio", hue="baseline", style="M" if lut["M"].nunique() > 1 else None,
-                 markers=True, ax=ax)
+    d = lut.assign(M=lut["M"].astype(int))
+    synthetic = d[d["case"].astype(str).str.startswith("reuse")]
+    other = d[~d.index.isin(synthetic.index)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    style = "M" if d["M"].nunique() > 1 else None
+    if not synthetic.empty:
+        sns.lineplot(data=synthetic, x="reuse", y="ratio", hue="baseline", style=style, markers=True, ax=ax)
+    if not other.empty:  # real-ish layers: one point each, not part of the synthetic reuse sweep
+        sns.scatterplot(data=other, x="reuse", y="ratio", hue="baseline", marker="*", s=180, ax=ax, legend=False)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("reuse factor E / U")
-    ax.set_ylabel("baseline time / LUT time")
-    devices = ", ".join(sorted(set(lut["device"])))
+    ax.set_xlabel("reuse factor E / U (stars: " + (", ".join(sorted(set(other["case"].astype(str)))) or "none") + ")")
+    ax.set_ylabel("baseline time / LUT time (above 1: LUT faster)")
+    devices = ", ".join(sorted(set(d["device"])))
     ax.set_title(f"Pattern LUT vs direct products — {devices}")
     return _save(fig, out_dir, "lut_ratio_vs_reuse.png")
 
