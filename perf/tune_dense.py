@@ -229,26 +229,31 @@ def SW(BN, BK, **kw):
 
 
 # Run 1 (planes vs interleaved, no swap, full unpack) picked interleaved 16x64x256 for M <= 16 and
-# interleaved 128x256x128 for M >= 1024; run 2 adds the x16 unpack and swap-AB.
-W4A4_SMALL = [SW(64, 256), SW(64, 256, PLANES=True), SW(128, 256, S=3), SW(128, 128), SW(64, 512, S=3),
-              SW(128, 512, S=3, W=8), SW(64, 256, TGT=528), SW(64, 128, S=6), C(16, 64, 256), C(16, 128, 256, S=3), SW(64, 256, USE_ASM=False)]
-W4A4_MID = [C(64, 64, 256), C(64, 128, 128), C(128, 128, 128, SPLIT=1, W=8, S=3), C(128, 128, 256, SPLIT=1, W=8, S=3),
-            C(64, 128, 256, W=4, S=3), C(64, 64, 256, PLANES=True)]
-W4A4_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 256, 128, SPLIT=1, W=8, S=3, PLANES=True),
-              C(128, 128, 256, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(256, 128, 128, SPLIT=1, W=8, S=3),
-              C(128, 256, 128, SPLIT=1, W=8, S=4), C(128, 256, 256, SPLIT=1, W=8, S=2),
-              C(128, 256, 128, SPLIT=1, W=8, S=3, USE_ASM=False)]
-W4A4G_SMALL = [SW(64, 128), SW(128, 128), SW(64, 128, S=6), C(16, 64, 128), SW(64, 128, PLANES=True)]
-W4A4G_MID = [C(64, 128, 128), C(128, 128, 128, SPLIT=1, W=8, S=3), C(64, 64, 128)]
-W4A4G_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(256, 128, 128, SPLIT=1, W=8, S=3),
-               C(128, 256, 128, SPLIT=1, W=8, S=3, PLANES=True)]
-W4A16_SMALL = [SW(64, 256), SW(128, 128), SW(64, 128), SW(128, 256, S=3), C(16, 64, 128), SW(64, 256, USE_ASM=False)]
-W4A16_MID = [C(64, 64, 128), C(64, 128, 64, SPLIT=1), C(128, 128, 64, SPLIT=1, W=8, S=4)]
-W4A16_LARGE = [C(128, 128, 64, SPLIT=1, W=8, S=4), C(128, 256, 64, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=3),
-               C(128, 256, 128, SPLIT=1, W=8, S=3)]
-AQ_VARIANTS = {"1d": dict(LOAD_1D=True), "3d": dict(LOAD_1D=False), "1d_chunk2048": dict(LOAD_1D=True, ONE_PASS_MAX_K=4096, ROW_CHUNK=2048),
-               "1d_onepass16k": dict(LOAD_1D=True, ONE_PASS_MAX_K=16384), "1d_gb2048": dict(LOAD_1D=True, GROUP_BLOCK=2048),
-               "1d_gb512": dict(LOAD_1D=True, GROUP_BLOCK=512)}
+# interleaved 128x256x128 for M >= 1024; run 2 (x16 unpack, swap-AB) picked planes + swap-AB
+# 16x64x256 for M <= 16, planes 64x64x256 for M = 64/256, interleaved 128x256x128 for M >= 1024.
+# Run 3 searches around those winners.
+P = dict(PLANES=True)
+W4A4_SMALL = [SW(64, 256, **P), SW(64, 256, S=3, **P), SW(64, 256, S=5, **P), SW(128, 256, S=3, **P),
+              SW(128, 128, **P), SW(64, 512, S=3, **P), SW(64, 256, TGT=132, **P), SW(64, 256, TGT=396, **P),
+              SW(64, 128, S=6, **P), C(16, 64, 256), SW(64, 256)]
+W4A4_MID = [C(64, 64, 256, **P), C(64, 64, 256, S=3, **P), C(64, 128, 256, S=3, **P), C(64, 64, 128, S=6, **P),
+            C(64, 128, 128, SWAP=True, GM=1, **P), C(128, 128, 128, SPLIT=1, W=8, S=3), C(64, 128, 128)]
+W4A4_LARGE = [C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 256, 128, SPLIT=1, W=8, S=4), C(128, 256, 128, SPLIT=1, W=8, S=3, GM=16),
+              C(128, 128, 128, SPLIT=1, W=8, S=4), C(128, 128, 128, SPLIT=1, W=4, S=4), C(128, 128, 256, SPLIT=1, W=8, S=3, **P),
+              C(128, 256, 128, SPLIT=1, W=8, S=3, GM=4), C(64, 256, 128, SPLIT=1, W=4, S=4)]
+W4A4G_SMALL = [SW(64, 128, **P), SW(64, 128, S=6, **P), SW(128, 128, **P), C(16, 64, 128), SW(64, 128, TGT=396, **P)]
+W4A4G_MID = [C(64, 64, 128), C(64, 64, 128, **P), C(64, 128, 128, **P), C(128, 128, 128, SPLIT=1, W=8, S=3)]
+W4A4G_LARGE = [C(128, 128, 128, SPLIT=1, W=8, S=3), C(128, 128, 128, SPLIT=1, W=8, S=4), C(128, 128, 128, SPLIT=1, W=4, S=4),
+               C(128, 128, 128, SPLIT=1, W=8, S=3, **P), C(128, 256, 128, SPLIT=1, W=8, S=3, **P), C(64, 256, 128, SPLIT=1, W=4, S=4)]
+W4A16_SMALL = [C(16, 64, 128), SW(64, 128), SW(64, 128, **P), SW(64, 256, **P), SW(128, 128, **P), C(16, 64, 128, **P),
+               SW(64, 256, S=3, **P)]
+W4A16_MID = [C(64, 64, 128), C(64, 64, 128, **P), C(64, 128, 64, SPLIT=1), C(128, 128, 64, SPLIT=1, W=8, S=4)]
+W4A16_LARGE = [C(128, 128, 64, SPLIT=1, W=8, S=4), C(128, 256, 128, SPLIT=1, W=8, S=3), C(128, 256, 64, SPLIT=1, W=8, S=4),
+               C(128, 128, 128, SPLIT=1, W=8, S=4), C(128, 128, 64, SPLIT=1, W=4, S=4)]
+# Run 2: all within a few % of each other (1-D loads, 1024-channel group blocks kept as default).
+AQ_VARIANTS = {"1d": dict(LOAD_1D=True), "3d": dict(LOAD_1D=False), "1d_nw4": dict(LOAD_1D=True, num_warps=4),
+               "1d_nw16": dict(LOAD_1D=True, num_warps=16), "1d_chunk8192": dict(LOAD_1D=True, ROW_CHUNK=8192),
+               "1d_gb2048": dict(LOAD_1D=True, GROUP_BLOCK=2048)}
 
 
 def cands(family, mode, M):

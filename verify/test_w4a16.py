@@ -24,6 +24,8 @@ CONFIGS = [
     None,
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=1),
     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, SWAP_AB=False, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, GROUP_M=1, SWAP_AB=True, PLANES=True, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=1, SWAP_AB=False, PLANES=True, num_warps=4, num_stages=1),
 ]
 
 

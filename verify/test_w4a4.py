@@ -119,7 +119,7 @@ def test_llama_shapes_int32_exact_compiled(m, n, k):
     out = torch.full((m, n), POISON_I32, dtype=torch.int32, device="cuda")
     assert torch.equal(w4a4_gemm_int32(px, pw, out=out).double(), exact)
     for group in (None, 128):
-        g = 1 if group is None else k // group
+        g = 1 if group is None else -(-k // group)
         sx = torch.rand(m, g, generator=gen, device="cuda") * 0.1 + 1e-3
         sw = torch.rand(n, generator=gen, device="cuda") * 0.1 + 1e-3
         sx_t = sx[:, 0].contiguous() if group is None else sx

@@ -173,7 +173,7 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_s
         n_groups = triton.cdiv(K, group)
         scales = _out("out_scales", out_scales, (M, n_groups), torch.float32, x.device)
         stride_sm = n_groups
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    num_warps = cfg.get("num_warps") or (4 if block_k <= 2048 else (8 if block_k <= 8192 else 16))
     grid = (M, 1 if n_chunks > 1 else triton.cdiv(K, block_k))
     _quantize_activations_kernel[grid](
         x, inv_smooth if inv_smooth is not None else x, q, scales,

@@ -43,7 +43,7 @@ def _w4a16_gemm_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_ASM: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_ASM: tl.constexpr, PLANES: tl.constexpr,
 ):
     BKH: tl.constexpr = BLOCK_K // 2
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -59,7 +59,10 @@ def _w4a16_gemm_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + offs_k)[None, :]
+    if PLANES:  # even / odd columns of x pair with the low / high nibble planes (strided loads)
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + 2 * offs_kh)[None, :]
+    else:
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + offs_k)[None, :]
     w_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_wn + (t0 * BKH + offs_kh)[None, :]
 
     if SWAP_AB:
@@ -67,25 +70,51 @@ def _w4a16_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
+        if PLANES:
+            if EVEN_K:
+                xe = tl.load(x_ptrs)
+                xo = tl.load(x_ptrs + 1)
+                w = tl.load(w_ptrs)
+            else:
+                kmask = ((t * BKH + offs_kh) < KH)[None, :]
+                xe = tl.load(x_ptrs, mask=kmask, other=0.0)
+                xo = tl.load(x_ptrs + 1, mask=kmask, other=0.0)
+                w = tl.load(w_ptrs, mask=kmask, other=0)
+            w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
+            if DOT_F32:  # interpreter only (see below)
+                xe = xe.to(tl.float32)
+                xo = xo.to(tl.float32)
+                w_lo = w_lo.to(tl.float32)
+                w_hi = w_hi.to(tl.float32)
+            else:
+                w_lo = w_lo.to(x_ptr.dtype.element_ty)
+                w_hi = w_hi.to(x_ptr.dtype.element_ty)
+            if SWAP_AB:
+                part = tl.dot(w_lo, tl.trans(xe))
+                part = tl.dot(w_hi, tl.trans(xo), part)
+            else:
+                part = tl.dot(xe, tl.trans(w_lo))
+                part = tl.dot(xo, tl.trans(w_hi), part)
         else:
-            x = tl.load(x_ptrs, mask=((t * BLOCK_K + offs_k) < 2 * KH)[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=((t * BKH + offs_kh) < KH)[None, :], other=0)
-        w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
-        w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # 16 * code, natural K order
-        if DOT_F32:
-            # Triton 3.9's interpreter mishandles bf16 (int8 -> bf16 casts and bf16 dots act on
-            # the raw bits): there, and only there, the bf16 tiles go through exact fp32 instead.
-            x = x.to(tl.float32)
-            wf = w8.to(tl.float32)
-        else:
-            wf = w8.to(x_ptr.dtype.element_ty)  # 16 * code in [-128, 112]: exact in fp16/bf16
-        if SWAP_AB:
-            part = tl.dot(wf, tl.trans(x))
-        else:
-            part = tl.dot(x, tl.trans(wf))
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=((t * BLOCK_K + offs_k) < 2 * KH)[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=((t * BKH + offs_kh) < KH)[None, :], other=0)
+            w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
+            w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # 16 * code, natural K order
+            if DOT_F32:
+                # Triton 3.9's interpreter mishandles bf16 (int8 -> bf16 casts and bf16 dots act on
+                # the raw bits): there, and only there, the bf16 tiles go through exact fp32 instead.
+                x = x.to(tl.float32)
+                wf = w8.to(tl.float32)
+            else:
+                wf = w8.to(x_ptr.dtype.element_ty)  # 16 * code in [-128, 112]: exact in fp16/bf16
+            if SWAP_AB:
+                part = tl.dot(wf, tl.trans(x))
+            else:
+                part = tl.dot(x, tl.trans(wf))
         if GROUP == 0:
             acc += part
         else:
@@ -160,6 +189,7 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None)
         GROUP_M=cfg["GROUP_M"], EVEN_K=(KH % bkh == 0),
         DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_ASM=x.device.type == "cuda" and not interpreting() and bool(cfg.get("USE_ASM", True)),
+        PLANES=bool(cfg.get("PLANES", False)) and block_k >= 32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
