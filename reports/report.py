@@ -13,9 +13,11 @@ and M; where one (device, shape, M, method) appears twice the later file wins.
 Accuracy JSON (the pipeline's, issue 7), read tolerantly:
 - a list of records, or an object holding one under "results", "records", "runs" or "rows", or an
   object mapping a method name to a record (or straight to a perplexity);
-- a record is an object with a method (`method`, or `name`), a perplexity (`ppl` or `perplexity`)
-  and optionally `model` and any other scalar fields (context, tokens, act_group_size, ...),
-  which are shown as columns; nested values are ignored;
+- a record is an object with a method (`method`, or `name`), a perplexity (`ppl` or `perplexity`;
+  null or absent for a speed-only record) and optionally `model`, `label` and any other fields:
+  scalars become columns, objects one level deep become `key.sub` columns (`params.alpha`,
+  `speed.decode_tokens_per_s`, `layer_summary.lut_reuse`), deeper values and lists are ignored
+  (the pipeline's records, zqkernels/pipeline/results.py, are read as they are);
 - where a model has an `fp16` (or `fp`, `float`, `fp32`, `bf16`) record, `ppl / fp` is added.
 
 Every problem with the inputs raises `ReportError` (a ValueError) with a message naming the file
@@ -259,28 +261,50 @@ def load_accuracy(paths) -> pd.DataFrame:
             if not isinstance(rec, dict):
                 raise ReportError(f"{path}: accuracy record #{i} is not an object")
             method = rec.get("method", rec.get("name"))
-            ppl = _num(rec.get("ppl", rec.get("perplexity")))
-            if method is None or ppl is None:
-                raise ReportError(f"{path}: accuracy record #{i} needs a method and a numeric ppl "
-                                  f"(keys 'method'/'name' and 'ppl'/'perplexity'), got keys {sorted(rec)}")
-            row = {"model": str(rec.get("model", "?")), "method": str(method), "ppl": ppl}
+            if method is None:
+                raise ReportError(f"{path}: accuracy record #{i} has no method (key 'method' or 'name'); "
+                                  f"its keys: {sorted(rec)}")
+            raw_ppl = rec.get("ppl", rec.get("perplexity"))
+            ppl = _num(raw_ppl)
+            if raw_ppl is not None and ppl is None:
+                raise ReportError(f"{path}: accuracy record #{i} ({method}) has a non-numeric ppl {raw_ppl!r}")
+            row = {"model": str(rec.get("model", "?")), "method": str(method), "ppl": np.nan if ppl is None else ppl}
             for k, v in rec.items():
                 if k in ("model", "method", "name", "ppl", "perplexity"):
                     continue
                 if isinstance(v, (str, int, float, bool)) or v is None:
                     row[k] = v
+                elif isinstance(v, dict):  # one level of nesting: params.alpha, speed.decode_tokens_per_s
+                    for k2, v2 in v.items():
+                        if isinstance(v2, (str, int, float, bool)):
+                            row[f"{k}.{k2}"] = v2
             row["source"] = str(path)
             rows.append(row)
         if not rows:
             raise ReportError(f"{path}: no accuracy records")
+        if all(np.isnan(r["ppl"]) for r in rows) and not any(k.startswith("speed.") for r in rows for k in r):
+            raise ReportError(f"{path}: no record has a numeric ppl (key 'ppl' or 'perplexity') or speed")
         frames.append(pd.DataFrame(rows))
     if not frames:
         return pd.DataFrame()
     acc = pd.concat(frames, ignore_index=True)
-    fp = acc[acc["method"].str.lower().isin(FP_METHODS)].groupby("model")["ppl"].first()
+    fp = acc[acc["method"].str.lower().isin(FP_METHODS)].dropna(subset=["ppl"]).groupby("model")["ppl"].first()
     acc["ppl / fp"] = [row.ppl / fp[row.model] if row.model in fp.index and fp[row.model] > 0 else np.nan
                        for row in acc.itertuples()]
     return acc
+
+
+ACC_MAIN = ("model", "label", "method", "backend", "ppl", "ppl / fp", "effective_bits", "context", "eval_tokens",
+            "act_group_size", "speed.prefill_tokens_per_s", "speed.decode_tokens_per_s", "speed.device")
+
+
+def accuracy_tables(acc: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The main accuracy table and a second one with every other (parameter, summary) column."""
+    main = [c for c in ACC_MAIN if c in acc.columns and acc[c].notna().any()]
+    rest = [c for c in acc.columns if c not in main and c != "source" and acc[c].notna().any()
+            and c not in ("model_source", "command", "model_note", "calib_text", "eval_text")]
+    key = [c for c in ("model", "label", "method") if c in main]
+    return acc[main], (acc[key + rest] if rest else pd.DataFrame())
 
 
 # -------------------------------------------------------------------------------- computing
@@ -827,9 +851,15 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
     if acc.empty:
         doc.p("No accuracy results given (`--accuracy acc.json`, written by the pipeline).")
     else:
-        cols = ["model", "method", "ppl", "ppl / fp"] + [c for c in acc.columns
-                                                          if c not in ("model", "method", "ppl", "ppl / fp", "source")]
-        doc.table(acc[cols], caption="perplexity (lower is better); ppl / fp against the model's fp16 record")
+        main, rest = accuracy_tables(acc)
+        doc.table(main, caption="perplexity (lower is better); ppl / fp against the model's fp16 record; from "
+                  + ", ".join(sorted({Path(s).name for s in acc["source"]})))
+        notes = sorted({str(v) for c in ("model_note", "eval_text", "calib_text") if c in acc.columns
+                        for v in acc[c].dropna().unique()})
+        if notes:
+            doc.p("Model and text: " + "; ".join(notes))
+        if not rest.empty:
+            doc.table(rest, caption="parameters and layer summaries of the same records")
 
     # CPU / other benchmarks not shown above
     if not df.empty:

@@ -132,11 +132,36 @@ def test_accuracy_reader_is_tolerant(tmp_path):
     assert set(acc["method"]) == {"fp16", "mosaic"} and acc["density"].dropna().tolist() == [0.05]
 
 
-def test_accuracy_record_without_ppl_is_a_clear_error(tmp_path):
+def test_accuracy_without_any_ppl_or_method_is_a_clear_error(tmp_path):
     path = tmp_path / "acc.json"
     path.write_text(json.dumps([{"model": "m", "method": "zipper"}]))
-    with pytest.raises(ReportError, match="needs a method and a numeric ppl"):
+    with pytest.raises(ReportError, match="no record has a numeric ppl"):
         build_report([], [path], tmp_path / "r")
+    path.write_text(json.dumps([{"model": "m", "ppl": 3.0}]))
+    with pytest.raises(ReportError, match="has no method"):
+        build_report([], [path], tmp_path / "r")
+    path.write_text(json.dumps([{"model": "m", "method": "x", "ppl": "high"}]))
+    with pytest.raises(ReportError, match="non-numeric ppl"):
+        build_report([], [path], tmp_path / "r")
+
+
+def test_pipeline_records_are_read_as_they_are(tmp_path):
+    records = [
+        {"model": "SmolLM2-135M", "method": "fp16", "label": "fp16", "params": {}, "ppl": 20.0,
+         "effective_bits": 16.0, "layer_stats": [{"name": "q", "N": 576}], "speed": None},
+        {"model": "SmolLM2-135M", "method": "zipper", "label": "zipper a=0.5 g32",
+         "params": {"alpha": 0.5, "outlier_ratio": 0.01}, "ppl": 24.0, "effective_bits": 4.6,
+         "layer_summary": {"lut_reuse": 3.5, "high_density": 0.01}, "speed": {"decode_tokens_per_s": 12.5}},
+        {"model": "SmolLM2-135M", "method": "mosaic", "label": "mosaic speed only", "ppl": None,
+         "speed": {"decode_tokens_per_s": 11.0}},
+    ]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "r"
+    assert run_cli("--accuracy", path, "--out", out) == 0
+    md = (out / "REPORT.md").read_text()
+    assert "| SmolLM2-135M | zipper a=0.5 g32 | zipper | 24 | 1.2 | 4.6 |" in md
+    assert "params.alpha" in md and "layer_summary.lut_reuse" in md and "speed.decode_tokens_per_s" in md
 
 
 def test_accuracy_only_report(tmp_path):
