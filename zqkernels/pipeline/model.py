@@ -77,22 +77,65 @@ def _need_transformers():
         raise ValueError("the pipeline needs transformers: pip install 'zqkernels[pipeline]'") from exc
 
 
-def check_architecture(source):
-    """Read only the config and refuse anything but LLaMA / Qwen2 / Qwen3 before loading weights."""
-    _need_transformers()
-    from transformers import AutoConfig
+# GGUF metadata value types (gguf spec): fixed sizes in bytes; 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(str(source.directory), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read a model config from {source.directory}: {exc}") from exc
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+
+def gguf_architecture(path, max_keys=64):
+    """`general.architecture` from a GGUF header, read directly: the file's key/value section
+    comes first, so this costs microseconds where a full metadata parse costs seconds."""
+    import struct
+
+    def read_str(f):
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def skip_value(f, vtype):
+        if vtype == 8:
+            read_str(f)
+        elif vtype == 9:
+            etype, count = struct.unpack("<IQ", f.read(12))
+            for _ in range(count) if etype in (8, 9) else ():
+                skip_value(f, etype)
+            if etype not in (8, 9):
+                f.seek(_GGUF_SIZES[etype] * count, 1)
+        else:
+            f.seek(_GGUF_SIZES[vtype], 1)
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (bad magic)")
+        _version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        for _ in range(min(n_kv, max_keys)):
+            key = read_str(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if key == "general.architecture" and vtype == 8:
+                return read_str(f)
+            if vtype not in _GGUF_SIZES and vtype not in (8, 9):
+                break
+            skip_value(f, vtype)
+    raise ValueError(f"{path}: no general.architecture in the GGUF header")
+
+
+def check_architecture(source):
+    """Read only the config (a GGUF file's header) and refuse anything but LLaMA / Qwen2 / Qwen3
+    before loading weights. Returns the architecture name."""
+    _need_transformers()
+    if source.gguf_file:
+        arch = gguf_architecture(source.directory / source.gguf_file)
+    else:
+        import json
+
+        try:
+            arch = json.loads((source.directory / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {source.directory / 'config.json'}: {exc}") from exc
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"unsupported architecture {config.model_type!r} in {source.directory}; "
+            f"unsupported architecture {arch!r} in {source.directory}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return config
+    return arch
 
 
 def load_model(model=None, *, dtype="float32", device="cpu", device_map=None):

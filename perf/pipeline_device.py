@@ -1,0 +1,142 @@
+"""End-to-end prefill / decode tokens/s on a GPU host, Triton backend, for the lead's H100 run.
+
+    PYTHONUNBUFFERED=1 python perf/pipeline_device.py --out $OUT        (< 4 minutes)
+
+The device machine cannot reach a package index and the embedded GGUF (93 MB) exceeds what a run
+carries, so the model here is a LlamaForCausalLM with SmolLM2-135M's exact configuration (30
+layers, hidden 576, MLP 1536, 9 query / 3 KV heads, vocab 49152) and seeded random weights: every
+GEMM has the real model's shape, so tokens/s are the real model's; perplexity is not measured here
+(the CPU results in reports/results/cpu-2core/ carry it). Calibration statistics come from random
+token windows through the same hooks as `zq run`.
+
+For each variant: fp16 (cuBLAS nn.Linear), w4a16, rtn-w4a4, smoothquant-w4a4, zipper (triton
+backend = `zipper_linear(mode="gpu")`; and backend hybrid), mosaic, each with per-token and
+per-group-32 activations where the kernels have them:
+1. correctness: every quantized layer's output on calibration rows against the same layer on the
+   torch backend (the oracle's codes, float32) -- max relative Frobenius error over layers;
+2. speed: prefill of --prefill tokens and --decode greedy steps on the KV cache
+   (`zqkernels.pipeline.speed`: CUDA-synchronized wall clock, median of 3).
+Writes --out/pipeline_h100.json after every variant (a timeout keeps what finished); a variant
+that raises is recorded with its error and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+VARIANTS = [
+    # (label, method, backend, params)
+    ("fp16", "fp16", "torch", {}),
+    ("w4a16", "w4a16", "triton", {}),
+    ("rtn-w4a4", "rtn-w4a4", "triton", {}),
+    ("smoothquant-w4a4", "smoothquant-w4a4", "triton", {}),
+    ("smoothquant-w4a4-g32", "smoothquant-w4a4", "triton", {"act_group_size": 32}),
+    ("zipper", "zipper", "triton", {"outlier_ratio": 0.05}),
+    ("zipper-g32", "zipper", "triton", {"outlier_ratio": 0.05, "act_group_size": 32}),
+    ("zipper-hybrid-g32", "zipper", "hybrid", {"outlier_ratio": 0.05, "act_group_size": 32}),
+    ("mosaic", "mosaic", "triton", {"alpha": 0.5, "group_size": None, "density": 0.05}),
+    ("mosaic-g32", "mosaic", "triton", {"alpha": 0.5, "group_size": None, "density": 0.05, "act_group_size": 32}),
+    ("mosaic-w4a16", "mosaic", "triton", {"alpha": 0.5, "density": 0.05, "act_bits": None}),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".", help="output folder")
+    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    args = ap.parse_args()
+    import transformers
+
+    from zqkernels.pipeline import MethodConfig, calibrate, quantize_model, speed, summarize_layers
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / "pipeline_h100.json"
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**SMOLLM2_135M)
+    base = transformers.LlamaForCausalLM(cfg).to(dev, torch.float16).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, cfg.vocab_size, (4, 512), generator=g)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prefill,), generator=g)
+    stats = calibrate(base, calib, progress=False)
+    result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+              "model": "LlamaForCausalLM, SmolLM2-135M configuration, seeded random weights (timing only)",
+              "config": SMOLLM2_135M, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
+              "command": "python perf/pipeline_device.py " + " ".join(sys.argv[1:]), "variants": []}
+    import triton
+
+    result["triton"] = triton.__version__
+    only = set(args.only.split(",")) if args.only else None
+    for label, method, backend, params in VARIANTS:
+        if only and label not in only:
+            continue
+        rec = {"label": label, "method": method, "backend": backend, "params": params}
+        t0 = time.perf_counter()
+        try:
+            mcfg = MethodConfig(method, **params)
+            lm = copy.deepcopy(base) if method != "fp16" else base
+            layers = quantize_model(lm, stats, mcfg, backend=backend, progress=False)
+            rec["quantize_s"] = time.perf_counter() - t0
+            rec["effective_bits"] = summarize_layers(layers)["effective_bits"]
+            if method != "fp16":
+                # kernel check on real shapes: triton layer vs the torch backend on the same codes
+                worst = 0.0
+                ref_lm = copy.deepcopy(base)
+                quantize_model(ref_lm, stats, MethodConfig(method, **params), backend="torch", progress=False)
+                qmods = dict((n, m) for n, m, *_ in decoder_linears_any(lm))
+                rmods = dict((n, m) for n, m, *_ in decoder_linears_any(ref_lm))
+                with torch.no_grad():
+                    for name, mod in qmods.items():
+                        x = stats[name].sample_rows().to(dev, torch.float16)
+                        a, b = mod(x).double(), rmods[name](x).double()
+                        worst = max(worst, ((a - b).norm() / b.norm()).item())
+                rec["max_layer_rel_err_vs_torch_backend"] = worst
+                del ref_lm
+            rec["speed"] = speed(lm, prompt, decode_tokens=args.decode, repeats=3)
+            if lm is not base:
+                del lm
+            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - record and go on to the next variant
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc()[-2000:]
+        rec["wall_s"] = time.perf_counter() - t0
+        result["variants"].append(rec)
+        sp = rec.get("speed", {})
+        print(f"{label:22s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s  "
+              f"decode {sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s  "
+              f"err {rec.get('max_layer_rel_err_vs_torch_backend', float('nan')):.2e}  "
+              f"{rec.get('error', '')}  ({rec['wall_s']:.0f} s)", flush=True)
+        out_path.write_text(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+def decoder_linears_any(lm):
+    """(name, module) of every decoder projection, quantized or not."""
+    out = []
+    for i, layer in enumerate(lm.model.layers):
+        for blk, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for a in names:
+                out.append((f"layers.{i}.{blk}.{a}", getattr(getattr(layer, blk), a)))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
