@@ -159,3 +159,55 @@ def _s(*shape):
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_tuned_config_tables_are_well_formed():
+    """Every configs/<gpu>.json bucket names a launchable config: power-of-two tiles, BLOCK_K even,
+    swap-AB tiles with BLOCK_N >= 64 (the MMA's M side), planes with BLOCK_K >= 64 (int8 dot K >= 32)."""
+    import json
+    from pathlib import Path
+
+    from zqkernels.gpu import w4a4 as mod
+
+    paths = sorted(Path(mod.__file__).with_name("configs").glob("*.json"))
+    assert paths, "no tuned table"
+    for path in paths:
+        table = json.loads(path.read_text())
+        for family, modes in ((f, table[f]) for f in ("w4a4", "w4a16")):
+            assert set(modes) >= ({"per_token", "group"} if family == "w4a4" else {"per_channel", "group"})
+            for mode, buckets in modes.items():
+                assert buckets and all(int(k) >= 1 for k in buckets), (path, family, mode)
+                for cfg in buckets.values():
+                    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                        v = cfg[key]
+                        assert v >= 16 and v & (v - 1) == 0, (path, family, mode, cfg)
+                    assert cfg["SPLIT_K"] >= 0 and cfg["num_warps"] in (4, 8) and cfg["num_stages"] >= 1
+                    if cfg.get("SWAP_AB"):
+                        assert cfg["BLOCK_N"] >= 64
+                    if cfg.get("PLANES") and family == "w4a4":
+                        assert cfg["BLOCK_K"] >= 64
+
+
+def test_launch_config_reads_the_gpu_table(monkeypatch):
+    """The loader matches the device name to configs/<gpu>.json and picks the M bucket."""
+    import json
+    from pathlib import Path
+
+    from zqkernels.gpu import w4a4 as mod
+
+    table = json.loads(Path(mod.__file__).with_name("configs").joinpath("h100.json").read_text())
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setattr(mod, "_TABLE_CACHE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class _Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: _Props())
+    dev = torch.device("cuda", 0)
+    for m, key in [(1, "1"), (2, "16"), (16, "16"), (17, "64"), (5000, "4096")]:
+        cfg = mod.launch_config("w4a4", "per_token", m, dev)
+        want = dict(table["w4a4"]["per_token"][key])
+        want.setdefault("SPLIT_TARGET_CTAS", 264)
+        assert cfg == want, (m, key)

@@ -104,7 +104,9 @@ def launch_config(family, mode, M, device):
     pick = next((k for k in keys if k >= M), keys[-1])
     cfg = dict(buckets[str(pick)])
     if "SPLIT_TARGET_CTAS" not in cfg:
-        cfg["SPLIT_TARGET_CTAS"] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        if ("sms", key) not in _TABLE_CACHE:
+            _TABLE_CACHE[("sms", key)] = torch.cuda.get_device_properties(device).multi_processor_count
+        cfg["SPLIT_TARGET_CTAS"] = 2 * _TABLE_CACHE[("sms", key)]
     return cfg
 
 
