@@ -4,7 +4,14 @@
     Y[M, N] = w_scale x sum_g act_scale[:, g] x (qx_g @ qw_g.T)   (act_group_size = g)
 
 Hopper has no INT4 MMA: each program loads packed bytes, unpacks the nibbles to int8 in registers
-(`zqkernels.gpu.int4`) and feeds an int8 `tl.dot` with int32 accumulation. With per-group
+and feeds an int8 `tl.dot` (wgmma on Hopper) with int32 accumulation. The unpack is
+`int4.unpack_lo_hi_x16`: each nibble moved to the top of its byte (int8 value 16 * code), one
+32-bit AND or shift+AND per four bytes; the dot is then 256x the code product, shifted back exactly
+(on the H100 this was 1.5x faster than a sign-extending unpack, whose ~12 integer ops per byte
+outweighed the MMAs at large M). Two K orders, both exact: PLANES (dot the even-element and
+odd-element planes separately, no shuffle; needs BLOCK_K >= 64) or natural order (join + reshape).
+Small M uses SWAP_AB: the tile is computed transposed so the weights sit on the MMA's M side
+(>= 64 rows) and the few tokens on its N side. With per-group
 activation scales the int32 partial sum of each K tile is rescaled into an fp32 accumulator;
 BLOCK_K divides the group size (the launcher shrinks BLOCK_K to the group when needed), so every K
 tile lies inside one group. The weight scale is per output channel (the epilogue).
@@ -17,7 +24,8 @@ Launch configs are data: `configs/<gpu>.json`, keyed by M bucket (`launch_config
 
 Requirements (ValueError otherwise): uint8 packed operands [M, K/2] and [N, K/2], contiguous, on
 one device (a CUDA device, or the CPU under TRITON_INTERPRET=1); float32 scales of the documented
-shapes; act_group_size in (None, 32, 64, 128, 256). M, N, K need not be multiples of any tile.
+shapes; act_group_size in (None, 32, 64, 128, 256); K <= 131070 (int32 range of the 256x sums).
+M, N, K need not be multiples of any tile.
 The split-K workspace and tile counters are cached per device: launches that run concurrently on
 different streams of one device must not share them (serialize on one stream, as inference does).
 """
