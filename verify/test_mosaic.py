@@ -42,11 +42,14 @@ POISON_I32 = 0x7F7F7F7F
 BLOCKS = [(64, 64), (32, 64), (16, 64), (64, 128)]
 # Explicit configs: BLOCK_N divides bn or is a multiple of it (a tile over several row-blocks,
 # whose residual list is the union of theirs), BLOCK_K = 64 divides every bk above.
+# SEGMENTED picks the fused kernel's K walk: dense/residual segments, or one loop that tests
+# every step (both are ZipperEngine; the tune script times both).
 CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, SEGMENTED=True, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, SEGMENTED=False, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SEGMENTED=True, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=3, SEGMENTED=True, num_warps=4, num_stages=2),
 ]
 
 

@@ -263,6 +263,68 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok, k0, K,
+               stride_sx, stride_sw, ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr):
+    """One K step of the dense base: int32 accumulation, or (group scales) an fp32 rescale of the
+    step's int32 partial. Returns (acc_i, acc_f, sxg): sxg, the step's activation group scale,
+    is reused by the residual MMA of the same step."""
+    INV256: tl.constexpr = 0.00390625
+    sxg = tl.zeros((1,), dtype=tl.float32)
+    if (ACT_GROUP != 0) or (W_GROUP != 0):
+        part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
+        part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
+        step = part.to(tl.float32) * INV256
+        # A step past K (unrolled or a block's tail) has a zero partial and an out-of-range
+        # scale index: mask the scale load so no garbage (possibly NaN) multiplies the zero.
+        if ACT_GROUP != 0:
+            sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok & ((rm * 0 + k0) < K), other=0.0)
+            step = step * sxg[:, None]
+        if W_GROUP != 0:
+            swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok & ((rn * 0 + k0) < K), other=0.0)
+            step = step * swg[None, :]
+        acc_f += step
+    else:
+        acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
+        acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
+    return acc_i, acc_f, sxg
+
+
+@triton.jit
+def _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP: tl.constexpr, INT_DEBUG: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    """The residual MMA of one K step on the activation planes already in registers."""
+    r_lo, r_hi = _unpack_x16(rq, USE_ASM)
+    rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
+    rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
+    if INT_DEBUG:
+        res_i += rpart >> 8
+    else:
+        rstep = rpart.to(tl.float32) * srow[None, :]
+        if ACT_GROUP != 0:
+            rstep = rstep * sxg[:, None]
+        res_f += rstep
+    return res_i, res_f
+
+
+@triton.jit
+def _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok, k_begin, k_end, K,
+                   stride_sx, stride_sw, ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr,
+                   BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, USE_ASM: tl.constexpr):
+    """Base-only steps over [k_begin, k_end): a plain pipelined loop with no residual code in it."""
+    for k_outer in range(k_begin, k_end, BLOCK_K * UNROLL):
+        for j in tl.static_range(UNROLL):
+            k0 = k_outer + j * BLOCK_K
+            kh_ok = (k0 // 2 + rh) < (k_end // 2)
+            xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+            wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
+            w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+            acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok,
+                                           k0, k_end, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
+    return acc_i, acc_f
+
+
+@triton.jit
 def _mosaic_w4a4_kernel(
     xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr, out2_ptr,
     M, N, K,
@@ -271,6 +333,7 @@ def _mosaic_w4a4_kernel(
     W_GROUP: tl.constexpr,  # 0: one base scale per channel; else channels per weight group
     HAS_RES: tl.constexpr,  # False: the dense base alone (the unfused baseline's first kernel)
     INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
+    SEGMENTED: tl.constexpr,  # K walk: per-step residual test (False) or dense/residual segments
     USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -281,6 +344,7 @@ def _mosaic_w4a4_kernel(
     HALF: tl.constexpr = BLOCK_K // 2
     PER_STEP_SCALE: tl.constexpr = (ACT_GROUP != 0) or (W_GROUP != 0)
     INV256: tl.constexpr = 0.00390625  # removes the 16 * 16 of the x16 nibble planes, exactly
+    STEPS: tl.constexpr = BK_RES // BLOCK_K
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -305,52 +369,63 @@ def _mosaic_w4a4_kernel(
     n_local = rn % BN_RES
     p = tl.load(indptr_ptr + tile)
     p_end = tl.load(indptr_ptr + tile + 1)
-    NO_BLOCK = 2147483647
-    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]  # within one packed residual block
 
-    for k_outer in range(0, K, BLOCK_K * UNROLL):
-        for j in tl.static_range(UNROLL):  # unrolled: UNROLL steps' loads in flight per iteration
-            k0 = k_outer + j * BLOCK_K
-            kh_ok = (k0 // 2 + rh) < KH
-            xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
-            wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
-            w_lo, w_hi = _unpack_x16(wq, USE_ASM)
-            if PER_STEP_SCALE:
-                part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
-                part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
-                step = part.to(tl.float32) * INV256
-                if ACT_GROUP != 0:
-                    sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
-                    step = step * sxg[:, None]
-                if W_GROUP != 0:
-                    swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
-                    step = step * swg[None, :]
-                acc_f += step
-            else:
-                acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
-                acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
-            if HAS_RES:
+    if not HAS_RES:
+        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok, 0, K, K,
+                                      stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL, USE_ASM)
+    elif SEGMENTED:
+        # Dense stretches run the plain base loop (pipelined like the dense GEMM); each kept
+        # column-block runs its STEPS steps with both MMAs on the same activation registers.
+        k_lo = 0
+        for e in range(p, p_end):
+            kb0 = tl.load(kblock_ptr + e) * BK_RES
+            acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                          k_lo, kb0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
+                                          USE_ASM)
+            bid = tl.load(bids_ptr + e * R + slot)
+            have = bid >= 0
+            srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+            for j in tl.static_range(STEPS):
+                k0 = kb0 + j * BLOCK_K
+                kh_ok = (k0 // 2 + rh) < KH
+                xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+                wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+                # Blocks are zero past the matrix edge; only absent row-blocks are masked.
+                rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + (j * HALF) + r_off,
+                             mask=have[None, :], other=0)
+                x_lo, x_hi = _unpack_x16(xq, USE_ASM)
+                w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+                acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok,
+                                               n_ok, k0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
+                res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG, USE_ASM)
+            k_lo = kb0 + BK_RES
+        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                      k_lo, K, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL, USE_ASM)
+    else:
+        # One loop; each step tests whether its column-block is the next entry of the list.
+        NO_BLOCK = 2147483647
+        next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+        for k_outer in range(0, K, BLOCK_K * UNROLL):
+            for j in tl.static_range(UNROLL):  # unrolled: UNROLL steps' loads in flight per iteration
+                k0 = k_outer + j * BLOCK_K
+                kh_ok = (k0 // 2 + rh) < KH
+                xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+                wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+                x_lo, x_hi = _unpack_x16(xq, USE_ASM)
+                w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+                acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok,
+                                               n_ok, k0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
                 cb = k0 // BK_RES
                 if cb == next_cb:
                     koff = k0 - cb * BK_RES
-                    # Blocks are zero past the matrix edge; only absent row-blocks are masked.
                     bid = tl.load(bids_ptr + p * R + slot)
                     have = bid >= 0
                     rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
                                  mask=have[None, :], other=0)
-                    r_lo, r_hi = _unpack_x16(rq, USE_ASM)
-                    rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
-                    rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
-                    if INT_DEBUG:
-                        res_i += rpart >> 8
-                    else:
-                        srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
-                        rstep = rpart.to(tl.float32) * srow[None, :]
-                        if ACT_GROUP != 0:
-                            rstep = rstep * sxg[:, None]
-                        res_f += rstep
+                    srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+                    res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG,
+                                             USE_ASM)
                     if koff + BLOCK_K == BK_RES:  # last step of this block: advance the cursor
                         p += 1
                         next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
@@ -423,7 +498,7 @@ def _mosaic_residual_kernel(
             srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
             rstep = rpart.to(tl.float32) * srow[None, :]
             if ACT_GROUP != 0:
-                sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+                sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok & ((rm * 0 + k0) < K), other=0.0)
                 rstep = rstep * sxg[:, None]
             res_f += rstep
         if ACT_GROUP == 0:
@@ -604,7 +679,8 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         m, n, k,
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
-        HAS_RES=has_res, INT_DEBUG=int_debug, USE_ASM=_USE_ASM, BN_RES=bn, BK_RES=bk,
+        HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), USE_ASM=_USE_ASM,
+        BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
