@@ -24,6 +24,14 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="zq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_selftest(sub)
+    # Imported here, not at the top: each module keeps its heavy imports inside its handlers,
+    # so `zq selftest` and `zq --help` stay fast.
+    from reports.cli import register as register_report
+
+    from .pipeline.cli import register as register_pipeline
+
+    register_pipeline(sub)
+    register_report(sub)
     return parser
 
 
