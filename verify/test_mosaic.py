@@ -51,6 +51,12 @@ CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=3, SEGMENTED=True, num_warps=4, num_stages=2),
 ]
+# Split-K configs (float outputs only: the int32 debug entry point walks K unsplit).
+SPLIT_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=1, SPLIT_K=2, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SPLIT_K=3, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=2),
+]
 
 
 def dev(a):
@@ -166,8 +172,9 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
 @settings(max_examples=40)
 @given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
        act_group_size=st.sampled_from([None, None, 64, 128]),
-       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype):
+       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       cfg=st.sampled_from([None] + CONFIGS + SPLIT_CONFIGS))
+def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
     x = act_matrix(data.draw, m, k)
@@ -178,14 +185,14 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
     if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
         return  # beyond fp16's range: the product itself is not representable
     out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
-    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out)
+    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
     assert y.data_ptr() == out.data_ptr()
     assert_close(y, ref, mag, out_dtype, "fused")
 
 
 @settings(max_examples=25)
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]),
-       cfg=st.sampled_from([None] + CONFIGS))
+       cfg=st.sampled_from([None] + CONFIGS + SPLIT_CONFIGS))
 def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.integers(1, 20))
@@ -229,13 +236,19 @@ def test_every_launch_config_gives_the_same_output(codes, data):
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, None)
     w = prepare_mosaic(codes, DEVICE)
-    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu() for c in [None] + CONFIGS]
-    # Each config sums the same int32 partials per K step and adds the scaled residual steps in
+    # Unsplit configs sum the same int32 partials per K step and add the scaled residual steps in
     # the same K order: identical under the interpreter. Compiled, the compiler may contract a
-    # multiply-add into an FMA differently per config: 1e-6 relative to the largest output then.
-    atol = 0.0 if not GPU else 1e-6 * float(outs[0].abs().max())
+    # multiply-add into an FMA differently per config: 1e-6 of the largest output then.
+    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=dict(c, SPLIT_K=1)).cpu() for c in CONFIGS]
+    scale = float(outs[0].abs().max())
+    atol = 0.0 if not GPU else 1e-6 * scale
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=0 if not GPU else 1e-6, atol=atol)
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
+    # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges: a few more
+    # fp32 roundings, within 1e-6 of the largest output.
+    for c in [None] + SPLIT_CONFIGS:
+        o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
 
 
 def test_real_mosaic_quantize_layer_matches_reference():

@@ -25,9 +25,10 @@ for every kept block and adds the residual into the output.
 
 Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
 `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order. The W4A4 kernels unpack each
-nibble to SIXTEEN times its code (`byte << 4` and `byte & 0xF0`, both exact int8): that is two
-32-bit ops per four bytes (inline PTX, `pack=4`) instead of a sign extension per nibble, which the
-first H100 run showed to be the bottleneck (the unpack cost more ALU time than the MMAs). Each dot
+nibble to SIXTEEN times its code (`byte << 4` and `byte & 0xF0`, both exact int8; the shared
+`int4.unpack_lo_hi_x16`): a few 32-bit ops per four bytes (inline PTX, `pack=4`) instead of a sign
+extension per nibble, which the first H100 run showed to be the bottleneck (the unpack cost more
+ALU time than the MMAs). Each dot
 then carries a factor 256 that the epilogue removes exactly (`>> 8`, or a power-of-two scale);
 int32 holds it while 256 * 64 * K < 2**31, i.e. K < 131072 (checked).
 """
@@ -39,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zqkernels.gpu.int4 import unpack_interleaved
+from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
 
 # Inline PTX does not run under Triton's CPU interpreter; there the same bytes are computed with
 # int8 shifts and masks (identical results, checked by the tests against the compiled path on GPU).
@@ -50,8 +51,8 @@ MAX_K = 131071  # 256 * 64 * K must stay below 2**31 in the int32 accumulators
 # divide bk (64 x 64 by default). Small M is memory-bound on the weights: narrow N tiles give the
 # 132 SMs enough programs. Large M is MMA-bound: the widest tile the residual block allows.
 _CONFIGS = {
-    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-    64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=0, num_warps=4, num_stages=3),
+    64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=3),
     256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
     None: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
 }
@@ -230,25 +231,6 @@ def prepare_mosaic(codes, device):
 
 
 @triton.jit
-def _unpack_x16(packed, USE_ASM: tl.constexpr):
-    """uint8 tile of packed int4 -> (16 * even codes, 16 * odd codes) as int8 tiles.
-
-    `byte << 4` moves the low nibble into the top of the byte and `byte & 0xF0` keeps the high
-    one: read as two's-complement int8 they are exactly 16 * code, so no sign extension is needed.
-    """
-    if USE_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            asm="{\n shl.b32 $0, $2, 4;\n and.b32 $0, $0, 0xF0F0F0F0;\n and.b32 $1, $2, 0xF0F0F0F0;\n}",
-            constraints="=r,=r,r", args=[packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4,
-        )
-    else:
-        p = packed.to(tl.int8, bitcast=True)
-        lo = p << 4
-        hi = p & -16
-    return lo, hi
-
-
-@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it sits in L2.
     pid = tl.program_id(0)
@@ -293,7 +275,7 @@ def _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_o
 def _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP: tl.constexpr, INT_DEBUG: tl.constexpr,
               USE_ASM: tl.constexpr):
     """The residual MMA of one K step on the activation planes already in registers."""
-    r_lo, r_hi = _unpack_x16(rq, USE_ASM)
+    r_lo, r_hi = unpack_lo_hi_x16(rq, USE_ASM)
     rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
     rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
     if INT_DEBUG:
@@ -317,8 +299,8 @@ def _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_o
             kh_ok = (k0 // 2 + rh) < (k_end // 2)
             xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
             wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
-            w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+            x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+            w_lo, w_hi = unpack_lo_hi_x16(wq, USE_ASM)
             acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok,
                                            k0, k_end, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
     return acc_i, acc_f
@@ -327,6 +309,7 @@ def _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_o
 @triton.jit
 def _mosaic_w4a4_kernel(
     xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr, out2_ptr,
+    ws_ptr, cnt_ptr,
     M, N, K,
     stride_sx, stride_sw,
     ACT_GROUP: tl.constexpr,  # 0: one scale per token; else channels per activation group
@@ -334,6 +317,7 @@ def _mosaic_w4a4_kernel(
     HAS_RES: tl.constexpr,  # False: the dense base alone (the unfused baseline's first kernel)
     INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
     SEGMENTED: tl.constexpr,  # K walk: per-step residual test (False) or dense/residual segments
+    SPLIT_K: tl.constexpr,  # > 1 (SEGMENTED only): K split over programs, last arrival reduces
     USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -371,9 +355,49 @@ def _mosaic_w4a4_kernel(
     p_end = tl.load(indptr_ptr + tile + 1)
     r_off = n_local[None, :] * (BK_RES // 2) + rh[:, None]  # within one packed residual block
 
+    # Split-K (small M: too few output tiles to fill the SMs): program pid_k walks the K range
+    # [k_begin, k_end), aligned to whole residual column-blocks so no block is cut in two.
+    pid_k = tl.program_id(1)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(tl.cdiv(K, BK_RES), SPLIT_K) * BK_RES
+        k_begin = tl.minimum(pid_k * per_split, K)
+        k_end = tl.minimum(k_begin + per_split, K)
+    else:
+        k_begin = 0
+        k_end = K
+
     if not HAS_RES:
-        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok, 0, K, K,
-                                      stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL, USE_ASM)
+        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                      k_begin, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
+                                      USE_ASM)
+    elif SEGMENTED and SPLIT_K > 1:
+        k_lo = k_begin
+        for e in range(p, p_end):
+            kb0 = tl.load(kblock_ptr + e) * BK_RES
+            if (kb0 >= k_begin) & (kb0 < k_end):  # this split's blocks only
+                acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                              k_lo, kb0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K,
+                                              UNROLL, USE_ASM)
+                bid = tl.load(bids_ptr + e * R + slot)
+                have = bid >= 0
+                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+                for j in tl.static_range(STEPS):
+                    k0 = kb0 + j * BLOCK_K
+                    kh_ok = (k0 // 2 + rh) < KH
+                    xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+                    wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
+                    rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + (j * HALF) + r_off,
+                                 mask=have[None, :], other=0)
+                    x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+                    w_lo, w_hi = unpack_lo_hi_x16(wq, USE_ASM)
+                    acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn,
+                                                   m_ok, n_ok, k0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
+                    res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG,
+                                             USE_ASM)
+                k_lo = kb0 + BK_RES
+        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                      k_lo, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
+                                      USE_ASM)
     elif SEGMENTED:
         # Dense stretches run the plain base loop (pipelined like the dense GEMM); each kept
         # column-block runs its STEPS steps with both MMAs on the same activation registers.
@@ -394,8 +418,8 @@ def _mosaic_w4a4_kernel(
                 # Blocks are zero past the matrix edge; only absent row-blocks are masked.
                 rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + (j * HALF) + r_off,
                              mask=have[None, :], other=0)
-                x_lo, x_hi = _unpack_x16(xq, USE_ASM)
-                w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+                x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+                w_lo, w_hi = unpack_lo_hi_x16(wq, USE_ASM)
                 acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok,
                                                n_ok, k0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
                 res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG, USE_ASM)
@@ -412,8 +436,8 @@ def _mosaic_w4a4_kernel(
                 kh_ok = (k0 // 2 + rh) < KH
                 xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
                 wq = tl.load(w_ptrs + k0 // 2, mask=kh_ok[:, None] & n_ok[None, :], other=0)
-                x_lo, x_hi = _unpack_x16(xq, USE_ASM)
-                w_lo, w_hi = _unpack_x16(wq, USE_ASM)
+                x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+                w_lo, w_hi = unpack_lo_hi_x16(wq, USE_ASM)
                 acc_i, acc_f, sxg = _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok,
                                                n_ok, k0, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP)
                 cb = k0 // BK_RES
@@ -447,7 +471,22 @@ def _mosaic_w4a4_kernel(
         if ACT_GROUP == 0:
             sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
             y = y * sx[:, None]
-        tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if SPLIT_K > 1:
+            # Every partial is the full epilogue of its K range (all of it is linear), so the
+            # output is their sum: stored, counted in, and summed in split order by the last one.
+            ws_tile = ws_ptr + o_off
+            tl.store(ws_tile + pid_k * M * N, y, mask=o_mask)
+            tl.debug_barrier()  # every thread's partial is stored before the arrival
+            tile_id = tl.program_id(0)
+            arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for sp in range(SPLIT_K):
+                    total += tl.load(ws_tile + sp * M * N, mask=o_mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch
+        else:
+            tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -491,8 +530,8 @@ def _mosaic_residual_kernel(
             have = bid >= 0
             rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
                          mask=have[None, :], other=0)
-            x_lo, x_hi = _unpack_x16(xq, USE_ASM)
-            r_lo, r_hi = _unpack_x16(rq, USE_ASM)
+            x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+            r_lo, r_hi = unpack_lo_hi_x16(rq, USE_ASM)
             rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
             rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
             srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
@@ -665,21 +704,66 @@ def _check_act_scale(act_scale, m, k, act_group_size, device):
         raise ValueError("act_scale must be contiguous")
 
 
+_SPLIT_BUFFERS = {}
+
+
+def _split_buffers(device, n_partial, n_tiles):
+    """(fp32 partials >= n_partial, int32 arrival counters >= n_tiles, all zero), cached per
+    device; the kernel resets each counter it used. One stream at a time (as inference runs)."""
+    key = (device.type, device.index)
+    ws, cnt = _SPLIT_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < n_partial:
+        ws = torch.empty(max(n_partial, 1 << 16), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < n_tiles:
+        cnt = torch.zeros(max(n_tiles, 1 << 12), dtype=torch.int32, device=device)
+    _SPLIT_BUFFERS[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few "SMs", so small test shapes take the split path too
+
+
+def _choose_split(cfg, m, n, k, bk, device):
+    split = int(cfg.get("SPLIT_K", 1))
+    k_blocks = -(-k // bk)
+    if split == 0:  # auto: about two programs per SM
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        split = 1
+        while tiles * split * 2 <= 2 * _sm_count(device) and split * 2 <= k_blocks and split < 16:
+            split *= 2
+    return max(1, min(split, k_blocks))
+
+
 def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, int_debug, config):
     n, k = weights.shape
     m = qx_packed.shape[0]
     bn, bk = weights.block
     cfg = dict(config) if config is not None else _pick_config(m, weights.block, act_group_size, weights.group_size)
+    if int_debug and config is None:
+        cfg["SPLIT_K"] = 1  # the debug entry point checks one unsplit walk of K
     _check_config(cfg, weights, act_group_size)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    split = _choose_split(cfg, m, n, k, bk, weights.device)
+    if split > 1 and int_debug:
+        raise ValueError("mosaic_w4a4_gemm_int32 takes no SPLIT_K > 1 config (it checks one walk of K)")
+    if split > 1 and not cfg.get("SEGMENTED", True):
+        raise ValueError("SPLIT_K > 1 needs the SEGMENTED K walk")
+    if split * m * n >= 2**31:
+        raise ValueError(f"SPLIT_K={split} partials of [{m}, {n}] exceed int32 offsets; use SPLIT_K=1")
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    ws, cnt = _split_buffers(weights.device, split * m * n, tiles) if split > 1 else (out, out)
+    grid = (tiles, split)
     sw = weights.scale_base
     handle = _mosaic_w4a4_kernel[grid](
         qx_packed, act_scale, weights.qb_packed, sw, weights.res_packed, weights.scale_res,
-        *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out, out2,
+        *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out, out2, ws, cnt,
         m, n, k,
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
-        HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), USE_ASM=_USE_ASM,
+        HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), SPLIT_K=split,
+        USE_ASM=_USE_ASM,
         BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
         GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
