@@ -138,25 +138,27 @@ def resources():
 
 
 CANDIDATES = {
-    "small": [  # M <= 16: bound by the weight bytes; enough programs and bytes in flight
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=8, num_warps=4, num_stages=2),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=4, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=8, num_warps=2, num_stages=3),
+    "small": [  # M <= 16: bound by the weight bytes; enough programs (split-K) and bytes in flight
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=0, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=4, SPLIT_K=0, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=4, SPLIT_K=0, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=1, SEGMENTED=False, num_warps=4, num_stages=3),
     ],
     "mid": [  # 16 < M <= 256
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=3),
     ],
-    "large": [  # M >= 1024: MMA-bound; wide tiles cut the per-MAC unpack and operand traffic
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
+    "large": [  # M >= 1024: MMA-bound; register pressure (two accumulators) decides
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
-        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, UNROLL=1, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=3),
     ],
 }
 
@@ -363,10 +365,20 @@ def zipper_section(result, dev, rng, left, save):
                     out = torch.zeros((m, n), device=dev, dtype=torch.float32)
                     zipper_high_gpu(x, high, out, method=method)
                     row[f"{method}_rel_err"] = rel_err(out, ref)
+                    if method == "columns" and high.n_cols > 2048:
+                        row["columns_us"] = None  # a pass over ~all of K: not worth the device time
+                        continue
                     row[f"{method}_us"] = bench(lambda: zipper_high_gpu(x, high, out, method=method))
+                tiles = [(16, 16), (16, 32), (16, 64)] if m <= 16 else [(64, 64), (32, 128), (128, 32)]
+                row["ell_tiles_us"] = {}
+                for blk in tiles:
+                    out = torch.zeros((m, n), device=dev, dtype=torch.float32)
+                    zipper_high_gpu(x, high, out, method="ell", block=blk)
+                    if rel_err(out, ref) < 1e-5:
+                        row["ell_tiles_us"][str(blk)] = bench(lambda: zipper_high_gpu(x, high, out, method="ell", block=blk))
                 row["cublas_fp16_us"] = bench(lambda: torch.nn.functional.linear(x.half(), w16))
                 if w4a4_gemm is not None and gpu_quant is not None:
-                    best = min(("columns", "ell"), key=lambda mm: row[f"{mm}_us"])
+                    best = min(("columns", "ell"), key=lambda mm: row[f"{mm}_us"] or float("inf"))
 
                     def e2e():
                         qx, sx = gpu_quant(x)

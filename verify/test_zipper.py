@@ -1,0 +1,179 @@
+"""ZipperQuant's high part on the GPU equals the oracle: `zqkernels.gpu.zipper_high` vs `reference`.
+
+Laws:
+- `zipper_high_gpu(x, high, out)` adds exactly the high part of `reference.zipper_matmul` to `out`:
+  with the low codes zeroed the oracle IS the high part, `16 * Δ_n * (X' @ q_high.T)`; within
+  `2**-20 * mag + 2**-22 * (|out_before| + |ref|)`, mag = 16 Δ |X'| @ |q_high|.T (fp32 products and
+  sums: each rounding is 2**-24 of a partial magnitude; 2**-20 covers a few dozen of them).
+- with integer activations and Δ = 1/16 every product and partial sum is an integer below 2**24:
+  the result equals the oracle exactly, for both layouts.
+- both layouts ("columns", "ell") compute the same function; an all-zero high part leaves `out`
+  untouched; bad arguments raise ValueError.
+Shapes: M = 1, K odd and tiny, rows with no outlier and rows with many, codes up to ±127.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from strategies import matrices
+from zqkernels.gpu.zipper_high import METHODS, ZipperHighGPU, prepare_zipper_high, zipper_high_gpu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEVICE == "cuda"
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def high_codes(draw, max_n=70, max_k=90):
+    """ZipperCodes: from `reference.zipper_quantize` of an adversarial weight, or drawn directly
+    (sparse q_high with extremes, some rows empty, some dense)."""
+    if draw(st.booleans()):
+        w = draw(matrices(max_rows=max_n, max_cols=max_k, kinds=("normal", "outlier", "heavy_tail", "zero_rows")))
+        return R.zipper_quantize(w, outlier_ratio=draw(st.sampled_from([0.0, 0.01, 0.05, 0.2])),
+                                 high_bits=draw(st.sampled_from([4, 8])))
+    n = draw(st.integers(1, max_n))
+    k = draw(st.integers(1, max_k))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    density = draw(st.sampled_from([0.0, 0.005, 0.05, 0.5, 1.0]))
+    q_high = np.where(rng.random((n, k)) < density, rng.integers(-128, 128, size=(n, k)), 0)
+    if q_high.size and draw(st.booleans()):
+        q_high.flat[rng.integers(q_high.size)] = draw(st.sampled_from([-128, 127]))
+    q_high[rng.random(n) < 0.2] = 0  # rows without outliers
+    return R.ZipperCodes(q_low=rng.integers(-8, 8, size=(n, k)).astype(np.int8), q_high=q_high.astype(np.int8),
+                         scale=rng.uniform(0.0, 0.1, size=n))
+
+
+def high_only(codes):
+    return R.ZipperCodes(q_low=np.zeros_like(codes.q_low), q_high=codes.q_high, scale=codes.scale)
+
+
+def to_dev(a, dtype):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(DEVICE)
+
+
+@settings(max_examples=40)
+@given(codes=high_codes(), data=st.data(), x_dtype=st.sampled_from(X_DTYPES), method=st.sampled_from(METHODS))
+def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, method):
+    n, k = codes.q_high.shape
+    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
+    x = data.draw(matrices(shape=(m, k)))
+    xt = to_dev(x, x_dtype)
+    if not torch.isfinite(xt).all():
+        return  # an outlier beyond fp16's range is not an fp16 input
+    x_used = xt.cpu().double().numpy()  # the kernel sees the rounded activations
+    before = np.random.default_rng(m).standard_normal((m, n)).astype(np.float32)
+    out = to_dev(before.copy(), torch.float32)  # a copy: on the CPU the tensor would alias `before`
+    high = prepare_zipper_high(codes, DEVICE)
+    y = zipper_high_gpu(xt, high, out, method=method)
+    assert y.data_ptr() == out.data_ptr()
+    ref = R.zipper_matmul(x_used, high_only(codes))  # the low part is zero: the high part alone
+    mag = 16.0 * codes.scale[None, :] * (np.abs(x_used) @ np.abs(codes.q_high.astype(np.float64)).T)
+    got = y.cpu().double().numpy() - before.astype(np.float64)
+    # tolerance: 2**-20 * mag + 2**-22 * (|out_before| + |ref|) (module doc)
+    tol = 2.0**-20 * mag + 2.0**-22 * (np.abs(before) + np.abs(ref)) + 1e-30
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - ref) <= tol), f"max excess {np.max(np.abs(got - ref) - tol)}"
+
+
+@settings(max_examples=40)
+@given(codes=high_codes(), data=st.data(), method=st.sampled_from(METHODS))
+def test_integer_activations_give_the_exact_sparse_product(codes, data, method):
+    n, k = codes.q_high.shape
+    m = data.draw(st.integers(1, 20))
+    x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(-20, 21, size=(m, k)).astype(np.float64)
+    unit = R.ZipperCodes(q_low=codes.q_low, q_high=codes.q_high, scale=np.full(n, 1.0 / 16.0))
+    out = torch.full((m, n), 0.0, dtype=torch.float32, device=DEVICE)
+    zipper_high_gpu(to_dev(x, torch.float32), prepare_zipper_high(unit, DEVICE), out, method=method)
+    # |sum| <= 20 * 128 * K < 2**24: every partial sum is an exact float32 integer.
+    np.testing.assert_array_equal(out.cpu().double().numpy(), R.sparse_matmul(x, codes.q_high))
+
+
+@settings(max_examples=20)
+@given(codes=high_codes(), data=st.data())
+def test_both_layouts_agree(codes, data):
+    n, k = codes.q_high.shape
+    m = data.draw(st.integers(1, 20))
+    x = to_dev(data.draw(matrices(shape=(m, k), kinds=("normal", "integers", "zero_rows"))), torch.float32)
+    high = prepare_zipper_high(codes, DEVICE)
+    outs = []
+    for method in METHODS:
+        out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
+        outs.append(zipper_high_gpu(x, high, out, method=method).cpu())
+    scale = float(outs[0].abs().max()) + 1e-30
+    # Different summation orders (columns ascending in both, but grouped differently): 1e-6 relative.
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6 * scale)
+
+
+def test_all_zero_high_part_leaves_out_untouched():
+    codes = R.ZipperCodes(q_low=np.ones((5, 7), np.int8), q_high=np.zeros((5, 7), np.int8), scale=np.ones(5))
+    high = prepare_zipper_high(codes, DEVICE)
+    assert high.nnz == 0
+    out = torch.arange(15, dtype=torch.float32, device=DEVICE).reshape(3, 5)
+    for method in METHODS:
+        y = zipper_high_gpu(torch.ones((3, 7), device=DEVICE), high, out.clone(), method=method)
+        torch.testing.assert_close(y, out, rtol=0, atol=0)
+
+
+def test_prepare_picks_a_layout_and_counts_what_it_keeps():
+    rng = np.random.default_rng(3)
+    q_high = np.zeros((40, 64), np.int8)
+    q_high[:, 5] = rng.integers(1, 5, size=40)  # one outlier channel: the column pass wins
+    codes = R.ZipperCodes(q_low=np.zeros((40, 64), np.int8), q_high=q_high, scale=np.ones(40))
+    high = prepare_zipper_high(codes, DEVICE)
+    assert (high.n_cols, high.e_max, high.nnz, high.default_method) == (1, 1, 40, "columns")
+    q_high = np.zeros((40, 64), np.int8)
+    q_high[np.arange(40), np.arange(40)] = 3  # scattered: one per row, all in different columns
+    high = prepare_zipper_high(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)), DEVICE)
+    assert (high.n_cols, high.e_max, high.default_method) == (40, 1, "ell")
+
+
+def test_bad_arguments_raise_value_error():
+    codes = R.zipper_quantize(np.random.default_rng(0).standard_t(2, size=(6, 10)), outlier_ratio=0.1)
+    high = prepare_zipper_high(codes, DEVICE)
+    x = torch.zeros((2, 10), device=DEVICE)
+    out = torch.zeros((2, 6), device=DEVICE)
+    cases = [
+        (lambda: zipper_high_gpu(x.double(), high, out), "x_smoothed"),
+        (lambda: zipper_high_gpu(x[:, :9], high, out), r"\[M, 10\]"),
+        (lambda: zipper_high_gpu(torch.zeros((10, 2), device=DEVICE).t(), high, out), "contiguous"),
+        (lambda: zipper_high_gpu(x, high, out.half()), "float32"),
+        (lambda: zipper_high_gpu(x, high, out[:1]), "shape"),
+        (lambda: zipper_high_gpu(x, high, torch.zeros((6, 2), device=DEVICE).t()), "contiguous"),
+        (lambda: zipper_high_gpu(x, high, out, method="lut"), "method"),
+        (lambda: zipper_high_gpu(x, "high", out), "ZipperHighGPU"),
+        (lambda: prepare_zipper_high(codes, DEVICE, method="dense"), "method"),
+        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.float32), codes.scale), DEVICE),
+         "integer"),
+        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high, codes.scale[:-1]), DEVICE), "scale"),
+        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low[:, :-1], codes.q_high, codes.scale), DEVICE), "q_low"),
+        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high,
+                                                   np.full(6, np.nan)), DEVICE), "NaN"),
+    ]
+    if GPU:
+        cases.append((lambda: zipper_high_gpu(x.cpu(), high, out), "on cpu"))
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+    assert isinstance(high, ZipperHighGPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiled kernels on LLaMA-3-8B sizes")
+@pytest.mark.parametrize("m", [1, 16, 512])
+def test_llama_o_size_compiled(m):
+    rng = np.random.default_rng(m)
+    n, k = 4096, 4096
+    w = rng.standard_normal((n, k)) * 0.02
+    w[:, rng.choice(k, 20, replace=False)] *= 20  # outlier input channels after smoothing
+    codes = R.zipper_quantize(w, outlier_ratio=0.01)
+    high = prepare_zipper_high(codes, DEVICE)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ref = R.zipper_matmul(x.astype(np.float64), high_only(codes))
+    for method in METHODS:
+        out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
+        zipper_high_gpu(to_dev(x, torch.float32), high, out, method=method)
+        rel = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
+        assert rel < 1e-6  # fp32 products and sums of a few dozen terms per output
