@@ -20,9 +20,12 @@ time_us (median), time_us_min, and on the `lut` result `ratio` = t_sparse / t_lu
 `ratio_min` (min) and `ratio_vs` for every baseline; each baseline result gets `lut_speedup`.
 `lut` runs after its baselines (parametrize order); alone (`-k lut`) it has no ratio.
 
-Command (the 2-core development machine, results in reports/results/cpu-2core/bench_lut.json):
-    python -m pytest perf/bench_lut.py --m 1,64,1024 -p no:cacheprovider \
-        --benchmark-json reports/results/cpu-2core/bench_lut.json
+Command (the 2-core development machine; pass the folder `perf/`, not the file, which the perf
+conftest would collect twice), once per thread count:
+    ZQ_BENCH_THREADS=1 python -m pytest perf/ -k bench_lut --m 1,64,1024 -p no:cacheprovider \
+        --benchmark-min-rounds=15 --benchmark-json reports/results/cpu-2core/bench_lut_1thread.json
+    ZQ_BENCH_THREADS=2 ... --benchmark-json reports/results/cpu-2core/bench_lut.json
+    python perf/bench_lut.py reports/results/cpu-2core/bench_lut.json    # the summary table
 """
 from __future__ import annotations
 
@@ -37,7 +40,10 @@ import torch
 import reference as R
 from zqkernels.cpu import lut as L
 
-THREADS = numba.config.NUMBA_NUM_THREADS
+# ZQ_BENCH_THREADS pins the thread count (both kernels, torch); default all cores. On a shared
+# 2-core machine the 1-thread run is the stable one: a 2-thread parallel region stalls whenever
+# another process holds one of the cores.
+THREADS = int(os.environ.get("ZQ_BENCH_THREADS", numba.config.NUMBA_NUM_THREADS))
 SHAPE_NAME, N, K = "llama3-8b.o", 4096, 4096
 REUSES = (1, 2, 4, 8, 16, 32, 64)
 METHODS = ("sparse", "scipy_csr", "torch_csr", "lut")  # lut last: it reads its baselines' times
@@ -155,3 +161,37 @@ def test_lut_vs_csr(zq_bench, case, method, dtype, m):
         for b, rec in _RECORDS[key].items():
             if b != "lut":
                 rec["lut_speedup"] = info["ratio_vs"][b]
+
+
+def summarize(json_path):
+    """Markdown table of a bench_lut JSON: per (case, M) the E/U, nnz/E, times and the lut ratios."""
+    import json
+
+    rows = {}
+    for b in json.load(open(json_path))["benchmarks"]:
+        info = b["extra_info"]
+        if info.get("family") != "lut":
+            continue
+        key = (info["case"], info["M"], info["dtype"])
+        rows.setdefault(key, {"info": info})[info["method"]] = (info["time_us"], info["time_us_min"])
+    order = {c: i for i, c in enumerate(CASES)}
+    lines = ["| case | E/U | nnz/E | M | lut us (med/min) | sparse us | scipy us (1 thread) | torch us | "
+             "lut/sparse (med) | lut/sparse (min) | lut/torch (min) |", "|" + "---|" * 11]
+    for (case, m, dtype), r in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+        info = r["info"]
+
+        def t(name):
+            return f"{r[name][0]:.0f}/{r[name][1]:.0f}" if name in r else "-"
+
+        def ratio(name, i):
+            return f"{r[name][i] / r['lut'][i]:.2f}" if name in r and "lut" in r else "-"
+
+        lines.append(f"| {case} | {info['reuse']:.1f} | {info['nnz_per_entry']:.2f} | {m} | {t('lut')} | {t('sparse')} | "
+                     f"{t('scipy_csr')} | {t('torch_csr')} | {ratio('sparse', 0)} | {ratio('sparse', 1)} | {ratio('torch_csr', 1)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summarize(sys.argv[1] if len(sys.argv) > 1 else "reports/results/cpu-2core/bench_lut.json"))

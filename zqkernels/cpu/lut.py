@@ -42,7 +42,7 @@ class LutArrays:
     shape: tuple  # (N, K) of the q_high the table was built from
     group_size: int
     indptr: np.ndarray  # int64 [N+1]
-    entry_ids: np.ndarray  # int32 [E]
+    entry_ids: np.ndarray  # uint32 [E] (unsigned: Numba then skips the negative-index wraparound, -20% at M=1)
     pattern_cols: np.ndarray  # int64 [U]: first input channel of each dictionary entry's group
     patterns64: np.ndarray  # float64 [U, g], zero-padded past K
     patterns32: np.ndarray  # float32 [U, g], the same small integers (exact in float32)
@@ -74,7 +74,7 @@ class CsrHigh:
 
     shape: tuple  # (N, K)
     indptr: np.ndarray  # int64 [N+1]
-    indices: np.ndarray  # int32 [nnz], column of each nonzero, ascending per row
+    indices: np.ndarray  # uint32 [nnz], column of each nonzero, ascending per row (unsigned as entry_ids)
     values64: np.ndarray  # float64 [nnz]
     values32: np.ndarray  # float32 [nnz]
 
@@ -98,7 +98,7 @@ def prepare_lut(lut):
     if g <= 0:
         raise ValueError(f"lut.group_size must be positive, got {lut.group_size!r}")
     indptr = np.ascontiguousarray(lut.indptr, dtype=np.int64)
-    ids = np.ascontiguousarray(lut.entry_ids, dtype=np.int32)
+    ids = np.asarray(lut.entry_ids).astype(np.int64)
     patterns = np.asarray(lut.patterns)
     groups = np.ascontiguousarray(lut.pattern_groups, dtype=np.int64)
     if patterns.ndim != 2 or patterns.shape[1] != g:
@@ -116,7 +116,7 @@ def prepare_lut(lut):
         shape=(n, k),
         group_size=g,
         indptr=indptr,
-        entry_ids=ids,
+        entry_ids=np.ascontiguousarray(ids, dtype=np.uint32),
         pattern_cols=np.ascontiguousarray(groups * g),
         patterns64=p64,
         patterns32=np.ascontiguousarray(p64, dtype=np.float32),
@@ -135,7 +135,7 @@ def prepare_csr(q_high):
     return CsrHigh(
         shape=tuple(int(d) for d in q.shape),
         indptr=indptr,
-        indices=cols.astype(np.int32),
+        indices=cols.astype(np.uint32),
         values64=vals,
         values32=vals.astype(np.float32),
     )
@@ -305,6 +305,56 @@ def _sparse_matmul_kernel(x, indptr, indices, values, row_scale, mt, n_chunks, x
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def _lut_matvec_kernel(x, indptr, entry_ids, pattern_cols, patterns, row_scale, n_chunks, table, out):
+    # M = 1 (decode): x[0] is already contiguous over K and out[0] over N, so no transpose and no
+    # scatter pass; a 1-D table and two register partial sums per row.
+    u_count, g = patterns.shape
+    k = x.shape[1]
+    for u in prange(u_count):
+        c = pattern_cols[u]
+        s = patterns[u, 0] * x[0, c]
+        for i in range(1, g):
+            if c + i < k:  # the last group may be short; x has no padding here
+                s += patterns[u, i] * x[0, c + i]
+        table[u] = s
+    n = indptr.shape[0] - 1
+    for ch in prange(n_chunks):
+        for r in range((n * ch) // n_chunks, (n * (ch + 1)) // n_chunks):
+            out[0, r] = 0.0
+            s0 = out[0, r]
+            s1 = s0
+            e = indptr[r]
+            e1 = indptr[r + 1]
+            while e + 1 < e1:
+                s0 += table[entry_ids[e]]
+                s1 += table[entry_ids[e + 1]]
+                e += 2
+            if e < e1:
+                s0 += table[entry_ids[e]]
+            out[0, r] = (s0 + s1) * row_scale[r]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _csr_matvec_kernel(x, indptr, indices, values, row_scale, n_chunks, out):
+    # The one-token specialization of the baseline, the same shape as _lut_matvec_kernel's gather.
+    n = indptr.shape[0] - 1
+    for ch in prange(n_chunks):
+        for r in range((n * ch) // n_chunks, (n * (ch + 1)) // n_chunks):
+            out[0, r] = 0.0
+            s0 = out[0, r]
+            s1 = s0
+            e = indptr[r]
+            e1 = indptr[r + 1]
+            while e + 1 < e1:
+                s0 += values[e] * x[0, indices[e]]
+                s1 += values[e + 1] * x[0, indices[e + 1]]
+                e += 2
+            if e < e1:
+                s0 += values[e] * x[0, indices[e]]
+            out[0, r] = (s0 + s1) * row_scale[r]
+
+
+@njit(parallel=True, nogil=True, cache=True)
 def _lut_table_kernel(x, pattern_cols, patterns, k, out):
     u_count, g = patterns.shape
     m = x.shape[0]
@@ -399,6 +449,11 @@ def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None):
     mt = _check_tile(token_tile, m, x.dtype.itemsize)
     if m == 0:
         return out
+    if m == 1 and token_tile in (None, 1):
+        table = np.empty(la.U, dtype=x.dtype)
+        _lut_matvec_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale,
+                           _row_chunks(n), table, out)
+        return out
     g = la.group_size
     # xt covers whole groups: the last group's zero-padded slots read zeros, never past the end.
     xt = np.zeros((max(1, -(-k // g)) * g, mt), dtype=x.dtype)
@@ -421,6 +476,9 @@ def sparse_matmul(x, csr, out=None, row_scale=None, token_tile=None):
     scale = _check_row_scale(row_scale, n, x.dtype)
     mt = _check_tile(token_tile, m, x.dtype.itemsize)  # the table product's tile rule
     if m == 0:
+        return out
+    if m == 1 and token_tile in (None, 1):
+        _csr_matvec_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, _row_chunks(n), out)
         return out
     xt = np.zeros((max(1, k), mt), dtype=x.dtype)
     acc = np.empty((n, mt), dtype=x.dtype)
