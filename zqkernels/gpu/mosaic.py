@@ -27,7 +27,7 @@ Measured (H100, reports/results/h100/tune_mosaic_run3.json; every timed variant 
 at M = 4096 and 5 % density the fused kernel takes 1.33-1.39x its own dense base (0 % density:
 1.21x, the price of the second accumulator: 255 registers and 20 spilled at 128 x 64 tiles)
 and 1.99-2.10x the (since much improved) `w4a4_gemm`, against a target of 1.10x; the unfused
-baseline (1.10-1.24x the dense base) is faster than the fused kernel there. At M <= 16 the eager timings are dominated by
+baseline (1.14-1.24x the dense base) is faster than the fused kernel there. At M <= 16 the eager timings are dominated by
 host launch time and vary up to 4x between neighbouring densities; they need CUDA-graph timing.
 
 Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
