@@ -671,6 +671,16 @@ def _check_config(cfg, weights, act_group_size):
             raise ValueError(f"{name}={v} must be a power of two")
 
 
+def _check_offsets(m, weights, x_elems_per_row):
+    """The kernels index with int32: every buffer they address must stay below 2**31 elements."""
+    n, k = weights.shape
+    bn, bk = weights.block
+    for name, size in (("M * N (output)", m * n), ("M * K (activations)", m * x_elems_per_row),
+                       ("residual blocks", weights.res_packed.numel())):
+        if size >= 2**31:
+            raise ValueError(f"{name} = {size} elements exceeds the kernels' int32 offsets; split M")
+
+
 def _check_packed_acts(qx_packed, weights):
     n, k = weights.shape
     if not isinstance(qx_packed, torch.Tensor):
@@ -683,6 +693,7 @@ def _check_packed_acts(qx_packed, weights):
         raise ValueError(f"qx_packed is on {qx_packed.device} but weights are on {weights.device}")
     if not qx_packed.is_contiguous():
         raise ValueError("qx_packed must be contiguous")
+    _check_offsets(qx_packed.shape[0], weights, k // 2)
 
 
 def _out_tensor(out, m, n, dtype, device):
@@ -870,6 +881,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
         raise ValueError(f"x is on {x.device} but weights are on {weights.device}")
     if x.stride(1) != 1:
         raise ValueError("x must be contiguous along K")
+    _check_offsets(x.shape[0], weights, x.stride(0))
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")

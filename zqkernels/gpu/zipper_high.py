@@ -194,6 +194,8 @@ def zipper_high_gpu(x_smoothed, high, out, method=None, *, block=None):
     for name, t in (("x_smoothed", x_smoothed), ("out", out)):
         if t.device != high.device:
             raise ValueError(f"{name} is on {t.device} but high is on {high.device}")
+    if m * max(n, x_smoothed.stride(0)) >= 2**31:
+        raise ValueError(f"M={m} rows exceed the kernels' int32 offsets for this shape; split M")
     method = high.default_method if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
