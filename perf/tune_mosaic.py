@@ -151,6 +151,7 @@ CANDIDATES = {
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, RES_LATE=True, num_warps=4, num_stages=4),
     ],
     "large": [  # M >= 1024: MMA-bound; register pressure (two accumulators) decides
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
@@ -159,6 +160,9 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=3),
+        # Not yet measured (added after run 3): base loop alone, residual blocks after it.
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, RES_LATE=True, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=1, RES_LATE=True, num_warps=8, num_stages=3),
     ],
 }
 

@@ -51,11 +51,14 @@ CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=3, SEGMENTED=True, num_warps=4, num_stages=2),
 ]
-# Split-K configs (float outputs only: the int32 debug entry point walks K unsplit).
-SPLIT_CONFIGS = [
+# Configs that add the same fp32 terms in another order: split-K (float outputs only: the int32
+# debug entry point walks K unsplit) and RES_LATE (base folded first, residual blocks after it).
+REORDERED_CONFIGS = [
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, RES_LATE=True, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=1, SPLIT_K=2, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SPLIT_K=3, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=1, SPLIT_K=2, RES_LATE=True, num_warps=4, num_stages=2),
 ]
 
 
@@ -145,7 +148,7 @@ def act_matrix(draw, m, k):
 
 @settings(max_examples=60)
 @given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1),
-       cfg=st.sampled_from([None] + CONFIGS))
+       cfg=st.sampled_from([None] + CONFIGS + [c for c in REORDERED_CONFIGS if c.get("SPLIT_K", 1) == 1]))
 def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
     n, k = codes.q_base.shape
     rng = np.random.default_rng(seed)
@@ -173,7 +176,7 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
 @given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
        act_group_size=st.sampled_from([None, None, 64, 128]),
        out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       cfg=st.sampled_from([None] + CONFIGS + SPLIT_CONFIGS))
+       cfg=st.sampled_from([None] + CONFIGS + REORDERED_CONFIGS))
 def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
@@ -192,7 +195,7 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
 
 @settings(max_examples=25)
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]),
-       cfg=st.sampled_from([None] + CONFIGS + SPLIT_CONFIGS))
+       cfg=st.sampled_from([None] + CONFIGS + REORDERED_CONFIGS))
 def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.integers(1, 20))
@@ -244,9 +247,9 @@ def test_every_launch_config_gives_the_same_output(codes, data):
     atol = 0.0 if not GPU else 1e-6 * scale
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
-    # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges: a few more
-    # fp32 roundings, within 1e-6 of the largest output.
-    for c in [None] + SPLIT_CONFIGS:
+    # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges, RES_LATE adds
+    # the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
+    for c in [None] + REORDERED_CONFIGS:
         o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
 

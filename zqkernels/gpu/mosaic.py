@@ -30,6 +30,11 @@ and 1.99-2.10x the (since much improved) `w4a4_gemm`, against a target of 1.10x;
 baseline (1.14-1.24x the dense base) is faster than the fused kernel there. At M <= 16 the eager timings are dominated by
 host launch time and vary up to 4x between neighbouring densities; they need CUDA-graph timing.
 
+`config=dict(..., RES_LATE=True)` selects an alternative that is NOT the in-loop reuse: the base
+loop runs alone and is folded to fp32, then each kept block re-reads its X tile from L2 for the
+residual MMA (one launch, no second accumulator live in the main loop, 5 % of X re-read). It is
+verified (tests) but was added after the last H100 run: unmeasured; perf/tune_mosaic.py sweeps it.
+
 Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
 `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order. The W4A4 kernels unpack each
 nibble to SIXTEEN times its code (`byte << 4` and `byte & 0xF0`, both exact int8; the shared
@@ -328,6 +333,7 @@ def _mosaic_w4a4_kernel(
     INT_DEBUG: tl.constexpr,  # store int32 base and unscaled int32 residual sums (exact tests)
     SEGMENTED: tl.constexpr,  # K walk: per-step residual test (False) or dense/residual segments
     SPLIT_K: tl.constexpr,  # > 1 (SEGMENTED only): K split over programs, last arrival reduces
+    RES_LATE: tl.constexpr,  # alternative (not in-loop): base loop first, residual blocks after it
     USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -380,6 +386,40 @@ def _mosaic_w4a4_kernel(
         acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
                                       k_begin, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
                                       USE_ASM)
+    elif RES_LATE:
+        # Not ZipperEngine's in-loop reuse: the base loop runs alone (one accumulator, like the
+        # dense GEMM), is folded to fp32 (its int32 accumulator dies), then each kept block re-reads
+        # its X tile (5 % of the tile's X bytes, from L2) for the residual MMA. One launch.
+        acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
+                                      k_begin, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
+                                      USE_ASM)
+        if not INT_DEBUG:
+            if PER_STEP_SCALE:
+                res_f = acc_f
+            else:
+                res_f = (acc_i >> 8).to(tl.float32)
+            if W_GROUP == 0:
+                res_f = res_f * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        for e in range(p, p_end):
+            kb0 = tl.load(kblock_ptr + e) * BK_RES
+            if (kb0 >= k_begin) & (kb0 < k_end):
+                bid = tl.load(bids_ptr + e * R + slot)
+                have = bid >= 0
+                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+                for j in tl.static_range(STEPS):
+                    k0 = kb0 + j * BLOCK_K
+                    kh_ok = (k0 // 2 + rh) < KH
+                    xq = tl.load(x_ptrs + k0 // 2, mask=m_ok[:, None] & kh_ok[None, :], other=0)
+                    rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + (j * HALF) + r_off,
+                                 mask=have[None, :], other=0)
+                    x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+                    if ACT_GROUP != 0:
+                        sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok & ((rm * 0 + k0) < K),
+                                      other=0.0)
+                    else:
+                        sxg = tl.zeros((1,), dtype=tl.float32)
+                    res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG,
+                                             USE_ASM)
     elif SEGMENTED and SPLIT_K > 1:
         k_lo = k_begin
         for e in range(p, p_end):
@@ -470,14 +510,17 @@ def _mosaic_w4a4_kernel(
         tl.store(out_ptr + o_off, acc_i >> 8, mask=o_mask)
         tl.store(out2_ptr + o_off, res_i, mask=o_mask)
     else:
-        if PER_STEP_SCALE:
-            y = acc_f
+        if RES_LATE and HAS_RES:
+            y = res_f  # the base was folded in before the residual blocks
         else:
-            y = (acc_i >> 8).to(tl.float32)
-        if W_GROUP == 0:
-            sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
-            y = y * sw[None, :]
-        y = y + res_f
+            if PER_STEP_SCALE:
+                y = acc_f
+            else:
+                y = (acc_i >> 8).to(tl.float32)
+            if W_GROUP == 0:
+                sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+                y = y * sw[None, :]
+            y = y + res_f
         if ACT_GROUP == 0:
             sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
             y = y * sx[:, None]
@@ -775,7 +818,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     split = _choose_split(cfg, m, n, k, bk, weights.device)
     if split > 1 and int_debug:
         raise ValueError("mosaic_w4a4_gemm_int32 takes no SPLIT_K > 1 config (it checks one walk of K)")
-    if split > 1 and not cfg.get("SEGMENTED", True):
+    if split > 1 and not cfg.get("SEGMENTED", True) and not cfg.get("RES_LATE", False):
         raise ValueError("SPLIT_K > 1 needs the SEGMENTED K walk")
     if split * m * n >= 2**31:
         raise ValueError(f"SPLIT_K={split} partials of [{m}, {n}] exceed int32 offsets; use SPLIT_K=1")
@@ -790,6 +833,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
         HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), SPLIT_K=split,
+        RES_LATE=bool(cfg.get("RES_LATE", False)),
         USE_ASM=_USE_ASM,
         BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
