@@ -23,9 +23,10 @@ time_us (median), time_us_min, and on the `lut` result `ratio` = t_sparse / t_lu
 Command (the 2-core development machine; pass the folder `perf/`, not the file, which the perf
 conftest would collect twice), once per thread count:
     ZQ_BENCH_THREADS=1 python -m pytest perf/ -k bench_lut --m 1,64,1024 -p no:cacheprovider \
-        --benchmark-min-rounds=15 --benchmark-json reports/results/cpu-2core/bench_lut_1thread.json
-    ZQ_BENCH_THREADS=2 ... --benchmark-json reports/results/cpu-2core/bench_lut.json
+        --benchmark-min-rounds=15 --benchmark-json reports/results/cpu-2core/bench_lut.json
+    ZQ_BENCH_THREADS=2 ... --benchmark-json reports/results/cpu-2core/bench_lut_2threads.json
     python perf/bench_lut.py reports/results/cpu-2core/bench_lut.json    # the summary table
+(the committed JSONs have the per-round `stats.data` arrays dropped, see bench_lut.md there).
 """
 from __future__ import annotations
 
