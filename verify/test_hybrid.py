@@ -294,3 +294,28 @@ def test_gpu_mode_equals_reference_zipper_matmul(m):
     y = H.zipper_linear(x, w, mode="gpu", out_dtype=torch.float32)
     low, high = abs_bounds(x, w)
     assert np.all(np.abs(y.cpu().numpy() - H.reference_linear(x, w)) <= 4e-6 * low + 1e-5 * high)
+
+
+# ------------------------------------------------------------------------------- the real GPU parts, interpreted
+INTERPRETED = not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="covered compiled by the gpu-marked tests")
+@pytest.mark.parametrize("act_group", [None, 32])
+@pytest.mark.parametrize("m", [1, 5])
+def test_triton_low_part_as_gpu_part_and_gpu_mode_equal_reference_under_interpreter(act_group, m):
+    """The Triton quantizer + W4A4 GEMM (and the GPU high part) run under TRITON_INTERPRET=1 on CPU
+    tensors: the composition gpu_low_part / mode="gpu" uses (inv_s, Δ_n, act groups, 16 Δ_n) is
+    the oracle's. Tolerances as on the GPU."""
+    rng = np.random.default_rng(20 + m)
+    codes, s = make_layer(rng, 40, 64, outlier_cols=4, outlier_ratio=0.05)
+    w = H.ZipperWeights.prepare(codes, s, device="cpu", act_group_size=act_group)
+    x = torch.from_numpy(rng.standard_normal((m, 64))).to(torch.float16)
+    ref = H.reference_linear(x, w)
+    low, high = abs_bounds(x, w)
+    y = H.zipper_linear(x, w, mode="hybrid", gpu_part=H.gpu_low_part, out_dtype=torch.float32)
+    bound = 4e-6 * low + (w.lut.group_size + max_row_entries(w) + 3) * 2.0**-23 * high
+    assert np.all(np.abs(y.numpy() - ref) <= bound)
+    pytest.importorskip("zqkernels.gpu.zipper_high")
+    y_gpu_mode = H._gpu(x, w)  # mode="gpu" refuses a CPU device; its body is what is checked here
+    assert np.all(np.abs(y_gpu_mode.numpy() - ref) <= 4e-6 * low + 1e-5 * high)
