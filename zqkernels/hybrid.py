@@ -110,7 +110,7 @@ class ZipperWeights:
         """codes: reference.ZipperCodes of the smoothed weight W' [N, K]; smooth: s [K] (X' = X / s)
         or None; lut: an optional prebuilt reference.PatternLUT of codes.q_high (else built here
         with `lut_group_size`); lut_dtype: float32 (fast) or float64 (the oracle's precision);
-        cpu_threads: Numba threads of the worker (None: all Numba threads)."""
+        cpu_threads: Numba threads of the worker (None: all cores, but one on a CUDA host)."""
         for name in ("q_low", "q_high", "scale"):
             if not hasattr(codes, name):
                 raise ValueError(f"codes must be a reference.ZipperCodes, it has no field {name!r}")
@@ -145,7 +145,10 @@ class ZipperWeights:
             inv_host = torch.from_numpy((1.0 / s).astype(np.float32))
             inv_dev = inv_host.to(device)
         if cpu_threads is None:
-            cpu_threads = numba.config.NUMBA_NUM_THREADS
+            # On a GPU host one core stays free for the main thread, which launches the GPU part
+            # while the worker computes; a CPU-only run has nothing else to do.
+            all_threads = numba.config.NUMBA_NUM_THREADS
+            cpu_threads = max(1, all_threads - 1) if device.type == "cuda" else all_threads
         if not (1 <= int(cpu_threads) <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"cpu_threads must lie in [1, {numba.config.NUMBA_NUM_THREADS}], got {cpu_threads}")
         w = cls(
