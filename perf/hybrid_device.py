@@ -1,8 +1,10 @@
 """Hybrid executor on a GPU host: correctness against the oracle, overlap efficiency, hybrid vs gpu.
 
-Run by the lead on the H100 machine (16 cores), < 5 minutes:
+Run by the lead on the H100 machine (16 cores), < 5 minutes (run tool timeout_s 420):
 
     PYTHONUNBUFFERED=1 python perf/hybrid_device.py --out $OUT
+    # then commit $OUT/hybrid_device.json under reports/results/h100/, and its `hybrid_auto`
+    # block as zqkernels/configs/hybrid_auto.json (mode="auto" reads it)
 
 For each LLaMA-3-8B shape (o, qkv, gate_up, down) it prepares ZipperQuant codes with
 realistic high-part statistics (q_low uniform in [-8, 7]; q_high nonzero on ~1% of each row,
@@ -51,8 +53,9 @@ import reference as R  # noqa: E402
 from zqkernels import hybrid as H  # noqa: E402
 from zqkernels.cpu import lut as L  # noqa: E402
 
+# Smallest first: if --budget-s runs out, the biggest layer is the one left out.
 LLAMA3_8B = {"llama3-8b.o": (4096, 4096), "llama3-8b.qkv": (6144, 4096),
-             "llama3-8b.gate_up": (28672, 4096), "llama3-8b.down": (4096, 14336)}
+             "llama3-8b.down": (4096, 14336), "llama3-8b.gate_up": (28672, 4096)}
 
 
 def synthetic_codes(n, k, seed=0, outlier_col_frac=0.01, col_hit=0.5, scattered=0.008):
