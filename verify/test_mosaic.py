@@ -61,6 +61,14 @@ REORDERED_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=1, SPLIT_K=2, RES_LATE=True, num_warps=4, num_stages=2),
 ]
 
+# RES_LATE with the dense GEMM's wide base step (BLOCK_K > bk, unsplit): the base loop ignores the
+# residual blocks, the tail steps bk deep. Like the large-M default (128 x 128 x 256 on the GPU).
+WIDE_K_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, num_warps=4, num_stages=2),
+]
+
 
 def dev(a):
     return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
@@ -148,7 +156,8 @@ def act_matrix(draw, m, k):
 
 @settings(max_examples=60)
 @given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1),
-       cfg=st.sampled_from([None] + CONFIGS + [c for c in REORDERED_CONFIGS if c.get("SPLIT_K", 1) == 1]))
+       cfg=st.sampled_from([None] + CONFIGS + [c for c in REORDERED_CONFIGS if c.get("SPLIT_K", 1) == 1]
+                           + WIDE_K_CONFIGS))
 def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
     n, k = codes.q_base.shape
     rng = np.random.default_rng(seed)
@@ -191,6 +200,62 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
     y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
     assert y.data_ptr() == out.data_ptr()
     assert_close(y, ref, mag, out_dtype, "fused")
+
+
+@settings(max_examples=25)
+@given(codes=mosaic_codes(group_sizes=(None, 256)), data=st.data(), act_group_size=st.sampled_from([None, 256]),
+       out_dtype=st.sampled_from([torch.float32, torch.float16]), cfg=st.sampled_from(WIDE_K_CONFIGS),
+       unfused=st.booleans())
+def test_wide_base_step_res_late_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
+    """BLOCK_K > bk (RES_LATE, the large-M path): K not a multiple of BLOCK_K, groups of 256."""
+    n, k = codes.q_base.shape
+    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
+        return
+    if unfused:  # the baseline adds its residual to the stored output: fp32 (no double rounding)
+        out_dtype = torch.float32
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    fn = mosaic_w4a4_gemm_unfused if unfused else mosaic_w4a4_gemm
+    y = fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, ref, mag, out_dtype, "wide-K RES_LATE")
+
+
+@settings(max_examples=15, deadline=None)
+@given(codes=mosaic_codes(max_n=140, max_k=600, group_sizes=(None, 64, 256)), data=st.data(),
+       act_group_size=st.sampled_from([None, 64, 256]), m=st.sampled_from([65, 200, 257, 300]))
+def test_default_configs_above_m64_match_reference(codes, data, act_group_size, m):
+    """The launcher's own M > 64 choices (RES_LATE, 64 x 64 x 256 and 128 x 128 x 256 tiles,
+    BLOCK_K shrunk to divide a 64-group) for the fused, unfused, int32 and W4A16 entry points."""
+    n, k = codes.q_base.shape
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+        fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
+        assert_close(out, ref, mag, torch.float32, fn.__name__ + " default config")
+    if codes.group_size is None:
+        b, r = mosaic_w4a4_gemm_int32(dev(R.pack_int4(qx)), w)
+        q64 = qx.astype(np.int64)
+        np.testing.assert_array_equal(b.cpu().numpy(), q64 @ codes.q_base.astype(np.int64).T)
+        want_total = q64.astype(np.float64) @ R.mosaic_dequantize(unit_scales(codes)).T
+        np.testing.assert_array_equal((b.cpu().numpy().astype(np.int64) + r.cpu().numpy()).astype(np.float64),
+                                      want_total)
+    xt = torch.from_numpy(x).to(torch.bfloat16)  # bf16: no outlier overflows
+    x_used = xt.double().numpy()
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
+    ref16 = R.mosaic_matmul(x_used, codes, act_bits=None)
+    mag16 = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
+    assert_close(y, ref16, mag16, torch.float32, "w4a16 default config")
 
 
 @settings(max_examples=25)
@@ -249,7 +314,7 @@ def test_every_launch_config_gives_the_same_output(codes, data):
         torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
     # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges, RES_LATE adds
     # the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
-    for c in [None] + REORDERED_CONFIGS:
+    for c in [None] + REORDERED_CONFIGS + WIDE_K_CONFIGS:
         o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
 
@@ -348,6 +413,10 @@ def test_entry_points_reject_bad_arguments():
         (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicGPUWeights"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w24, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)), "BLOCK_N=16 must divide"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "BLOCK_K=128 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True,
+                                                          SPLIT_K=2)), "needs SPLIT_K=1"),
+        (lambda: mosaic_w4a16_gemm(torch.zeros((3, 130), dtype=torch.float16, device=DEVICE), w,
+                                   config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "must divide"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out=torch.zeros((3, 70), device=DEVICE)), "out must be"),
         (lambda: mosaic_w4a4_gemm_unfused(qx, sx[:1], w), "shape"),
         (lambda: mosaic_w4a16_gemm(torch.zeros((3, 130), device=DEVICE), w), "float16 or bfloat16"),

@@ -14,26 +14,41 @@ Layout built once by `prepare_mosaic` (offline, like any weight packing):
   the same CSR per N-tile over the union of its row-blocks, with the block id of each row-block
   (-1 where it keeps none): the residual MMA of such a tile multiplies zeros in the absent part.
 
-ZipperEngine (`mosaic_w4a4_gemm`): one program owns a [BLOCK_M, BLOCK_N] output tile (BLOCK_N
-divides bn, or is a multiple of it). It walks K in BLOCK_K steps (BLOCK_K divides bk, so
-each step lies inside one residual column-block, whose per-row scale is constant along the step).
-Every step does the dense base MMA; when the step's column-block is the next entry of the tile's
-CSR list, a second int8 MMA multiplies the SAME activation registers by the residual tile into a
-separate fp32 accumulator, scaled by the block's row scales. X is read once, one launch.
-`mosaic_w4a4_gemm_unfused` is the baseline: the dense GEMM, then a second kernel that re-reads X
-for every kept block and adds the residual into the output.
+ZipperEngine (`mosaic_w4a4_gemm`) has two K walks in the same kernel (one launch either way):
 
-Measured (H100, reports/results/h100/tune_mosaic_run3.json; every timed variant verified first):
-at M = 4096 and 5 % density the fused kernel takes 1.33-1.39x its own dense base (0 % density:
-1.21x, the price of the second accumulator: 255 registers and 20 spilled at 128 x 64 tiles)
-and 1.99-2.10x the (since much improved) `w4a4_gemm`, against a target of 1.10x; the unfused
-baseline (1.14-1.24x the dense base) is faster than the fused kernel there. At M <= 16 the eager timings are dominated by
-host launch time and vary up to 4x between neighbouring densities; they need CUDA-graph timing.
+- In-loop (the DESIGN.md §3.4 form; DEFAULT AT M <= 64): one program owns a [BLOCK_M, BLOCK_N]
+  output tile (BLOCK_N divides bn, or is a multiple of it) and walks K in BLOCK_K steps (BLOCK_K
+  divides bk, so each step lies inside one residual column-block, whose per-row scale is constant
+  along the step). Every step does the dense base MMA; when the step's column-block is in the
+  tile's CSR list, a second int8 MMA multiplies the SAME activation registers by the residual tile
+  into a separate fp32 accumulator. X is read once. At M <= 16 it splits K over programs.
+- RES_LATE (`config=dict(..., RES_LATE=True)`; DEFAULT AT M > 64, unsplit): the base K loop is
+  `w4a4.w4a4_gemm`'s fast loop (`_fast_base_loop`: BLOCK_K 256 independent of bk = 64, the x16
+  nibble unpack, clamped rows, GROUP_M swizzle, w4a4's large-M tile 128 x 128 / 8 warps / 3 stages,
+  64 x 64 / 4 warps / 4 stages at M <= 256). Then the int32 base accumulator is folded to fp32 in
+  place, and a short tail loop runs the tile's kept residual blocks (bk deep per step) into that
+  same fp32 accumulator. The tail RE-READS each kept block's X tile (from L2: at 5 % density about
+  5-10 % of the tile's X bytes) instead of reusing the tile already in registers, and that is the
+  point: reuse needs a second accumulator live across the whole main loop, which at the large-M
+  tile means 255 registers and spills (run 3: 128 x 64 in-loop, 20 spilled), while RES_LATE keeps
+  one accumulator (128 x 128 x 256: 240 registers, 0 spills) and a main loop identical to the
+  dense GEMM's. It departs from the design's "no second pass over X" for those 5 % of X tiles.
 
-`config=dict(..., RES_LATE=True)` selects an alternative that is NOT the in-loop reuse: the base
-loop runs alone and is folded to fp32, then each kept block re-reads its X tile from L2 for the
-residual MMA (one launch, no second accumulator live in the main loop, 5 % of X re-read). It is
-verified (tests) but was added after the last H100 run: unmeasured; perf/tune_mosaic.py sweeps it.
+`mosaic_w4a4_gemm_unfused` is the baseline: the dense GEMM (the same fast loop when unsplit), then a
+second kernel that re-reads X for every kept block and adds the residual into the stored output.
+
+Measured (H100, reports/results/h100/tune_mosaic_run4.json; every timed variant verified against
+a float64 oracle first, integer accumulators exact; do_bench median with L2 flushed, and
+CUDA-graph replay, which agree within 1-3 % at M >= 256), 5 % density, fused time / w4a4_gemm:
+- M = 4096: RES_LATE 128 x 128 x 256 takes 1.31-1.38x w4a4_gemm on o, qkv, gate_up, down (the
+  old in-loop default took 2.1-2.3x: 1.53-1.63x slower than the new one); at 0 % density it is
+  1.02x (the base loop now matches the dense GEMM), 1 %: 1.08x, 2 %: 1.15x, 10 %: 1.59x,
+  20 %: 2.1x on o. The residual tail costs ~9-11 us per percent of density on o (54 us at 5 %): it is latency-bound
+  (one 64-deep MMA per kept block, each waiting on its L2 loads; it is not software-pipelined).
+  cuBLAS FP16 / fused = 0.87-0.95 (w4a4_gemm itself is only 1.14-1.32x cuBLAS there).
+- M = 256 (graph): RES_LATE 64 x 64 x 256: 1.19-1.40x w4a4_gemm (old default 1.5-1.8x slower).
+- M = 16 (graph, unchanged in-loop split config): 1.44-2.44x w4a4_gemm.
+Targets (<= 1.10x w4a4_gemm, >= 1.24x cuBLAS) are not met at 5 %; <= 1.10x holds up to ~1 %.
 
 Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
 `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order. The W4A4 kernels unpack each
@@ -59,31 +74,45 @@ from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
 _USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 MAX_K = 131071  # 256 * 64 * K must stay below 2**31 in the int32 accumulators
 
-# Launch configurations as data: M bucket -> tile shape, picked from the H100 sweep of
-# reports/results/h100/tune_mosaic_run3.json (geometric mean over o, qkv, gate_up, down at 5 %
-# density; every candidate verified before it was timed). BLOCK_K must divide bk (64 by default);
-# BLOCK_N divides bn or is a multiple of it. SPLIT_K=0 chooses a split for about two programs per
-# SM. Small-M timings there are eager and noisy (launch overhead): that bucket is the best of a
-# noisy set, re-check it with CUDA-graph timing.
+# Launch configurations as data: M bucket -> tile shape. M <= 64: the in-loop ZipperEngine configs
+# of reports/results/h100/tune_mosaic_run3.json (split-K at small M; unchanged). M > 64: RES_LATE
+# with the dense GEMM's own fast base loop and tiles (configs/h100.json's w4a4 buckets 256 and
+# 4096), the fastest verified fused variant on every LLaMA-3-8B shape at M = 256 and M = 4096 in
+# reports/results/h100/tune_mosaic_run4.json (do_bench and CUDA-graph timing agree). M = 1024 is
+# unmeasured: it takes the large-M config, as w4a4_gemm does. BLOCK_K divides bk, or (RES_LATE
+# only) exceeds it; BLOCK_N divides bn or is a multiple of it. SPLIT_K=0 chooses a split for about
+# two programs per SM.
 _CONFIGS = {
     16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=1, SEGMENTED=False, num_warps=4, num_stages=3),
     64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=3),
-    256: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=4),
-    None: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=4),
+    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, RES_LATE=True, SPLIT_K=1, num_warps=4,
+              num_stages=4),
+    None: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, RES_LATE=True, SPLIT_K=1, num_warps=8,
+               num_stages=3),
 }
+# The W4A16 variant keeps the run-3 table (it has no RES_LATE form and was timed with these).
+_CONFIGS_W4A16 = dict(_CONFIGS)
+_CONFIGS_W4A16[256] = _CONFIGS_W4A16[None] = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4,
+                                                  num_stages=4)
 
 
-def _pick_config(m, block, act_group_size, weight_group_size):
+def _pick_config(m, block, act_group_size, weight_group_size, table=None):
+    table = _CONFIGS if table is None else table
     for bound in (16, 64, 256, None):
         if bound is None or m <= bound:
-            cfg = dict(_CONFIGS[bound])
+            cfg = dict(table[bound])
             break
     bn, bk = block
-    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], bn)
+    if bn % cfg["BLOCK_N"] and cfg["BLOCK_N"] % bn:  # a tile neither inside one row-block nor whole ones
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], bn)
     # Group sizes must be multiples of BLOCK_K (checked in _check_config, ValueError otherwise):
     # BLOCK_K = 64 is the smallest step whose nibble planes (32 deep) feed a compiled int8 dot,
     # so activation groups of 32 are not supported by these kernels.
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], bk)
+    if not cfg.get("RES_LATE", False):
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], bk)
+    for g in (act_group_size, weight_group_size):  # one scale per K step: BLOCK_K divides the group
+        while g is not None and g % cfg["BLOCK_K"] and cfg["BLOCK_K"] > 64:
+            cfg["BLOCK_K"] //= 2
     return cfg
 
 
@@ -322,10 +351,50 @@ def _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_o
 
 
 @triton.jit
+def _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF, stride_sx, stride_sw,
+                    ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    USE_ASM: tl.constexpr):
+    """The dense base over all of K exactly as `w4a4.w4a4_gemm`'s fast loop walks it: BLOCK_K steps
+    independent of the residual block width, rows clamped (rm_s = rm % M) instead of masked, both
+    operands K-contiguous [rows, BLOCK_K/2] with the weight transposed in the dot, pointers bumped
+    per step, K masked only when BLOCK_K does not divide K. Nothing else lives in this loop."""
+    BKH: tl.constexpr = BLOCK_K // 2
+    INV256: tl.constexpr = 0.00390625
+    offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
+    a_ptrs = xp_ptr + rm_s.to(tl.int64)[:, None] * K_HALF + offs_kh[None, :]
+    w_ptrs = wp_ptr + rn_s.to(tl.int64)[:, None] * K_HALF + offs_kh[None, :]
+    for t in range(0, tl.cdiv(K_HALF, BKH)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = (t * BKH + offs_kh) < K_HALF
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0)  # byte 0 = codes (0, 0)
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+        a_lo, a_hi = unpack_lo_hi_x16(a, USE_ASM)
+        w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
+        part = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+        part = tl.dot(a_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
+        if (ACT_GROUP != 0) or (W_GROUP != 0):
+            # BLOCK_K divides the group sizes (checked): the step lies in one group.
+            step = part.to(tl.float32) * INV256
+            if ACT_GROUP != 0:
+                step = step * tl.load(sx_ptr + rm_s * stride_sx + (t * BLOCK_K) // ACT_GROUP)[:, None]
+            if W_GROUP != 0:
+                step = step * tl.load(sw_ptr + rn_s * stride_sw + (t * BLOCK_K) // W_GROUP)[None, :]
+            acc_f += step
+        else:
+            acc_i += part
+        a_ptrs += BKH
+        w_ptrs += BKH
+    return acc_i, acc_f
+
+
+@triton.jit
 def _mosaic_w4a4_kernel(
     xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr, out2_ptr,
     ws_ptr, cnt_ptr,
-    M, N, K,
+    M, N, K, K_HALF,
     stride_sx, stride_sw,
     ACT_GROUP: tl.constexpr,  # 0: one scale per token; else channels per activation group
     W_GROUP: tl.constexpr,  # 0: one base scale per channel; else channels per weight group
@@ -334,6 +403,9 @@ def _mosaic_w4a4_kernel(
     SEGMENTED: tl.constexpr,  # K walk: per-step residual test (False) or dense/residual segments
     SPLIT_K: tl.constexpr,  # > 1 (SEGMENTED only): K split over programs, last arrival reduces
     RES_LATE: tl.constexpr,  # alternative (not in-loop): base loop first, residual blocks after it
+    FAST_BASE: tl.constexpr,  # unsplit RES_LATE / base-only: w4a4_gemm's loop (`_fast_base_loop`)
+    EVEN_K: tl.constexpr,  # BLOCK_K divides K (FAST_BASE loads unmasked)
+    RES_BK: tl.constexpr,  # K step of the FAST_BASE residual tail: min(BLOCK_K, bk)
     USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -382,7 +454,48 @@ def _mosaic_w4a4_kernel(
         k_begin = 0
         k_end = K
 
-    if not HAS_RES:
+    if FAST_BASE:
+        # Large M: the base loop alone, as fast as the dense GEMM's (one int32 accumulator live).
+        rm_s = rm % M
+        rn_s = rn % N
+        acc_i, acc_f = _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF,
+                                       stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, EVEN_K, USE_ASM)
+        if HAS_RES:
+            if not INT_DEBUG:
+                # Fold the base to fp32 (its int32 accumulator dies here), then add the residual
+                # blocks into the same registers: still one [BLOCK_M, BLOCK_N] accumulator.
+                if PER_STEP_SCALE:
+                    res_f = acc_f
+                else:
+                    res_f = (acc_i >> 8).to(tl.float32)
+                if W_GROUP == 0:
+                    res_f = res_f * tl.load(sw_ptr + rn_s)[None, :]
+            # Residual tail: the tile's kept column-blocks, RES_BK deep per step; each step
+            # re-reads its X tile (from L2: 5 % of X at 5 % density) rather than holding it.
+            RHALF: tl.constexpr = RES_BK // 2
+            RSTEPS: tl.constexpr = BK_RES // RES_BK
+            rhr = tl.arange(0, RHALF)
+            xr_ptrs = xp_ptr + rm_s.to(tl.int64)[:, None] * K_HALF + rhr[None, :]
+            rr_off = n_local[None, :] * (BK_RES // 2) + rhr[:, None]
+            for tt in range(p * RSTEPS, p_end * RSTEPS):
+                e = tt // RSTEPS
+                koff = (tt - e * RSTEPS) * RES_BK
+                k0 = tl.load(kblock_ptr + e) * BK_RES + koff
+                kh_ok = (k0 // 2 + rhr) < K_HALF
+                xq = tl.load(xr_ptrs + k0 // 2, mask=kh_ok[None, :], other=0)
+                bid = tl.load(bids_ptr + e * R + slot)
+                have = bid >= 0
+                # Blocks are zero past the matrix edge; only absent row-blocks are masked.
+                rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + rr_off,
+                             mask=have[None, :], other=0)
+                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+                x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+                if ACT_GROUP != 0:
+                    sxg = tl.load(sx_ptr + rm_s * stride_sx + k0 // ACT_GROUP, mask=(rm * 0 + k0) < K, other=0.0)
+                else:
+                    sxg = tl.zeros((1,), dtype=tl.float32)
+                res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG, USE_ASM)
+    elif not HAS_RES:
         acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
                                       k_begin, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
                                       USE_ASM)
@@ -697,12 +810,21 @@ def _check_weights(weights):
         raise ValueError(f"weights must be MosaicGPUWeights from prepare_mosaic, got {type(weights).__name__}")
 
 
+def _res_step_k(cfg, weights):
+    """K step of the residual MMAs: BLOCK_K, or bk when a RES_LATE tile steps its base loop wider."""
+    return min(cfg["BLOCK_K"], weights.block[1])
+
+
 def _check_config(cfg, weights, act_group_size):
     bn, bk = weights.block
     bm, bnt, bkt = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if bn % bnt and bnt % bn:
         raise ValueError(f"BLOCK_N={bnt} must divide the residual block's bn={bn} or be a multiple of it")
-    if bk % bkt:
+    if bkt > bk and cfg.get("RES_LATE", False):
+        # RES_LATE's base loop ignores the blocks; its residual tail steps bk deep (a power of two).
+        if bk & (bk - 1) or bk < 2:
+            raise ValueError(f"BLOCK_K={bkt} > bk={bk} needs a power-of-two bk (residual steps of bk)")
+    elif bk % bkt:
         raise ValueError(f"BLOCK_K={bkt} must divide the residual block's bk={bk}")
     if bkt % 2 or bkt < 2:
         raise ValueError(f"BLOCK_K={bkt} must be even (packed int4)")
@@ -820,8 +942,12 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         raise ValueError("mosaic_w4a4_gemm_int32 takes no SPLIT_K > 1 config (it checks one walk of K)")
     if split > 1 and not cfg.get("SEGMENTED", True) and not cfg.get("RES_LATE", False):
         raise ValueError("SPLIT_K > 1 needs the SEGMENTED K walk")
+    if split > 1 and cfg["BLOCK_K"] > bk:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} > bk={bk} (RES_LATE) needs SPLIT_K=1")
     if split * m * n >= 2**31:
         raise ValueError(f"SPLIT_K={split} partials of [{m}, {n}] exceed int32 offsets; use SPLIT_K=1")
+    res_late = bool(cfg.get("RES_LATE", False))
+    fast_base = split == 1 and (res_late or not has_res)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     ws, cnt = _split_buffers(weights.device, split * m * n, tiles) if split > 1 else (out, out)
     grid = (tiles, split)
@@ -829,11 +955,12 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     handle = _mosaic_w4a4_kernel[grid](
         qx_packed, act_scale, weights.qb_packed, sw, weights.res_packed, weights.scale_res,
         *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out, out2, ws, cnt,
-        m, n, k,
+        m, n, k, k // 2,
         act_scale.stride(0), sw.stride(0),
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
         HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), SPLIT_K=split,
-        RES_LATE=bool(cfg.get("RES_LATE", False)),
+        RES_LATE=res_late, FAST_BASE=fast_base, EVEN_K=(k % cfg["BLOCK_K"] == 0),
+        RES_BK=_res_step_k(cfg, weights),
         USE_ASM=_USE_ASM,
         BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
@@ -906,7 +1033,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
             qx_packed, act_scale, weights.res_packed, weights.scale_res, *weights.tile_lists(max(cfg["BLOCK_N"], bn)), out,
             m, n, k, act_scale.stride(0),
             ACT_GROUP=act_group_size or 0, USE_ASM=_USE_ASM, BN_RES=bn, BK_RES=bk,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=_res_step_k(cfg, weights),
             GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
     return out
@@ -934,7 +1061,10 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
     if m == 0:
         return out
     bn, bk = weights.block
-    cfg = dict(config) if config is not None else _pick_config(m, weights.block, None, weights.group_size)
+    cfg = dict(config) if config is not None else _pick_config(m, weights.block, None, weights.group_size,
+                                                                 _CONFIGS_W4A16)
+    if cfg["BLOCK_K"] > bk:  # RES_LATE's wide base step does not exist here (the key is ignored)
+        raise ValueError(f"mosaic_w4a16_gemm: BLOCK_K={cfg['BLOCK_K']} must divide the residual block's bk={bk}")
     _check_config(cfg, weights, None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     sw = weights.scale_base
