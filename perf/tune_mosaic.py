@@ -160,7 +160,7 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=3),
-        # Not yet measured (added after run 3): base loop alone, residual blocks after it.
+        # RES_LATE at bk-wide steps (run 4 measured the wide-K form: --run4, RUN4_CANDIDATES).
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, RES_LATE=True, num_warps=4, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UNROLL=1, RES_LATE=True, num_warps=8, num_stages=3),
     ],
