@@ -38,6 +38,10 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 
+# Layers whose triton output is checked against the torch backend: every shape of the model.
+CHECK_LAYERS = ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.mlp.gate_proj",
+                "layers.1.mlp.down_proj")
+
 VARIANTS = [
     # (label, method, backend, params)
     ("fp16", "fp16", "torch", {}),
@@ -45,12 +49,14 @@ VARIANTS = [
     ("rtn-w4a4", "rtn-w4a4", "triton", {}),
     ("smoothquant-w4a4", "smoothquant-w4a4", "triton", {}),
     ("smoothquant-w4a4-g32", "smoothquant-w4a4", "triton", {"act_group_size": 32}),
-    ("zipper", "zipper", "triton", {"outlier_ratio": 0.05}),
-    ("zipper-g32", "zipper", "triton", {"outlier_ratio": 0.05, "act_group_size": 32}),
-    ("zipper-hybrid-g32", "zipper", "hybrid", {"outlier_ratio": 0.05, "act_group_size": 32}),
-    ("mosaic", "mosaic", "triton", {"alpha": 0.5, "group_size": None, "density": 0.05}),
-    ("mosaic-g32", "mosaic", "triton", {"alpha": 0.5, "group_size": None, "density": 0.05, "act_group_size": 32}),
-    ("mosaic-w4a16", "mosaic", "triton", {"alpha": 0.5, "density": 0.05, "act_bits": None}),
+    # ZipperQuant as measured for accuracy (zq run): alpha 0.75, outlier_ratio 0.05, high_bits 4
+    ("zipper", "zipper", "triton", {"alpha": 0.75, "outlier_ratio": 0.05}),
+    ("zipper-g32", "zipper", "triton", {"alpha": 0.75, "outlier_ratio": 0.05, "act_group_size": 32}),
+    ("zipper-hybrid-g32", "zipper", "hybrid", {"alpha": 0.75, "outlier_ratio": 0.05, "act_group_size": 32}),
+    # MosaicQuant as measured for accuracy (zq run): alpha 0.75, base groups of 32, density 0.3
+    ("mosaic", "mosaic", "triton", {"alpha": 0.75, "group_size": 32, "density": 0.3}),
+    ("mosaic-g32", "mosaic", "triton", {"alpha": 0.75, "group_size": 32, "density": 0.3, "act_group_size": 32}),
+    ("mosaic-w4a16", "mosaic", "triton", {"alpha": 0.75, "group_size": 32, "density": 0.3, "act_bits": None}),
 ]
 
 
@@ -60,23 +66,30 @@ def main():
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    ap.add_argument("--budget-s", type=float, default=210.0,
+                    help="start no new variant after this many seconds (the run must end < 4 min)")
+    ap.add_argument("--dry", action="store_true",
+                    help="CPU check of this script's plumbing: 2 layers, torch backend instead of triton/hybrid")
     args = ap.parse_args()
     import transformers
 
     from zqkernels.pipeline import MethodConfig, calibrate, quantize_model, speed, summarize_layers
+    from zqkernels.pipeline.quantize import build_layer
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / "pipeline_h100.json"
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.dry else "cuda")
+    dtype = torch.float32 if args.dry else torch.float16
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**SMOLLM2_135M)
-    base = transformers.LlamaForCausalLM(cfg).to(dev, torch.float16).eval()
+    cfg = transformers.LlamaConfig(**{**SMOLLM2_135M, **({"num_hidden_layers": 2} if args.dry else {})})
+    base = transformers.LlamaForCausalLM(cfg).to(dev, dtype).eval()
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, cfg.vocab_size, (4, 512), generator=g)
     prompt = torch.randint(0, cfg.vocab_size, (args.prefill,), generator=g)
     stats = calibrate(base, calib, progress=False)
-    result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (--dry)",
+              "torch": torch.__version__,
               "model": "LlamaForCausalLM, SmolLM2-135M configuration, seeded random weights (timing only)",
               "config": SMOLLM2_135M, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
               "command": "python perf/pipeline_device.py " + " ".join(sys.argv[1:]), "variants": []}
@@ -84,9 +97,15 @@ def main():
 
     result["triton"] = triton.__version__
     only = set(args.only.split(",")) if args.only else None
+    t_start = time.perf_counter()
     for label, method, backend, params in VARIANTS:
         if only and label not in only:
             continue
+        if time.perf_counter() - t_start > args.budget_s:
+            result.setdefault("skipped_for_time", []).append(label)
+            continue
+        if args.dry and backend != "torch":
+            backend = "torch"
         rec = {"label": label, "method": method, "backend": backend, "params": params}
         t0 = time.perf_counter()
         try:
@@ -96,19 +115,20 @@ def main():
             rec["quantize_s"] = time.perf_counter() - t0
             rec["effective_bits"] = summarize_layers(layers)["effective_bits"]
             if method != "fp16":
-                # kernel check on real shapes: triton layer vs the torch backend on the same codes
+                # kernel check on real shapes: the triton layer against the torch backend built from
+                # the same float layer, statistics and smoothing vector (same oracle codes)
                 worst = 0.0
-                ref_lm = copy.deepcopy(base)
-                quantize_model(ref_lm, stats, MethodConfig(method, **params), backend="torch", progress=False)
-                qmods = dict((n, m) for n, m, *_ in decoder_linears_any(lm))
-                rmods = dict((n, m) for n, m, *_ in decoder_linears_any(ref_lm))
+                base_mods = dict(decoder_linears_any(base))
+                qmods = dict(decoder_linears_any(lm))
                 with torch.no_grad():
-                    for name, mod in qmods.items():
-                        x = stats[name].sample_rows().to(dev, torch.float16)
-                        a, b = mod(x).double(), rmods[name](x).double()
+                    for name in CHECK_LAYERS:
+                        mod = qmods[name]
+                        ref = build_layer(mcfg, base_mods[name], stats[name], mod.smooth, "torch")
+                        x = stats[name].sample_rows().to(dev, dtype)
+                        a, b = mod(x).double(), ref(x).double()
                         worst = max(worst, ((a - b).norm() / b.norm()).item())
                 rec["max_layer_rel_err_vs_torch_backend"] = worst
-                del ref_lm
+                rec["checked_layers"] = list(CHECK_LAYERS)
             rec["speed"] = speed(lm, prompt, decode_tokens=args.decode, repeats=3)
             if lm is not base:
                 del lm
