@@ -408,9 +408,15 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def _write_json_for_empty_run(config) -> None:
-    """pytest-benchmark writes nothing (an empty, invalid file) when no benchmark ran: fill it."""
+    """pytest-benchmark writes nothing when no benchmark ran (before 5.3 it leaves an empty, invalid
+    file open; from 5.3 `--benchmark-json` is a path and no file at all): fill it."""
     fh = getattr(config.option, "benchmark_json", None)
-    if fh is None or getattr(fh, "closed", True):
+    if fh is None:
+        return
+    as_path = isinstance(fh, (str, os.PathLike))
+    if as_path and Path(fh).is_file() and Path(fh).stat().st_size > 0:
+        return  # pytest-benchmark wrote its own report
+    if not as_path and getattr(fh, "closed", True):
         return
     import datetime
 
@@ -425,5 +431,8 @@ def _write_json_for_empty_run(config) -> None:
         "version": None,
         "zq_perf": _zq_perf_block(config),
     }
-    fh.write(json.dumps(output, indent=4).encode())
-    fh.close()
+    if as_path:
+        Path(fh).write_text(json.dumps(output, indent=4))
+    else:
+        fh.write(json.dumps(output, indent=4).encode())
+        fh.close()
