@@ -67,6 +67,23 @@ WIDE_K_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, num_warps=4, num_stages=2),
+    # Pipelined residual tails (RES_PIPE): compiler-staged tl.range, and manual register prefetch.
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, RES_PIPE=3, SPLIT_K=1, GROUP_M=8, num_warps=8,
+         num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, RES_PIPE=2, SPLIT_K=1, GROUP_M=2, num_warps=4,
+         num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, RES_PIPE=-1, SPLIT_K=1, GROUP_M=8, num_warps=8,
+         num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, RES_PIPE=-1, SPLIT_K=1, num_warps=4, num_stages=2),
+]
+# The small-M candidate: the wide base loop split over K (FAST_SPLIT), each split taking every
+# SPLIT_K-th residual step of the tail; fp32 partials summed in the epilogue (float outputs only).
+FAST_SPLIT_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=2, RES_PIPE=-1, GROUP_M=1,
+         num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=3, RES_PIPE=2, GROUP_M=1,
+         num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=0, num_warps=4, num_stages=2),
 ]
 
 
@@ -204,7 +221,8 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
 
 @settings(max_examples=25)
 @given(codes=mosaic_codes(group_sizes=(None, 256)), data=st.data(), act_group_size=st.sampled_from([None, 256]),
-       out_dtype=st.sampled_from([torch.float32, torch.float16]), cfg=st.sampled_from(WIDE_K_CONFIGS),
+       out_dtype=st.sampled_from([torch.float32, torch.float16]),
+       cfg=st.sampled_from(WIDE_K_CONFIGS + FAST_SPLIT_CONFIGS),
        unfused=st.booleans())
 def test_wide_base_step_res_late_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
     """BLOCK_K > bk (RES_LATE, the large-M path): K not a multiple of BLOCK_K, groups of 256."""
@@ -314,7 +332,7 @@ def test_every_launch_config_gives_the_same_output(codes, data):
         torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
     # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges, RES_LATE adds
     # the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
-    for c in [None] + REORDERED_CONFIGS + WIDE_K_CONFIGS:
+    for c in [None] + REORDERED_CONFIGS + WIDE_K_CONFIGS + FAST_SPLIT_CONFIGS:
         o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
 

@@ -351,19 +351,20 @@ def _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_o
 
 
 @triton.jit
-def _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF, stride_sx, stride_sw,
+def _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF, stride_sx, stride_sw, t0, t1,
                     ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                     USE_ASM: tl.constexpr):
     """The dense base over all of K exactly as `w4a4.w4a4_gemm`'s fast loop walks it: BLOCK_K steps
     independent of the residual block width, rows clamped (rm_s = rm % M) instead of masked, both
     operands K-contiguous [rows, BLOCK_K/2] with the weight transposed in the dot, pointers bumped
-    per step, K masked only when BLOCK_K does not divide K. Nothing else lives in this loop."""
+    per step, K masked only when BLOCK_K does not divide K. Nothing else lives in this loop.
+    Walks K tiles [t0, t1) (all of K unsplit; one split's share with FAST_SPLIT)."""
     BKH: tl.constexpr = BLOCK_K // 2
     INV256: tl.constexpr = 0.00390625
     offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
-    a_ptrs = xp_ptr + rm_s.to(tl.int64)[:, None] * K_HALF + offs_kh[None, :]
-    w_ptrs = wp_ptr + rn_s.to(tl.int64)[:, None] * K_HALF + offs_kh[None, :]
-    for t in range(0, tl.cdiv(K_HALF, BKH)):
+    a_ptrs = xp_ptr + rm_s.to(tl.int64)[:, None] * K_HALF + (t0 * BKH + offs_kh)[None, :]
+    w_ptrs = wp_ptr + rn_s.to(tl.int64)[:, None] * K_HALF + (t0 * BKH + offs_kh)[None, :]
+    for t in range(t0, t1):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -391,6 +392,45 @@ def _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_
 
 
 @triton.jit
+def _res_tail_load(tt, t_end, xr_ptrs, rr_off, kblock_ptr, bids_ptr, rp_ptr, sr_ptr, slot, n_local, rhr, K_HALF,
+                   R: tl.constexpr, RSTEPS: tl.constexpr, RES_BK: tl.constexpr, BN_RES: tl.constexpr,
+                   BK_RES: tl.constexpr, GUARD: tl.constexpr):
+    """Loads of RES_LATE tail step tt (kept block tt // RSTEPS, its RES_BK-deep part tt % RSTEPS):
+    the X tile (re-read, clamped rows), the residual tile and its row scales. GUARD (the manual
+    prefetch, which runs one step past the last): a step tt >= t_end loads zeros, an absent block."""
+    INV256: tl.constexpr = 0.00390625
+    e = tt // RSTEPS
+    koff = (tt - e * RSTEPS) * RES_BK
+    if GUARD:
+        e = tl.where(tt < t_end, e, 0)  # entry 0 always exists (tile_lists keeps one dummy when none)
+    k0 = tl.load(kblock_ptr + e) * BK_RES + koff
+    kh_ok = (k0 // 2 + rhr) < K_HALF
+    if GUARD:
+        kh_ok = kh_ok & ((rhr * 0 + tt) < t_end)
+    xq = tl.load(xr_ptrs + k0 // 2, mask=kh_ok[None, :], other=0)
+    bid = tl.load(bids_ptr + e * R + slot)
+    if GUARD:
+        bid = tl.where((slot * 0 + tt) < t_end, bid, -1)
+    have = bid >= 0
+    # Blocks are zero past the matrix edge; only absent row-blocks are masked.
+    rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + rr_off, mask=have[None, :], other=0)
+    srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
+    return xq, rq, srow, k0
+
+
+@triton.jit
+def _res_tail_mma(res_i, res_f, xq, rq, srow, k0, sx_ptr, rm, rm_s, stride_sx, K, ACT_GROUP: tl.constexpr,
+                  INT_DEBUG: tl.constexpr, USE_ASM: tl.constexpr):
+    """The residual MMA of one RES_LATE tail step on tiles loaded by `_res_tail_load`."""
+    x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
+    if ACT_GROUP != 0:
+        sxg = tl.load(sx_ptr + rm_s * stride_sx + k0 // ACT_GROUP, mask=(rm * 0 + k0) < K, other=0.0)
+    else:
+        sxg = tl.zeros((1,), dtype=tl.float32)
+    return _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG, USE_ASM)
+
+
+@triton.jit
 def _mosaic_w4a4_kernel(
     xp_ptr, sx_ptr, wp_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr, out2_ptr,
     ws_ptr, cnt_ptr,
@@ -406,6 +446,7 @@ def _mosaic_w4a4_kernel(
     FAST_BASE: tl.constexpr,  # unsplit RES_LATE / base-only: w4a4_gemm's loop (`_fast_base_loop`)
     EVEN_K: tl.constexpr,  # BLOCK_K divides K (FAST_BASE loads unmasked)
     RES_BK: tl.constexpr,  # K step of the FAST_BASE residual tail: min(BLOCK_K, bk)
+    RES_PIPE: tl.constexpr,  # FAST_BASE tail: 0 plain loop, n > 0 tl.range(num_stages=n), -1 manual prefetch
     USE_ASM: tl.constexpr,
     BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -458,8 +499,18 @@ def _mosaic_w4a4_kernel(
         # Large M: the base loop alone, as fast as the dense GEMM's (one int32 accumulator live).
         rm_s = rm % M
         rn_s = rn % N
+        # Split (FAST_SPLIT, small M): program pid_k takes a contiguous share of the BLOCK_K tiles
+        # and every SPLIT_K-th residual step of the tail; the partials are summed in the epilogue.
+        k_tiles = tl.cdiv(K_HALF, BLOCK_K // 2)
+        if SPLIT_K > 1:
+            per_tiles = tl.cdiv(k_tiles, SPLIT_K)
+            t0 = tl.minimum(pid_k * per_tiles, k_tiles)
+            t1 = tl.minimum(t0 + per_tiles, k_tiles)
+        else:
+            t0 = 0
+            t1 = k_tiles
         acc_i, acc_f = _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF,
-                                       stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, EVEN_K, USE_ASM)
+                                       stride_sx, stride_sw, t0, t1, ACT_GROUP, W_GROUP, BLOCK_K, EVEN_K, USE_ASM)
         if HAS_RES:
             if not INT_DEBUG:
                 # Fold the base to fp32 (its int32 accumulator dies here), then add the residual
@@ -477,24 +528,35 @@ def _mosaic_w4a4_kernel(
             rhr = tl.arange(0, RHALF)
             xr_ptrs = xp_ptr + rm_s.to(tl.int64)[:, None] * K_HALF + rhr[None, :]
             rr_off = n_local[None, :] * (BK_RES // 2) + rhr[:, None]
-            for tt in range(p * RSTEPS, p_end * RSTEPS):
-                e = tt // RSTEPS
-                koff = (tt - e * RSTEPS) * RES_BK
-                k0 = tl.load(kblock_ptr + e) * BK_RES + koff
-                kh_ok = (k0 // 2 + rhr) < K_HALF
-                xq = tl.load(xr_ptrs + k0 // 2, mask=kh_ok[None, :], other=0)
-                bid = tl.load(bids_ptr + e * R + slot)
-                have = bid >= 0
-                # Blocks are zero past the matrix edge; only absent row-blocks are masked.
-                rq = tl.load(rp_ptr + bid[None, :] * (BN_RES * (BK_RES // 2)) + koff // 2 + rr_off,
-                             mask=have[None, :], other=0)
-                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0) * INV256
-                x_lo, x_hi = unpack_lo_hi_x16(xq, USE_ASM)
-                if ACT_GROUP != 0:
-                    sxg = tl.load(sx_ptr + rm_s * stride_sx + k0 // ACT_GROUP, mask=(rm * 0 + k0) < K, other=0.0)
-                else:
-                    sxg = tl.zeros((1,), dtype=tl.float32)
-                res_i, res_f = _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP, INT_DEBUG, USE_ASM)
+            t_begin = p * RSTEPS + pid_k  # pid_k = 0 unsplit
+            t_end = p_end * RSTEPS
+            if RES_PIPE < 0:
+                # Manual prefetch: step tt+1's X and residual tiles (and scales) are loaded into
+                # registers before step tt's MMA, so their L2 latency overlaps it.
+                xq, rq, srow, k0 = _res_tail_load(t_begin, t_end, xr_ptrs, rr_off, kblock_ptr, bids_ptr,
+                                                  rp_ptr, sr_ptr, slot, n_local, rhr, K_HALF, R, RSTEPS, RES_BK,
+                                                  BN_RES, BK_RES, True)
+                for tt in range(t_begin, t_end, SPLIT_K):
+                    xq_n, rq_n, srow_n, k0_n = _res_tail_load(tt + SPLIT_K, t_end, xr_ptrs, rr_off, kblock_ptr,
+                                                              bids_ptr, rp_ptr, sr_ptr, slot, n_local, rhr, K_HALF, R,
+                                                              RSTEPS, RES_BK, BN_RES, BK_RES, True)
+                    res_i, res_f = _res_tail_mma(res_i, res_f, xq, rq, srow, k0, sx_ptr, rm, rm_s, stride_sx, K,
+                                                 ACT_GROUP, INT_DEBUG, USE_ASM)
+                    xq, rq, srow, k0 = xq_n, rq_n, srow_n, k0_n
+            elif RES_PIPE > 0:
+                # Software-pipelined by the compiler: RES_PIPE stages of loads in flight.
+                for tt in tl.range(t_begin, t_end, SPLIT_K, num_stages=RES_PIPE):
+                    xq, rq, srow, k0 = _res_tail_load(tt, t_end, xr_ptrs, rr_off, kblock_ptr, bids_ptr, rp_ptr, sr_ptr,
+                                                      slot, n_local, rhr, K_HALF, R, RSTEPS, RES_BK, BN_RES, BK_RES, False)
+                    res_i, res_f = _res_tail_mma(res_i, res_f, xq, rq, srow, k0, sx_ptr, rm, rm_s, stride_sx, K,
+                                                 ACT_GROUP, INT_DEBUG, USE_ASM)
+            else:
+                # Run 4's tail: each step's MMA waits on its own loads.
+                for tt in range(t_begin, t_end, SPLIT_K):
+                    xq, rq, srow, k0 = _res_tail_load(tt, t_end, xr_ptrs, rr_off, kblock_ptr, bids_ptr, rp_ptr, sr_ptr,
+                                                      slot, n_local, rhr, K_HALF, R, RSTEPS, RES_BK, BN_RES, BK_RES, False)
+                    res_i, res_f = _res_tail_mma(res_i, res_f, xq, rq, srow, k0, sx_ptr, rm, rm_s, stride_sx, K,
+                                                 ACT_GROUP, INT_DEBUG, USE_ASM)
     elif not HAS_RES:
         acc_i, acc_f = _dense_segment(acc_i, acc_f, x_ptrs, w_ptrs, sx_ptr, sw_ptr, rm, rn, rh, m_ok, n_ok,
                                       k_begin, k_end, K, stride_sx, stride_sw, ACT_GROUP, W_GROUP, BLOCK_K, UNROLL,
@@ -937,17 +999,18 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
     if int_debug and config is None:
         cfg["SPLIT_K"] = 1  # the debug entry point checks one unsplit walk of K
     _check_config(cfg, weights, act_group_size)
-    split = _choose_split(cfg, m, n, k, bk, weights.device)
+    fast_split = bool(cfg.get("FAST_SPLIT", False)) and bool(cfg.get("RES_LATE", False))
+    split = _choose_split(cfg, m, n, k, max(bk, cfg["BLOCK_K"]) if fast_split else bk, weights.device)
     if split > 1 and int_debug:
         raise ValueError("mosaic_w4a4_gemm_int32 takes no SPLIT_K > 1 config (it checks one walk of K)")
     if split > 1 and not cfg.get("SEGMENTED", True) and not cfg.get("RES_LATE", False):
         raise ValueError("SPLIT_K > 1 needs the SEGMENTED K walk")
-    if split > 1 and cfg["BLOCK_K"] > bk:
-        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} > bk={bk} (RES_LATE) needs SPLIT_K=1")
+    if split > 1 and cfg["BLOCK_K"] > bk and not fast_split:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} > bk={bk} (RES_LATE) needs SPLIT_K=1 or FAST_SPLIT")
     if split * m * n >= 2**31:
         raise ValueError(f"SPLIT_K={split} partials of [{m}, {n}] exceed int32 offsets; use SPLIT_K=1")
     res_late = bool(cfg.get("RES_LATE", False))
-    fast_base = split == 1 and (res_late or not has_res)
+    fast_base = (split == 1 and (res_late or not has_res)) or fast_split
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     ws, cnt = _split_buffers(weights.device, split * m * n, tiles) if split > 1 else (out, out)
     grid = (tiles, split)
@@ -960,7 +1023,7 @@ def _launch_fused(qx_packed, act_scale, weights, act_group_size, out, out2, has_
         ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0,
         HAS_RES=has_res, INT_DEBUG=int_debug, SEGMENTED=cfg.get("SEGMENTED", True), SPLIT_K=split,
         RES_LATE=res_late, FAST_BASE=fast_base, EVEN_K=(k % cfg["BLOCK_K"] == 0),
-        RES_BK=_res_step_k(cfg, weights),
+        RES_BK=_res_step_k(cfg, weights), RES_PIPE=int(cfg.get("RES_PIPE", 0)),
         USE_ASM=_USE_ASM,
         BN_RES=bn, BK_RES=bk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UNROLL=cfg.get("UNROLL", 1),
