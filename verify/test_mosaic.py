@@ -246,10 +246,11 @@ def test_wide_base_step_res_late_matches_reference(codes, data, act_group_size, 
 
 @settings(max_examples=15, deadline=None)
 @given(codes=mosaic_codes(max_n=140, max_k=600, group_sizes=(None, 64, 256)), data=st.data(),
-       act_group_size=st.sampled_from([None, 64, 256]), m=st.sampled_from([65, 200, 257, 300]))
-def test_default_configs_above_m64_match_reference(codes, data, act_group_size, m):
-    """The launcher's own M > 64 choices (RES_LATE, 64 x 64 x 256 and 128 x 128 x 256 tiles,
-    BLOCK_K shrunk to divide a 64-group) for the fused, unfused, int32 and W4A16 entry points."""
+       act_group_size=st.sampled_from([None, 64, 256]), m=st.sampled_from([1, 16, 65, 200, 257, 300]))
+def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_group_size, m):
+    """The launcher's own M <= 16 (FAST_SPLIT RES_LATE, split-K over 256-wide steps, prefetched
+    tail) and M > 64 choices (RES_LATE, 64 x 64 x 256 and 128 x 128 x 256 tiles), BLOCK_K shrunk
+    to divide a 64-group, for the fused, unfused, int32 and W4A16 entry points."""
     n, k = codes.q_base.shape
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)

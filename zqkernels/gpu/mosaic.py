@@ -16,13 +16,14 @@ Layout built once by `prepare_mosaic` (offline, like any weight packing):
 
 ZipperEngine (`mosaic_w4a4_gemm`) has two K walks in the same kernel (one launch either way):
 
-- In-loop (the DESIGN.md §3.4 form; DEFAULT AT M <= 64): one program owns a [BLOCK_M, BLOCK_N]
+- In-loop (the DESIGN.md §3.4 form; DEFAULT AT 16 < M <= 64): one program owns a [BLOCK_M, BLOCK_N]
   output tile (BLOCK_N divides bn, or is a multiple of it) and walks K in BLOCK_K steps (BLOCK_K
   divides bk, so each step lies inside one residual column-block, whose per-row scale is constant
   along the step). Every step does the dense base MMA; when the step's column-block is in the
   tile's CSR list, a second int8 MMA multiplies the SAME activation registers by the residual tile
-  into a separate fp32 accumulator. X is read once. At M <= 16 it splits K over programs.
-- RES_LATE (`config=dict(..., RES_LATE=True)`; DEFAULT AT M > 64, unsplit): the base K loop is
+  into a separate fp32 accumulator. X is read once. It can split K over programs (SPLIT_K).
+- RES_LATE (`config=dict(..., RES_LATE=True)`; DEFAULT AT M > 64, unsplit, and M <= 16, split):
+  the base K loop is
   `w4a4.w4a4_gemm`'s fast loop (`_fast_base_loop`: BLOCK_K 256 independent of bk = 64, the x16
   nibble unpack, clamped rows, GROUP_M swizzle, w4a4's large-M tile 128 x 128 / 8 warps / 3 stages,
   64 x 64 / 4 warps / 4 stages at M <= 256). Then the int32 base accumulator is folded to fp32 in
@@ -33,22 +34,33 @@ ZipperEngine (`mosaic_w4a4_gemm`) has two K walks in the same kernel (one launch
   tile means 255 registers and spills (run 3: 128 x 64 in-loop, 20 spilled), while RES_LATE keeps
   one accumulator (128 x 128 x 256: 240 registers, 0 spills) and a main loop identical to the
   dense GEMM's. It departs from the design's "no second pass over X" for those 5 % of X tiles.
+  Tail variants (`RES_PIPE`): 0 (default at M > 64) a plain loop; n > 0 `tl.range(num_stages=n)`;
+  -1 manual prefetch (step i+1's X / residual tiles and scales loaded before step i's MMA).
+  FAST_SPLIT=True (DEFAULT AT M <= 16, with SPLIT_K=0: about two programs per SM, RES_PIPE=-1):
+  the same fast base loop split over K tiles (w4a4_gemm's small-M split-K structure, without its
+  SWAP_AB), each split taking every SPLIT_K-th tail step; the last arrival sums the fp32 partials.
 
 `mosaic_w4a4_gemm_unfused` is the baseline: the dense GEMM (the same fast loop when unsplit), then a
 second kernel that re-reads X for every kept block and adds the residual into the stored output.
 
-Measured (H100, reports/results/h100/tune_mosaic_run4.json; every timed variant verified against
-a float64 oracle first, integer accumulators exact; do_bench median with L2 flushed, and
-CUDA-graph replay, which agree within 1-3 % at M >= 256), 5 % density, fused time / w4a4_gemm:
-- M = 4096: RES_LATE 128 x 128 x 256 takes 1.31-1.38x w4a4_gemm on o, qkv, gate_up, down (the
-  old in-loop default took 2.1-2.3x: 1.53-1.63x slower than the new one); at 0 % density it is
-  1.02x (the base loop now matches the dense GEMM), 1 %: 1.08x, 2 %: 1.15x, 10 %: 1.59x,
-  20 %: 2.1x on o. The residual tail costs ~9-11 us per percent of density on o (54 us at 5 %): it is latency-bound
-  (one 64-deep MMA per kept block, each waiting on its L2 loads; it is not software-pipelined).
-  cuBLAS FP16 / fused = 0.87-0.95 (w4a4_gemm itself is only 1.14-1.32x cuBLAS there).
-- M = 256 (graph): RES_LATE 64 x 64 x 256: 1.19-1.40x w4a4_gemm (old default 1.5-1.8x slower).
-- M = 16 (graph, unchanged in-loop split config): 1.44-2.44x w4a4_gemm.
-Targets (<= 1.10x w4a4_gemm, >= 1.24x cuBLAS) are not met at 5 %; <= 1.10x holds up to ~1 %.
+Measured (H100, reports/results/h100/tune_mosaic_run5.json, run 4 before it; every timed variant
+verified against a float64 oracle first, integer accumulators exact; do_bench median with L2
+flushed, and CUDA-graph replay), 5 % density, fused time / w4a4_gemm (graph):
+- M = 4096: RES_LATE 128 x 128 x 256 takes 1.34-1.38x w4a4_gemm on o, qkv, gate_up, down (run 4:
+  1.31-1.38x; the old in-loop default took 2.1-2.3x); on o at 0 % density 1.03x, 1 %: 1.08x,
+  10 %: 1.67x, 20 %: 2.13x. The residual tail costs ~10 us per percent of density on o (53 us at
+  5 %). Pipelining it did NOT help (run 5): tl.range with 2 / 3 stages is 1-13 % / 3-19 % slower,
+  the manual prefetch equal within 1 % on gate_up, down and o at 0 %, 2-9 % slower on o, qkv and
+  at 1-20 % on o: the tail is not bound by its own load latency alone, so RES_PIPE stays 0 there.
+  cuBLAS FP16 / fused = 0.84-0.98 (w4a4_gemm itself is only 1.13-1.35x cuBLAS there).
+- M = 256 (run 4, graph): RES_LATE 64 x 64 x 256: 1.19-1.40x w4a4_gemm.
+- M = 16 (run 5, graph): the FAST_SPLIT default takes 1.06x (o), 1.15x (qkv, down), 1.16x
+  (gate_up) w4a4_gemm, 1.74-2.45x faster than cuBLAS FP16 (the old in-loop default: 1.39-2.54x
+  w4a4_gemm, 21.6-56.5 us against 13.8-39.5 us now). Eager (no graph) times at M = 16 are host
+  launch bound (43-92 us for 13-40 us kernels) and scatter by +-30 % between variants. M = 1 is
+  unmeasured (same bucket, same weight-bound work).
+Targets: <= 1.15x at M <= 16 is met on o, qkv, down, just missed on gate_up (1.157x); <= 1.10x at
+M >= 256 and >= 1.24x cuBLAS at M = 4096 are NOT met at 5 % (<= 1.10x holds up to ~1 %).
 
 Nibbles become two int8 planes, the even elements and the odd elements; a dot over K is a sum, so
 `dot(x_lo, w_lo) + dot(x_hi, w_hi)` is the dot over natural K order. The W4A4 kernels unpack each
@@ -74,8 +86,11 @@ from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
 _USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 MAX_K = 131071  # 256 * 64 * K must stay below 2**31 in the int32 accumulators
 
-# Launch configurations as data: M bucket -> tile shape. M <= 64: the in-loop ZipperEngine configs
-# of reports/results/h100/tune_mosaic_run3.json (split-K at small M; unchanged). M > 64: RES_LATE
+# Launch configurations as data: M bucket -> tile shape. M <= 16: FAST_SPLIT RES_LATE (w4a4's wide
+# base loop split over K, auto split, prefetched tail), the fastest verified variant on every
+# LLaMA-3-8B shape at M = 16 in reports/results/h100/tune_mosaic_run5.json (CUDA-graph timing;
+# 1.2-2.2x faster than run 3's in-loop config, kept in tune_mosaic.OLD_DEFAULT[16]). 16 < M <= 64:
+# the in-loop config of reports/results/h100/tune_mosaic_run3.json (split-K; unchanged). M > 64: RES_LATE
 # with the dense GEMM's own fast base loop and tiles (configs/h100.json's w4a4 buckets 256 and
 # 4096), the fastest verified fused variant on every LLaMA-3-8B shape at M = 256 and M = 4096 in
 # reports/results/h100/tune_mosaic_run4.json (do_bench and CUDA-graph timing agree). M = 1024 is
@@ -83,7 +98,8 @@ MAX_K = 131071  # 256 * 64 * K must stay below 2**31 in the int32 accumulators
 # only) exceeds it; BLOCK_N divides bn or is a multiple of it. SPLIT_K=0 chooses a split for about
 # two programs per SM.
 _CONFIGS = {
-    16: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=1, SEGMENTED=False, num_warps=4, num_stages=3),
+    16: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=0, RES_PIPE=-1,
+             num_warps=4, num_stages=4),
     64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=3),
     256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, RES_LATE=True, SPLIT_K=1, num_warps=4,
               num_stages=4),
@@ -92,6 +108,8 @@ _CONFIGS = {
 }
 # The W4A16 variant keeps the run-3 table (it has no RES_LATE form and was timed with these).
 _CONFIGS_W4A16 = dict(_CONFIGS)
+_CONFIGS_W4A16[16] = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=4, SPLIT_K=1, SEGMENTED=False, num_warps=4,
+                          num_stages=3)
 _CONFIGS_W4A16[256] = _CONFIGS_W4A16[None] = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, UNROLL=1, num_warps=4,
                                                   num_stages=4)
 
