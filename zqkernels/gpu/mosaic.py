@@ -51,7 +51,14 @@ flushed, and CUDA-graph replay), 5 % density, fused time / w4a4_gemm (graph):
   10 %: 1.67x, 20 %: 2.13x. The residual tail costs ~10 us per percent of density on o (53 us at
   5 %). Pipelining it did NOT help (run 5): tl.range with 2 / 3 stages is 1-13 % / 3-19 % slower,
   the manual prefetch equal within 1 % on gate_up, down and o at 0 %, 2-9 % slower on o, qkv and
-  at 1-20 % on o: the tail is not bound by its own load latency alone, so RES_PIPE stays 0 there.
+  at 1-20 % on o, so RES_PIPE stays 0 there. Why: at 5 % a 128-wide tile (the union of two
+  row-blocks' lists over 64 column-blocks) has only ~6 tail steps, and each tile's tail runs after
+  its own base loop with nothing else to overlap: 53 us over ~7.8 waves of 1024 tiles on o is
+  ~1.1 us per step, a chain of dependent loads (indptr -> kblock / bids -> X and residual tiles)
+  that a 2-3 stage pipeline over ~6 iterations cannot hide; tl.range stages the tiles through
+  shared memory (22 cp.async in the sm_90 PTX, Triton 3.9) and adds waits, the prefetch adds
+  registers. Hiding it needs other work beside it (a persistent grid overlapping one tile's tail
+  with the next tile's base loop, or the in-loop form without its register cost).
   cuBLAS FP16 / fused = 0.84-0.98 (w4a4_gemm itself is only 1.13-1.35x cuBLAS there).
 - M = 256 (run 4, graph): RES_LATE 64 x 64 x 256: 1.19-1.40x w4a4_gemm.
 - M = 16 (run 5, graph): the FAST_SPLIT default takes 1.06x (o), 1.15x (qkv, down), 1.16x
