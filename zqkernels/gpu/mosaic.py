@@ -87,6 +87,7 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
+from zqkernels.gpu.w4a4 import check_out
 
 # Inline PTX does not run under Triton's CPU interpreter; there the same bytes are computed with
 # int8 shifts and masks (identical results, checked by the tests against the compiled path on GPU).
@@ -935,32 +936,23 @@ def _check_offsets(m, weights, x_elems_per_row):
 
 def _check_packed_acts(qx_packed, weights):
     n, k = weights.shape
+    # Not w4a4's _check_packed: zero tokens (M = 0) are valid here and give an empty output.
     if not isinstance(qx_packed, torch.Tensor):
         raise ValueError("qx_packed must be a torch.Tensor")
     if qx_packed.dtype != torch.uint8:
         raise ValueError(f"qx_packed must be uint8 packed int4, got {qx_packed.dtype}")
     if qx_packed.dim() != 2 or qx_packed.shape[1] != k // 2:
         raise ValueError(f"qx_packed must be [M, {k // 2}] for K={k}, got {tuple(qx_packed.shape)}")
-    if qx_packed.device != weights.device:
-        raise ValueError(f"qx_packed is on {qx_packed.device} but weights are on {weights.device}")
     if not qx_packed.is_contiguous():
         raise ValueError("qx_packed must be contiguous")
+    if qx_packed.device != weights.device:
+        raise ValueError(f"qx_packed is on {qx_packed.device} but weights are on {weights.device}")
     _check_offsets(qx_packed.shape[0], weights, k // 2)
 
 
 def _out_tensor(out, m, n, dtype, device):
     """The caller's output buffer (validated) or a fresh one; tests pass poisoned buffers."""
-    if out is None:
-        return torch.empty((m, n), dtype=dtype, device=device)
-    if not isinstance(out, torch.Tensor) or out.dtype != dtype:
-        raise ValueError(f"out must be a {dtype} tensor, got {getattr(out, 'dtype', type(out))}")
-    if tuple(out.shape) != (m, n):
-        raise ValueError(f"out must have shape {(m, n)}, got {tuple(out.shape)}")
-    if out.device != device:
-        raise ValueError(f"out is on {out.device} but weights are on {device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    return out
+    return check_out(out, (m, n), dtype, device)
 
 
 def _check_act_scale(act_scale, m, k, act_group_size, device):

@@ -283,6 +283,21 @@ def _check_packed(name, t):
         raise ValueError(f"{name} is on {t.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
 
 
+def _check_operands(qx_packed, qw_packed):
+    """The two packed operands of a W4A4 product: same device, same K, K within int32 range."""
+    _check_packed("qx_packed", qx_packed)
+    _check_packed("qw_packed", qw_packed)
+    if qw_packed.device != qx_packed.device:
+        raise ValueError(f"qw_packed is on {qw_packed.device}, qx_packed on {qx_packed.device}")
+    M, KH = qx_packed.shape
+    N = qw_packed.shape[0]
+    if qw_packed.shape[1] != KH:
+        raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
+    if KH > MAX_KH:
+        raise ValueError(f"qx_packed: K={2 * KH} too large; the int32 accumulator (256x the code product) holds K <= {2 * MAX_KH}")
+    return M, N, KH
+
+
 def _check_scale(name, t, shape, device):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
         raise ValueError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
@@ -344,16 +359,7 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
     """qx_packed uint8 [M, K/2], act_scale fp32 [M] (or [M, ceil(K/g)] with act_group_size=g),
     qw_packed uint8 [N, K/2], w_scale fp32 [N] -> out_dtype [M, N] (fp16, bf16 or fp32).
     `out` (optional): preallocated result. `config` overrides the tuned launch config (tuning only)."""
-    _check_packed("qx_packed", qx_packed)
-    _check_packed("qw_packed", qw_packed)
-    if qw_packed.device != qx_packed.device:
-        raise ValueError(f"qw_packed is on {qw_packed.device}, qx_packed on {qx_packed.device}")
-    M, KH = qx_packed.shape
-    N = qw_packed.shape[0]
-    if qw_packed.shape[1] != KH:
-        raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
-    if KH > MAX_KH:
-        raise ValueError(f"qx_packed: K={2 * KH} too large; the int32 accumulator (256x the code product) holds K <= {2 * MAX_KH}")
+    M, N, KH = _check_operands(qx_packed, qw_packed)
     if act_group_size is not None and act_group_size not in SUPPORTED_ACT_GROUPS:
         raise ValueError(f"act_group_size must be None or one of {SUPPORTED_ACT_GROUPS}, got {act_group_size}")
     if out_dtype not in _OUT_DTYPES:
@@ -368,16 +374,7 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
 
 def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None):
     """qx_packed uint8 [M, K/2] x qw_packed uint8 [N, K/2] -> int32 [M, N] = qx @ qw.T exactly."""
-    _check_packed("qx_packed", qx_packed)
-    _check_packed("qw_packed", qw_packed)
-    if qw_packed.device != qx_packed.device:
-        raise ValueError(f"qw_packed is on {qw_packed.device}, qx_packed on {qx_packed.device}")
-    M, KH = qx_packed.shape
-    N = qw_packed.shape[0]
-    if qw_packed.shape[1] != KH:
-        raise ValueError(f"qw_packed has K/2={qw_packed.shape[1]}, qx_packed K/2={KH}")
-    if KH > MAX_KH:
-        raise ValueError(f"qx_packed: K={2 * KH} too large; the int32 accumulator (256x the code product) holds K <= {2 * MAX_KH}")
+    M, N, KH = _check_operands(qx_packed, qw_packed)
     out = check_out(out, (M, N), torch.int32, qx_packed.device)
     dummy = torch.empty(1, dtype=torch.float32, device=qx_packed.device)
     return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config)
