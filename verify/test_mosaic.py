@@ -481,3 +481,28 @@ def test_llama_sizes_compiled(shape, m):
     for out in (y, yu):
         rel = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
         assert rel < 1e-6  # fp32 scale products and residual accumulation only
+
+
+def test_w4a16_unrolled_steps_past_k_read_no_group_scale():
+    """Regression (a CI flake): with K < BLOCK_K * UNROLL the W4A16 kernel's unrolled steps past K
+    loaded a group scale past the tensor's end, and garbage * 0 can be NaN. NaN is planted right
+    after the scales so such a read fails every time."""
+    import dataclasses
+
+    rng = np.random.default_rng(7)
+    n, k, m = 128, 8, 10
+    w_f = rng.standard_normal((n, k))
+    x = rng.standard_normal((m, k))
+    codes = R.mosaic_quantize(w_f, np.mean(x**2, axis=0), density=0.05, block=(16, 64), group_size=64)
+    w = prepare_mosaic(codes, DEVICE)
+    sb = w.scale_base
+    buf = torch.full((sb.numel() + 4096,), float("nan"), dtype=sb.dtype, device=sb.device)
+    buf[: sb.numel()] = sb.reshape(-1)
+    w = dataclasses.replace(w, scale_base=buf[: sb.numel()].view(sb.shape))
+    xt = torch.from_numpy(x).to(torch.float16)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out).cpu().numpy()
+    ref = R.mosaic_matmul(xt.double().numpy(), codes, act_bits=None)
+    mag = np.abs(xt.double().numpy()) @ R.mosaic_dequantize(abs_codes(codes)).T
+    assert np.all(np.isfinite(y))
+    assert np.all(np.abs(y - ref) <= 2.0**-20 * mag + 1e-30)  # fp32 accumulation of exact products

@@ -860,7 +860,9 @@ def _mosaic_w4a16_kernel(
             wq = tl.load(w_ptrs + k0 // 2, mask=n_ok[:, None] & kh_ok[None, :], other=0)
             w = tl.trans(unpack_interleaved(wq, BLOCK_N, BLOCK_K).to(x.dtype))
             if W_GROUP != 0:
-                swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+                # Unrolled steps may lie past K: their group index has no scale (an unmasked load
+                # read past the tensor, and garbage * 0 can be NaN).
+                swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok & ((rn * 0 + k0) < K), other=0.0)
                 acc += tl.dot(x, w) * swg[None, :]
             else:
                 acc = tl.dot(x, w, acc)
