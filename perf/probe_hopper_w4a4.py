@@ -1,0 +1,215 @@
+"""Probe: where does the W4A4 GEMM lose against FP8 rowwise `_scaled_mm` on Hopper?
+
+Times, side by side in one run (CUDA-graph replay, do_bench median, L2 flushed), at M = 4096 on the
+LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the int32 product:
+- cuBLAS FP16, FP8 rowwise `torch._scaled_mm`, cuBLAS INT8 `torch._int_mm` (peers);
+- `w4a4_gemm` as shipped;
+- the ceilings of Triton's own tensor-core paths on operands already in MMA form: int8 x int8 and
+  e4m3 x e4m3 bytes in memory (no unpack at all);
+- activation codes as int8 bytes in memory (16 * code, no unpack) x packed int4 weights unpacked in
+  registers, in both orientations (`dot(x, w.T)` and the swapped `dot(w, x.T)`, where the unpacked
+  weights are the MMA's A operand);
+- both operands packed int4 (the shipped data path) at more tile shapes.
+Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from zqkernels.gpu.int4 import unpack_lo_hi_x16
+
+
+@triton.jit
+def _probe_kernel(a_ptr, w_ptr, out_ptr, M, N, K, stride_a, stride_w,
+                  A_FMT: tl.constexpr, W_FMT: tl.constexpr, SWAP: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # A_FMT / W_FMT: 0 packed int4 (x16 unpack in registers), 1 int8 bytes, 2 e4m3 bytes.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    BKH: tl.constexpr = BLOCK_K // 2
+    ka = tl.arange(0, BKH) if A_FMT == 0 else tl.arange(0, BLOCK_K)
+    kw = tl.arange(0, BKH) if W_FMT == 0 else tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_a + ka[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_w + kw[None, :]
+    FP8: tl.constexpr = (A_FMT == 2) or (W_FMT == 2)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if FP8 else tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        w = tl.load(w_ptrs)
+        if A_FMT == 0:
+            a_lo, a_hi = unpack_lo_hi_x16(a, True)
+            a = tl.reshape(tl.join(a_lo, a_hi), (BLOCK_M, BLOCK_K))
+        if W_FMT == 0:
+            w_lo, w_hi = unpack_lo_hi_x16(w, True)
+            w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+        if SWAP:
+            if FP8:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+        else:
+            if FP8:
+                acc = tl.dot(a, tl.trans(w), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        a_ptrs += BKH if A_FMT == 0 else BLOCK_K
+        w_ptrs += BKH if W_FMT == 0 else BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc.to(tl.float32), mask=mask)
+
+
+def bench(fn, graph=True):
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+        run = g.replay
+    else:
+        run = fn
+    return 1000.0 * float(triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median"))
+
+
+SHAPES = {"o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# (name, A_FMT, W_FMT, SWAP)
+VARIANTS = [
+    ("i8xi8_mem", 1, 1, False),
+    ("f8xf8_mem", 2, 2, False),
+    ("a_i8mem_w_i4reg", 1, 0, False),
+    ("a_i8mem_w_i4reg_swap", 1, 0, True),
+    ("a_i4reg_w_i4reg", 0, 0, False),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--m", type=int, default=4096)
+    ap.add_argument("--budget-s", type=float, default=240)
+    args = ap.parse_args()
+    t_start = time.time()
+    from zqkernels.gpu.w4a4 import w4a4_gemm
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    M = args.m
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "M": M, "timer": "CUDA-graph replay, do_bench median (ms->us), L2 flushed", "rows": []}
+    for sname, (N, K) in SHAPES.items():
+        ca = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
+        cw = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+        exact = (ca.float() @ cw.float().T)  # |sum| < 2**24 for K <= 14336 * 64: exact in fp32
+        pa = ((ca[:, 0::2] & 15) | ((ca[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+        pw = ((cw[:, 0::2] & 15) | ((cw[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+        a8 = (ca * 16).contiguous()  # 16 * code: what the x16 unpack yields
+        w8 = (cw * 16).contiguous()
+        af8 = ca.to(torch.float16).to(torch.float8_e4m3fn).contiguous()
+        wf8 = cw.to(torch.float16).to(torch.float8_e4m3fn).contiguous()
+        x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        w16 = torch.randn(N, K, device="cuda", dtype=torch.float16)
+        row = lambda **kw: results["rows"].append(dict(shape=sname, N=N, K=K, **kw))
+        row(variant="cublas_fp16", us=bench(lambda: x16 @ w16.T))
+        sa = torch.ones(M, 1, device="cuda")
+        sw = torch.ones(1, N, device="cuda")
+        wf8t = wf8.T
+        try:
+            y = torch._scaled_mm(af8, wf8t, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
+            row(variant="fp8_rowwise_scaled_mm", us=bench(lambda: torch._scaled_mm(
+                af8, wf8t, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)),
+                exact=bool(torch.equal(y.float(), exact.bfloat16().float())))
+        except Exception as exc:  # noqa: BLE001
+            row(variant="fp8_rowwise_scaled_mm", error=repr(exc)[:300])
+        row(variant="cublas_int8", us=bench(lambda: torch._int_mm(ca, cw.T)))
+        sxs = torch.ones(M, device="cuda")
+        sws = torch.ones(N, device="cuda")
+        y = w4a4_gemm(pa, sxs, pw, sws, out_dtype=torch.float32)
+        row(variant="w4a4_gemm_shipped", us=bench(lambda: w4a4_gemm(pa, sxs, pw, sws, out_dtype=torch.float32)),
+            exact=bool(torch.equal(y, exact)))
+        out = torch.empty(M, N, device="cuda", dtype=torch.float32)
+        operands = {1: (a8, w8), 2: (af8, wf8)}
+        for vname, afmt, wfmt, swap in VARIANTS:
+            a_t = pa if afmt == 0 else (a8 if afmt == 1 else af8)
+            w_t = pw if wfmt == 0 else (w8 if wfmt == 1 else wf8)
+            scale = 1.0 if (afmt == 2) else (256.0 if (afmt != 2 and wfmt != 2) else 16.0)
+            for cfg in CONFIGS:
+                if time.time() - t_start > args.budget_s:
+                    row(variant=vname, config=cfg, skipped="time budget")
+                    continue
+                meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+                try:
+                    launch = lambda: _probe_kernel[grid](a_t, w_t, out, M, N, K, a_t.stride(0), w_t.stride(0),
+                                                         A_FMT=afmt, W_FMT=wfmt, SWAP=swap, **meta,
+                                                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    out.fill_(float("nan"))
+                    h = launch()
+                    torch.cuda.synchronize()
+                    ok = bool(torch.equal(out / scale, exact))
+                    info = {}
+                    try:
+                        info = dict(n_regs=h.n_regs, n_spills=h.n_spills, shared=h.metadata.shared,
+                                    wgmma="wgmma" in h.asm.get("ptx", ""))
+                    except Exception:  # noqa: BLE001
+                        pass
+                    row(variant=vname, config=cfg, us=bench(launch), exact=ok, **info)
+                except Exception as exc:  # noqa: BLE001
+                    row(variant=vname, config=cfg, error=repr(exc)[:300])
+        del ca, cw, exact, pa, pw, a8, w8, af8, wf8, x16, w16
+        torch.cuda.empty_cache()
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    # summary: best per variant and shape
+    best = {}
+    for r in results["rows"]:
+        if "us" in r and r.get("exact", True):
+            key = (r["shape"], r["variant"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    for (s, v), r in sorted(best.items()):
+        print(f"{s:8s} {v:28s} {r['us']:9.1f} us  {r.get('config', '')} regs={r.get('n_regs')} "
+              f"spills={r.get('n_spills')} wgmma={r.get('wgmma')}")
+    bad = [r for r in results["rows"] if r.get("exact") is False or "error" in r]
+    for r in bad:
+        print("BAD", r["shape"], r["variant"], r.get("config"), r.get("error", "inexact"))
+
+
+if __name__ == "__main__":
+    main()
