@@ -26,13 +26,15 @@ from hypothesis import strategies as st
 import reference as R
 from strategies import MATRIX_KINDS, matrices
 from zqkernels.gpu.mosaic import (
-    MosaicGPUWeights,
+    VARIANTS,
     mosaic_w4a4_gemm,
     mosaic_w4a4_gemm_int32,
     mosaic_w4a4_gemm_unfused,
     mosaic_w4a16_gemm,
-    prepare_mosaic,
 )
+from zqkernels.layouts import MosaicBlocks
+
+prepare_mosaic = MosaicBlocks.from_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEVICE == "cuda"
@@ -40,51 +42,45 @@ EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0*
 POISON_I32 = 0x7F7F7F7F
 # Residual blocks whose bk holds a compiled int8 dot (BLOCK_K/2 >= 32) and a tile that divides them.
 BLOCKS = [(64, 64), (32, 64), (16, 64), (64, 128)]
-# Explicit configs: BLOCK_N divides bn or is a multiple of it (a tile over several row-blocks,
-# whose residual list is the union of theirs), BLOCK_K = 64 divides every bk above.
-# SEGMENTED picks the fused kernel's K walk: dense/residual segments, or one loop that tests
-# every step (both are ZipperEngine; the tune script times both).
-CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, SEGMENTED=True, num_warps=4, num_stages=1),
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, SEGMENTED=False, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SEGMENTED=True, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SEGMENTED=False, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=3, SEGMENTED=True, num_warps=4, num_stages=2),
+# Explicit configs of every shipped variant (`mosaic.VARIANTS`), each run deterministically
+# (parametrized). BLOCK_N divides bn or is a multiple of it (a tile over several row-blocks, whose
+# residual list is the union of theirs). inloop steps inside the blocks (BLOCK_K = 64 divides every
+# bk above); reslate and splitk step their base loop independently of bk (BLOCK_K > bk too).
+INLOOP = [
+    dict(variant="inloop", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, SPLIT_K=1, num_warps=4, num_stages=1),
+    dict(variant="inloop", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, SPLIT_K=1, num_warps=4, num_stages=2),
+    dict(variant="inloop", BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SPLIT_K=3, num_warps=4, num_stages=2),
+    dict(variant="inloop", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=3, SPLIT_K=0, num_warps=4, num_stages=2),
 ]
-# Configs that add the same fp32 terms in another order: split-K (float outputs only: the int32
-# debug entry point walks K unsplit) and RES_LATE (base folded first, residual blocks after it).
-REORDERED_CONFIGS = [
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UNROLL=2, RES_LATE=True, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, UNROLL=1, SPLIT_K=2, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, SPLIT_K=3, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=2, SPLIT_K=0, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=1, SPLIT_K=2, RES_LATE=True, num_warps=4, num_stages=2),
+RESLATE = [
+    dict(variant="reslate", BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(variant="reslate", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=3),
+    dict(variant="reslate", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2),
+]
+SPLITK = [
+    dict(variant="splitk", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=3),
+    dict(variant="splitk", BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=3),
+    dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0, num_warps=4, num_stages=2),
+    dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2),
+]
+ALL = INLOOP + RESLATE + SPLITK
+K64 = [c for c in ALL if c["BLOCK_K"] == 64]  # one K step per group of 64 or 128
+WIDE = [c for c in ALL if c["BLOCK_K"] > 64]  # the base loop wider than a 64-deep block
+W4A16_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
 ]
 
-# RES_LATE with the dense GEMM's wide base step (BLOCK_K > bk, unsplit): the base loop ignores the
-# residual blocks, the tail steps bk deep. Like the large-M default (128 x 128 x 256 on the GPU).
-WIDE_K_CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, SPLIT_K=1, num_warps=4, num_stages=2),
-    # Pipelined residual tails (RES_PIPE): compiler-staged tl.range, and manual register prefetch.
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, RES_PIPE=3, SPLIT_K=1, GROUP_M=8, num_warps=8,
-         num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, RES_PIPE=2, SPLIT_K=1, GROUP_M=2, num_warps=4,
-         num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, RES_PIPE=-1, SPLIT_K=1, GROUP_M=8, num_warps=8,
-         num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, RES_PIPE=-1, SPLIT_K=1, num_warps=4, num_stages=2),
-]
-# The small-M candidate: the wide base loop split over K (FAST_SPLIT), each split taking every
-# SPLIT_K-th residual step of the tail; fp32 partials summed in the epilogue (float outputs only).
-FAST_SPLIT_CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=2, RES_PIPE=-1, GROUP_M=1,
-         num_warps=4, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=3, RES_PIPE=2, GROUP_M=1,
-         num_warps=4, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True, FAST_SPLIT=True, SPLIT_K=0, num_warps=4, num_stages=2),
-]
+
+def _ids(cfgs):
+    return ["table" if c is None else "-".join(f"{k}{v}" for k, v in c.items() if k not in ("num_warps", "num_stages"))
+            for c in cfgs]
+
+
+def test_every_variant_has_explicit_configs():
+    assert {c["variant"] for c in ALL} == set(VARIANTS)
+    assert {c["variant"] for c in K64} == set(VARIANTS) and {c["variant"] for c in WIDE} >= {"reslate", "splitk"}
 
 
 def dev(a):
@@ -171,10 +167,9 @@ def act_matrix(draw, m, k):
 # Exact integer accumulators of the fused kernel
 
 
-@settings(max_examples=60)
-@given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1),
-       cfg=st.sampled_from([None] + CONFIGS + [c for c in REORDERED_CONFIGS if c.get("SPLIT_K", 1) == 1]
-                           + WIDE_K_CONFIGS))
+@pytest.mark.parametrize("cfg", [None] + ALL, ids=_ids([None] + ALL))
+@settings(max_examples=5)
+@given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1))
 def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
     n, k = codes.q_base.shape
     rng = np.random.default_rng(seed)
@@ -198,11 +193,11 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
 # Float outputs against reference.mosaic_matmul
 
 
-@settings(max_examples=40)
+@pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
+@settings(max_examples=6)
 @given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
        act_group_size=st.sampled_from([None, None, 64, 128]),
-       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       cfg=st.sampled_from([None] + CONFIGS + REORDERED_CONFIGS))
+       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
@@ -219,13 +214,14 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
     assert_close(y, ref, mag, out_dtype, "fused")
 
 
-@settings(max_examples=25)
+@pytest.mark.parametrize("unfused", [False, True])
+@pytest.mark.parametrize("cfg", WIDE, ids=_ids(WIDE))
+@settings(max_examples=4)
 @given(codes=mosaic_codes(group_sizes=(None, 256)), data=st.data(), act_group_size=st.sampled_from([None, 256]),
-       out_dtype=st.sampled_from([torch.float32, torch.float16]),
-       cfg=st.sampled_from(WIDE_K_CONFIGS + FAST_SPLIT_CONFIGS),
-       unfused=st.booleans())
-def test_wide_base_step_res_late_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
-    """BLOCK_K > bk (RES_LATE, the large-M path): K not a multiple of BLOCK_K, groups of 256."""
+       out_dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_wide_base_step_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
+    """BLOCK_K > bk (reslate and splitk, the large-M and decode paths): K not a multiple of
+    BLOCK_K, groups of 256."""
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
     x = act_matrix(data.draw, m, k)
@@ -241,16 +237,16 @@ def test_wide_base_step_res_late_matches_reference(codes, data, act_group_size, 
     fn = mosaic_w4a4_gemm_unfused if unfused else mosaic_w4a4_gemm
     y = fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
     assert y.data_ptr() == out.data_ptr()
-    assert_close(y, ref, mag, out_dtype, "wide-K RES_LATE")
+    assert_close(y, ref, mag, out_dtype, "wide-K " + cfg["variant"])
 
 
 @settings(max_examples=15, deadline=None)
 @given(codes=mosaic_codes(max_n=140, max_k=600, group_sizes=(None, 64, 256)), data=st.data(),
        act_group_size=st.sampled_from([None, 64, 256]), m=st.sampled_from([1, 16, 65, 200, 257, 300]))
 def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_group_size, m):
-    """The launcher's own M <= 16 (FAST_SPLIT RES_LATE, split-K over 256-wide steps, prefetched
-    tail) and M > 64 choices (RES_LATE, 64 x 64 x 256 and 128 x 128 x 256 tiles), BLOCK_K shrunk
-    to divide a 64-group, for the fused, unfused, int32 and W4A16 entry points."""
+    """The launch table's own choice at each M (under the interpreter its table sends M <= 8 to
+    splitk, M <= 16 to inloop and larger M to reslate), BLOCK_K shrunk to divide a 64-group, for
+    the fused, unfused, int32 and W4A16 entry points."""
     n, k = codes.q_base.shape
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
@@ -277,9 +273,9 @@ def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_g
     assert_close(y, ref16, mag16, torch.float32, "w4a16 default config")
 
 
-@settings(max_examples=25)
-@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]),
-       cfg=st.sampled_from([None] + CONFIGS + REORDERED_CONFIGS))
+@pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
+@settings(max_examples=4)
+@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]))
 def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.integers(1, 20))
@@ -295,9 +291,10 @@ def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     assert_close(y, ref, mag, torch.float32, "unfused")
 
 
-@settings(max_examples=25)
+@pytest.mark.parametrize("cfg", [None] + W4A16_CONFIGS, ids=_ids([None] + W4A16_CONFIGS))
+@settings(max_examples=6)
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(),
-       x_dtype=st.sampled_from([torch.float16, torch.bfloat16]), cfg=st.sampled_from([None] + CONFIGS))
+       x_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
     n, k = codes.q_base.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
@@ -323,17 +320,17 @@ def test_every_launch_config_gives_the_same_output(codes, data):
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, None)
     w = prepare_mosaic(codes, DEVICE)
-    # Unsplit configs sum the same int32 partials per K step and add the scaled residual steps in
-    # the same K order: identical under the interpreter. Compiled, the compiler may contract a
-    # multiply-add into an FMA differently per config: 1e-6 of the largest output then.
-    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=dict(c, SPLIT_K=1)).cpu() for c in CONFIGS]
+    # Unsplit in-loop configs sum the same int32 partials per K step and add the scaled residual
+    # steps in the same K order: identical under the interpreter. Compiled, the compiler may
+    # contract a multiply-add into an FMA differently per config: 1e-6 of the largest output then.
+    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=dict(c, SPLIT_K=1)).cpu() for c in INLOOP]
     scale = float(outs[0].abs().max())
     atol = 0.0 if not GPU else 1e-6 * scale
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
-    # Split-K (and the launcher's own choice) sums fp32 partials of whole K ranges, RES_LATE adds
-    # the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
-    for c in [None] + REORDERED_CONFIGS + WIDE_K_CONFIGS + FAST_SPLIT_CONFIGS:
+    # Split-K (and the table's own choice) sums fp32 partials of whole K ranges, reslate and splitk
+    # add the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
+    for c in [None] + ALL:
         o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
 
@@ -427,13 +424,15 @@ def test_entry_points_reject_bad_arguments():
         (lambda: mosaic_w4a4_gemm(qx, sx.double(), w), "float32"),
         (lambda: mosaic_w4a4_gemm(qx, sx[:2], w), "shape"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, act_group_size=64), "shape"),
-        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32), "multiple of BLOCK_K"),
+        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32), "multiple of 64"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out_dtype=torch.int32), "out_dtype"),
-        (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicGPUWeights"),
-        (lambda: mosaic_w4a4_gemm(qx, sx, w24, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)), "BLOCK_N=16 must divide"),
-        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "BLOCK_K=128 must divide"),
-        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RES_LATE=True,
-                                                          SPLIT_K=2)), "needs SPLIT_K=1"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicBlocks"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w24, config=dict(variant="inloop", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)),
+         "BLOCK_N=16 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(variant="inloop", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)),
+         "BLOCK_K=128 must divide"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(variant="persistent", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
+         "variant must be one of"),
         (lambda: mosaic_w4a16_gemm(torch.zeros((3, 130), dtype=torch.float16, device=DEVICE), w,
                                    config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)), "must divide"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out=torch.zeros((3, 70), device=DEVICE)), "out must be"),

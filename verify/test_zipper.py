@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 import reference as R
 from strategies import matrices
-from zqkernels.gpu.zipper_high import METHODS, ZipperHighGPU, prepare_zipper_high, zipper_high_gpu
+from zqkernels.gpu.zipper_high import VARIANTS, zipper_high_gpu
+from zqkernels.layouts import ZIPPER_HIGH_METHODS as METHODS
+from zqkernels.layouts import ZipperHighGPU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEVICE == "cuda"
@@ -46,6 +48,14 @@ def high_codes(draw, max_n=70, max_k=90):
                          scale=rng.uniform(0.0, 0.1, size=n))
 
 
+def prepare(codes, method="auto"):
+    return ZipperHighGPU.from_codes(codes.q_high, codes.scale, DEVICE, method=method)
+
+
+def test_every_layout_has_a_kernel():
+    assert set(VARIANTS) == set(METHODS)
+
+
 def high_only(codes):
     return R.ZipperCodes(q_low=np.zeros_like(codes.q_low), q_high=codes.q_high, scale=codes.scale)
 
@@ -66,8 +76,8 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
     x_used = xt.cpu().double().numpy()  # the kernel sees the rounded activations
     before = np.random.default_rng(m).standard_normal((m, n)).astype(np.float32)
     out = to_dev(before.copy(), torch.float32)  # a copy: on the CPU the tensor would alias `before`
-    high = prepare_zipper_high(codes, DEVICE)
-    y = zipper_high_gpu(xt, high, out, method=method)
+    high = prepare(codes, method)
+    y = zipper_high_gpu(xt, high, out)
     assert y.data_ptr() == out.data_ptr()
     ref = R.zipper_matmul(x_used, high_only(codes))  # the low part is zero: the high part alone
     mag = 16.0 * codes.scale[None, :] * (np.abs(x_used) @ np.abs(codes.q_high.astype(np.float64)).T)
@@ -86,7 +96,7 @@ def test_integer_activations_give_the_exact_sparse_product(codes, data, method):
     x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(-20, 21, size=(m, k)).astype(np.float64)
     unit = R.ZipperCodes(q_low=codes.q_low, q_high=codes.q_high, scale=np.full(n, 1.0 / 16.0))
     out = torch.full((m, n), 0.0, dtype=torch.float32, device=DEVICE)
-    zipper_high_gpu(to_dev(x, torch.float32), prepare_zipper_high(unit, DEVICE), out, method=method)
+    zipper_high_gpu(to_dev(x, torch.float32), prepare(unit, method), out)
     # |sum| <= 20 * 128 * K < 2**24: every partial sum is an exact float32 integer.
     np.testing.assert_array_equal(out.cpu().double().numpy(), R.sparse_matmul(x, codes.q_high))
 
@@ -97,11 +107,10 @@ def test_both_layouts_agree(codes, data):
     n, k = codes.q_high.shape
     m = data.draw(st.integers(1, 20))
     x = to_dev(data.draw(matrices(shape=(m, k), kinds=("normal", "integers", "zero_rows"))), torch.float32)
-    high = prepare_zipper_high(codes, DEVICE)
     outs = []
     for method in METHODS:
         out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
-        outs.append(zipper_high_gpu(x, high, out, method=method).cpu())
+        outs.append(zipper_high_gpu(x, prepare(codes, method), out).cpu())
     scale = float(outs[0].abs().max()) + 1e-30
     # Different summation orders (columns ascending in both, but grouped differently): 1e-6 relative.
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6 * scale)
@@ -109,11 +118,11 @@ def test_both_layouts_agree(codes, data):
 
 def test_all_zero_high_part_leaves_out_untouched():
     codes = R.ZipperCodes(q_low=np.ones((5, 7), np.int8), q_high=np.zeros((5, 7), np.int8), scale=np.ones(5))
-    high = prepare_zipper_high(codes, DEVICE)
-    assert high.nnz == 0
     out = torch.arange(15, dtype=torch.float32, device=DEVICE).reshape(3, 5)
     for method in METHODS:
-        y = zipper_high_gpu(torch.ones((3, 7), device=DEVICE), high, out.clone(), method=method)
+        high = prepare(codes, method)
+        assert high.nnz == 0
+        y = zipper_high_gpu(torch.ones((3, 7), device=DEVICE), high, out.clone())
         torch.testing.assert_close(y, out, rtol=0, atol=0)
 
 
@@ -122,17 +131,19 @@ def test_prepare_picks_a_layout_and_counts_what_it_keeps():
     q_high = np.zeros((40, 64), np.int8)
     q_high[:, 5] = rng.integers(1, 5, size=40)  # one outlier channel: the column pass wins
     codes = R.ZipperCodes(q_low=np.zeros((40, 64), np.int8), q_high=q_high, scale=np.ones(40))
-    high = prepare_zipper_high(codes, DEVICE)
-    assert (high.n_cols, high.e_max, high.nnz, high.default_method) == (1, 1, 40, "columns")
+    high = prepare(codes)
+    assert (high.method, high.width, high.nnz) == ("columns", 1, 40)
+    assert tuple(high.values.shape) == (1, 40)  # only the chosen layout is built and uploaded
     q_high = np.zeros((40, 64), np.int8)
     q_high[np.arange(40), np.arange(40)] = 3  # scattered: one per row, all in different columns
-    high = prepare_zipper_high(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)), DEVICE)
-    assert (high.n_cols, high.e_max, high.default_method) == (40, 1, "ell")
+    high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
+    assert (high.method, high.width) == ("ell", 1)
+    assert tuple(high.values.shape) == (1, 40)
 
 
 def test_bad_arguments_raise_value_error():
     codes = R.zipper_quantize(np.random.default_rng(0).standard_t(2, size=(6, 10)), outlier_ratio=0.1)
-    high = prepare_zipper_high(codes, DEVICE)
+    high = prepare(codes)
     x = torch.zeros((2, 10), device=DEVICE)
     out = torch.zeros((2, 6), device=DEVICE)
     cases = [
@@ -142,15 +153,12 @@ def test_bad_arguments_raise_value_error():
         (lambda: zipper_high_gpu(x, high, out.half()), "float32"),
         (lambda: zipper_high_gpu(x, high, out[:1]), "shape"),
         (lambda: zipper_high_gpu(x, high, torch.zeros((6, 2), device=DEVICE).t()), "contiguous"),
-        (lambda: zipper_high_gpu(x, high, out, method="lut"), "method"),
         (lambda: zipper_high_gpu(x, "high", out), "ZipperHighGPU"),
-        (lambda: prepare_zipper_high(codes, DEVICE, method="dense"), "method"),
-        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.float32), codes.scale), DEVICE),
-         "integer"),
-        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high, codes.scale[:-1]), DEVICE), "scale"),
-        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low[:, :-1], codes.q_high, codes.scale), DEVICE), "q_low"),
-        (lambda: prepare_zipper_high(R.ZipperCodes(codes.q_low, codes.q_high,
-                                                   np.full(6, np.nan)), DEVICE), "NaN"),
+        (lambda: prepare(codes, method="dense"), "method"),
+        (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.float32), codes.scale)), "integer"),
+        (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high, codes.scale[:-1])), "scale"),
+        (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.int16) * 300, codes.scale)), "outside"),
+        (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high, np.full(6, np.nan))), "NaN"),
     ]
     if GPU:
         cases.append((lambda: zipper_high_gpu(x.cpu(), high, out), "on cpu"))
@@ -169,11 +177,10 @@ def test_llama_o_size_compiled(m):
     w = rng.standard_normal((n, k)) * 0.02
     w[:, rng.choice(k, 20, replace=False)] *= 20  # outlier input channels after smoothing
     codes = R.zipper_quantize(w, outlier_ratio=0.01)
-    high = prepare_zipper_high(codes, DEVICE)
     x = rng.standard_normal((m, k)).astype(np.float32)
     ref = R.zipper_matmul(x.astype(np.float64), high_only(codes))
     for method in METHODS:
         out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
-        zipper_high_gpu(to_dev(x, torch.float32), high, out, method=method)
+        zipper_high_gpu(to_dev(x, torch.float32), prepare(codes, method), out)
         rel = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
         assert rel < 1e-6  # fp32 products and sums of a few dozen terms per output

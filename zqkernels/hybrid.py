@@ -48,6 +48,7 @@ import torch
 
 import reference
 from zqkernels.cpu import lut as cpu_lut
+from zqkernels.layouts import DenseInt4, ZipperHighGPU
 
 MODES = ("hybrid", "gpu", "reference", "auto")
 AUTO_TABLE_PATH = Path(__file__).with_name("configs") / "hybrid_auto.json"
@@ -86,8 +87,9 @@ class ZipperWeights:
     act_group_size: int | None
     inv_smooth: torch.Tensor | None  # float32 [K] on device
     inv_smooth_host: torch.Tensor | None  # float32 [K] on the CPU
-    qw_packed: torch.Tensor  # uint8 [N, K/2] on device (low codes)
-    w_scale: torch.Tensor  # float32 [N] on device (Δ_n)
+    low_layout: DenseInt4  # the low codes packed on the device, with Δ_n
+    qw_packed: torch.Tensor  # uint8 [N, K/2] on device (low codes): low_layout.packed
+    w_scale: torch.Tensor  # float32 [N] on device (Δ_n): low_layout.scale
     lut: cpu_lut.LutArrays
     high_row_scale: np.ndarray  # [N] 16 * Δ_n in the LUT dtype
     lut_dtype: np.dtype
@@ -151,14 +153,16 @@ class ZipperWeights:
             cpu_threads = max(1, all_threads - 1) if device.type == "cuda" else all_threads
         if not (1 <= int(cpu_threads) <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"cpu_threads must lie in [1, {numba.config.NUMBA_NUM_THREADS}], got {cpu_threads}")
+        low = DenseInt4.from_codes(q_low, scale, None, device)
         w = cls(
             codes=codes,
             device=device,
             act_group_size=act_group_size,
             inv_smooth=inv_dev,
             inv_smooth_host=inv_host,
-            qw_packed=torch.from_numpy(reference.pack_int4(q_low)).to(device),
-            w_scale=torch.from_numpy(scale.astype(np.float32)).to(device),
+            low_layout=low,
+            qw_packed=low.packed,
+            w_scale=low.scale,
             lut=cpu_lut.prepare_lut(lut),
             high_row_scale=(16.0 * scale).astype(lut_dtype),
             lut_dtype=lut_dtype,
@@ -194,11 +198,9 @@ class ZipperWeights:
         return bufs
 
     def high_gpu(self):
-        """The high part prepared for `zqkernels.gpu.zipper_high` (built on first use)."""
+        """The high part as `layouts.ZipperHighGPU` for mode="gpu" (built on first use)."""
         if self._high_gpu is None:
-            from zqkernels.gpu.zipper_high import prepare_zipper_high
-
-            self._high_gpu = prepare_zipper_high(self.codes, self.device)
+            self._high_gpu = ZipperHighGPU.from_codes(self.codes.q_high, self.codes.scale, self.device)
         return self._high_gpu
 
 
@@ -219,7 +221,7 @@ def gpu_low_part(x, weights):
     from zqkernels.gpu.actquant import quantize_activations
     from zqkernels.gpu.w4a4 import w4a4_gemm
 
-    qx, sx = quantize_activations(x, weights.inv_smooth, group_size=weights.act_group_size)
+    qx, sx = quantize_activations(x, weights.inv_smooth, group_size=weights.act_group_size, check_finite=False)
     return w4a4_gemm(qx, sx, weights.qw_packed, weights.w_scale, act_group_size=weights.act_group_size,
                      out_dtype=torch.float32)
 
@@ -306,14 +308,9 @@ def _hybrid(x, weights, gpu_part):
 
 
 def _gpu(x, weights):
-    from zqkernels.gpu.zipper_high import zipper_high_gpu
+    from zqkernels.gpu.zipper_high import zipper_gpu_linear
 
-    y = gpu_low_part(x, weights)
-    xs = x.to(torch.float32)
-    if weights.inv_smooth is not None:
-        xs = xs * weights.inv_smooth
-    zipper_high_gpu(xs, weights.high_gpu(), out=y)
-    return y
+    return zipper_gpu_linear(x, weights.low_layout, weights.high_gpu(), weights.inv_smooth, weights.act_group_size)
 
 
 def reference_linear(x, weights):

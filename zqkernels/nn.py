@@ -14,11 +14,14 @@ Backends (`backend=`):
   round half to even, zero group -> scale 0), so the codes equal the oracle's bit for bit and the
   outputs differ from it only by float32 rounding of the matmul.
 - "triton": the Triton kernels of `zqkernels.gpu` (fused smooth + quantize, W4A4 / W4A16 GEMM, the
-  fused Mosaic GEMM); ZipperQuant runs `zqkernels.hybrid.zipper_linear(mode="gpu")`. CUDA only.
+  fused Mosaic GEMM, ZipperQuant's low part plus its GPU high part). CUDA only. The weights are
+  packed once into a `zqkernels.layouts` object holding only what those kernels read, and every
+  option the kernels cannot run (`zqkernels.gpu.limits`) is refused when the layer is built.
 - "hybrid": ZipperQuant only: GPU low part overlapped with the CPU pattern-LUT high part
   (`zqkernels.hybrid.zipper_linear(mode="hybrid")`).
 An unsupported (method, backend, act_bits) combination raises ValueError when the layer is built,
-never a silent fallback.
+never a silent fallback. `_SUPPORT` is the one backend table: each layer has a `_pack_<backend>`
+that stores what that backend needs and a `_forward_<backend>` that runs it, chosen once at build.
 
 Smoothing is applied to the activations as `X' = float32(x) * inv_s32` (`inv_s32 = float32(1/s)`),
 the same IEEE float32 multiply as the GPU quantizer, and the weights become `W' = W * s`.
@@ -32,6 +35,8 @@ import torch
 from torch import nn
 
 import reference
+from zqkernels.gpu import limits
+from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
 
 BACKENDS = ("reference", "torch", "triton", "hybrid")
 ACT_BITS = (None, 4, 8)  # None: 16-bit (unquantized) activations, the W4A16 variants
@@ -106,8 +111,9 @@ def fake_quantize_activations(x, bits=4, group_size=None):
 class QuantLinear(nn.Module):
     """Common machinery: smoothing, flattening, bias, backend dispatch, statistics.
 
-    Subclasses set `method`, build codes in `_build`, and provide `_forward_torch` /
-    `_forward_reference` / `_forward_triton` on a 2-D input.
+    Subclasses set `method`, quantize once, and provide `_pack_<backend>` (store what that backend
+    runs) and `_forward_<backend>` (2-D input) for each backend `_SUPPORT` lists; the reference
+    backend's forward is shared and calls the subclass's `_reference_product`.
     """
 
     method = "quantized"
@@ -145,6 +151,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.stats = {}
+        self._forward = getattr(self, f"_forward_{backend}")
 
     # -- shared helpers ---------------------------------------------------------------------
     def _smoothed(self, x2):
@@ -166,18 +173,22 @@ class QuantLinear(nn.Module):
                 f"backend={self.backend}, act_bits={self.act_bits}, act_group_size={self.act_group_size}")
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"input must be a floating-point tensor (as for torch.nn.Linear), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have {self.in_features} features in its last dimension, got shape "
+                             f"{tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "reference":
-            xs = self._smoothed(x2).detach().cpu().numpy().astype(np.float64)
-            y = torch.from_numpy(self._forward_reference(xs)).to(x.device, torch.float32)
-        elif self.backend == "torch":
-            y = self._forward_torch(x2)
-        else:
-            y = self._forward_triton(x2)
+        y = self._forward(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _forward_reference(self, x2):
+        xs = self._smoothed(x2).detach().cpu().numpy().astype(np.float64)
+        return torch.from_numpy(self._reference_product(xs)).to(x2.device, torch.float32)
 
     def _cuda_input(self, x2):
         if x2.device.type != "cuda":
@@ -206,27 +217,33 @@ class W4A4Linear(QuantLinear):
             self.method = "smoothquant-w4a4"
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
         self.group_size = _check_group("group_size", group_size)
-        if backend == "triton" and act_bits == 4 and self.group_size is not None:
-            raise ValueError("backend='triton' W4A4 GEMM takes per-channel weight scales only; use group_size=None")
         q, s = reference.quantize_weights(self.w_smoothed, bits=4, group_size=self.group_size)
         n, k = q.shape
-        if backend == "reference":
-            self.codes = (q, s)
-        elif backend == "torch":
-            w_deq = reference.dequantize(q, s, self.group_size)
-            self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
-        else:
-            if k % 2:
-                raise ValueError(f"backend='triton' needs an even in_features to pack int4, got {k}")
-            self.register_buffer("qw_packed", torch.from_numpy(reference.pack_int4(q)).to(self._device))
-            self.register_buffer("w_scale", torch.from_numpy(np.asarray(s, dtype=np.float32)).to(self._device))
+        getattr(self, f"_pack_{backend}")(q, s)
         self._finish_build({"low": 4.0, "high": 0.0, "index": 0.0, "scale": _scale_bits(s) / (n * k),
                             "total": 4.0 + _scale_bits(s) / (n * k)})
+
+    def _pack_reference(self, q, s):
+        self.codes = (q, s)
+
+    def _pack_torch(self, q, s):
+        w_deq = reference.dequantize(q, s, self.group_size)
+        self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+
+    def _pack_triton(self, q, s):
+        limits.check_k(self.in_features, "in_features")
+        if self.act_bits is None:
+            limits.check_w4a16_group(self.group_size)
+        else:
+            if self.group_size is not None:
+                raise ValueError("backend='triton' W4A4 GEMM takes per-channel weight scales only; use group_size=None")
+            limits.check_act_group(self.act_group_size)
+        self.weight_layout = DenseInt4.from_codes(q, s, self.group_size, self._device)
 
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
 
-    def _forward_reference(self, xs):
+    def _reference_product(self, xs):
         q, s = self.codes
         if self.act_bits is None:
             return reference.w4a16_matmul(xs, q, s, self.group_size)
@@ -235,18 +252,17 @@ class W4A4Linear(QuantLinear):
                                      weight_group_size=self.group_size)
 
     def _forward_triton(self, x2):
-        x2 = self._cuda_input(x2)
-        if self.act_bits is None:
-            from zqkernels.gpu.w4a16 import w4a16_gemm
-
-            xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
-            return w4a16_gemm(xs, self.qw_packed, self.w_scale, group_size=self.group_size)
         from zqkernels.gpu.actquant import quantize_activations
         from zqkernels.gpu.w4a4 import w4a4_gemm
+        from zqkernels.gpu.w4a16 import w4a16_gemm
 
-        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size)
-        return w4a4_gemm(qx, sx, self.qw_packed, self.w_scale, act_group_size=self.act_group_size,
-                         out_dtype=x2.dtype)
+        x2 = self._cuda_input(x2)
+        w = self.weight_layout
+        if self.act_bits is None:
+            xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
+            return w4a16_gemm(xs, w.packed, w.scale, group_size=self.group_size)
+        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size, check_finite=False)
+        return w4a4_gemm(qx, sx, w.packed, w.scale, act_group_size=self.act_group_size, out_dtype=x2.dtype)
 
 
 class W4A16Linear(W4A4Linear):
@@ -262,8 +278,9 @@ class ZipperLinear(QuantLinear):
     """ZipperQuant (DESIGN §2): `W' = W * s` on a grid `Δ_n` sized for the inliers, `q = q_low + 16 q_high`.
 
     Low part: `act_bits` activations times `Δ_n * q_low` (dense 4-bit); high part: the
-    high-precision `X'` times `16 Δ_n q_high` (sparse, through the pattern LUT on the CPU in the
-    hybrid backend). `stats` holds the table statistics (E, U, E/U, bytes) and the effective bits.
+    high-precision `X'` times `16 Δ_n q_high` (sparse: through the pattern LUT on the CPU in the
+    hybrid backend, `layouts.ZipperHighGPU` on the GPU in the triton backend). `stats` holds the
+    table statistics (E, U, E/U, bytes) and the effective bits.
     """
 
     method = "zipper"
@@ -272,49 +289,67 @@ class ZipperLinear(QuantLinear):
                  backend="torch", lut_group_size=4):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
         codes = reference.zipper_quantize(self.w_smoothed, outlier_ratio=outlier_ratio, high_bits=high_bits)
-        lut = reference.build_pattern_lut(codes.q_high, group_size=lut_group_size)
+        self._lut = reference.build_pattern_lut(codes.q_high, group_size=lut_group_size)
         n, k = codes.q_low.shape
-        table = reference.lut_stats(lut)
+        table = reference.lut_stats(self._lut)
         nnz = int(np.count_nonzero(codes.q_high))
         self.stats.update({f"lut_{key}": val for key, val in table.items()})
         self.stats["high_nonzeros"] = nnz
         self.stats["high_density"] = nnz / max(1, n * k)
         self.stats["outlier_ratio"] = float(outlier_ratio)
         self.stats["high_bits"] = int(high_bits)
-        if backend == "reference":
-            self.codes = codes
-        elif backend == "torch":
-            scale = codes.scale[:, None]
-            self.register_buffer("w_low_t", torch.from_numpy((codes.q_low * scale).T.astype(np.float32))
-                                 .contiguous().to(self._device))
-            self.register_buffer("w_high_t", torch.from_numpy((16.0 * codes.q_high * scale).T.astype(np.float32))
-                                 .contiguous().to(self._device))
-        else:
-            from zqkernels.hybrid import ZipperWeights
-
-            self.zipper_weights = ZipperWeights.prepare(codes, smooth=self.smooth, device=self._device,
-                                                        act_group_size=self.act_group_size, lut=lut)
+        getattr(self, f"_pack_{backend}")(codes)
+        self._lut = None  # host-side table: only the hybrid backend keeps it (inside its ZipperWeights)
         index = 8.0 * table["index_bytes"] / (n * k)
         high = 8.0 * table["pattern_bytes"] / (n * k)
         scale_b = 16.0 * n / (n * k)
         self._finish_build({"low": 4.0, "high": high, "index": index, "scale": scale_b,
                             "total": 4.0 + high + index + scale_b})
 
+    def _pack_reference(self, codes):
+        self.codes = codes
+
+    def _pack_torch(self, codes):
+        scale = codes.scale[:, None]
+        self.register_buffer("w_low_t", torch.from_numpy((codes.q_low * scale).T.astype(np.float32))
+                             .contiguous().to(self._device))
+        self.register_buffer("w_high_t", torch.from_numpy((16.0 * codes.q_high * scale).T.astype(np.float32))
+                             .contiguous().to(self._device))
+
+    def _pack_triton(self, codes):
+        limits.check_k(self.in_features, "in_features")
+        limits.check_act_group(self.act_group_size)
+        self.low_layout = DenseInt4.from_codes(codes.q_low, codes.scale, None, self._device)
+        self.high_layout = ZipperHighGPU.from_codes(codes.q_high, codes.scale, self._device)
+
+    def _pack_hybrid(self, codes):
+        from zqkernels.hybrid import ZipperWeights
+
+        limits.check_k(self.in_features, "in_features")
+        limits.check_act_group(self.act_group_size)
+        self.zipper_weights = ZipperWeights.prepare(codes, smooth=self.smooth, device=self._device,
+                                                    act_group_size=self.act_group_size, lut=self._lut)
+
     def _forward_torch(self, x2):
         xs = self._smoothed(x2)
         return self._act(xs) @ self.w_low_t + xs @ self.w_high_t
 
-    def _forward_reference(self, xs):
+    def _reference_product(self, xs):
         if self.act_bits is None:
             c = self.codes
             return xs @ (c.scale[:, None] * (c.q_low.astype(np.float64) + 16.0 * c.q_high)).T
         return reference.zipper_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
 
     def _forward_triton(self, x2):
+        from zqkernels.gpu.zipper_high import zipper_gpu_linear
+
+        return zipper_gpu_linear(self._cuda_input(x2), self.low_layout, self.high_layout, self.inv_smooth,
+                                 self.act_group_size)
+
+    def _forward_hybrid(self, x2):
         from zqkernels.hybrid import zipper_linear
 
-        mode = "gpu" if self.backend == "triton" else "hybrid"
-        return zipper_linear(self._cuda_input(x2), self.zipper_weights, mode=mode, out_dtype=torch.float32)
+        return zipper_linear(self._cuda_input(x2), self.zipper_weights, mode="hybrid", out_dtype=torch.float32)
 
 
 class MosaicLinear(QuantLinear):
@@ -336,6 +371,10 @@ class MosaicLinear(QuantLinear):
         if self.smooth is not None:
             h = h / self.smooth**2
         self.group_size = _check_group("group_size", group_size)
+        if backend == "triton":  # refuse what the kernels cannot run before the (slow) quantization
+            limits.check_k(self.in_features, "in_features")
+            limits.check_mosaic_groups(self.act_group_size, self.group_size)
+            limits.check_mosaic_block(block)
         codes = reference.mosaic_quantize(self.w_smoothed, h, density=density, block=tuple(block),
                                           group_size=self.group_size)
         n, k = codes.q_base.shape
@@ -344,15 +383,7 @@ class MosaicLinear(QuantLinear):
         b = int(codes.block_index.shape[0])
         self.stats.update({"blocks_kept": b, "blocks_total": n_blocks, "density_used": b / n_blocks,
                            "block": [bn, bk]})
-        if backend == "reference":
-            self.codes = codes
-        elif backend == "torch":
-            w_deq = reference.mosaic_dequantize(codes)
-            self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
-        else:
-            from zqkernels.gpu.mosaic import prepare_mosaic
-
-            self.mosaic_weights = prepare_mosaic(codes, self._device)
+        getattr(self, f"_pack_{backend}")(codes)
         base_scale = _scale_bits(codes.scale_base) / (n * k)
         res = 4.0 * b * bn * bk / (n * k)
         res_scale = 16.0 * b * bn / (n * k)
@@ -360,21 +391,29 @@ class MosaicLinear(QuantLinear):
         self._finish_build({"low": 4.0, "high": res, "index": index, "scale": base_scale + res_scale,
                             "total": 4.0 + res + index + base_scale + res_scale})
 
+    def _pack_reference(self, codes):
+        self.codes = codes
+
+    def _pack_torch(self, codes):
+        w_deq = reference.mosaic_dequantize(codes)
+        self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+
+    def _pack_triton(self, codes):
+        self.weight_layout = MosaicBlocks.from_codes(codes, self._device)
+
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
 
-    def _forward_reference(self, xs):
+    def _reference_product(self, xs):
         return reference.mosaic_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
 
     def _forward_triton(self, x2):
+        from zqkernels.gpu.actquant import quantize_activations
+        from zqkernels.gpu.mosaic import mosaic_w4a4_gemm, mosaic_w4a16_gemm
+
         x2 = self._cuda_input(x2)
         if self.act_bits is None:
-            from zqkernels.gpu.mosaic import mosaic_w4a16_gemm
-
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
-            return mosaic_w4a16_gemm(xs.contiguous(), self.mosaic_weights)
-        from zqkernels.gpu.actquant import quantize_activations
-        from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
-
-        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size)
-        return mosaic_w4a4_gemm(qx, sx, self.mosaic_weights, act_group_size=self.act_group_size, out_dtype=x2.dtype)
+            return mosaic_w4a16_gemm(xs.contiguous(), self.weight_layout)
+        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size, check_finite=False)
+        return mosaic_w4a4_gemm(qx, sx, self.weight_layout, act_group_size=self.act_group_size, out_dtype=x2.dtype)

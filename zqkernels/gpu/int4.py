@@ -2,7 +2,8 @@
 
 Format (DESIGN.md §1): two two's-complement 4-bit codes per uint8, element 2i in the low nibble,
 element 2i+1 in the high nibble. Hopper has no INT4 tensor-core MMA, so kernels unpack to int8 in
-registers and feed int8 `tl.dot` (or fp16 for W4A16).
+registers and feed int8 `tl.dot` (or fp16 for W4A16). Host-side packing is the oracle's own
+`reference.pack_int4` (the definition), wrapped by `zqkernels.layouts.pack_to_device`.
 
 Two ways to lay the unpacked codes out for a dot, both exact:
 - planes: `unpack_lo_hi` gives the even-element plane and the odd-element plane, each [.., BK/2];
@@ -63,31 +64,3 @@ def pack_lo_hi(lo, hi):
     """int32 code tiles in [-8, 7] (elements 2i, 2i+1) -> uint8 tile of packed bytes."""
     return ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
 
-
-# IEEE round-to-nearest float32 division: the activation-quantization contract (brief) is defined
-# with IEEE division; Triton's plain `/` on fp32 compiles to an approximate divide on NVIDIA GPUs.
-# `tl.math.div_rn` exists on Triton 3.x (interpreter included); older builds expose it in libdevice.
-# Wrapped in a jit function (not aliased): the interpreter patches `tl.math` at call time.
-if hasattr(tl.math, "div_rn"):
-
-    @triton.jit
-    def div_rn(x, y):
-        return tl.math.div_rn(x, y)
-
-else:  # pragma: no cover - depends on the installed Triton
-    from triton.language.extra import libdevice as _libdevice
-
-    @triton.jit
-    def div_rn(x, y):
-        return _libdevice.div_rn(x, y)
-
-
-@triton.jit
-def rint_f32(v):
-    """Round half to even for |v| < 2**22 (our codes are clipped to [-8, 7] first).
-
-    Adding then subtracting 1.5 * 2**23 leaves an integer rounded by the FPU's own
-    round-to-nearest-even, the same rule as numpy's `rint`; works compiled and interpreted without
-    libdevice. Two separate IEEE adds: no fast-math reassociation is enabled in Triton.
-    """
-    return (v + 12582912.0) - 12582912.0

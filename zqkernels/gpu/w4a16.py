@@ -2,69 +2,42 @@
 
     Y[M, N] = sum_g (x[:, g] @ qw[:, g].T) x w_scale[:, g]      (per-channel: one group = all of K)
 
-The weights are unpacked as 16 * code (`int4.unpack_lo_hi_x16`, exact in fp16/bf16) and put back
-in natural K order (join + reshape), so each K tile is one 16-bit tensor-core dot of a contiguous
-x tile against them, accumulated in fp32; the scale (and the exact 1/16) multiplies the fp32
-partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per channel).
-Small M swaps the operands (weights on the MMA's M side), as `w4a4` does.
-Small M splits K the same way as `w4a4` (last arriving program reduces, deterministic).
+The weights are unpacked as 16 * code (`int4.unpack_lo_hi_x16`, exact in fp16/bf16) and either
+put back in natural K order (join + reshape: one 16-bit tensor-core dot of a contiguous x tile)
+or kept as even/odd planes (PLANES: two dots against the even and odd columns of x), accumulated in
+fp32; the scale (and the exact 1/16) multiplies the fp32 partial sum (per group, BLOCK_K divides
+the group) or the whole sum in the epilogue (per channel).
+
+Variants, named per M bucket by the launch table as in `w4a4`: `splitk` (K split over programs,
+last arrival reduces, optional SWAP_AB) and `gemm` (one program per tile, grouped order).
 Requirements (ValueError otherwise): x [M, K] fp16|bf16 contiguous, qw_packed uint8 [N, K/2]
-contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in (None, 32, 64, 128, 256), one device.
+contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in `limits.W4A16_GROUPS`, one device.
 """
 import torch
 import triton
 import triton.language as tl
 
+from zqkernels.gpu import limits
+from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
-from zqkernels.gpu.w4a4 import (
-    _check_packed, _check_scale, check_out, choose_split_k, interpreting, launch_config, splitk_buffers, tile_ids,
-)
-
-SUPPORTED_GROUPS = (32, 64, 128, 256)
+from zqkernels.gpu.operands import check_float_acts, check_out, check_packed, check_same_device, check_scale
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 
 @triton.jit
-def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr):
-    # `total` is 16x the product (weights unpacked as 16 * code); 1/16 is exact.
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if GROUP == 0:
-        total = total * (tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0) * 0.0625)[None, :]
-    else:
-        total = total * 0.0625
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KH, stride_xm, stride_wn, stride_om, stride_swn,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_ASM: tl.constexpr, PLANES: tl.constexpr,
-):
+def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, stride_swn, t0, t1,
+                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, SWAP_AB: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """K tiles [t0, t1) of one output tile, fp32 accumulator [BLOCK_M, BLOCK_N] (16x the product)."""
     BKH: tl.constexpr = BLOCK_K // 2
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = offs_n % N
     offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
     offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
-
-    k_tiles = tl.cdiv(KH, BKH)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
     if PLANES:  # even / odd columns of x pair with the low / high nibble planes (strided loads)
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + 2 * offs_kh)[None, :]
     else:
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (t0 * BLOCK_K + offs_k)[None, :]
     w_ptrs = qw_ptr + rn.to(tl.int64)[:, None] * stride_wn + (t0 * BKH + offs_kh)[None, :]
-
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -126,70 +99,121 @@ def _w4a16_gemm_kernel(
                 acc += part * sw[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BKH
-
     if SWAP_AB:
         acc = tl.trans(acc)
-    if not USE_SPLIT:
-        _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+    return acc
+
+
+@triton.jit
+def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr):
+    # `total` is 16x the product (weights unpacked as 16 * code); 1/16 is exact.
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if GROUP == 0:
+        total = total * (tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0) * 0.0625)[None, :]
     else:
-        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(ws_tile + pid_k * M * N, acc, mask=valid)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_tile + s * M * N, mask=valid, other=0.0, cache_modifier=".cg")
+        total = total * 0.0625
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_gemm_kernel(
+    x_ptr, qw_ptr, sw_ptr, out_ptr,
+    M, N, KH, stride_xm, stride_wn, stride_om, stride_swn,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, offs_m % M, offs_n % N, KH, stride_xm, stride_wn, stride_swn,
+                        0, tl.cdiv(KH, BLOCK_K // 2), GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PLANES, EVEN_K, DOT_F32,
+                        False, USE_ASM)
+    _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a16_splitk_kernel(
+    x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KH, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_tiles = tl.cdiv(KH, BLOCK_K // 2)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    acc = _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, offs_m % M, offs_n % N, KH, stride_xm, stride_wn, stride_swn,
+                        t0, t1, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PLANES, EVEN_K, DOT_F32, SWAP_AB, USE_ASM)
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
             _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+    else:
+        _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+
+
+def _common(cfg, x, group):
+    block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
+    KH = x.shape[1] // 2
+    return dict(GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+                PLANES=bool(cfg.get("PLANES", False)) and block_k >= 32, EVEN_K=KH % (block_k // 2) == 0,
+                DOT_F32=interpreting() and x.dtype == torch.bfloat16, USE_ASM=use_asm(x.device),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _launch_gemm(cfg, x, qw, sw, out, group):
+    M, K = x.shape
+    N = qw.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _w4a16_gemm_kernel[grid](x, qw, sw, out, M, N, K // 2, x.stride(0), qw.stride(0), out.stride(0),
+                             sw.stride(0) if group else 1, **_common(cfg, x, group))
+
+
+def _launch_splitk(cfg, x, qw, sw, out, group):
+    M, K = x.shape
+    N = qw.shape[0]
+    meta = _common(cfg, x, group)
+    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    split = choose_split_k(cfg, tiles_mn, triton.cdiv(K, meta["BLOCK_K"]), x.device)
+    if split * M * N >= 2**31:
+        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
+    ws, cnt = splitk_workspace(x.device, torch.float32, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
+    _w4a16_splitk_kernel[(tiles_mn, split)](
+        x, qw, sw, out, ws, cnt, M, N, K // 2, x.stride(0), qw.stride(0), out.stride(0), sw.stride(0) if group else 1,
+        split, SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_SPLIT=split > 1, **meta)
+
+
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk}
 
 
 def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None):
     """x fp16|bf16 [M, K], qw_packed uint8 [N, K/2], w_scale fp32 [N] (or [N, ceil(K/g)] with
-    group_size=g) -> x.dtype [M, N]. `out` (optional): preallocated result. `config` overrides the tuned launch config (tuning only)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x dtype must be float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"x must be a non-empty 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    group_size=g) -> x.dtype [M, N]. `out` (optional): preallocated result. `config` (tests and
+    tuning) replaces the launch table's entry: a dict with "variant" and its tile parameters."""
+    check_float_acts("x", x)
     if x.shape[1] % 2 != 0:
         raise ValueError(f"x: K must be even (int4 weights pack two codes per byte), got K={x.shape[1]}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"x is on {x.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
-    _check_packed("qw_packed", qw_packed)
-    if qw_packed.device != x.device:
-        raise ValueError(f"qw_packed is on {qw_packed.device}, x on {x.device}")
+    check_packed("qw_packed", qw_packed)
+    check_same_device("qw_packed", qw_packed, x.device, "x")
     M, K = x.shape
     N, KH = qw_packed.shape
     if 2 * KH != K:
         raise ValueError(f"qw_packed has K/2={KH}, x has K={K}")
-    if group_size is not None and group_size not in SUPPORTED_GROUPS:
-        raise ValueError(f"group_size must be None or one of {SUPPORTED_GROUPS}, got {group_size}")
+    limits.check_w4a16_group(group_size)
     sw_shape = (N,) if group_size is None else (N, triton.cdiv(K, group_size))
-    _check_scale("w_scale", w_scale, sw_shape, x.device)
+    check_scale("w_scale", w_scale, sw_shape, x.device)
     out = check_out(out, (M, N), x.dtype, x.device)
-
-    mode = "per_channel" if group_size is None else "group"
-    cfg = dict(config) if config is not None else launch_config("w4a16", mode, M, x.device)
-    cfg.setdefault("SPLIT_TARGET_CTAS", 264)
-    block_k = cfg["BLOCK_K"] if group_size is None else min(cfg["BLOCK_K"], group_size)
-    bkh = block_k // 2
-    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    split = choose_split_k(cfg, tiles_mn, triton.cdiv(KH, bkh))
-    ws, cnt = splitk_buffers(x.device, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
-    _w4a16_gemm_kernel[(tiles_mn, split)](
-        x, qw_packed, w_scale, out, ws.view(torch.float32), cnt,
-        M, N, KH, x.stride(0), qw_packed.stride(0), out.stride(0), w_scale.stride(0) if group_size else 1,
-        GROUP=group_size or 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split, USE_SPLIT=split > 1,
-        GROUP_M=cfg["GROUP_M"], EVEN_K=(KH % bkh == 0),
-        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
-        SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_ASM=x.device.type == "cuda" and not interpreting() and bool(cfg.get("USE_ASM", True)),
-        PLANES=bool(cfg.get("PLANES", False)) and block_k >= 32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    scales = "per_channel" if group_size is None else "group"
+    cfg = dict(config) if config is not None else launch_config("w4a16", scales, M, x.device)
+    variant = cfg.pop("variant")
+    if variant not in VARIANTS:
+        raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    VARIANTS[variant](cfg, x, qw_packed, w_scale, out, group_size or 0)
     return out

@@ -1,0 +1,107 @@
+"""The launch tables are data the kernels can run: `zqkernels/gpu/configs/*.json`.
+
+- Every bucket of every table names a variant its family ships and tile parameters that variant
+  can launch (power-of-two tiles, swap-AB tiles with BLOCK_N >= 64: the MMA's M side; int8 planes
+  with BLOCK_K >= 64: an int8 dot is >= 32 deep).
+- The loader matches a GPU's name to its table, picks the smallest bucket >= M, and falls back
+  to default.json only with a warning.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from zqkernels.gpu import configs, mosaic, w4a4, w4a16
+
+PATHS = sorted(configs.CONFIG_DIR.glob("*.json"))
+FAMILY_VARIANTS = {"w4a4": set(w4a4.VARIANTS), "w4a16": set(w4a16.VARIANTS)}
+SCALES = {"w4a4": {"per_token", "group"}, "w4a16": {"per_channel", "group"}}
+
+
+def _pow2(v):
+    return v >= 16 and v & (v - 1) == 0
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_every_bucket_names_a_launchable_variant(path):
+    table = json.loads(path.read_text())
+    assert isinstance(table.get("_about"), str) and table["_about"]
+    for family, variants in FAMILY_VARIANTS.items():
+        assert set(table[family]) == SCALES[family], (path.name, family)
+        for scales, buckets in table[family].items():
+            assert buckets and all(int(k) >= 1 for k in buckets), (path.name, family, scales)
+            for cfg in buckets.values():
+                assert cfg["variant"] in variants, (path.name, family, cfg)
+                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                    assert _pow2(cfg[key]), (path.name, family, cfg)
+                assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] >= 1
+                if cfg["variant"] == "splitk":
+                    assert cfg["SPLIT_K"] >= 0
+                else:
+                    assert "SPLIT_K" not in cfg and "SWAP_AB" not in cfg, (path.name, cfg)
+                if cfg.get("SWAP_AB") and path.name != "interpreter.json":
+                    assert cfg["BLOCK_N"] >= 64
+                if cfg.get("PLANES") and family == "w4a4":
+                    assert cfg["BLOCK_K"] >= 64
+    for cfg in table["mosaic"]["w4a4"].values():
+        assert cfg["variant"] in mosaic.VARIANTS
+        assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    for cfg in table["mosaic"]["w4a16"].values():
+        assert "variant" not in cfg and all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    for method in ("ell", "columns"):
+        for cfg in table["zipper_high"][method].values():
+            assert _pow2(cfg["BLOCK_M"]) and _pow2(cfg["BLOCK_N"]) and _pow2(cfg["BLOCK_N_WIDE_N"])
+    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK"}
+    assert table["actquant"]["ROW_CHUNK"] <= table["actquant"]["ONE_PASS_MAX_K"]
+
+
+def test_every_shipped_variant_appears_in_some_table():
+    used = {f: set() for f in FAMILY_VARIANTS}
+    used_mosaic = set()
+    for path in PATHS:
+        table = json.loads(path.read_text())
+        for family in FAMILY_VARIANTS:
+            used[family] |= {c["variant"] for b in table[family].values() for c in b.values()}
+        used_mosaic |= {c["variant"] for c in table["mosaic"]["w4a4"].values()}
+    assert used == FAMILY_VARIANTS
+    assert used_mosaic == set(mosaic.VARIANTS)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend to be on a named CUDA GPU (compiled mode), with the caches cleared."""
+    def use(name):
+        monkeypatch.setattr(configs, "interpreting", lambda: False)
+        monkeypatch.setattr(configs, "_device_name", lambda index: name)
+        configs.table_name.cache_clear()
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        return torch.device("cuda", 0)
+
+    yield use
+    configs.table_name.cache_clear()
+
+
+def test_launch_config_reads_the_gpu_table(fake_gpu):
+    dev = fake_gpu("NVIDIA H100 80GB HBM3")
+    table = json.loads((configs.CONFIG_DIR / "h100.json").read_text())
+    for m, key in [(1, "1"), (2, "16"), (16, "16"), (17, "64"), (300, "1024"), (5000, "4096")]:
+        assert configs.launch_config("w4a4", "per_token", m, dev) == table["w4a4"]["per_token"][key], (m, key)
+    assert configs.table_name("NVIDIA H200") == "h200.json"
+
+
+def test_an_unknown_gpu_gets_the_default_table_with_a_warning(fake_gpu):
+    dev = fake_gpu("Some Future GPU 9000")
+    with pytest.warns(RuntimeWarning, match="default.json"):
+        cfg = configs.launch_config("w4a16", "group", 64, dev)
+    default = json.loads((configs.CONFIG_DIR / "default.json").read_text())
+    assert cfg == default["w4a16"]["group"]["64"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per device name, not per launch
+        configs.launch_config("w4a16", "group", 64, dev)
+
+
+def test_a_missing_family_is_a_clear_error():
+    with pytest.raises(KeyError, match="nonesuch"):
+        configs.launch_config("nonesuch", "per_token", 1, torch.device("cpu"))

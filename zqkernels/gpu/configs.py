@@ -1,0 +1,75 @@
+"""Launch configurations as data: one JSON table per GPU model in `configs/`.
+
+A table is `{family: {scales: {M bucket: config}}}`; the bucket used for a launch is the
+smallest key >= M (else the largest), and its config names the kernel variant that runs
+(`"variant": "splitk"`, `"gemm"`, ...) with that variant's tile parameters: which variant wins at
+which M is a measured, per-GPU decision, so it is data too. `scales` names the scale layout the
+config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
+`per_channel` / `group` weight scales for W4A16). A table names the GPUs it is for in `"match"` (substrings of
+`torch.cuda.get_device_name()`); a GPU no table matches runs `default.json`, the untuned
+starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
+small tiles that keep the numpy emulation fast and still reach every code path.
+Each table's `"_about"` names the results JSON and the command its numbers came from.
+"""
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def interpreting():
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_asm(device):
+    """Inline PTX (the x16 nibble unpack) needs a compiled NVIDIA target, not the interpreter."""
+    return device.type == "cuda" and not interpreting()
+
+
+@lru_cache(maxsize=None)
+def _load(name):
+    return json.loads((CONFIG_DIR / name).read_text())
+
+
+@lru_cache(maxsize=None)
+def table_name(device_name):
+    """The JSON file whose "match" list names this GPU, else "default.json"."""
+    lowered = device_name.lower()
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        if path.name in ("default.json", "interpreter.json"):
+            continue
+        if any(m.lower() in lowered for m in _load(path.name).get("match", ())):
+            return path.name
+    warnings.warn(f"no tuned launch table for {device_name!r} in {CONFIG_DIR}: using default.json "
+                  "(untuned); perf/tune_<family>.py writes one", RuntimeWarning, stacklevel=3)
+    return "default.json"
+
+
+@lru_cache(maxsize=None)
+def _device_name(index):
+    return torch.cuda.get_device_name(index)
+
+
+def table_for(device):
+    if interpreting() or device.type != "cuda":
+        return _load("interpreter.json")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _load(table_name(_device_name(index)))
+
+
+def launch_config(family, scales, m, device):
+    """A copy of the tuned config (with its "variant") of (family, scales) for M tokens on `device`."""
+    table = table_for(device)
+    try:
+        buckets = table[family][scales]
+    except KeyError:
+        raise KeyError(f"launch table has no config for {family}/{scales}") from None
+    keys = sorted(int(k) for k in buckets)
+    pick = next((k for k in keys if k >= m), keys[-1])
+    return dict(buckets[str(pick)])

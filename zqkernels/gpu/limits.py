@@ -1,0 +1,60 @@
+"""What the Triton kernels support, declared once.
+
+Launchers check their arguments against these, and the `nn` layers check the same limits when a
+layer is built, so an unsupported option fails at build time with its name, not at the first
+forward. The oracle (`reference`) and the torch backend take any group size; only the kernels are
+limited, each for a hardware or layout reason given below.
+"""
+# Activation / weight scale groups the dense kernels take: a K tile must lie inside one group, and
+# the smallest compiled int8 dot is 32 deep.
+ACT_GROUPS = (32, 64, 128, 256)
+W4A16_GROUPS = (32, 64, 128, 256)
+# The Mosaic kernels step K by at least 64 (two nibble planes of 32, the int8 dot's minimum), and
+# one K step must lie inside one scale group: groups must be multiples of 64.
+MOSAIC_GROUP_MULTIPLE = 64
+# Both W4A4 operands are unpacked as 16 * code, so an int32 accumulator holds 256 * 64 * K < 2**31.
+MAX_K = 131070
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_act_group(act_group_size, name="act_group_size"):
+    if act_group_size is not None and act_group_size not in ACT_GROUPS:
+        raise ValueError(f"{name} must be None or one of {ACT_GROUPS} for the Triton kernels, got {act_group_size!r}")
+
+
+def check_w4a16_group(group_size, name="group_size"):
+    if group_size is not None and group_size not in W4A16_GROUPS:
+        raise ValueError(f"{name} must be None or one of {W4A16_GROUPS} for the Triton W4A16 kernel, "
+                         f"got {group_size!r}")
+
+
+def check_k(k, name="K"):
+    if k % 2:
+        raise ValueError(f"{name}={k} must be even: int4 packs two codes per byte")
+    if k > MAX_K:
+        raise ValueError(f"{name}={k} too large: the int32 accumulators (256x the code product) hold K <= {MAX_K}")
+
+
+def check_mosaic_groups(act_group_size, weight_group_size, act_name="act_group_size",
+                        weight_name="group_size"):
+    for name, g in ((act_name, act_group_size), (weight_name, weight_group_size)):
+        if g is None:
+            continue
+        if not _is_int(g) or g <= 0 or g % MOSAIC_GROUP_MULTIPLE:
+            raise ValueError(f"{name}={g!r}: the Triton Mosaic kernels need None or a multiple of "
+                             f"{MOSAIC_GROUP_MULTIPLE} (their K step)")
+
+
+def check_mosaic_block(block, name="block"):
+    """Residual blocks (bn, bk): the kernels tile N by a divisor or multiple of bn and step the
+    residual tail bk deep, so both are powers of two, bk >= 64."""
+    try:
+        bn, bk = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (bn, bk), got {block!r}") from None
+    for label, v, lo in (("bn", bn, 16), ("bk", bk, 64)):
+        if v < lo or v & (v - 1):
+            raise ValueError(f"{name}: {label}={v} must be a power of two >= {lo} for the Triton Mosaic kernels")
