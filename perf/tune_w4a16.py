@@ -1,0 +1,68 @@
+"""Tune `w4a16_gemm`'s launch table on this GPU: every candidate verified against a float64
+product of the dequantized weights (fp32 accumulation tolerance), then timed.
+
+    PYTHONUNBUFFERED=1 python perf/tune_w4a16.py --out $OUT/tune_w4a16.json [--budget-s 400]
+
+Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a16 section) and every timing into --out.
+"""
+import torch
+
+from tune_w4a4 import rand_packed, unpack
+from tuning import Sweep, parser
+
+from zqkernels.gpu.w4a16 import w4a16_gemm
+
+
+def C(variant, BM, BN, BK, W=4, S=4, GM=8, **kw):
+    return dict(variant=variant, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, num_warps=W, num_stages=S, **kw)
+
+
+def candidates(m, group):
+    bk = 128 if group else 256
+    if m <= 16:
+        return [C("splitk", 16, bn, k, GM=1, S=s, SPLIT_K=0, SWAP_AB=True, PLANES=p) for bn in (64, 128)
+                for k in (64, bk) for s in (3, 4) for p in (False, True)]
+    if m <= 256:
+        return [C("splitk", 64, 64, 128, SPLIT_K=0), C("gemm", 64, 64, 128), C("gemm", 128, 128, 64, W=8),
+                C("gemm", 64, 128, 64)]
+    return [C("gemm", bm, bn, k, W=w, S=s) for bm, bn, k, w, s in
+            ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+             (128, 128, 64, 4, 4))]
+
+
+def main():
+    args = parser(__doc__).parse_args()
+    sweep = Sweep("w4a16", args)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def verify(cfg, m, group):
+        n, k = 1000, 4000
+        x = torch.randn(m, k, generator=gen, device="cuda").half()
+        qw = rand_packed(n, k, gen)
+        g = 1 if group is None else -(-k // group)
+        sw = torch.rand(n, g, generator=gen, device="cuda") + 0.01
+        sw = sw[:, 0].contiguous() if group is None else sw
+        w = unpack(qw) * (sw.double()[:, None] if group is None
+                          else sw.double().repeat_interleave(group, dim=1)[:, :k])
+        ref = x.double() @ w.T
+        got = w4a16_gemm(x, qw, sw, group_size=group, config=cfg).double()
+        err = float((got - ref).abs().max() / ref.abs().max())
+        return err < 2e-3, f"max rel error {err:.2e} (fp16 output rounding)"
+
+    for group, scales in ((None, "per_channel"), (128, "group")):
+        for m in sweep.ms:
+            def call(cfg, shape, m, group=group):
+                x = torch.randn(m, shape.k, generator=gen, device="cuda").half()
+                qw = rand_packed(shape.n, shape.k, gen)
+                g = 1 if group is None else -(-shape.k // group)
+                sw = torch.rand(shape.n, g, generator=gen, device="cuda") + 0.01
+                sw = sw[:, 0].contiguous() if group is None else sw
+                return lambda: w4a16_gemm(x, qw, sw, group_size=group, config=cfg)
+
+            win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
+            print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
+    print("table written:", sweep.write_table())
+
+
+if __name__ == "__main__":
+    main()

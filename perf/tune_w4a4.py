@@ -1,0 +1,93 @@
+"""Tune `w4a4_gemm`'s launch table on this GPU: every candidate verified exact against the int64
+product of the codes (int32 entry point) and against the oracle with group scales, then timed.
+
+    PYTHONUNBUFFERED=1 python perf/tune_w4a4.py --out $OUT/tune_w4a4.json [--budget-s 400] [--m 1,16,4096]
+
+Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and every timing into --out.
+"""
+import torch
+
+from tuning import Sweep, parser
+
+from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
+
+
+def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
+    return dict(variant=variant, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, PLANES=PLANES, num_warps=W,
+                num_stages=S, **kw)
+
+
+def candidates(m, group):
+    bk = 128 if group else 256
+    if m <= 16:
+        return [C("splitk", 16, bn, k, W=4, S=s, GM=1, SPLIT_K=0, SWAP_AB=True, SPLIT_TARGET_CTAS=t)
+                for bn in (64, 128) for k in (bk, 2 * bk) for s in (3, 4) for t in (264, 396)
+                if not (group and k > group)]
+    if m <= 256:
+        return [C("splitk", 64, bn, bk, W=4, S=4, SPLIT_K=0) for bn in (64, 128)] + \
+               [C("gemm", bm, bn, bk, W=w, S=s) for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 4),
+                                                                      (128, 128, 8, 3), (128, 128, 4, 4))]
+    return [C("gemm", bm, bn, k, W=w, S=s, PLANES=p) for bm, bn, k, w, s in
+            ((128, 128, bk, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
+             (128, 256, 64, 8, 4)) for p in (True, False) if not (group and k > group)]
+
+
+def rand_packed(rows, k, gen):
+    return torch.randint(0, 256, (rows, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+
+
+def unpack(p):
+    lo = (p & 15).to(torch.int16)
+    hi = (p >> 4).to(torch.int16)
+    codes = torch.stack((torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)), dim=-1)
+    return codes.reshape(p.shape[0], -1).double()
+
+
+def main():
+    args = parser(__doc__).parse_args()
+    sweep = Sweep("w4a4", args)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cache = {}
+
+    def operands(shape, m, group):
+        key = (shape.name, m, group)
+        if key not in cache:
+            g = 1 if group is None else -(-shape.k // group)
+            cache.clear()
+            cache[key] = (rand_packed(m, shape.k, gen), torch.rand(m, g, generator=gen, device="cuda").squeeze(1)
+                          .contiguous() + 0.01, rand_packed(shape.n, shape.k, gen),
+                          torch.rand(shape.n, generator=gen, device="cuda") + 0.01)
+        return cache[key]
+
+    def verify(cfg, m, group):
+        n, k = 1000, 4000  # no tile multiple, K not a multiple of 256
+        qx, qw = rand_packed(m, k, gen), rand_packed(n, k, gen)
+        exact = unpack(qx) @ unpack(qw).T
+        if group is None:
+            got = w4a4_gemm_int32(qx, qw, config=cfg).double()
+            return bool(torch.equal(got, exact)), "int32 exact"
+        sx = torch.rand(m, -(-k // group), generator=gen, device="cuda") + 0.01
+        sw = torch.rand(n, generator=gen, device="cuda") + 0.01
+        got = w4a4_gemm(qx, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
+        ref = torch.zeros_like(exact)
+        cx, cw = unpack(qx), unpack(qw)
+        for gi in range(sx.shape[1]):
+            sl = slice(gi * group, (gi + 1) * group)
+            ref += (cx[:, sl] @ cw[:, sl].T) * sx[:, gi:gi + 1].double()
+        ref *= sw.double()[None, :]
+        err = float((got - ref).abs().max() / ref.abs().max())
+        return err < 1e-5, f"max rel error {err:.2e} (fp32 accumulation of rescaled int32 partials)"
+
+    for group, scales in ((None, "per_token"), (128, "group")):
+        for m in sweep.ms:
+            def call(cfg, shape, m, group=group):
+                qx, sx, qw, sw = operands(shape, m, group)
+                return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg)
+
+            win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
+            print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
+    print("table written:", sweep.write_table())
+
+
+if __name__ == "__main__":
+    main()
