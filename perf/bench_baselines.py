@@ -1,6 +1,17 @@
 """Peer kernels our 4-bit GEMMs are measured against, on the same shapes and M, in the same run.
 
+Every peer has role "baseline": each result of the same shape and M gets a speedup over it.
+
 - cublas_fp16:   `torch.matmul(x, w.t())`, fp16 x fp16 -> fp16 (cuBLAS; the W16A16 baseline).
+- fp8_rowwise:   `torch._scaled_mm` W8A8 in e4m3: activations with one float32 scale per token
+                 [M, 1], weights with one per output channel [1, N], bf16 out, fast accumulation
+                 (torch's rowwise kernel: CUTLASS or cuBLASLt, by build). The GEMM alone,
+                 activations already cast. Hopper's FP8 and INT8 MMAs share one peak, twice
+                 FP16's, and FP8 W8A8 is what inference engines serve on Hopper: the bar a 4-bit
+                 GEMM must clear at prefill, where the GEMM is compute-bound.
+- fp8_rowwise_dynamic: the same with the activation cast in front (per-row absmax, scale =
+                 absmax / 448, cast to e4m3), in eager torch ops: what a W8A8 FP8 layer runs,
+                 the peer of `zq_w4a4_aq` (bf16 X in).
 - cublas_int8:   `torch._int_mm(x_int8, w_int8.t())` -> int32 (cuBLASLt). GEMM alone, inputs
                  already int8. It requires M > 16 and K, N multiples of 8: for M <= 16 the
                  activations are zero-padded to 32 rows and that padded call is timed (the
@@ -9,8 +20,14 @@
                  bf16 scale and zero per group of 128 (tinygemm), inner_k_tiles 8.
 - zq_w4a16:      our `zqkernels.gpu.w4a16.w4a16_gemm`, fp16 activations, int4 weights, fp32
                  scales per group of 128: the W4A16 baseline ZipperQuant claims its speedup over.
-- gemlite_a16w4 / gemlite_a8w8: gemlite's W4A16 (group 128) and dynamic A8W8 int8 layers, when
-                 gemlite is importable (skipped with a reason otherwise).
+- gemlite_a16w4, gemlite_a8w8_int8, gemlite_a8w8_fp8: gemlite's W4A16 (group 128) and its
+                 dynamic A8W8 layers (int8 and e4m3; the activation cast is inside the timed
+                 call), when gemlite is importable (skipped with a reason otherwise).
+
+The FP8 operands are made by `fp8_rowwise_quantize` (tests/test_perf_fp8.py checks it against a
+numpy model of the cast and runs the product on the CPU); on the GPU each layer's product is
+checked once against the dequantized operands (`check_rel_err`), so a misread scale or operand
+layout shows in the JSON instead of timing garbage silently.
 """
 from __future__ import annotations
 
@@ -23,6 +40,9 @@ pytestmark = pytest.mark.gpu
 
 GROUP = 128
 INT_MM_MIN_ROWS = 32  # _int_mm needs M > 16; 32 keeps M a multiple of 8 too
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; e4m3fn has no infinity, past it is NaN
+FP8_CHECK_TOL = 1e-2  # bf16 output rounding (2^-9) and fast accumulation over K, with margin
 
 
 def _fp16_weight(cache, shape):
@@ -61,6 +81,92 @@ def test_cublas_int8(zq_bench, weight_cache, shape, m):
                  shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  bytes_moved=rows * shape.k + shape.n * shape.k + 4 * rows * shape.n, notes=notes,
                  padded_M=rows)
+
+
+def fp8_rowwise_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `t` [R, K] as e4m3 codes and a float32 scale [R, 1], t ~ codes * scale.
+
+    scale = absmax(row) * float32(1 / 448) in float32 (a product, not a quotient: CUDA turns a
+    division by a scalar into this product anyway, so every device rounds it alike), codes =
+    e4m3(clamp(t / scale, -448, 448)) with round to nearest even; the clamp keeps the absmax
+    element, whose quotient can round past 448, from overflowing to NaN. An all-zero row gets
+    scale 1 and zero codes.
+    """
+    if t.dim() != 2:
+        raise ValueError(f"t: expected a 2-D tensor [rows, K], got shape {tuple(t.shape)}")
+    t32 = t.float()
+    amax = t32.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
+    return (t32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def fp8_rowwise_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights `w` [N, K] as `_scaled_mm`'s second operand: e4m3 codes [K, N] column-major (the
+    transpose of the row-major codes, no copy) and float32 per-channel scales [1, N]."""
+    codes, scale = fp8_rowwise_quantize(w)
+    return codes.t(), scale.reshape(1, -1).contiguous()
+
+
+def fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale) -> torch.Tensor:
+    """(x_codes * x_scale) @ (w_codes_t * w_scale) in bf16: rowwise-scaled `torch._scaled_mm`,
+    x_scale [M, 1] and w_scale [1, N] float32, fast accumulation."""
+    return torch._scaled_mm(x_codes, w_codes_t, scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
+
+
+def fp8_rowwise_linear(x, w_codes_t, w_scale) -> torch.Tensor:
+    """A W8A8 FP8 layer: x [M, K] cast per token to e4m3 (`fp8_rowwise_quantize`), then the GEMM."""
+    x_codes, x_scale = fp8_rowwise_quantize(x)
+    return fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale)
+
+
+def _fp8_weight(cache, shape):
+    """FP8 weights of the layer (from the same fp16 weights as cuBLAS FP16) and the layout check:
+    the product of a probe against the float product of the dequantized operands."""
+    key = ("fp8_rowwise", shape.name)
+    if key not in cache:
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            pytest.skip(f"FP8 tensor cores need compute capability 8.9 or newer; this GPU is {major}.{minor}")
+        w = _fp16_weight(cache, shape)
+        w_codes_t, w_scale = fp8_rowwise_weight(w)
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        probe = torch.randn(8, shape.k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        x_codes, x_scale = fp8_rowwise_quantize(probe)
+        got = fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale).float()
+        ref = (x_codes.float() * x_scale) @ (w_codes_t.float() * w_scale)
+        err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        del got, ref
+        cache[key] = (w_codes_t, w_scale, err)
+    return cache[key]
+
+
+def _fp8_notes(shape, err):
+    if err <= FP8_CHECK_TOL:
+        return []
+    warnings.warn(f"FP8 rowwise check failed on {shape.name}: rel err {err:.3g}")
+    return [f"check FAILED: relative error {err:.3g} against the dequantized operands"]
+
+
+def test_fp8_rowwise(zq_bench, weight_cache, shape, m):
+    w_codes_t, w_scale, err = _fp8_weight(weight_cache, shape)
+    x_codes, x_scale = fp8_rowwise_quantize(_acts(m, shape.k, torch.bfloat16))
+    zq_bench.gpu(lambda: fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale), family="baseline",
+                 method="fp8_rowwise", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
+                 check_rel_err=err, notes=_fp8_notes(shape, err), scales="per-token [M,1] x per-channel [1,N] fp32",
+                 bytes_moved=m * shape.k + 4 * m + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n)
+
+
+def test_fp8_rowwise_dynamic(zq_bench, weight_cache, shape, m):
+    w_codes_t, w_scale, err = _fp8_weight(weight_cache, shape)
+    x = _acts(m, shape.k, torch.bfloat16)
+    # bytes: X read once as bf16, the e4m3 activations and scales written and read back, weights, output
+    moved = 2 * m * shape.k + 2 * (m * shape.k + 4 * m) + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n
+    zq_bench.gpu(lambda: fp8_rowwise_linear(x, w_codes_t, w_scale), family="baseline",
+                 method="fp8_rowwise_dynamic", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
+                 check_rel_err=err, scales="per-token [M,1] x per-channel [1,N] fp32", bytes_moved=moved,
+                 notes=["activation cast (absmax per row, scale, clamp, e4m3) in eager torch ops, several "
+                        "launches, then _scaled_mm", *_fp8_notes(shape, err)])
 
 
 def convert_weight_to_int4pack(q_unsigned: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:
@@ -169,20 +275,27 @@ def test_gemlite_a16w4(zq_bench, weight_cache, shape, m):
                  + 2 * m * shape.n)
 
 
-def test_gemlite_a8w8(zq_bench, weight_cache, shape, m):
+# kind: (gemlite.helper processor, unit of its math)
+GEMLITE_A8W8 = {"int8": ("A8W8_int8_dynamic", "TOPS"), "fp8": ("A8W8_fp8_dynamic", "TFLOP/s")}
+
+
+@pytest.mark.parametrize("kind", list(GEMLITE_A8W8))
+def test_gemlite_a8w8(zq_bench, weight_cache, shape, m, kind):
     gemlite, helper = _gemlite()
-    key = ("gemlite_a8w8", shape.name)
+    processor, ops_unit = GEMLITE_A8W8[kind]
+    key = (f"gemlite_a8w8_{kind}", shape.name)
     try:
         if key not in weight_cache:
             w = _fp16_weight(weight_cache, shape)
-            weight_cache[key] = helper.A8W8_int8_dynamic(device="cuda", dtype=torch.float16).from_weights(w.clone())
+            weight_cache[key] = getattr(helper, processor)(device="cuda", dtype=torch.float16).from_weights(w.clone())
         layer = weight_cache[key]
         x = _acts(m, shape.k)
         layer(x)
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"gemlite {getattr(gemlite, '__version__', '?')} A8W8 does not run here: {type(exc).__name__}: {exc}")
-    zq_bench.gpu(lambda: layer(x), family="baseline", method="gemlite_a8w8", role="baseline", shape=shape,
-                 m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
+        pytest.skip(f"gemlite {getattr(gemlite, '__version__', '?')} A8W8 {kind} does not run here: "
+                    f"{type(exc).__name__}: {exc}")
+    zq_bench.gpu(lambda: layer(x), family="baseline", method=f"gemlite_a8w8_{kind}", role="baseline", shape=shape,
+                 m=m, flops=2 * m * shape.n * shape.k, ops_unit=ops_unit,
                  gemlite_version=getattr(gemlite, "__version__", None),
-                 notes=["dynamic per-token int8 activation quantization included in the timed call"],
+                 notes=[f"dynamic per-token {kind} activation quantization included in the timed call"],
                  bytes_moved=2 * m * shape.k + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n)
