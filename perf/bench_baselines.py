@@ -10,8 +10,10 @@ Every peer has role "baseline": each result of the same shape and M gets a speed
                  FP16's, and FP8 W8A8 is what inference engines serve on Hopper: the bar a 4-bit
                  GEMM must clear at prefill, where the GEMM is compute-bound.
 - fp8_rowwise_dynamic: the same with the activation cast in front (per-row absmax, scale =
-                 absmax / 448, cast to e4m3), in eager torch ops: what a W8A8 FP8 layer runs,
-                 the peer of `zq_w4a4_aq` (bf16 X in).
+                 absmax / 448, cast to e4m3) in one fused launch (`fp8_rowwise_cast`, a small
+                 Triton kernel; as eager torch ops the cast is nine launches, six of them full
+                 passes over the activations): what a W8A8 FP8 layer runs, the peer of
+                 `zq_w4a4_aq` (bf16 X in).
 - cublas_int8:   `torch._int_mm(x_int8, w_int8.t())` -> int32 (cuBLASLt). GEMM alone, inputs
                  already int8. It requires M > 16 and K, N multiples of 8: for M <= 16 the
                  activations are zero-padded to 32 rows and that padded call is timed (the
@@ -24,10 +26,12 @@ Every peer has role "baseline": each result of the same shape and M gets a speed
                  dynamic A8W8 layers (int8 and e4m3; the activation cast is inside the timed
                  call), when gemlite is importable (skipped with a reason otherwise).
 
-The FP8 operands are made by `fp8_rowwise_quantize` (tests/test_perf_fp8.py checks it against a
-numpy model of the cast and runs the product on the CPU); on the GPU each layer's product is
-checked once against the dequantized operands (`check_rel_err`), so a misread scale or operand
-layout shows in the JSON instead of timing garbage silently.
+The FP8 operands are made by `fp8_rowwise_quantize` (torch ops, the definition) and, for
+activations in the dynamic peer, `fp8_rowwise_cast` (tests/test_perf_fp8.py checks both against a
+numpy model of the cast, the kernel under Triton's interpreter, and runs the product on the CPU).
+On the GPU each layer's product is checked once against the dequantized operands
+(`check_rel_err`) and the fused cast against `fp8_rowwise_quantize` (`cast_mismatches`), so a
+misread scale or operand layout shows in the JSON instead of timing garbage silently.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 pytestmark = pytest.mark.gpu
 
@@ -114,9 +120,75 @@ def fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale) -> torch.Tensor:
                             use_fast_accum=True)
 
 
+@triton.jit
+def _e4m3_grid(v, scale):
+    """clamp(v / scale, -448, 448) rounded to e4m3's grid (nearest, ties to even) in float32.
+
+    The rounding is done here, in float32, so the cast to e4m3 after it is exact: the GPU's own
+    cast rounds the same way, but Triton's CPU interpreter rounds halves up and drops the carry
+    into the exponent, and this keeps the kernel checkable there.
+    """
+    q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+    e = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # floor(log2|q|), >= -6
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
+    inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3-e), exact
+    y = q * inv_step  # |y| < 16: adding 1.5 * 2^23 rounds it to an integer, ties to even
+    return ((y + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def _fp8_rowwise_cast_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, BLOCK_K: tl.constexpr,
+                             ONE_BLOCK: tl.constexpr):
+    # one program per row: absmax, scale = absmax * float32(1 / 448) (as fp8_rowwise_quantize),
+    # then the scaled, clamped cast
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_x
+    c_row = codes_ptr + row * stride_c
+    if ONE_BLOCK:  # the whole row in registers: X is read once
+        mask = offs < K
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.max(tl.abs(v), axis=0)
+        scale = tl.where(a > 0, a * 0.002232142857142857, 1.0)
+        tl.store(scale_ptr + row, scale)
+        tl.store(c_row + offs, _e4m3_grid(v, scale).to(tl.float8e4nv), mask=mask)
+    else:  # a longer row is read twice (the second time mostly from L2)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        a = tl.max(amax, axis=0)
+        scale = tl.where(a > 0, a * 0.002232142857142857, 1.0)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(c_row + k0 + offs, _e4m3_grid(v, scale).to(tl.float8e4nv), mask=mask)
+
+
+# Rows up to 4096 stay in registers (16 floats a thread at 8 warps); longer ones loop. Holding a
+# whole 14336-wide row instead was slower on an H200 (fewer resident programs per SM).
+FP8_CAST_MAX_BLOCK = 4096
+
+
+def fp8_rowwise_cast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_rowwise_quantize` of activations in one fused launch (a Triton kernel): what a W8A8
+    FP8 layer runs in front of its GEMM. Same codes and scales, bit for bit."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x: expected a 2-D tensor with unit stride along K, got shape {tuple(x.shape)} "
+                         f"and strides {x.stride()}")
+    m, k = x.shape
+    codes = torch.empty((m, k), device=x.device, dtype=E4M3)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    block = min(FP8_CAST_MAX_BLOCK, triton.next_power_of_2(max(k, 16)))
+    _fp8_rowwise_cast_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), BLOCK_K=block,
+                                   ONE_BLOCK=k <= block, num_warps=8 if block >= 4096 else 4)
+    return codes, scale
+
+
 def fp8_rowwise_linear(x, w_codes_t, w_scale) -> torch.Tensor:
-    """A W8A8 FP8 layer: x [M, K] cast per token to e4m3 (`fp8_rowwise_quantize`), then the GEMM."""
-    x_codes, x_scale = fp8_rowwise_quantize(x)
+    """A W8A8 FP8 layer: x [M, K] cast per token to e4m3 (`fp8_rowwise_cast`), then the GEMM."""
+    x_codes, x_scale = fp8_rowwise_cast(x)
     return fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale)
 
 
@@ -136,37 +208,44 @@ def _fp8_weight(cache, shape):
         got = fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale).float()
         ref = (x_codes.float() * x_scale) @ (w_codes_t.float() * w_scale)
         err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        fused_codes, fused_scale = fp8_rowwise_cast(probe)  # the fused cast against its definition
+        mismatches = int((fused_codes.float() != x_codes.float()).sum()) + int((fused_scale != x_scale).sum())
         del got, ref
-        cache[key] = (w_codes_t, w_scale, err)
+        cache[key] = (w_codes_t, w_scale, {"check_rel_err": err, "cast_mismatches": mismatches})
     return cache[key]
 
 
-def _fp8_notes(shape, err):
-    if err <= FP8_CHECK_TOL:
-        return []
-    warnings.warn(f"FP8 rowwise check failed on {shape.name}: rel err {err:.3g}")
-    return [f"check FAILED: relative error {err:.3g} against the dequantized operands"]
+def _fp8_notes(shape, check):
+    notes = []
+    if check["check_rel_err"] > FP8_CHECK_TOL:
+        notes.append(f"check FAILED: relative error {check['check_rel_err']:.3g} against the dequantized operands")
+    if check["cast_mismatches"]:
+        notes.append(f"check FAILED: the fused cast differs from fp8_rowwise_quantize in "
+                     f"{check['cast_mismatches']} values")
+    for note in notes:
+        warnings.warn(f"FP8 rowwise on {shape.name}: {note}")
+    return notes
 
 
 def test_fp8_rowwise(zq_bench, weight_cache, shape, m):
-    w_codes_t, w_scale, err = _fp8_weight(weight_cache, shape)
+    w_codes_t, w_scale, check = _fp8_weight(weight_cache, shape)
     x_codes, x_scale = fp8_rowwise_quantize(_acts(m, shape.k, torch.bfloat16))
     zq_bench.gpu(lambda: fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale), family="baseline",
                  method="fp8_rowwise", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
-                 check_rel_err=err, notes=_fp8_notes(shape, err), scales="per-token [M,1] x per-channel [1,N] fp32",
-                 bytes_moved=m * shape.k + 4 * m + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n)
+                 notes=_fp8_notes(shape, check), scales="per-token [M,1] x per-channel [1,N] fp32",
+                 bytes_moved=m * shape.k + 4 * m + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n, **check)
 
 
 def test_fp8_rowwise_dynamic(zq_bench, weight_cache, shape, m):
-    w_codes_t, w_scale, err = _fp8_weight(weight_cache, shape)
+    w_codes_t, w_scale, check = _fp8_weight(weight_cache, shape)
     x = _acts(m, shape.k, torch.bfloat16)
     # bytes: X read once as bf16, the e4m3 activations and scales written and read back, weights, output
     moved = 2 * m * shape.k + 2 * (m * shape.k + 4 * m) + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n
     zq_bench.gpu(lambda: fp8_rowwise_linear(x, w_codes_t, w_scale), family="baseline",
                  method="fp8_rowwise_dynamic", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
-                 check_rel_err=err, scales="per-token [M,1] x per-channel [1,N] fp32", bytes_moved=moved,
-                 notes=["activation cast (absmax per row, scale, clamp, e4m3) in eager torch ops, several "
-                        "launches, then _scaled_mm", *_fp8_notes(shape, err)])
+                 scales="per-token [M,1] x per-channel [1,N] fp32", bytes_moved=moved,
+                 notes=["activation cast (absmax per row, scale, clamp, e4m3) in one fused Triton launch, "
+                        "then _scaled_mm", *_fp8_notes(shape, check)], **check)
 
 
 def convert_weight_to_int4pack(q_unsigned: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 torch's `float8_e4m3fn` dtype and `torch._scaled_mm` both exist in the CPU build, so the operands
 the GPU benchmark times are made and multiplied here by the same functions: the per-row scale and
-the e4m3 cast against a numpy model of the format (round to nearest even on 3 mantissa bits,
-subnormals below 2^-6), the operand layout `_scaled_mm` asks for (row-major A, column-major B,
-float32 scales [M, 1] and [1, N]), and the product against float64 arithmetic. Without a GPU the
-benchmarks themselves are collected and skip with a reason.
+the e4m3 cast (the torch definition, and the fused Triton kernel under Triton's CPU interpreter)
+against a numpy model of the format (round to nearest even on 3 mantissa bits, subnormals below
+2^-6), the operand layout `_scaled_mm` asks for (row-major A, column-major B, float32 scales
+[M, 1] and [1, N]), and the product against float64 arithmetic. Without a GPU the benchmarks
+themselves are collected and skip with a reason.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,12 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
+GPU = torch.cuda.is_available()
+if not GPU:  # Triton picks interpreted or compiled when a kernel is decorated: before the import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import bench_baselines as B  # noqa: E402
+
+DEVICE = "cuda" if GPU else "cpu"
 
 E4M3_MAX = 448.0
 
@@ -74,6 +81,11 @@ def activations(draw):
 def test_rowwise_cast_matches_the_numpy_model_of_e4m3(x):
     codes, scale = B.fp8_rowwise_quantize(torch.from_numpy(x))
     want_codes, want_scale = numpy_rowwise(x)
+    # the fused kernel the dynamic benchmark times gives the same bits (zeros may differ in sign)
+    fused_codes, fused_scale = B.fp8_rowwise_cast(torch.from_numpy(x).to(DEVICE))
+    assert fused_codes.dtype == torch.float8_e4m3fn and tuple(fused_scale.shape) == (x.shape[0], 1)
+    np.testing.assert_array_equal(fused_scale.cpu().numpy(), want_scale)
+    np.testing.assert_array_equal(fused_codes.cpu().float().numpy().astype(np.float64), want_codes)
     assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
     assert tuple(scale.shape) == (x.shape[0], 1)
     np.testing.assert_array_equal(scale.numpy(), want_scale)  # exact: the same float32 operations
@@ -101,6 +113,20 @@ def test_dequantized_rows_are_within_half_an_e4m3_step(x):
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="t: expected a 2-D tensor"):
         B.fp8_rowwise_quantize(torch.ones(4))
+    with pytest.raises(ValueError, match="x: expected a 2-D tensor with unit stride"):
+        B.fp8_rowwise_cast(torch.ones(32, 16).t())
+
+
+def test_fused_cast_of_bf16_rows_longer_than_its_block():
+    """K past the kernel's block (several passes per row), bf16 input as the benchmark feeds it."""
+    k = B.FP8_CAST_MAX_BLOCK + 40
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, k, generator=gen).to(torch.bfloat16)
+    x[0, k - 1] = 300.0  # the absmax in the last, partial block
+    codes, scale = B.fp8_rowwise_cast(x.to(DEVICE))
+    want_codes, want_scale = B.fp8_rowwise_quantize(x)
+    assert torch.equal(scale.cpu(), want_scale) and torch.equal(codes.cpu().float(), want_codes.float())
+    assert codes[0, k - 1].float().item() == 448.0
 
 
 def test_weight_operand_is_the_layout_scaled_mm_asks_for():
@@ -132,9 +158,10 @@ def test_scaled_mm_product_on_the_cpu(m, n, k):
     bound = 2.0**-8 * ref.abs() + (k + 2) * 2.0**-24 * (a.abs() @ b.abs())
     assert torch.all((got.double() - ref).abs() <= bound)
 
-    # the dynamic layer is the same cast and product, and both stay near the unquantized product
-    dyn = B.fp8_rowwise_linear(x, w_codes_t, w_scale)
-    assert torch.equal(dyn, got)
+    # the dynamic layer is the same cast (fused) and product, and stays near the unquantized product
+    dyn = B.fp8_rowwise_linear(x.to(DEVICE), w_codes_t.to(DEVICE), w_scale.to(DEVICE)).cpu()
+    if not GPU:
+        assert torch.equal(dyn, got)
     exact = x.double() @ w.double().t()
     # two e4m3 roundings (2^-4 relative each) per term, bf16 output, subnormal floor
     loose = (2 * 2.0**-4 + 2.0**-8) * (x.double().abs() @ w.double().abs().t()) + 2.0**-8 * exact.abs() + 1e-6
