@@ -91,7 +91,7 @@ def test_gpu_harness_records_graph_time_rates_and_speedups(harness_mod):
     assert info["tflops"] == pytest.approx(2 * 16 * 4096 * 4096 / 10e-6 / 1e12) and info["ops_unit"] == "TOPS"
     assert len(config.stash[mod._RECORDS]) == 3
 
-    # the session-end hook: baseline time / this time, over baselines of the same shape and M only
+    # the end-of-run hook: baseline time / this time, over baselines of the same shape and M only
     records[0]["time_us"] = 30.0
     mod._fill_speedups(config.stash[mod._RECORDS])
     assert records[1]["speedup"] == {"cublas_fp16": pytest.approx(3.0)}
