@@ -39,13 +39,15 @@ import scipy.sparse
 import torch
 
 import reference as R
+from shapes import SHAPES_BY_NAME
 from zqkernels.cpu import lut as L
 
 # ZQ_BENCH_THREADS pins the thread count (both kernels, torch); default all cores. On a shared
 # 2-core machine the 1-thread run is the stable one: a 2-thread parallel region stalls whenever
 # another process holds one of the cores.
 THREADS = int(os.environ.get("ZQ_BENCH_THREADS", numba.config.NUMBA_NUM_THREADS))
-SHAPE_NAME, N, K = "llama3-8b.o", 4096, 4096
+SHAPE_NAME = "llama3-8b.o"
+N, K = SHAPES_BY_NAME[SHAPE_NAME].n, SHAPES_BY_NAME[SHAPE_NAME].k
 REUSES = (1, 2, 4, 8, 16, 32, 64)
 METHODS = ("sparse", "scipy_csr", "torch_csr", "lut")  # lut last: it reads its baselines' times
 DTYPES = {"float32": np.float32}

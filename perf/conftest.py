@@ -1,6 +1,7 @@
-"""The one timing harness of perf/ (pytest-benchmark), its options, and the GPU skip.
+"""The pytest harness of perf/ (pytest-benchmark): its options, collection, and the GPU skip.
 
-How a GPU benchmark is timed (the `zq_bench` fixture, `Harness.gpu`):
+How a GPU benchmark is timed (the `zq_bench` fixture, `Harness.gpu`; the timing functions are
+perf/timing.py's, shared with the scripts run outside pytest):
 
 1. `triton.testing.do_bench(fn, warmup, rep, return_mode="median")`: CUDA events around each call,
    the L2 cache flushed (a 256 MB buffer zeroed) before every call, the median kept. Done twice:
@@ -17,10 +18,13 @@ How a GPU benchmark is timed (the `zq_bench` fixture, `Harness.gpu`):
    `--benchmark-compare` checks for regressions, not the figure to quote. Quote `extra_info`.
 
 Speedups (`extra_info["speedup"][baseline]` = baseline time / this time, graph figures;
-`speedup_eager` from the eager ones) are filled in at session end over every baseline timed in
+`speedup_eager` from the eager ones) are filled in when the run ends, over every baseline timed in
 the same run for the same shape and M, so they need the baselines selected too
 (`pytest perf/` runs everything; `-k w4a4` alone leaves them empty; `zq report` also recomputes
 them across several JSON files).
+
+Collection: `bench_*.py` is added to pytest's `python_files` setting when this file is loaded, so
+pytest's own collector picks the benchmark files up (also a file named on the command line, once).
 
 Without a CUDA GPU every test marked `gpu` is skipped with a reason that says so; CPU benchmarks
 still run and `--benchmark-json` is still written (an empty run still gets a valid JSON whose
@@ -32,7 +36,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,30 +45,25 @@ PERF_DIR = Path(__file__).resolve().parent
 if str(PERF_DIR) not in sys.path:  # bench files import `shapes` whatever pytest's import mode
     sys.path.insert(0, str(PERF_DIR))
 
+import timing  # noqa: E402
 from shapes import select_m, select_shapes  # noqa: E402
+from timing import DEFAULT_REP_MS, DEFAULT_WARMUP_MS, cuda_synchronized_perf_counter  # noqa: E402
 
 GPU_AVAILABLE = torch.cuda.is_available()
 NO_GPU_REASON = "no CUDA GPU on this machine: GPU benchmark skipped (the CPU benchmarks still run)"
 TIMER = "cuda-events do_bench median"
 PEDANTIC_TIMER = "pytest-benchmark pedantic, cuda_synchronized_perf_counter (sync + wall clock)"
 
-# Defaults sized so the GPU part of `pytest perf/` (default shapes, all M) fits in ~8 minutes on an
-# H100: ~380 timed calls, each two do_bench runs of warmup+rep ms plus the pedantic rounds, plus
-# the kernels' own first-call compilation and autotuning.
-DEFAULT_WARMUP_MS = 5.0
-DEFAULT_REP_MS = 25.0
+# timing.DEFAULT_WARMUP_MS / DEFAULT_REP_MS (5 + 25 ms) keep the GPU part of `pytest perf/`
+# (default shapes, all M) to a few minutes on a Hopper GPU: each timed call costs two do_bench
+# runs of warmup + rep ms plus the pedantic rounds, plus the kernels' first-call compilation.
 
+BENCH_FILES = "bench_*.py"
 _CONFIG: list = []
 _RECORDS = pytest.StashKey[list]()
 _SKIPPED = pytest.StashKey[list]()
 _SHAPES = pytest.StashKey[list]()
 _MS = pytest.StashKey[list]()
-
-
-def cuda_synchronized_perf_counter() -> float:
-    """pytest-benchmark timer for GPU work: wait for the device, then read the wall clock."""
-    torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 # --------------------------------------------------------------------------- options, collection
@@ -93,21 +91,9 @@ def pytest_configure(config):
     config.stash[_SKIPPED] = []
     _CONFIG.append(config)  # pytest_runtest_logreport gets no config argument
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped with a reason on CPU-only machines")
-
-
-def pytest_collect_file(file_path, parent):
-    """Collect perf/bench_*.py as test modules (pytest's default pattern is test_*.py)."""
-    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
-        return None
-    if PERF_DIR not in file_path.resolve().parents:
-        return None
-    from _pytest.pathlib import fnmatch_ex
-
-    if parent.session.isinitpath(file_path):
-        return None  # named on the command line: pytest's python plugin collects it already
-    if any(fnmatch_ex(pattern, file_path) for pattern in parent.config.getini("python_files")):
-        return None  # already collected by pytest's own python_files setting
-    return pytest.Module.from_parent(parent, path=file_path)
+    # the benchmark files' names: pytest's python plugin collects them like test_*.py files
+    if BENCH_FILES not in config.getini("python_files"):
+        config.addinivalue_line("python_files", BENCH_FILES)
 
 
 def pytest_generate_tests(metafunc):
@@ -153,29 +139,6 @@ def device_name() -> str:
     return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _do_bench_median_ms(fn, warmup_ms: float, rep_ms: float) -> float:
-    import triton.testing
-
-    try:
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except TypeError:  # a Triton without return_mode
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
-
-
-def _capture_graph(fn):
-    """One call of `fn` captured in a CUDA graph. `fn` has already run eagerly (compiled, tuned)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up on a side stream, as torch.cuda.graphs asks before capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 class Harness:
     """Times one benchmark the one way all of perf/ does; see the module docstring."""
 
@@ -192,32 +155,19 @@ class Harness:
             graph=True, notes=(), **extra) -> dict:
         """Time `fn()` (a closure over prepared CUDA tensors) and record it.
 
-        role: "baseline" (others' kernels and our W4A16), "ours", or "component" (not a GEMM:
-        no speedups). ops_unit: "TFLOP/s" for float math, "TOPS" for integer math.
+        role: "baseline" (others' kernels and our W4A16: every result of the same shape and M
+        gets a speedup over each), "ours", "component" (not a GEMM: no speedups) or "sweep".
+        ops_unit: "TFLOP/s" for float math (FP8 included), "TOPS" for integer math.
         `shape` is a perf.shapes.LayerShape (or None with n and k in `extra`).
         """
         warmup = self.config.getoption("--bench-warmup-ms")
         rep = self.config.getoption("--bench-rep-ms")
-        torch.cuda.synchronize()
-        eager_ms = _do_bench_median_ms(fn, warmup, rep)
-        graph_ms, graph_error, g = None, None, None
-        if graph and not self.config.getoption("--no-cuda-graph"):
-            try:
-                g = _capture_graph(fn)
-                graph_ms = _do_bench_median_ms(g.replay, warmup, rep)
-            except Exception as exc:  # noqa: BLE001 - recorded, the eager figure stands
-                graph_error = f"{type(exc).__name__}: {exc}"[:400]
-                g = None
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    pass
-        elif graph:
-            graph_error = "--no-cuda-graph"
-        else:
-            graph_error = "not capturable (host synchronization / CPU work)"
-        primary_ms = graph_ms if graph_ms is not None else eager_ms
-        primary_fn = g.replay if g is not None else fn
+        no_graph_option = self.config.getoption("--no-cuda-graph")
+        t = timing.time_gpu(fn, warmup, rep, capture=graph and not no_graph_option,
+                            no_capture_reason="--no-cuda-graph" if graph else
+                            "not capturable (host synchronization / CPU work)")
+        eager_ms, graph_ms, graph_error = t.eager_ms, t.graph_ms, t.graph_error
+        primary_ms, primary_fn = t.primary_ms, t.primary_fn(fn)
 
         if getattr(self.benchmark, "_timer", cuda_synchronized_perf_counter) is cuda_synchronized_perf_counter:
             target = primary_fn
@@ -230,7 +180,7 @@ class Harness:
         rounds = int(min(max(rep / max(primary_ms, 1e-3), 5), 200))
         self.benchmark.pedantic(target, rounds=rounds, warmup_rounds=2, iterations=1)
         torch.cuda.synchronize()
-        del g
+        del t, primary_fn  # the graph and its memory pool go now, not at the end of the run
 
         seconds = primary_ms * 1e-3
         n = shape.n if shape is not None else extra.pop("n")
@@ -300,7 +250,7 @@ class Harness:
 
 @pytest.fixture(scope="session")
 def weight_cache():
-    """Session-wide dict for prepared weights, keyed by (format, shape name): each layer's weights
+    """Run-wide dict for prepared weights, keyed by (format, shape name): each layer's weights
     are made (and any expensive preparation done) once, not once per M."""
     cache: dict = {}
     yield cache
@@ -345,7 +295,7 @@ def zq_bench(benchmark, request):
     return Harness(benchmark, request.config)
 
 
-# --------------------------------------------------------------------------- session end
+# --------------------------------------------------------------------------- end of the run
 def _fill_speedups(records: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for rec in records:

@@ -1,12 +1,18 @@
 """Hybrid executor on a GPU host: correctness against the oracle, overlap efficiency, hybrid vs gpu.
 
-Run by the lead on the H100 machine (16 cores), < 5 minutes (run tool timeout_s 420):
+Run on the GPU machine (a 16-core host: the CPU half needs cores), < 5 minutes:
 
     PYTHONUNBUFFERED=1 python perf/hybrid_device.py --out $OUT
-    # then commit $OUT/hybrid_device.json under reports/results/h100/, and its `hybrid_auto`
-    # block as zqkernels/configs/hybrid_auto.json (mode="auto" reads it)
+    # $OUT/hybrid_device.json goes under reports/results/<gpu>/, and its `hybrid_auto` block
+    # into zqkernels/configs/hybrid_auto.json (mode="auto" reads it)
 
-For each LLaMA-3-8B shape (o, qkv, gate_up, down) it prepares ZipperQuant codes with
+The hybrid joins on the host (the CPU worker's result is copied back and added), so the times
+that enter the overlap efficiency are wall clock around `torch.cuda.synchronize()`; the copies
+are timed by CUDA events on their stream, the GPU-only parts also by do_bench. All of them come
+from perf/timing.py, the harness's own timing module.
+
+For each selected shape (`--shapes`, perf/shapes.py's syntax; default the LLaMA-3-8B o, qkv,
+gate_up and down, smallest first) it prepares ZipperQuant codes with
 realistic high-part statistics (q_low uniform in [-8, 7]; q_high nonzero on ~1% of each row,
 concentrated in 1% of "outlier" columns that every row hits with probability 1/2, magnitudes
 1..3: the E/U and nnz/E of a smoothed real layer, without the minutes that
@@ -16,7 +22,7 @@ concentrated in 1% of "outlier" columns that every row hits with probability 1/2
    X' = float32(x) * inv_s at M in --check-m (tolerance: 4e-6 of the low part's absolute sum plus
    the float32 LUT bound of verify/test_lut.py on the high part's);
 2. times, for M in --m (fp16 activations):
-   t_gpu_part   quantize + W4A4 GEMM (`gpu_low_part`), wall clock median (kernel-only do_bench
+   t_gpu_part   quantize + W4A4 GEMM (`gpu_low_part`), wall clock median (do_bench median
                 beside it as t_gpu_part_kernel)
    t_cpu_part   smoothing + LUT product on the host with the worker's thread count, wall median
    t_d2h/t_h2d  the activation and high-part copies through the pinned buffers, CUDA events
@@ -36,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -50,12 +55,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
 
 import reference as R  # noqa: E402
+from shapes import DEFAULT_SHAPES, select_m, select_shapes  # noqa: E402
+from timing import do_bench_median_ms, event_median_ms, wall_median_ms  # noqa: E402
 from zqkernels import hybrid as H  # noqa: E402
 from zqkernels.cpu import lut as L  # noqa: E402
 
-# Smallest first: if --budget-s runs out, the biggest layer is the one left out.
-LLAMA3_8B = {"llama3-8b.o": (4096, 4096), "llama3-8b.qkv": (6144, 4096),
-             "llama3-8b.down": (4096, 14336), "llama3-8b.gate_up": (28672, 4096)}
+# do_bench warm-up and measuring time (ms) of the GPU-only figures
+WARMUP_MS, REP_MS = 10.0, 60.0
+
+
+def shapes_smallest_first(spec):
+    """The selected LayerShapes, fewest weights first: if --budget-s runs out, the biggest layer
+    is the one left out."""
+    return sorted(select_shapes(spec), key=lambda s: s.n * s.k)
 
 
 def synthetic_codes(n, k, seed=0, outlier_col_frac=0.01, col_hit=0.5, scattered=0.008):
@@ -72,45 +84,6 @@ def synthetic_codes(n, k, seed=0, outlier_col_frac=0.01, col_hit=0.5, scattered=
     scale = rng.uniform(0.5, 2.0, n) * 1e-3
     smooth = np.exp(rng.normal(0.0, 0.3, k))
     return R.ZipperCodes(q_low=q_low, q_high=q_high, scale=scale), smooth
-
-
-def do_bench_ms(fn, warmup=10, rep=60):
-    import triton.testing
-
-    try:
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    except TypeError:
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5]))
-
-
-def wall_median_ms(fn, reps, sync=True):
-    fn()
-    if sync:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, min(times) * 1e3
-
-
-def event_ms(fn, stream, reps=10):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            fn()
-            end.record(stream)
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return statistics.median(out)
 
 
 def check(w, m, modes):
@@ -145,8 +118,8 @@ def measure(w, m, reps, has_gpu_mode, w_fp16):
     # Every time that enters the overlap efficiency is wall clock around synchronize (launches and
     # Python included, as in t_hybrid); the do_bench kernel times are recorded beside them.
     rec["t_gpu_part_ms"], _ = wall_median_ms(lambda: H.gpu_low_part(x, w), reps)
-    rec["t_gpu_part_kernel_ms"] = do_bench_ms(lambda: H.gpu_low_part(x, w))
-    rec["t_fp16_ms"] = do_bench_ms(lambda: x @ w_fp16.T)
+    rec["t_gpu_part_kernel_ms"] = do_bench_median_ms(lambda: H.gpu_low_part(x, w), WARMUP_MS, REP_MS)
+    rec["t_fp16_ms"] = do_bench_median_ms(lambda: x @ w_fp16.T, WARMUP_MS, REP_MS)
 
     # The CPU part exactly as the worker runs it (smoothing + LUT into the pinned buffer).
     bufs = w.buffers(m, x.dtype)
@@ -162,9 +135,9 @@ def measure(w, m, reps, has_gpu_mode, w_fp16):
 
     rec["t_cpu_part_ms"], rec["t_cpu_part_min_ms"] = wall_median_ms(cpu_part, reps, sync=False)
     copy = torch.cuda.Stream()
-    rec["t_d2h_ms"] = event_ms(lambda: bufs.x_host[:m].copy_(x, non_blocking=True), copy)
+    rec["t_d2h_ms"] = event_median_ms(lambda: bufs.x_host[:m].copy_(x, non_blocking=True), copy)
     y_dev = torch.empty(m, n, device="cuda", dtype=bufs.y_host.dtype)
-    rec["t_h2d_ms"] = event_ms(lambda: y_dev.copy_(bufs.y_host[:m], non_blocking=True), copy)
+    rec["t_h2d_ms"] = event_median_ms(lambda: y_dev.copy_(bufs.y_host[:m], non_blocking=True), copy)
 
     rec["t_hybrid_ms"], rec["t_hybrid_min_ms"] = wall_median_ms(lambda: H.zipper_linear(x, w, mode="hybrid"), reps)
     rec["last_call_timing_s"] = dict(w.last_timing)  # worker wait/compute, launch, join wait
@@ -174,7 +147,8 @@ def measure(w, m, reps, has_gpu_mode, w_fp16):
     if has_gpu_mode:
         try:
             rec["t_gpu_mode_ms"], _ = wall_median_ms(lambda: H.zipper_linear(x, w, mode="gpu"), reps)
-            rec["t_gpu_mode_kernel_ms"] = do_bench_ms(lambda: H.zipper_linear(x, w, mode="gpu"))
+            rec["t_gpu_mode_kernel_ms"] = do_bench_median_ms(lambda: H.zipper_linear(x, w, mode="gpu"),
+                                                             WARMUP_MS, REP_MS)
             rec["hybrid_speedup_vs_gpu"] = rec["t_gpu_mode_ms"] / rec["t_hybrid_ms"]  # both wall clock
             rec["faster_mode"] = "hybrid" if rec["t_hybrid_ms"] < rec["t_gpu_mode_ms"] else "gpu"
         except Exception as exc:  # noqa: BLE001 - recorded; the hybrid numbers stand
@@ -186,7 +160,8 @@ def measure(w, m, reps, has_gpu_mode, w_fp16):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--shapes", default=",".join(LLAMA3_8B))
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                    help="comma-separated shapes in perf/shapes.py's syntax (default: the LLaMA-3-8B o, qkv, gate_up, down)")
     ap.add_argument("--m", default="1,16,64,256,1024,4096")
     ap.add_argument("--check-m", default="1,64")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -194,6 +169,11 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=270.0, help="start no new shape after this many seconds")
     args = ap.parse_args()
+    try:
+        shapes = shapes_smallest_first(args.shapes)
+        ms, check_ms = select_m(args.m), select_m(args.check_m)
+    except ValueError as exc:
+        ap.error(str(exc))
     if not torch.cuda.is_available():
         sys.exit("hybrid_device.py needs a CUDA GPU")
     out_dir = Path(args.out)
@@ -212,9 +192,11 @@ def main():
         "device": device, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "cpu_threads": args.threads, "numba_threading_layer": None, "torch": torch.__version__,
         "numba": numba.__version__, "command": " ".join(sys.argv), "gpu_mode": gpu_mode_note,
-        "timers": {"overlap terms": "wall clock median around torch.cuda.synchronize",
-                   "*_kernel_ms, t_fp16": "triton do_bench median (L2 flushed)", "cpu": "wall clock median",
-                   "copies": "CUDA events median", "hybrid": "wall clock around torch.cuda.synchronize, median"},
+        "timers": {"overlap terms": "wall clock median around torch.cuda.synchronize (timing.wall_median_ms)",
+                   "*_kernel_ms, t_fp16": "triton do_bench median, L2 flushed (timing.do_bench_median_ms)",
+                   "cpu": "wall clock median (timing.wall_median_ms, no sync)",
+                   "copies": "CUDA events median on the copy stream (timing.event_median_ms)",
+                   "hybrid": "wall clock around torch.cuda.synchronize, median (timing.wall_median_ms)"},
         "shapes": {}, "checks": [], "errors": [],
         "hybrid_auto": {"devices": {device: {"cpu_threads": args.threads, "measured_by": "perf/hybrid_device.py",
                                              "entries": {}}}},
@@ -224,12 +206,11 @@ def main():
     def flush():
         path.write_text(json.dumps(result, indent=2))
 
-    ms = [int(v) for v in args.m.split(",")]
-    for name in args.shapes.split(","):
+    for shape in shapes:
+        name, n, k = shape.name, shape.n, shape.k
         if time.time() - t_start > args.budget_s:
             result["errors"].append(f"{name}: skipped, --budget-s {args.budget_s} reached")
             continue
-        n, k = LLAMA3_8B[name]
         t0 = time.time()
         codes, smooth = synthetic_codes(n, k)
         lut = R.build_pattern_lut(codes.q_high)
@@ -242,7 +223,7 @@ def main():
         print(f"{name}: prepared in {shape_rec['prepare_s']:.1f}s  E={stats['E']} U={stats['U']} E/U={stats['reuse']:.1f}",
               flush=True)
         w_fp16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        for m in [int(v) for v in args.check_m.split(",")]:
+        for m in check_ms:
             try:
                 for c in check(w, m, ("hybrid", "gpu") if has_gpu_mode else ("hybrid",)):
                     c["shape"] = name

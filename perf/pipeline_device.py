@@ -1,13 +1,14 @@
-"""End-to-end prefill / decode tokens/s on a GPU host, Triton backend, for the lead's H100 run.
+"""End-to-end prefill / decode tokens/s on a GPU host, Triton backend.
 
     PYTHONUNBUFFERED=1 python perf/pipeline_device.py --out $OUT        (< 4 minutes)
 
-The device machine cannot reach a package index and the embedded GGUF (93 MB) exceeds what a run
-carries, so the model here is a LlamaForCausalLM with SmolLM2-135M's exact configuration (30
-layers, hidden 576, MLP 1536, 9 query / 3 KV heads, vocab 49152) and seeded random weights: every
-GEMM has the real model's shape, so tokens/s are the real model's; perplexity is not measured here
-(the CPU results in reports/results/cpu-2core/ carry it). Calibration statistics come from random
-token windows through the same hooks as `zq run`.
+The GPU host cannot reach a package index and the embedded GGUF (93 MB) is too large to ship
+with the working tree, so the model here is a LlamaForCausalLM with SmolLM2-135M's exact
+configuration (perf/shapes.py's `MODELS["smollm2-135m"]`: 30 layers, hidden 576, MLP 1536, 9
+query / 3 KV heads, vocab 49152) and seeded random weights: every GEMM has the real model's shape,
+so tokens/s are the real model's; perplexity is not measured here (the CPU results in
+reports/results/cpu-2core/ carry it). Calibration statistics come from random token windows
+through the same hooks as `zq run`.
 
 For each variant: fp16 (cuBLAS nn.Linear), w4a16, rtn-w4a4, smoothquant-w4a4, zipper (triton
 backend = `zipper_linear(mode="gpu")`; and backend hybrid), mosaic, each with per-token and
@@ -15,8 +16,9 @@ per-group-32 activations where the kernels have them:
 1. correctness: every quantized layer's output on calibration rows against the same layer on the
    torch backend (the oracle's codes, float32) -- max relative Frobenius error over layers;
 2. speed: prefill of --prefill tokens and --decode greedy steps on the KV cache
-   (`zqkernels.pipeline.speed`: CUDA-synchronized wall clock, median of 3).
-Writes --out/pipeline_h100.json after every variant (a timeout keeps what finished); a variant
+   (`zqkernels.pipeline.speed`, the timer `zq bench` uses: CUDA-synchronized wall clock, median
+   of 3; a whole model's step is host-driven, so this is the figure a user sees).
+Writes --out/pipeline_device.json after every variant (a timeout keeps what finished); a variant
 that raises is recorded with its error and the run goes on.
 """
 from __future__ import annotations
@@ -31,11 +33,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "perf"))
 
 import torch  # noqa: E402
+from shapes import MODELS  # noqa: E402
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+_DIMS = MODELS["smollm2-135m"]
+# transformers' LlamaConfig of SmolLM2-135M: the shapes from perf/shapes.py, then the fields that
+# are not shapes (positions, norm epsilon, RoPE base, tied embeddings) as the published config has them
+SMOLLM2_135M = dict(vocab_size=_DIMS.vocab, hidden_size=_DIMS.hidden, intermediate_size=_DIMS.mlp,
+                    num_hidden_layers=_DIMS.layers, num_attention_heads=_DIMS.q_heads,
+                    num_key_value_heads=_DIMS.kv_heads, head_dim=_DIMS.head_dim, max_position_embeddings=8192,
                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 
 # Layers whose triton output is checked against the torch backend: every shape of the model.
@@ -80,7 +88,7 @@ def main():
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / "pipeline_h100.json"
+    out_path = out_dir / "pipeline_device.json"
     dev = torch.device("cpu" if args.dry else "cuda")
     dtype = torch.float32 if args.dry else torch.float16
     torch.manual_seed(0)
@@ -99,22 +107,22 @@ def main():
 
     result["triton"] = triton.__version__
     only = set(args.only.split(",")) if args.only else None
-    t_start = time.perf_counter()
+    t_start = time.monotonic()
     for label, method, backend, params in VARIANTS:
         if only and label not in only:
             continue
-        if time.perf_counter() - t_start > args.budget_s:
+        if time.monotonic() - t_start > args.budget_s:
             result.setdefault("skipped_for_time", []).append(label)
             continue
         if args.dry and backend != "torch":
             backend = "torch"
         rec = {"label": label, "method": method, "backend": backend, "params": params}
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             mcfg = MethodConfig(method, **params)
             lm = copy.deepcopy(base) if method != "fp16" else base
             layers = quantize_model(lm, stats, mcfg, backend=backend, progress=False)
-            rec["quantize_s"] = time.perf_counter() - t0
+            rec["quantize_s"] = time.monotonic() - t0
             rec["effective_bits"] = summarize_layers(layers)["effective_bits"]
             if method != "fp16":
                 # kernel check on real shapes: the triton layer against the torch backend built from
@@ -138,7 +146,7 @@ def main():
         except Exception as exc:  # noqa: BLE001 - record and go on to the next variant
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["traceback"] = traceback.format_exc()[-2000:]
-        rec["wall_s"] = time.perf_counter() - t0
+        rec["wall_s"] = time.monotonic() - t0
         result["variants"].append(rec)
         sp = rec.get("speed", {})
         print(f"{label:22s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s  "

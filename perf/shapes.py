@@ -1,11 +1,14 @@
-"""Real layer shapes of the models the benchmarks stand for, kept as data.
+"""Real layer shapes of the models perf/ stands for, kept as data: the one place they are defined.
 
 Each shape is one linear layer `Y[M, N] = X[M, K] @ W[N, K].T` of a decoder block, named
 `<model>.<layer>`. Fused layers (qkv, gate_up) are the concatenation along N that an inference
 engine runs as one GEMM. Select with `--shapes` (see `select_shapes`) and `--m`.
 
-LLaMA-3-8B: hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 14336.
-Qwen3-8B:   hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 12288.
+LLaMA-3-8B:    hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 14336.
+Qwen3-8B:      hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 12288.
+SmolLM2-135M:  hidden 576, 9 query heads and 3 key/value heads of 64, MLP 1536, 30 layers: the
+               model of the end-to-end pipeline (perf/pipeline_device.py builds it from MODELS);
+               its layers are too small to be kernel benchmarks, so they are not in SHAPES.
 """
 from __future__ import annotations
 
@@ -28,31 +31,52 @@ class LayerShape:
         return self.name
 
 
-def _model(model: str, hidden: int, q_heads: int, kv_heads: int, head_dim: int, mlp: int):
-    q, kv = q_heads * head_dim, kv_heads * head_dim
-    return (
-        LayerShape(model, "q", q, hidden),
-        LayerShape(model, "kv", kv, hidden),  # k and v have the same shape
-        LayerShape(model, "o", hidden, q),
-        LayerShape(model, "qkv", q + 2 * kv, hidden),
-        LayerShape(model, "gate", mlp, hidden),
-        LayerShape(model, "up", mlp, hidden),
-        LayerShape(model, "gate_up", 2 * mlp, hidden),
-        LayerShape(model, "down", hidden, mlp),
-    )
+@dataclass(frozen=True)
+class ModelDims:
+    """A decoder's dimensions: where its layer shapes come from."""
+
+    name: str
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    layers: int
+    vocab: int
+
+    def layer_shapes(self) -> tuple[LayerShape, ...]:
+        q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        return (
+            LayerShape(self.name, "q", q, self.hidden),
+            LayerShape(self.name, "kv", kv, self.hidden),  # k and v have the same shape
+            LayerShape(self.name, "o", self.hidden, q),
+            LayerShape(self.name, "qkv", q + 2 * kv, self.hidden),
+            LayerShape(self.name, "gate", self.mlp, self.hidden),
+            LayerShape(self.name, "up", self.mlp, self.hidden),
+            LayerShape(self.name, "gate_up", 2 * self.mlp, self.hidden),
+            LayerShape(self.name, "down", self.hidden, self.mlp),
+        )
 
 
-SHAPES: tuple[LayerShape, ...] = _model("llama3-8b", 4096, 32, 8, 128, 14336) + _model(
-    "qwen3-8b", 4096, 32, 8, 128, 12288
-)
+MODELS: dict[str, ModelDims] = {m.name: m for m in (
+    ModelDims("llama3-8b", hidden=4096, q_heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32, vocab=128256),
+    ModelDims("qwen3-8b", hidden=4096, q_heads=32, kv_heads=8, head_dim=128, mlp=12288, layers=36, vocab=151936),
+    ModelDims("smollm2-135m", hidden=576, q_heads=9, kv_heads=3, head_dim=64, mlp=1536, layers=30, vocab=49152),
+)}
+
+# The models whose layers are benchmarked (`--shapes all`).
+BENCH_MODELS: tuple[str, ...] = ("llama3-8b", "qwen3-8b")
+
+SHAPES: tuple[LayerShape, ...] = tuple(s for name in BENCH_MODELS for s in MODELS[name].layer_shapes())
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
 # Token counts: decode (1), small batches (16, 64), prefill chunks (256 .. 4096).
 M_VALUES: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
 
-# The default set is the four distinct LLaMA-3-8B GEMMs of a decoder block that the kernel issues
-# set their targets on; it keeps the GPU suite within ~8 minutes on an H100. `--shapes all` runs
-# every shape of both models (q and o, gate and up share dimensions, so they mostly repeat).
+# The default set is the four distinct GEMMs of a LLaMA-3-8B decoder block (o, qkv, gate_up,
+# down): the shapes the kernels' speed targets are stated on; it keeps the GPU suite to a few
+# minutes on one Hopper GPU. `--shapes all` runs every shape of both models (q and o, gate and up
+# share dimensions, so they mostly repeat).
 DEFAULT_SHAPES: tuple[str, ...] = ("llama3-8b.o", "llama3-8b.qkv", "llama3-8b.gate_up", "llama3-8b.down")
 
 

@@ -10,7 +10,7 @@ median and its name as the method. `zq_perf.skipped` (perf/conftest.py) lists sk
 and why. Several files may be given: speedups are recomputed over all of them, per device, shape
 and M; where one (device, shape, M, method) appears twice the later file wins.
 
-Accuracy JSON (the pipeline's, issue 7), read tolerantly:
+Accuracy JSON (the pipeline's, zqkernels/pipeline/results.py), read tolerantly:
 - a list of records, or an object holding one under "results", "records", "runs" or "rows", or an
   object mapping a method name to a record (or straight to a perplexity);
 - a record is an object with a method (`method`, or `name`), a perplexity (`ppl` or `perplexity`;
@@ -23,9 +23,12 @@ Accuracy JSON (the pipeline's, issue 7), read tolerantly:
 Every problem with the inputs raises `ReportError` (a ValueError) with a message naming the file
 and what is wrong; `reports.cli` prints it, never a traceback.
 
-Ceilings and claims are data at the top of this file. A projection to an RTX 4090 is computed
-from our measured efficiency (the fraction of our device's roofline each kernel reaches, applied
-to the RTX 4090's datasheet roofline) and labelled "projection, not measured" wherever it appears.
+Ceilings and claims are data at the top of this file. FP8 rowwise `_scaled_mm` (`fp8_rowwise`,
+perf/bench_baselines.py) is the prefill bar: the 8-bit GEMM a Hopper user would pick instead of a
+4-bit one where the GEMM is compute-bound, so the report gives every method's speedup over it, a
+table at prefill M, and a plot. A projection to an RTX 4090 is computed from our measured efficiency (the fraction of
+our device's roofline each kernel reaches, applied to the RTX 4090's datasheet roofline) and
+labelled "projection, not measured" wherever it appears.
 """
 from __future__ import annotations
 
@@ -51,13 +54,27 @@ class ReportError(ValueError):
 
 
 # --------------------------------------------------------------------------------------- data
-# Measured ceilings by device-name substring (issue 3, measured on our H100 with the same harness).
+# Ceilings by device-name substring: what a kernel's rate is divided by. Bytes count reads and
+# writes (a copy moves twice its size), as bytes_moved does. Hopper's INT8 and FP8 MMAs run at
+# twice the FP16 rate, so their ceiling is 2x the measured FP16 one, not a measurement itself;
+# each "source" says which number is measured and which comes from the datasheet.
 CEILINGS = {
     "H100": {
         "copy_gbps": 3000.0,
         "fp16_tflops": 735.0,
         "int8_tops": 1470.0,
-        "source": "measured on our H100: copy ~3.0 TB/s, cuBLAS FP16 ~735 TFLOP/s; INT8 tensor-core peak 2x FP16",
+        "fp8_tflops": 1470.0,
+        "source": "H100 80GB HBM3, measured with the perf/ harness: copy ~3.0 TB/s, cuBLAS FP16 ~735 TFLOP/s; "
+                  "INT8 / FP8 peak taken as 2x the measured FP16 (not measured)",
+    },
+    "H200": {
+        "copy_gbps": 4300.0,
+        "fp16_tflops": 790.0,
+        "int8_tops": 1580.0,
+        "fp8_tflops": 1580.0,
+        "source": "H200, measured on one: device-to-device copy ~4.3 TB/s (read + write), bf16 8192^3 torch "
+                  "matmul ~790 TFLOP/s on random data; INT8 / FP8 peak taken as 2x that (not measured). "
+                  "Datasheet, dense: FP16/BF16 989 TFLOP/s, INT8 1979 TOPS, FP8 1979 TFLOP/s, HBM3e 4.8 TB/s",
     },
 }
 
@@ -68,12 +85,28 @@ RTX4090 = {
     "fp16_tflops": 165.0,  # FP16 with FP32 accumulate
     "int4_tops": 1321.0,
     "int8_tops": 660.6,  # Ada datasheet, dense
+    "fp8_tflops": 330.3,  # FP8 with FP32 accumulate (what _scaled_mm does), dense; 660.6 with FP16 accumulate
 }
 
 # Which peak a method's math runs on: on our device (Hopper has no INT4 MMA: W4A4 runs on INT8)
 # and on the RTX 4090 (where the papers' W4A4 kernels use INT4 MMA).
 INT_METHODS_PREFIX = ("zq_w4a4", "zq_mosaic", "sweep_mosaic", "zq_zipper")
-INT8_BASELINES = ("cublas_int8", "gemlite_a8w8")
+INT8_BASELINES = ("cublas_int8", "gemlite_a8w8_int8")
+FP8_METHODS = ("fp8_rowwise", "fp8_rowwise_dynamic", "gemlite_a8w8_fp8")
+
+# The prefill bar: FP8 rowwise _scaled_mm, and the token counts it is read at.
+FP8_BAR = "fp8_rowwise"
+PREFILL_MIN_M = 1024
+# (ours, bar): like against like; a layer with its activation quantization against the FP8
+# layer with its activation cast, GEMMs alone against the GEMM alone.
+PREFILL_PAIRS = (
+    ("zq_w4a4", "fp8_rowwise"),
+    ("zq_w4a4_g128", "fp8_rowwise"),
+    ("zq_mosaic_w4a4", "fp8_rowwise"),
+    ("zq_w4a4_aq", "fp8_rowwise_dynamic"),
+    ("zq_zipper_gpu", "fp8_rowwise_dynamic"),
+    ("cublas_fp16", "fp8_rowwise"),
+)
 
 CLAIMS = [
     {
@@ -339,6 +372,8 @@ def ceilings_for(device: str) -> dict | None:
 
 
 def _peak(method: str, ops_unit, ceil: dict) -> float:
+    if method in FP8_METHODS:
+        return ceil["fp8_tflops"]
     if method.startswith(INT_METHODS_PREFIX) or method in INT8_BASELINES or ops_unit == "TOPS":
         return ceil["int8_tops"]
     return ceil["fp16_tflops"]
@@ -349,7 +384,27 @@ def _peak_4090(method: str) -> float:
         return RTX4090["int4_tops"]
     if method in INT8_BASELINES:
         return RTX4090["int8_tops"]
+    if method in FP8_METHODS:
+        return RTX4090["fp8_tflops"]
     return RTX4090["fp16_tflops"]
+
+
+def prefill_bar_table(g: pd.DataFrame) -> pd.DataFrame:
+    """At M >= PREFILL_MIN_M: the FP8 bar's time and, per PREFILL_PAIRS pair timed in these runs,
+    bar time / method time (above 1: faster than FP8 rowwise). Rows (shape, M)."""
+    if g.empty or FP8_BAR not in set(g["method"]):
+        return pd.DataFrame()
+    big = g[g["M"] >= PREFILL_MIN_M]
+    p = big.pivot_table(index=["shape", "M"], columns="method", values="time_us", aggfunc="last")
+    if FP8_BAR not in p.columns:
+        return pd.DataFrame()
+    out = pd.DataFrame(index=p.index)
+    out[f"{FP8_BAR} (us)"] = p[FP8_BAR]
+    for ours, bar in PREFILL_PAIRS:
+        if ours in p.columns and bar in p.columns:
+            out[f"{ours} vs {bar}"] = p[bar] / p[ours]
+    out.index = out.index.set_levels([out.index.levels[0], out.index.levels[1].astype(int)])
+    return out if len(out.columns) > 1 else pd.DataFrame()
 
 
 def project_4090(df: pd.DataFrame) -> pd.DataFrame:
@@ -523,9 +578,9 @@ def _save(fig, out_dir: Path, filename: str) -> str:
 
 
 def _method_order(methods):
-    rank = {"cublas_fp16": 0, "cublas_int8": 1, "torch_int4_wo": 2, "gemlite_a16w4": 3, "gemlite_a8w8": 4,
-            "zq_w4a16": 5}
-    return sorted(methods, key=lambda m: (rank.get(m, 10), m))
+    rank = {"cublas_fp16": 0, "fp8_rowwise": 1, "fp8_rowwise_dynamic": 2, "cublas_int8": 3, "torch_int4_wo": 4,
+            "gemlite_a16w4": 5, "gemlite_a8w8_int8": 6, "gemlite_a8w8_fp8": 7, "zq_w4a16": 8}
+    return sorted(methods, key=lambda m: (rank.get(m, 20), m))
 
 
 def plot_speedup(sp: pd.DataFrame, device: str, baseline: str, out_dir: Path):
@@ -556,7 +611,7 @@ def plot_roofline(g: pd.DataFrame, device: str, ceil: dict | None, out_dir: Path
     ax.set_yscale("log")
     if ceil:
         xs = np.logspace(np.log10(d["intensity"].min() / 2), np.log10(d["intensity"].max() * 2), 200)
-        for peak, label, ls in ((ceil["fp16_tflops"], "FP16 peak", "-"), (ceil["int8_tops"], "INT8 peak", "--")):
+        for peak, label, ls in ((ceil["fp16_tflops"], "FP16 peak", "-"), (ceil["int8_tops"], "INT8/FP8 peak", "--")):
             ax.plot(xs, np.minimum(xs * ceil["copy_gbps"] / 1000.0, peak), color="black", ls=ls, lw=1,
                     label=f"{label} {peak:g} / copy {ceil['copy_gbps'] / 1000:g} TB/s")
     ax.set_xlabel("arithmetic intensity (ops / compulsory byte)")
@@ -719,7 +774,8 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
           "largest and smallest ratio (baseline time / ours) over the shapes and M of these runs, on the device named. The RTX 4090 column is a **" + PROJECTION + "**: our "
           "measured fraction of our device's roofline applied to the RTX 4090 datasheet roofline "
           f"({RTX4090['gbps']:g} GB/s; INT4 {RTX4090['int4_tops']:g} TOPS for W4A4 kernels; FP16 with FP32 "
-          f"accumulate {RTX4090['fp16_tflops']:g} TFLOP/s; INT8 {RTX4090['int8_tops']:g} TOPS); the hybrid's "
+          f"accumulate {RTX4090['fp16_tflops']:g} TFLOP/s; INT8 {RTX4090['int8_tops']:g} TOPS; FP8 with FP32 "
+          f"accumulate {RTX4090['fp8_tflops']:g} TFLOP/s); the hybrid's "
           "CPU side is not projected.")
     doc.table(claims_table(sp if not sp.empty else
                            pd.DataFrame(columns=["device", "shape", "M", "method", "baseline", "speedup"]), proj))
@@ -737,8 +793,17 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
             doc.p(f"No GEMM results on {device}.")
         else:
             doc.table(_pivot_times(g), caption=f"time (us, median) per shape and M — {device}", index=True)
+            bar = prefill_bar_table(g)
+            if not bar.empty:
+                doc.h(3, f"FP8 rowwise, the prefill bar, on {device}")
+                doc.p(f"FP8 W8A8 (`torch._scaled_mm`, per-token x per-channel scales) is what a Hopper user runs "
+                      f"instead of a 4-bit GEMM when the GEMM is compute-bound. Each column is the FP8 time over "
+                      f"the method's at M >= {PREFILL_MIN_M} (above 1: faster than FP8), like against like: "
+                      "GEMMs alone against `fp8_rowwise`, layers with their activation quantization against "
+                      "`fp8_rowwise_dynamic` (its activation cast in front).")
+                doc.table(bar, caption=f"speedup over FP8 rowwise at prefill (x) — {device}", index=True)
             d_sp = sp[sp["device"] == device]
-            for base in ("cublas_fp16", "zq_w4a16", "torch_int4_wo"):
+            for base in ("cublas_fp16", FP8_BAR, "zq_w4a16", "torch_int4_wo"):
                 s = d_sp[d_sp["baseline"] == base]
                 if s.empty:
                     continue
@@ -769,7 +834,8 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
             doc.h(3, f"Roofline on {device}")
             if ceil:
                 doc.p(f"Ceilings: {ceil['source']}. Bytes are the compulsory traffic (inputs read once, output "
-                      "written once); W4A4 kernels run on INT8 tensor cores (Hopper has no INT4 MMA).")
+                      "written once); W4A4 kernels run on INT8 tensor cores (Hopper has no INT4 MMA); FP8 "
+                      "methods are held to the FP8 peak.")
             else:
                 doc.p(f"No measured ceilings for {device}: achieved rates only.")
             rates = g.groupby("method").agg(best_tflops=("tflops", "max"), best_gbps=("gbps", "max"),

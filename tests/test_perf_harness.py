@@ -1,11 +1,16 @@
-"""The GPU timing harness of perf/conftest.py, run without a GPU: CUDA calls and do_bench stubbed,
-so CI checks what it records (fields, graph fallback, pedantic rounds, speedups)."""
+"""The GPU timing harness of perf/conftest.py and perf/timing.py, run without a GPU: CUDA calls
+and do_bench stubbed, so CI checks what it records (fields, graph fallback, pedantic rounds,
+speedups) and that the scripts outside pytest time through the same module."""
+import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "perf"))
+import timing  # noqa: E402
 
 
 @pytest.fixture
@@ -13,6 +18,7 @@ def harness_mod(monkeypatch):
     spec = importlib.util.spec_from_file_location("zq_perf_conftest_under_test", ROOT / "perf" / "conftest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    assert mod.timing is timing  # the harness times through perf/timing.py, not a copy
     monkeypatch.setattr(mod.torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(mod, "device_name", lambda: "Stub GPU")
     calls = {"bench": []}
@@ -27,15 +33,15 @@ def harness_mod(monkeypatch):
             calls.setdefault("replays", 0)
             calls["replays"] += 1
 
-    def fake_capture(fn):
+    def fake_capture(fns):
         if calls.get("capture_fails"):
             raise RuntimeError("operation not permitted when stream is capturing")
         g = Graph()
         g.replay.__func__.is_graph = True
         return g
 
-    monkeypatch.setattr(mod, "_do_bench_median_ms", fake_do_bench)
-    monkeypatch.setattr(mod, "_capture_graph", fake_capture)
+    monkeypatch.setattr(timing, "do_bench_median_ms", fake_do_bench)
+    monkeypatch.setattr(timing, "capture_graph", fake_capture)
     return mod, calls
 
 
@@ -60,9 +66,6 @@ class FakeConfig:
 
 
 def _shape():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "perf"))
     from shapes import SHAPES_BY_NAME
 
     return SHAPES_BY_NAME["llama3-8b.o"]
@@ -88,7 +91,7 @@ def test_gpu_harness_records_graph_time_rates_and_speedups(harness_mod):
     assert info["tflops"] == pytest.approx(2 * 16 * 4096 * 4096 / 10e-6 / 1e12) and info["ops_unit"] == "TOPS"
     assert len(config.stash[mod._RECORDS]) == 3
 
-    # the session-end hook: baseline time / this time, over baselines of the same shape and M only
+    # the end-of-run hook: baseline time / this time, over baselines of the same shape and M only
     records[0]["time_us"] = 30.0
     mod._fill_speedups(config.stash[mod._RECORDS])
     assert records[1]["speedup"] == {"cublas_fp16": pytest.approx(3.0)}
@@ -129,3 +132,41 @@ def test_foreign_timer_gets_a_synchronizing_target(harness_mod):
     mod.Harness(bench2, FakeConfig(mod)).gpu(lambda: None, family="x", method="y", role="ours", shape=_shape(),
                                              m=1, bytes_moved=1)
     assert n_with_target == len(synced) + 1  # the wrapped target synchronized once more
+
+
+def test_graph_median_is_per_call_and_bad_arguments_are_refused(monkeypatch):
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    monkeypatch.setattr(timing, "capture_graph", lambda calls: Graph())
+    monkeypatch.setattr(timing, "do_bench_median_ms", lambda fn, w, r: (fn(), 0.03)[1])
+    assert timing.graph_median_ms([lambda: None] * 3) == pytest.approx(0.01)  # one replay holds 3 calls
+    assert replays == [1]
+    with pytest.raises(ValueError, match="fns"):
+        timing.graph_median_ms([])
+    with pytest.raises(ValueError, match="reps"):
+        timing.wall_median_ms(lambda: None, 0, sync=False)
+
+
+def test_wall_median_without_sync_times_host_work():
+    calls = []
+    median, best = timing.wall_median_ms(lambda: calls.append(1), 5, sync=False)
+    assert len(calls) == 6 and 0 <= best <= median  # one untimed call, then five timed
+
+
+PRIVATE_TIMERS = ("do_bench", "perf_counter", "Event", "CUDAGraph", "elapsed_time")
+
+
+@pytest.mark.parametrize("script", ["hybrid_device.py", "pipeline_device.py"])
+def test_device_scripts_have_no_timer_of_their_own(script):
+    """The scripts run outside pytest time through perf/timing.py: no do_bench call, CUDA event,
+    graph capture or wall clock of their own (the time budget's clock is `time.time`)."""
+    tree = ast.parse((ROOT / "perf" / script).read_text())
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & set(PRIVATE_TIMERS), sorted(names & set(PRIVATE_TIMERS))
+    defs = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert not defs & {"do_bench_ms", "wall_median_ms", "event_ms", "bench_graph", "bench_eager"}

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from reports import cli
-from reports.report import ReportError, build_report, load_accuracy, load_benchmarks, speedups
+from reports.report import (
+    CEILINGS, ReportError, _peak, build_report, ceilings_for, gemm_rows, load_accuracy, load_benchmarks,
+    prefill_bar_table, speedups,
+)
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 ROOT = FIX.parents[1]
@@ -37,6 +40,9 @@ def test_good_run_writes_report_with_expected_tables(tmp_path):
                    f"## GPU kernels on {device}", "| shape | M | cublas_fp16 |", "speedup over cublas_fp16 (x)",
                    "speedup over zq_w4a16 (x)", f"### Roofline on {device}", "% of copy BW",
                    "MosaicQuant: time vs residual density", "## Pattern LUT (CPU) vs the direct products",
+                   "| shape | M | cublas_fp16 | fp8_rowwise | fp8_rowwise_dynamic |", "speedup over fp8_rowwise (x)",
+                   f"### FP8 rowwise, the prefill bar, on {device}", "speedup over FP8 rowwise at prefill (x)",
+                   "zq_w4a4 vs fp8_rowwise", "zq_w4a4_aq vs fp8_rowwise_dynamic",
                    "## Accuracy", "| SmolLM2-135M (fixture) | zipper | 47.4 |", "no CUDA GPU on this machine"):
         assert needle in md, needle
     # every mention of the RTX 4090 is the paper's claim device or labelled as a projection
@@ -47,6 +53,7 @@ def test_good_run_writes_report_with_expected_tables(tmp_path):
     assert "projection, not measured" in html and device in html and "<table" in html
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert any(p.startswith("speedup_vs_cublas_fp16") for p in pngs)
+    assert any(p.startswith("speedup_vs_fp8_rowwise") for p in pngs)
     assert any(p.startswith("roofline_") for p in pngs)
     assert "lut_ratio_vs_reuse.png" in pngs
     for png in pngs:  # every plot is linked from both documents
@@ -64,6 +71,58 @@ def test_speedups_are_baseline_time_over_method_time():
     # sweep and component rows never act as baselines
     assert not sp["baseline"].str.startswith("sweep_").any()
     assert "zq_actquant" not in set(sp["method"])
+
+
+def test_fp8_rowwise_is_a_baseline_and_the_prefill_bar():
+    df, _ = load_benchmarks([GOOD])
+    sp = speedups(df)
+    t = df.set_index(["shape", "M", "method"])["time_us"]
+    over_fp8 = sp[sp["baseline"] == "fp8_rowwise"]
+    assert set(over_fp8["method"]) >= {"zq_w4a4", "zq_w4a4_aq", "cublas_fp16", "fp8_rowwise_dynamic"}
+    row = over_fp8[(over_fp8["shape"] == "llama3-8b.gate_up") & (over_fp8["M"] == 16) & (over_fp8["method"] == "zq_w4a4")]
+    assert row["speedup"].iloc[0] == pytest.approx(t[("llama3-8b.gate_up", 16, "fp8_rowwise")]
+                                                   / t[("llama3-8b.gate_up", 16, "zq_w4a4")], rel=1e-12)
+    bar = prefill_bar_table(gemm_rows(df))
+    assert sorted(bar.index.get_level_values("M").unique()) == [4096]  # prefill M only (>= 1024)
+    key = ("llama3-8b.o", 4096)
+    assert bar.loc[key, "fp8_rowwise (us)"] == pytest.approx(t[("llama3-8b.o", 4096, "fp8_rowwise")])
+    assert bar.loc[key, "zq_w4a4 vs fp8_rowwise"] == pytest.approx(
+        t[("llama3-8b.o", 4096, "fp8_rowwise")] / t[("llama3-8b.o", 4096, "zq_w4a4")], rel=1e-12)
+    # a layer with its activation quantization is held against the FP8 layer with its cast
+    assert bar.loc[key, "zq_w4a4_aq vs fp8_rowwise_dynamic"] == pytest.approx(
+        t[("llama3-8b.o", 4096, "fp8_rowwise_dynamic")] / t[("llama3-8b.o", 4096, "zq_w4a4_aq")], rel=1e-12)
+    assert prefill_bar_table(gemm_rows(df[df["method"] != "fp8_rowwise"])).empty  # no bar, no table
+
+
+def test_h200_ceilings_and_8bit_peaks():
+    h200 = ceilings_for("NVIDIA H200")
+    assert h200 is CEILINGS["H200"] and ceilings_for("NVIDIA H100 80GB HBM3") is CEILINGS["H100"]
+    assert h200["copy_gbps"] == 4300.0 and h200["fp16_tflops"] == 790.0
+    # Hopper's INT8 and FP8 MMAs: twice FP16, stated as taken, not measured, beside the datasheet
+    assert h200["int8_tops"] == h200["fp8_tflops"] == 2 * h200["fp16_tflops"]
+    assert "not measured" in h200["source"] and "Datasheet" in h200["source"] and "1979" in h200["source"]
+    assert _peak("fp8_rowwise", "TFLOP/s", h200) == h200["fp8_tflops"]
+    assert _peak("gemlite_a8w8_fp8", "TFLOP/s", h200) == h200["fp8_tflops"]
+    assert _peak("cublas_fp16", "TFLOP/s", h200) == h200["fp16_tflops"]
+    assert _peak("zq_w4a4", "TOPS", h200) == h200["int8_tops"]
+    assert ceilings_for("NVIDIA RTX 6000 Ada") is None
+
+
+def test_an_h200_run_is_held_to_the_h200_ceilings(tmp_path):
+    text = GOOD.read_text().replace("NVIDIA H100 80GB HBM3 (synthetic test fixture)", "NVIDIA H200 (synthetic test fixture)")
+    path = tmp_path / "h200.json"
+    path.write_text(text)
+    out = tmp_path / "r"
+    assert run_cli(path, "--out", out) == 0
+    md = (out / "REPORT.md").read_text()
+    assert "Ceilings: " + CEILINGS["H200"]["source"] in md and "H100" not in md
+    df, _ = load_benchmarks([path])
+    rates = md.split("*best achieved rate per method over all shapes and M")[1]
+    line = next(r for r in rates.splitlines() if r.startswith("| fp8_rowwise |"))
+    best = df[df["method"] == "fp8_rowwise"]
+    # % of compute peak against the FP8 ceiling (2 x 790), % of copy BW against 4.3 TB/s
+    assert f"| {100 * best['tflops'].max() / 1580.0:.1f} |" in line
+    assert f"| {100 * best['gbps'].max() / 4300.0:.1f} |" in line
 
 
 def test_bad_json_gives_a_message_not_a_traceback(tmp_path, capsys):
