@@ -55,8 +55,8 @@ def synthetic_mosaic_codes(n, k, density, seed=0):
 def _weights(cache, zq_kernel, shape, density):
     key = ("mosaic", shape.name, density)
     if key not in cache:
-        prepare_mosaic = zq_kernel("zqkernels.gpu.mosaic", "prepare_mosaic")
-        cache[key] = prepare_mosaic(synthetic_mosaic_codes(shape.n, shape.k, density), "cuda")
+        mosaic_blocks = zq_kernel("zqkernels.layouts", "MosaicBlocks")
+        cache[key] = mosaic_blocks.from_codes(synthetic_mosaic_codes(shape.n, shape.k, density), "cuda")
     return cache[key]
 
 

@@ -68,7 +68,7 @@ def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
     inv_s = torch.rand(shape.k, device="cuda") + 0.5
 
     def layer():
-        qx, sx = quantize_activations(x, inv_s)
+        qx, sx = quantize_activations(x, inv_s, check_finite=False)  # the layers run it unchecked
         return w4a4_gemm(qx, sx, qw, sw)
 
     # bytes: X read once as fp16, the packed activations written and read back, weights, output
