@@ -13,6 +13,10 @@ import numpy as np
 from .validation import as_float_matrix, as_int_codes, check_group_size, check_product
 
 
+# Patterns wider than this hold mostly padding and never repeat: the table cannot pay there.
+MAX_GROUP_SIZE = 256
+
+
 @dataclass(frozen=True)
 class PatternLUT:
     indptr: np.ndarray  # int64 [N+1]: entries of row n are indptr[n]:indptr[n+1]
@@ -31,8 +35,8 @@ def build_pattern_lut(q_high, group_size=4):
     """
     q = as_int_codes("q_high", q_high, -128, 127, rank=2)
     g = check_group_size("group_size", group_size)
-    if g is None:
-        raise ValueError("group_size must be a positive integer, got None")
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
     n, k = q.shape
     n_grp = -(-k // g)
     padded = np.zeros((n, n_grp * g), dtype=np.int64)
@@ -70,8 +74,8 @@ def check_pattern_lut(lut, name="lut"):
         raise ValueError(f"{name}.shape must be (N, K) of non-negative integers, got {lut.shape!r}")
     n, k = (int(d) for d in shape)
     g = check_group_size(f"{name}.group_size", lut.group_size)
-    if g is None:
-        raise ValueError(f"{name}.group_size must be a positive integer, got None")
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"{name}.group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {lut.group_size!r}")
     n_grp = -(-k // g)
     patterns = as_int_codes(f"{name}.patterns", lut.patterns, -128, 127, rank=2)
     if patterns.shape[1] != g:

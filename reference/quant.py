@@ -47,7 +47,8 @@ def _expand_groups(scale, k, group_size):
     """Scale per row [R] or per row and group [R, G] -> one scale per element [R, k]."""
     if scale.ndim == 1:
         return scale[:, None]
-    return np.repeat(scale, group_size, axis=1)[:, :k]
+    # A group wider than the row is one group: repeat by at most k (group_size may be huge).
+    return np.repeat(scale, min(group_size, max(k, 1)), axis=1)[:, :k]
 
 
 def quantize_activations(x, bits=4, group_size=None):
@@ -67,7 +68,8 @@ def quantize_activations(x, bits=4, group_size=None):
     m, k = x.shape
     qmax = 2 ** (bits - 1) - 1
     x32 = x.astype(np.float32)
-    g = k if group_size is None else group_size
+    # K = 0: one empty group (scale 0); a group wider than the row: one group of K.
+    g = max(k, 1) if group_size is None else min(group_size, max(k, 1))
     ng = n_groups(k, group_size)
     padded = np.zeros((m, ng * g), dtype=np.float32)
     padded[:, :k] = np.abs(x32)
@@ -92,7 +94,8 @@ def quantize_weights(w, bits=4, group_size=None):
     group_size = check_group_size("group_size", group_size)
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
-    g = k if group_size is None else group_size
+    # K = 0: one empty group (scale 0); a group wider than the row: one group of K.
+    g = max(k, 1) if group_size is None else min(group_size, max(k, 1))
     ng = n_groups(k, group_size)
     padded = np.zeros((n, ng * g))
     padded[:, :k] = np.abs(w)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import threading
 
 import numpy as np
@@ -324,8 +325,8 @@ def check_contract(argv, bad, rc, out, err):
     assert any(o in lines[0] for o in names), f"{lines[0]!r} names none of the bad options {sorted(bad)}"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("ZQ_FUZZ_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=argvs())
 def test_every_argv_is_refused_up_front_naming_a_bad_option_or_reaches_the_work(case, files, zq):
     argv, bad = build(case, files)
@@ -392,7 +393,6 @@ def test_help_returns_zero(zq):
 ])
 def test_console_entry_point_one_line_exit_2(argv, files):
     """Through a real process: the installed entry point's exit status and stderr."""
-    import os
     import subprocess
     import sys
 
