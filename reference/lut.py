@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import as_float_matrix, as_int_codes, check_group_size
+from .validation import as_float_matrix, as_int_codes, check_group_size, check_product
+
+
+# Patterns wider than this hold mostly padding and never repeat: the table cannot pay there.
+MAX_GROUP_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,8 @@ def build_pattern_lut(q_high, group_size=4):
     """
     q = as_int_codes("q_high", q_high, -128, 127, rank=2)
     g = check_group_size("group_size", group_size)
-    if g is None:
-        raise ValueError("group_size must be a positive integer, got None")
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
     n, k = q.shape
     n_grp = -(-k // g)
     padded = np.zeros((n, n_grp * g), dtype=np.int64)
@@ -57,7 +61,44 @@ def build_pattern_lut(q_high, group_size=4):
     )
 
 
+def check_pattern_lut(lut, name="lut"):
+    """A `PatternLUT` (or any object with its fields) whose arrays agree: integer patterns in int8
+    range, ids and groups in range, a CSR indptr from 0 to E. A hand-built table is refused
+    rather than indexed out of bounds or multiplied with fractional patterns."""
+    for field in ("indptr", "entry_ids", "entry_groups", "patterns", "pattern_groups", "group_size", "shape"):
+        if not hasattr(lut, field):
+            raise ValueError(f"{name} must be a PatternLUT, it has no field {field!r}")
+    shape = tuple(lut.shape) if isinstance(lut.shape, (tuple, list)) else ()
+    if len(shape) != 2 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                                  for d in shape):
+        raise ValueError(f"{name}.shape must be (N, K) of non-negative integers, got {lut.shape!r}")
+    n, k = (int(d) for d in shape)
+    g = check_group_size(f"{name}.group_size", lut.group_size)
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"{name}.group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {lut.group_size!r}")
+    n_grp = -(-k // g)
+    patterns = as_int_codes(f"{name}.patterns", lut.patterns, -128, 127, rank=2)
+    if patterns.shape[1] != g:
+        raise ValueError(f"{name}.patterns must have shape [U, {g}], got {patterns.shape}")
+    u = patterns.shape[0]
+    pattern_groups = as_int_codes(f"{name}.pattern_groups", lut.pattern_groups, 0, max(0, n_grp - 1), rank=1)
+    if pattern_groups.shape != (u,):
+        raise ValueError(f"{name}.pattern_groups must have shape ({u},), got {pattern_groups.shape}")
+    entry_ids = as_int_codes(f"{name}.entry_ids", lut.entry_ids, 0, max(0, u - 1), rank=1)
+    if u == 0 and entry_ids.size:
+        raise ValueError(f"{name}.entry_ids has {entry_ids.size} entries but the dictionary is empty")
+    e = entry_ids.size
+    entry_groups = as_int_codes(f"{name}.entry_groups", lut.entry_groups, 0, max(0, n_grp - 1), rank=1)
+    if entry_groups.shape != (e,):
+        raise ValueError(f"{name}.entry_groups must have shape ({e},), got {entry_groups.shape}")
+    indptr = as_int_codes(f"{name}.indptr", lut.indptr, 0, e, rank=1)
+    if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] != e or np.any(np.diff(indptr) < 0):
+        raise ValueError(f"{name}.indptr must be a non-decreasing [N+1={n + 1}] array from 0 to E={e}")
+    return lut
+
+
 def _check_x_for(lut, x):
+    check_pattern_lut(lut)
     x = as_float_matrix("x", x)
     if x.shape[1] != lut.shape[1]:
         raise ValueError(f"x has K={x.shape[1]} but the table was built for K={lut.shape[1]}")
@@ -73,20 +114,25 @@ def lut_table(x, lut):
     padded = np.zeros((m, n_grp * g))
     padded[:, :k] = x
     grouped = padded.reshape(m, n_grp, g)
-    return np.einsum("mui,ui->mu", grouped[:, lut.pattern_groups, :], lut.patterns.astype(np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        table = np.einsum("mui,ui->mu", grouped[:, np.asarray(lut.pattern_groups, dtype=np.int64), :],
+                          np.asarray(lut.patterns).astype(np.float64))
+    return check_product(table, "x through the pattern table")
 
 
 def lut_matmul(x, lut):
     """`x @ q_high.T` through the table: `Y[m, n] = Σ_{e in row n} T[m, id_e]` (no scales)."""
     table = lut_table(x, lut)
     n = lut.shape[0]
-    out = np.zeros((x.shape[0], n))
-    counts = np.diff(lut.indptr)
+    out = np.zeros((table.shape[0], n))
+    indptr = np.asarray(lut.indptr, dtype=np.int64)
+    counts = np.diff(indptr)
     filled = counts > 0
     if filled.any():
-        gathered = table[:, lut.entry_ids]
-        out[:, filled] = np.add.reduceat(gathered, lut.indptr[:-1][filled], axis=1)
-    return out
+        gathered = table[:, np.asarray(lut.entry_ids, dtype=np.int64)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[:, filled] = np.add.reduceat(gathered, indptr[:-1][filled], axis=1)
+    return check_product(out, "x @ q_high.T")
 
 
 def sparse_matmul(x, q_high):
@@ -97,23 +143,27 @@ def sparse_matmul(x, q_high):
         raise ValueError(f"x has K={x.shape[1]} but q_high has K={q.shape[1]}")
     rows, cols = np.nonzero(q)
     out = np.zeros((x.shape[0], q.shape[0]))
-    np.add.at(out.T, rows, (x[:, cols] * q[rows, cols]).T)
-    return out
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.add.at(out.T, rows, (x[:, cols] * q[rows, cols]).T)
+    return check_product(out, "x @ q_high.T")
 
 
 def lut_stats(lut):
     """Table statistics every report prints: E, U, reuse E/U and the bytes of each part."""
-    e = int(lut.entry_ids.size)
-    u = int(lut.patterns.shape[0])
+    check_pattern_lut(lut)
+    indptr, entry_ids, entry_groups = (np.asarray(a) for a in (lut.indptr, lut.entry_ids, lut.entry_groups))
+    patterns, pattern_groups = np.asarray(lut.patterns), np.asarray(lut.pattern_groups)
+    e = int(entry_ids.size)
+    u = int(patterns.shape[0])
     n_grp = -(-lut.shape[1] // lut.group_size) if lut.shape[1] else 0
-    per_group = np.bincount(lut.pattern_groups, minlength=n_grp) if n_grp else np.zeros(0, dtype=np.int64)
+    per_group = np.bincount(pattern_groups, minlength=n_grp) if n_grp else np.zeros(0, dtype=np.int64)
     return {
         "E": e,
         "U": u,
         "reuse": e / u if u else 0.0,
         "group_size": lut.group_size,
-        "index_bytes": int(lut.indptr.nbytes + lut.entry_ids.nbytes + lut.entry_groups.nbytes),
-        "pattern_bytes": int(lut.patterns.nbytes + lut.pattern_groups.nbytes),
+        "index_bytes": int(indptr.nbytes + entry_ids.nbytes + entry_groups.nbytes),
+        "pattern_bytes": int(patterns.nbytes + pattern_groups.nbytes),
         "table_bytes_per_token": 4 * u,  # one float32 partial product per dictionary entry
         "patterns_per_group_max": int(per_group.max()) if per_group.size else 0,
         "patterns_per_group_mean": float(per_group.mean()) if per_group.size else 0.0,

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .quant import dequantize, quantize_activations, quantize_weights
-from .validation import as_float_matrix, check_group_size
+from .validation import (
+    as_float_matrix,
+    as_int_codes,
+    as_scales,
+    check_bits,
+    check_group_size,
+    check_product,
+    check_unit_interval,
+    n_groups,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,46 @@ def _check_block(block):
     return int(block[0]), int(block[1])
 
 
+def check_mosaic_codes(codes, name="codes"):
+    """The fields of a `MosaicCodes` (or any object with them), checked before use: integer codes
+    within int8 (dequantization is defined for any; the kernels' packers check the 4-bit range),
+    finite scales of the right shapes, block indices inside the matrix. Returns a dict of arrays."""
+    for field in ("q_base", "scale_base", "block_index", "q_res", "scale_res", "block"):
+        if not hasattr(codes, field):
+            raise ValueError(f"{name} must be a MosaicCodes, it has no field {field!r}")
+    q_base = as_int_codes(f"{name}.q_base", codes.q_base, -128, 127, rank=2)
+    n, k = q_base.shape
+    group_size = check_group_size(f"{name}.group_size", getattr(codes, "group_size", None))
+    sb_shape = (n,) if group_size is None else (n, n_groups(k, group_size))
+    scale_base = as_scales(f"{name}.scale_base", codes.scale_base, sb_shape)
+    try:
+        bn, bk = _check_block(codes.block)
+    except ValueError as exc:
+        raise ValueError(f"{name}.{exc}") from None
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    block_index = np.asarray(codes.block_index)
+    if block_index.size == 0:
+        block_index = block_index.reshape(0, 2)
+    if block_index.ndim != 2 or block_index.shape[1] != 2:
+        raise ValueError(f"{name}.block_index must have shape [B, 2], got {block_index.shape}")
+    rows = as_int_codes(f"{name}.block_index[:, 0]", block_index[:, 0], 0, max(0, nbr - 1))
+    cols = as_int_codes(f"{name}.block_index[:, 1]", block_index[:, 1], 0, max(0, nbc - 1))
+    b = rows.size
+    if b and (nbr == 0 or nbc == 0):
+        raise ValueError(f"{name}.block_index lists blocks of an empty {n}x{k} matrix")
+    q_res = as_int_codes(f"{name}.q_res", codes.q_res, -128, 127)
+    if q_res.size == 0 and b == 0:
+        q_res = q_res.reshape(0, bn, bk)
+    if q_res.shape != (b, bn, bk):
+        raise ValueError(f"{name}.q_res must have shape ({b}, {bn}, {bk}), got {q_res.shape}")
+    scale_res = np.asarray(codes.scale_res)
+    if scale_res.size == 0 and b == 0:
+        scale_res = scale_res.reshape(0, bn)
+    scale_res = as_scales(f"{name}.scale_res", scale_res, (b, bn))
+    return dict(q_base=q_base, scale_base=scale_base, group_size=group_size, block=(bn, bk),
+                block_index=np.stack([rows, cols], axis=1), q_res=q_res, scale_res=scale_res)
+
+
 def _blocked(a, bn, bk):
     """[N, K] -> [row-blocks, col-blocks, bn, bk], zero-padded at the edges."""
     n, k = a.shape
@@ -59,8 +108,7 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
         raise ValueError(f"hdiag has {h.shape[0]} entries but w has K={w.shape[1]}")
     if np.any(h < 0):
         raise ValueError("hdiag must be non-negative (a Hessian diagonal is a mean of squares)")
-    if not (0.0 <= float(density) <= 1.0):
-        raise ValueError(f"density must lie in [0, 1], got {density!r}")
+    density = check_unit_interval("density", density)
     bn, bk = _check_block(block)
     group_size = check_group_size("group_size", group_size)
     n, k = w.shape
@@ -76,7 +124,10 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     q_res_all = np.clip(np.rint(ratio), -8, 7)
     err_after = blocks - row_scale[..., None] * q_res_all
     weight = h_blocks[None, :, None, :]
-    score = (weight * blocks**2).sum(axis=(2, 3)) - (weight * err_after**2).sum(axis=(2, 3))
+    with np.errstate(over="ignore", invalid="ignore"):
+        score = (weight * blocks**2).sum(axis=(2, 3)) - (weight * err_after**2).sum(axis=(2, 3))
+    if not np.all(np.isfinite(score)):
+        raise ValueError("hdiag * w**2 overflows float64 in the block scores: hdiag or w too large")
 
     n_blocks = nbr * nbc
     # 1e-9 keeps a product such as 0.05 * 100 = 5.000000000000001 from rounding up to 6 blocks.
@@ -98,15 +149,17 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
 
 def mosaic_dequantize(codes):
     """The weight the codes stand for: `Δb * qb` plus every kept block's `Δr * qr`, float64 [N, K]."""
-    n, k = codes.q_base.shape
-    bn, bk = codes.block
-    w = dequantize(codes.q_base, codes.scale_base, codes.group_size)
+    c = check_mosaic_codes(codes)
+    n, k = c["q_base"].shape
+    bn, bk = c["block"]
+    w = dequantize(c["q_base"], c["scale_base"], c["group_size"])
     nbr, nbc = -(-n // bn), -(-k // bk)
     padded = np.zeros((nbr * bn, nbc * bk))
     padded[:n, :k] = w
-    for (rb, cb), q, s in zip(codes.block_index, codes.q_res, codes.scale_res):
-        padded[rb * bn : (rb + 1) * bn, cb * bk : (cb + 1) * bk] += q * s[:, None]
-    return padded[:n, :k]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for (rb, cb), q, s in zip(c["block_index"], c["q_res"], c["scale_res"]):
+            padded[rb * bn : (rb + 1) * bn, cb * bk : (cb + 1) * bk] += q * s[:, None]
+    return check_product(padded[:n, :k], "codes (base plus residual blocks)")
 
 
 def mosaic_matmul(x, codes, act_bits=4, act_group_size=None):
@@ -115,11 +168,15 @@ def mosaic_matmul(x, codes, act_bits=4, act_group_size=None):
     `act_bits=None` is the W4A16 variant: the float activations instead of `scale_m * qx`.
     """
     x = as_float_matrix("x", x)
-    n, k = codes.q_base.shape
+    w = mosaic_dequantize(codes)
+    n, k = w.shape
     if x.shape[1] != k:
         raise ValueError(f"x has K={x.shape[1]} but codes were built for K={k}")
     act_group_size = check_group_size("act_group_size", act_group_size)
     if act_bits is not None:
+        act_bits = check_bits("act_bits", act_bits)
         qx, sx = quantize_activations(x, bits=act_bits, group_size=act_group_size)
         x = dequantize(qx, sx, act_group_size)
-    return x @ mosaic_dequantize(codes).T
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x @ w.T
+    return check_product(y, "x @ codes")

@@ -7,7 +7,15 @@ ties at rounding boundaries included.
 """
 import numpy as np
 
-from .validation import as_float_matrix, as_int_codes, check_bits, check_group_size, n_groups
+from .validation import (
+    as_float_matrix,
+    as_int_codes,
+    check_bits,
+    check_group_size,
+    check_product,
+    check_unit_interval,
+    n_groups,
+)
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -24,18 +32,23 @@ def smooth_scales(act_absmax, weight_absmax, alpha=0.5, eps=1e-5):
         raise ValueError(f"act_absmax shape {a.shape} does not match weight_absmax shape {w.shape}")
     if np.any(a < 0) or np.any(w < 0):
         raise ValueError("act_absmax and weight_absmax must be non-negative")
-    if not (0.0 <= float(alpha) <= 1.0):
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-    if not (float(eps) > 0.0 and np.isfinite(eps)):
+    alpha = check_unit_interval("alpha", alpha)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not (
+            0.0 < float(eps) < np.inf):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    return np.maximum(a, eps) ** alpha / np.maximum(w, eps) ** (1.0 - alpha)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        s = np.maximum(a, eps) ** alpha / np.maximum(w, eps) ** (1.0 - alpha)
+    if not np.all(np.isfinite(s) & (s > 0)):
+        raise ValueError("act_absmax and weight_absmax give factors beyond float64 (overflow or underflow)")
+    return s
 
 
 def _expand_groups(scale, k, group_size):
     """Scale per row [R] or per row and group [R, G] -> one scale per element [R, k]."""
     if scale.ndim == 1:
         return scale[:, None]
-    return np.repeat(scale, group_size, axis=1)[:, :k]
+    # A group wider than the row is one group: repeat by at most k (group_size may be huge).
+    return np.repeat(scale, min(group_size, max(k, 1)), axis=1)[:, :k]
 
 
 def quantize_activations(x, bits=4, group_size=None):
@@ -55,7 +68,8 @@ def quantize_activations(x, bits=4, group_size=None):
     m, k = x.shape
     qmax = 2 ** (bits - 1) - 1
     x32 = x.astype(np.float32)
-    g = k if group_size is None else group_size
+    # K = 0: one empty group (scale 0); a group wider than the row: one group of K.
+    g = max(k, 1) if group_size is None else min(group_size, max(k, 1))
     ng = n_groups(k, group_size)
     padded = np.zeros((m, ng * g), dtype=np.float32)
     padded[:, :k] = np.abs(x32)
@@ -80,7 +94,8 @@ def quantize_weights(w, bits=4, group_size=None):
     group_size = check_group_size("group_size", group_size)
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
-    g = k if group_size is None else group_size
+    # K = 0: one empty group (scale 0); a group wider than the row: one group of K.
+    g = max(k, 1) if group_size is None else min(group_size, max(k, 1))
     ng = n_groups(k, group_size)
     padded = np.zeros((n, ng * g))
     padded[:, :k] = np.abs(w)
@@ -93,20 +108,31 @@ def quantize_weights(w, bits=4, group_size=None):
 
 def dequantize(q, scale, group_size=None):
     """`q * scale` with a scale per row ([R]) or per row and group ([R, ceil(K/g)]), float64."""
-    q = as_int_codes("q", q, -(2**31), 2**31 - 1, rank=2)
-    scale = np.asarray(scale, dtype=np.float64)
-    group_size = check_group_size("group_size", group_size)
+    return _dequantize(q, scale, group_size, "q", "scale", "group_size")
+
+
+def _dequantize(q, scale, group_size, q_name, scale_name, group_name):
+    """`dequantize` with the caller's argument names in its errors."""
+    q = as_int_codes(q_name, q, -(2**31), 2**31 - 1, rank=2)
+    scale = np.asarray(scale)
+    if not (np.issubdtype(scale.dtype, np.floating) or np.issubdtype(scale.dtype, np.integer)):
+        raise ValueError(f"{scale_name} must be a real numeric array, got dtype {scale.dtype}")
+    scale = scale.astype(np.float64, copy=False)
+    group_size = check_group_size(group_name, group_size)
     r, k = q.shape
     if group_size is None:
         if scale.shape != (r,):
-            raise ValueError(f"scale must have shape ({r},) for per-row scales, got {scale.shape}")
-        return q * scale[:, None]
-    if scale.shape != (r, n_groups(k, group_size)):
+            raise ValueError(f"{scale_name} must have shape ({r},) for per-row scales, got {scale.shape}")
+    elif scale.shape != (r, n_groups(k, group_size)):
         raise ValueError(
-            f"scale must have shape ({r}, {n_groups(k, group_size)}) for group_size {group_size}, "
+            f"{scale_name} must have shape ({r}, {n_groups(k, group_size)}) for {group_name} {group_size}, "
             f"got {scale.shape}"
         )
-    return q * _expand_groups(scale, k, group_size)
+    if not np.all(np.isfinite(scale)):
+        raise ValueError(f"{scale_name} holds NaN or Inf")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = q * (scale[:, None] if group_size is None else _expand_groups(scale, k, group_size))
+    return check_product(out, f"{q_name} * {scale_name}")
 
 
 def w4a4_matmul(qx, sx, qw, sw, act_group_size=None, weight_group_size=None):
@@ -119,7 +145,11 @@ def w4a4_matmul(qx, sx, qw, sw, act_group_size=None, weight_group_size=None):
     qw = np.asarray(qw)
     if qx.ndim != 2 or qw.ndim != 2 or qx.shape[1] != qw.shape[1]:
         raise ValueError(f"qx {qx.shape} and qw {qw.shape} must be [M, K] and [N, K]")
-    return dequantize(qx, sx, act_group_size) @ dequantize(qw, sw, weight_group_size).T
+    xd = _dequantize(qx, sx, act_group_size, "qx", "sx", "act_group_size")
+    wd = _dequantize(qw, sw, weight_group_size, "qw", "sw", "weight_group_size")
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = xd @ wd.T
+    return check_product(y, "qx @ qw.T with scales sx, sw")
 
 
 def w4a16_matmul(x, qw, sw, group_size=None):
@@ -128,4 +158,7 @@ def w4a16_matmul(x, qw, sw, group_size=None):
     qw = np.asarray(qw)
     if qw.ndim != 2 or x.shape[1] != qw.shape[1]:
         raise ValueError(f"x {x.shape} and qw {qw.shape} must be [M, K] and [N, K]")
-    return x @ dequantize(qw, sw, group_size).T
+    wd = _dequantize(qw, sw, group_size, "qw", "sw", "group_size")
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x @ wd.T
+    return check_product(y, "x @ qw.T with scales sw")

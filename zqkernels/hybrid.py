@@ -14,9 +14,18 @@ One call of `zipper_linear(x, weights, mode="hybrid")` on CUDA:
    `zqkernels.cpu.lut.lut_matmul` with the row scale `16 * Δ_n` fused, writing the pinned output;
 3. meanwhile the main thread launches activation quantization and the W4A4 GEMM (fp32 out) on the
    current stream; nothing on this path waits for the host;
-4. the join: `future.result()` (the only host sync on the critical path; a worker exception is
-   re-raised here, a worker that never finishes raises TimeoutError after `join_timeout_s`), then
-   an async H2D of the high part on the current stream and one add.
+4. the join: `future.result()` (the only host sync on the critical path), then an async H2D of
+   the high part on the current stream and one add.
+Faults never hang a call. Every wait on the worker is bounded by `join_timeout_s`, also when the
+GPU part raises (its error is re-raised once the worker has finished or the bound has passed). A
+CPU part that times out or raises is abandoned: its buffers are dropped (it may still write them)
+and its worker thread is retired, so the next call gets a fresh worker and fresh buffers. Workers
+are daemon threads: a worker stuck for ever does not keep the process from exiting. A failure
+raises `HybridError` (`HybridTimeout`, also a TimeoutError, for a timeout) naming the part that
+failed, what it raised and how long the caller waited, chained to the part's own exception; a
+`ValueError` (bad input, the argument named) from either part propagates as it is. The worker
+also refuses non-finite X' (NaN/Inf in x, or x / s beyond float32) with a ValueError: the pattern
+table would carry a NaN straight into the output.
 Pinned buffers live in `ZipperWeights`, grown to the largest M seen (power-of-two capacity) per
 activation dtype and reused. Reuse is safe because each buffer's last reader is fenced: the worker
 waits on the previous call's `h2d_done` before overwriting the output buffer, and the input buffer
@@ -33,12 +42,13 @@ measurement for the device and shape it raises `NoAutoMeasurement` instead of gu
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +57,7 @@ import numpy as np
 import torch
 
 import reference
+from reference.zipper import check_zipper_codes
 from zqkernels.cpu import lut as cpu_lut
 from zqkernels.layouts import DenseInt4, ZipperHighGPU
 
@@ -55,13 +66,88 @@ AUTO_TABLE_PATH = Path(__file__).with_name("configs") / "hybrid_auto.json"
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LUT_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
-# One worker for the whole process: layers run one after another, and a single thread keeps the
-# Numba thread pool (workqueue layer included) free of concurrent launches.
-_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zq-lut")
 
 
 class NoAutoMeasurement(LookupError):
     """mode="auto" found no measured decision for this device and layer shape."""
+
+
+class HybridError(RuntimeError):
+    """A part of a hybrid call failed. `part`: "cpu", "gpu" or "gpu+cpu"; `waited_s`: how long the
+    caller waited on the CPU worker. The part's own exception is the `__cause__`."""
+
+    def __init__(self, message, part, waited_s):
+        super().__init__(message)
+        self.part = part
+        self.waited_s = waited_s
+
+
+class HybridTimeout(HybridError, TimeoutError):
+    """The CPU part (or a device event) did not finish within `join_timeout_s`."""
+
+
+# -------------------------------------------------------------------------------------------
+# The CPU worker
+
+
+class _Worker:
+    """One daemon thread running CPU parts in submission order.
+
+    A daemon, so a part stuck for ever (a device wait that never returns, a runaway stand-in)
+    cannot keep the process from exiting; a stuck worker is retired and replaced (`_retire`),
+    never waited on without a bound."""
+
+    _ids = itertools.count()
+
+    def __init__(self):
+        self._jobs = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=f"zq-lut-{next(self._ids)}", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args):
+        future = futures.Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def retire(self):
+        self._jobs.put(None)  # the thread ends once the job it is running returns
+
+    def _loop(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+
+
+# One live worker for the whole process: layers run one after another. An abandoned worker may
+# still be inside a Numba kernel when its replacement launches one; `zqkernels.cpu.lut`
+# serializes launches where Numba's threading layer needs it.
+_WORKER = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _current_worker():
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        return _WORKER
+
+
+def _retire(worker):
+    """Stop handing jobs to `worker`; the next call starts a fresh one."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is worker:
+            _WORKER = None
+    worker.retire()
 
 
 @dataclass
@@ -127,6 +213,7 @@ class ZipperWeights:
             raise ValueError("codes.q_low holds codes outside [-8, 7]")
         if not np.all(np.isfinite(scale)):
             raise ValueError("codes.scale holds NaN or Inf")
+        check_zipper_codes(codes)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA GPU is available")
@@ -146,6 +233,10 @@ class ZipperWeights:
                 raise ValueError(f"smooth must be a positive finite [K={k}] vector, got shape {s.shape}")
             inv_host = torch.from_numpy((1.0 / s).astype(np.float32))
             inv_dev = inv_host.to(device)
+        with np.errstate(over="ignore"):
+            high_row_scale = (16.0 * scale).astype(lut_dtype)
+        if not np.all(np.isfinite(high_row_scale)):
+            raise ValueError(f"codes.scale is too large for a {lut_dtype} pattern table (16 * scale overflows)")
         if cpu_threads is None:
             # On a GPU host one core stays free for the main thread, which launches the GPU part
             # while the worker computes; a CPU-only run has nothing else to do.
@@ -153,6 +244,7 @@ class ZipperWeights:
             cpu_threads = max(1, all_threads - 1) if device.type == "cuda" else all_threads
         if not (1 <= int(cpu_threads) <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"cpu_threads must lie in [1, {numba.config.NUMBA_NUM_THREADS}], got {cpu_threads}")
+        _check_timeout(join_timeout_s)
         low = DenseInt4.from_codes(q_low, scale, None, device)
         w = cls(
             codes=codes,
@@ -164,7 +256,7 @@ class ZipperWeights:
             qw_packed=low.packed,
             w_scale=low.scale,
             lut=cpu_lut.prepare_lut(lut),
-            high_row_scale=(16.0 * scale).astype(lut_dtype),
+            high_row_scale=high_row_scale,
             lut_dtype=lut_dtype,
             cpu_threads=int(cpu_threads),
             join_timeout_s=float(join_timeout_s),
@@ -184,7 +276,8 @@ class ZipperWeights:
         pin = self.device.type == "cuda"
         old = self._buffers.get(x_dtype)
         if old is not None and old.h2d_done is not None:
-            old.h2d_done.synchronize()  # the old pinned block may still feed the last H2D copy
+            # The old pinned block may still feed the last H2D copy.
+            _wait_event(old.h2d_done, self.join_timeout_s, "the previous call's H2D copy of the high part")
         bufs = _HostBuffers(
             capacity=cap,
             x_host=torch.empty((cap, k), dtype=x_dtype, pin_memory=pin),
@@ -239,8 +332,17 @@ def reference_gpu_part(x, weights):
     return deq @ weights._low_ref
 
 
-def _cpu_high_part(weights, bufs, m):
-    """The worker's job: wait for the activations, smooth, LUT product with 16*Δ_n fused."""
+def _check_finite_host(x_host, xs):
+    """X' must be finite: one NaN would spread through the pattern table to whole output rows."""
+    if not bool(torch.isfinite(xs).all()):
+        if not bool(torch.isfinite(x_host).all()):
+            raise ValueError("x holds NaN or Inf")
+        raise ValueError("x / s overflows float32 (x * inv_s holds Inf): x or 1/smooth too large")
+
+
+def _cpu_high_part(weights, bufs, m, abandoned):
+    """The worker's job: wait for the activations, smooth, LUT product with 16*Δ_n fused.
+    `abandoned` is set by a caller that stopped waiting: the buffers are then no longer this job's."""
     t0 = time.perf_counter()
     numba.set_num_threads(weights.cpu_threads)  # thread-local in Numba: set on the worker itself
     if bufs.d2h_done is not None:
@@ -248,20 +350,99 @@ def _cpu_high_part(weights, bufs, m):
     if bufs.h2d_done is not None:
         bufs.h2d_done.synchronize()  # the previous call's H2D has finished reading y_host
     t1 = time.perf_counter()
+    if abandoned.is_set():
+        return None
     xs = smooth_host(bufs.x_host[:m], weights.inv_smooth_host, bufs.xs32[:m])
+    _check_finite_host(bufs.x_host[:m], xs)
     if bufs.xs64 is not None:
         xs = bufs.xs64[:m].copy_(xs)
     y = bufs.y_host[:m]
-    cpu_lut.lut_matmul(xs.numpy(), weights.lut, out=y.numpy(), row_scale=weights.high_row_scale)
+    if abandoned.is_set():
+        return None
+    cpu_lut.lut_matmul(xs.numpy(), weights.lut, out=y.numpy(), row_scale=weights.high_row_scale, check_finite=False)
     t2 = time.perf_counter()
     return {"worker_wait_s": t1 - t0, "worker_compute_s": t2 - t1}
 
 
-def _drain(future):
-    try:
-        future.result()
-    except BaseException:  # noqa: BLE001 - the caller is already raising its own error
-        pass
+def _check_timeout(join_timeout_s):
+    if (isinstance(join_timeout_s, bool) or not isinstance(join_timeout_s, (int, float, np.floating, np.integer))
+            or not (0 < float(join_timeout_s) < math.inf)):
+        raise ValueError(f"join_timeout_s must be a positive finite number of seconds, got {join_timeout_s!r}")
+
+
+def _wait_event(event, timeout_s, what):
+    """A CUDA event wait with a bound (polling: `Event.synchronize` has none)."""
+    t0 = time.perf_counter()
+    while not event.query():
+        waited = time.perf_counter() - t0
+        if waited >= timeout_s:
+            raise HybridTimeout(f"zipper_linear: {what} did not complete within join_timeout_s={timeout_s:g} s "
+                                f"(waited {waited:.2f} s)", part="gpu", waited_s=waited)
+        time.sleep(1e-4)
+
+
+def _add_note(exc, note):
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(note)
+
+
+class _Call:
+    """One hybrid call's handle on its CPU part: join it with a bound, or abandon it."""
+
+    def __init__(self, weights, bufs, m, x_dtype):
+        self.weights, self.x_dtype = weights, x_dtype
+        self.abandoned = threading.Event()
+        self.worker = _current_worker()
+        self.future = self.worker.submit(_cpu_high_part, weights, bufs, m, self.abandoned)
+        self.waited_s = 0.0
+
+    def wait(self):
+        """True when the CPU part finished (returned or raised) within join_timeout_s; otherwise
+        the part is abandoned: its buffers are dropped (it may still write them) and its worker
+        retired, so no later call shares either."""
+        t0 = time.perf_counter()
+        done, _ = futures.wait([self.future], timeout=self.weights.join_timeout_s)
+        self.waited_s = time.perf_counter() - t0
+        if done:
+            return True
+        self.abandoned.set()
+        self.weights._buffers.pop(self.x_dtype, None)
+        _retire(self.worker)
+        return False
+
+    def timeout_text(self):
+        return (f"the CPU part (pattern-LUT worker) did not finish within join_timeout_s="
+                f"{self.weights.join_timeout_s:g} s (waited {self.waited_s:.2f} s); it was abandoned and its "
+                "worker replaced")
+
+    def join(self):
+        """The CPU part's timing dict, or the error of a CPU part that failed or timed out."""
+        if not self.wait():
+            raise HybridTimeout(f"zipper_linear: {self.timeout_text()}", part="cpu", waited_s=self.waited_s)
+        exc = self.future.exception()
+        if exc is None:
+            return self.future.result()
+        if isinstance(exc, ValueError):  # bad input, already named by the check that refused it
+            raise exc
+        raise HybridError(f"zipper_linear: the CPU part (pattern-LUT worker) raised {type(exc).__name__}: {exc} "
+                          f"(the caller waited {self.waited_s:.2f} s)", part="cpu", waited_s=self.waited_s) from exc
+
+    def fail(self, gpu_exc):
+        """The GPU part raised: wait (bounded) for the CPU part, which still reads and writes the
+        buffers, then raise. Bad input (ValueError) and interrupts propagate as they are, with a
+        note on the CPU part; any other failure becomes a HybridError naming both parts."""
+        if self.wait():
+            cpu_exc = self.future.exception()
+            cpu_text = None if cpu_exc is None else f"the CPU part also raised {type(cpu_exc).__name__}: {cpu_exc}"
+        else:
+            cpu_text = self.timeout_text()
+        if isinstance(gpu_exc, ValueError) or not isinstance(gpu_exc, Exception):
+            if cpu_text:
+                _add_note(gpu_exc, f"zipper_linear: {cpu_text}")
+            raise gpu_exc
+        where = f"; {cpu_text}" if cpu_text else f" (the CPU part finished; the caller waited {self.waited_s:.2f} s for it)"
+        raise HybridError(f"zipper_linear: the GPU part raised {type(gpu_exc).__name__}: {gpu_exc}{where}",
+                          part="gpu+cpu" if cpu_text else "gpu", waited_s=self.waited_s) from gpu_exc
 
 
 def _hybrid(x, weights, gpu_part):
@@ -279,29 +460,22 @@ def _hybrid(x, weights, gpu_part):
                 bufs.d2h_done.record(copy)
         else:
             bufs.x_host[:m].copy_(x)
-        future = _WORKER.submit(_cpu_high_part, weights, bufs, m)
+        call = _Call(weights, bufs, m, x.dtype)
         try:
             y = gpu_part(x, weights)
-        except BaseException:
-            _drain(future)
-            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised by fail(), after the CPU part
+            call.fail(exc)
         t_launched = time.perf_counter()
-        try:
-            timing = future.result(timeout=weights.join_timeout_s)
-        except FutureTimeout:
-            # The worker may still write these buffers: drop them so no later call shares them.
-            weights._buffers.pop(x.dtype, None)
-            raise TimeoutError(
-                f"zipper_linear: the CPU high part did not finish within join_timeout_s={weights.join_timeout_s}"
-            ) from None
+        timing = call.join()
         t_joined = time.perf_counter()
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (m, weights.shape[0]) or not y.dtype.is_floating_point:
+            got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"gpu_part returned {got}, expected a float tensor of shape {(m, weights.shape[0])}")
         y_high = bufs.y_host[:m]
         if cuda:
             y_high = y_high.to(weights.device, non_blocking=True)
             bufs.h2d_done.record(main)
-        if y.shape != (m, weights.shape[0]):
-            raise ValueError(f"gpu_part returned shape {tuple(y.shape)}, expected {(m, weights.shape[0])}")
-        y = y.add_(y_high) if y.dtype.is_floating_point and y.dtype.itemsize >= 4 else y.float().add_(y_high)
+        y = y.add_(y_high) if y.dtype.itemsize >= 4 else y.float().add_(y_high)
     timing.update(launch_s=t_launched - t_start, join_wait_s=t_joined - t_launched)
     weights.last_timing = timing
     return y
@@ -315,7 +489,9 @@ def _gpu(x, weights):
 
 def reference_linear(x, weights):
     """The oracle for `zipper_linear`: reference.zipper_matmul on X' = float32(x) * inv_s, float64."""
-    xs = smooth_host(x.detach().cpu(), weights.inv_smooth_host, torch.empty(x.shape, dtype=torch.float32))
+    x_cpu = x.detach().cpu()
+    xs = smooth_host(x_cpu, weights.inv_smooth_host, torch.empty(x.shape, dtype=torch.float32))
+    _check_finite_host(x_cpu, xs)
     return reference.zipper_matmul(xs.numpy().astype(np.float64), weights.codes, act_bits=4,
                                    act_group_size=weights.act_group_size)
 
@@ -396,6 +572,7 @@ def zipper_linear(x, weights, mode="hybrid", gpu_part=None, out_dtype=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_x(x, weights)
+    _check_timeout(weights.join_timeout_s)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if mode == "auto":
         mode = auto_mode(*weights.shape, x.shape[0], weights.device)

@@ -7,6 +7,10 @@ import numpy as np
 
 import reference as R
 
+# n*k and m*k at most this: the oracle keeps several float64 copies of each (a LLaMA 4096x4096
+# layer is 2**24); beyond it the smoke test would take minutes and gigabytes.
+MAX_ELEMENTS = 2**24
+
 
 def _synthetic_layer(rng, n, k, m):
     """A layer whose activations carry a few outlier channels, as LLM linear inputs do."""
@@ -22,6 +26,16 @@ def _rel_err(y, ref):
 
 
 def run_selftest(n=512, k=1024, m=64, seed=0, alpha=0.85, outlier_ratio=0.01, mosaic_alpha=0.5, density=0.05, act_group_size=None):
+    for name, v in (("n", n), ("k", k), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if n * k > MAX_ELEMENTS or m * k > MAX_ELEMENTS:
+        raise ValueError(f"n*k = {n * k} and m*k = {m * k} must be at most {MAX_ELEMENTS}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if act_group_size is not None and (isinstance(act_group_size, bool) or not isinstance(act_group_size, (int, np.integer))
+                                       or act_group_size < 1):
+        raise ValueError(f"act_group_size must be None or a positive integer, got {act_group_size!r}")
     rng = np.random.default_rng(seed)
     w, x = _synthetic_layer(rng, n, k, m)
     ref = x @ w.T

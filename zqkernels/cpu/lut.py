@@ -24,11 +24,15 @@ Every function is compiled with `cache=True` (a second process loads the machine
 `__pycache__`) and `nogil=True` (the hybrid executor runs them on a worker thread while the main
 thread keeps launching GPU work).
 """
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from reference.validation import as_int_codes
 
 # Tokens per tile: 128 bytes of one table row (two cache lines), see the module docstring.
 _TILE_ROW_BYTES = 128
@@ -97,10 +101,12 @@ def prepare_lut(lut):
     g = int(lut.group_size)
     if g <= 0:
         raise ValueError(f"lut.group_size must be positive, got {lut.group_size!r}")
-    indptr = np.ascontiguousarray(lut.indptr, dtype=np.int64)
-    ids = np.asarray(lut.entry_ids).astype(np.int64)
-    patterns = np.asarray(lut.patterns)
-    groups = np.ascontiguousarray(lut.pattern_groups, dtype=np.int64)
+    # Integer dtypes checked before any cast: a float id would truncate, a uint64 one wrap.
+    indptr = np.ascontiguousarray(as_int_codes("lut.indptr", lut.indptr, 0, np.iinfo(np.int64).max, rank=1))
+    ids = as_int_codes("lut.entry_ids", lut.entry_ids, 0, np.iinfo(np.uint32).max, rank=1)
+    patterns = as_int_codes("lut.patterns", lut.patterns, -128, 127)
+    groups = np.ascontiguousarray(as_int_codes("lut.pattern_groups", lut.pattern_groups, 0,
+                                               np.iinfo(np.int64).max, rank=1))
     if patterns.ndim != 2 or patterns.shape[1] != g:
         raise ValueError(f"lut.patterns must have shape [U, {g}], got {patterns.shape}")
     u = patterns.shape[0]
@@ -128,6 +134,7 @@ def prepare_csr(q_high):
     q = np.asarray(q_high)
     if q.ndim != 2 or not np.issubdtype(q.dtype, np.integer):
         raise ValueError(f"q_high must be an integer [N, K] array, got dtype {q.dtype} shape {q.shape}")
+    q = as_int_codes("q_high", q, -128, 127)
     rows, cols = np.nonzero(q)
     indptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=q.shape[0]), out=indptr[1:])
@@ -377,11 +384,26 @@ def _lut_table_kernel(x, pattern_cols, patterns, k, out):
 
 
 # ----------------------------------------------------------------------------------------------
+# Numba's workqueue threading layer aborts the process when two threads launch parallel kernels at
+# once (the hybrid executor may replace a timed-out worker that is still inside a kernel). Under
+# that layer, and before the first launch (no layer chosen yet), launches are serialized; omp and
+# tbb are thread-safe and run them concurrently.
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _launch_guard():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run in this process yet
+        layer = None
+    return _LAUNCH_LOCK if layer in (None, "workqueue") else contextlib.nullcontext()
+
+
 # Entry points: validate, allocate, dispatch on dtype. No silent conversions: a float16 x, a
 # strided view or a table built for another K is a ValueError naming the argument.
 
 
-def _check_x(x, k, what):
+def _check_x(x, k, what, check_finite=True):
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
     if x.ndim != 2:
@@ -392,6 +414,8 @@ def _check_x(x, k, what):
         raise ValueError("x must be C-contiguous (row-major [M, K])")
     if x.shape[1] != k:
         raise ValueError(f"x has K={x.shape[1]} but the {what} was built for K={k}")
+    if check_finite and not np.all(np.isfinite(x)):
+        raise ValueError("x holds NaN or Inf")
 
 
 def _check_out(out, m, n, dtype):
@@ -411,7 +435,11 @@ def _check_row_scale(row_scale, n, dtype):
     s = np.asarray(row_scale)
     if s.shape != (n,) or not np.issubdtype(s.dtype, np.floating):
         raise ValueError(f"row_scale must be a float array of shape ({n},), got {s.dtype} {s.shape}")
-    return np.ascontiguousarray(s, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = np.ascontiguousarray(s, dtype=dtype)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"row_scale holds NaN or Inf (or values beyond {np.dtype(dtype)})")
+    return s
 
 
 def _check_tile(token_tile, m, itemsize):
@@ -437,20 +465,22 @@ def lut_build(x, lut):
     la = _as_lut_arrays(lut)
     _check_x(x, la.shape[1], "table")
     out = np.empty((x.shape[0], la.U), dtype=x.dtype)
-    _lut_table_kernel(x, la.pattern_cols, la.patterns_for(x.dtype), la.shape[1], out)
+    with _launch_guard():
+        _lut_table_kernel(x, la.pattern_cols, la.patterns_for(x.dtype), la.shape[1], out)
     return out
 
 
-def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None):
+def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None, check_finite=True):
     """`x @ q_high.T` through the pattern table: `out[m, n] = row_scale[n] * Σ_{e in row n} T[m, id_e]`.
 
     x: float32|float64 [M, K] C-contiguous. lut: `LutArrays` (or a `reference.PatternLUT`,
     converted on every call: prepare it once instead). out: optional [M, N] in x's dtype.
     row_scale: optional [N] (the hybrid passes `16 * Δ_n`, fusing the high part's scaling).
-    token_tile: tokens per tile (None: `default_token_tile`).
+    token_tile: tokens per tile (None: `default_token_tile`). check_finite: refuse NaN/Inf in x
+    (one NaN spreads to whole output rows); False for a caller that has checked x itself.
     """
     la = _as_lut_arrays(lut)
-    _check_x(x, la.shape[1], "table")
+    _check_x(x, la.shape[1], "table", check_finite)
     m, (n, k) = x.shape[0], la.shape
     out = _check_out(out, m, n, x.dtype)
     scale = _check_row_scale(row_scale, n, x.dtype)
@@ -459,16 +489,18 @@ def lut_matmul(x, lut, out=None, row_scale=None, token_tile=None):
         return out
     if m == 1 and token_tile in (None, 1):
         table = np.empty(la.U, dtype=x.dtype)
-        _lut_matvec_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale,
-                           _row_chunks(n), table, out)
+        with _launch_guard():
+            _lut_matvec_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale,
+                               _row_chunks(n), table, out)
         return out
     g = la.group_size
     # xt covers whole groups: the last group's zero-padded slots read zeros, never past the end.
     xt = np.zeros((max(1, -(-k // g)) * g, mt), dtype=x.dtype)
     table = np.empty((la.U, mt), dtype=x.dtype)
     acc = np.empty((n, mt), dtype=x.dtype)
-    _lut_matmul_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale, mt,
-                       _row_chunks(n), xt, table, acc, out)
+    with _launch_guard():
+        _lut_matmul_kernel(x, la.indptr, la.entry_ids, la.pattern_cols, la.patterns_for(x.dtype), scale, mt,
+                           _row_chunks(n), xt, table, acc, out)
     return out
 
 
@@ -485,12 +517,14 @@ def sparse_matmul(x, csr, out=None, row_scale=None, token_tile=None):
     mt = _check_tile(token_tile, m, x.dtype.itemsize)  # the table product's tile rule
     if m == 0:
         return out
-    if m == 1 and token_tile in (None, 1):
-        _csr_matvec_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, _row_chunks(n), out)
-        return out
-    xt = np.zeros((max(1, k), mt), dtype=x.dtype)
-    acc = np.empty((n, mt), dtype=x.dtype)
-    _sparse_matmul_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, mt, _row_chunks(n), xt, acc, out)
+    with _launch_guard():
+        if m == 1 and token_tile in (None, 1):
+            _csr_matvec_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, _row_chunks(n), out)
+            return out
+        xt = np.zeros((max(1, k), mt), dtype=x.dtype)
+        acc = np.empty((n, mt), dtype=x.dtype)
+        _sparse_matmul_kernel(x, c.indptr, c.indices, c.values_for(x.dtype), scale, mt, _row_chunks(n), xt, acc,
+                              out)
     return out
 
 

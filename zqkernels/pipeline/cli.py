@@ -1,18 +1,26 @@
 """`zq quantize | eval | bench | run`: the pipeline's subcommands.
 
 `register(subparsers)` adds them to the `zq` parser (zqkernels/cli.py); `main(argv)` runs them
-alone (`python -m zqkernels.pipeline.cli ...`). Every failure the user can cause (a missing path, an
-unsupported architecture, a method/backend pair that does not exist, a missing GPU) prints one
-line `zq <command>: error: ...` and returns 2, never a traceback.
+alone (`python -m zqkernels.pipeline.cli ...`). Every input is checked before a model is loaded
+or any work is done: each value on its own when the arguments are parsed (counts > 0,
+`--threads >= 1`, fractions in [0, 1], ...), then together and against the files (`_check_inputs`:
+one evaluation and calibration window, the model's files complete and of a supported architecture,
+`--context` within the model's trained context unless `--allow-long-context`, text files UTF-8,
+the output location writable). Every failure the user can cause prints one line
+`zq <command>: error: ...` naming the option, and returns 2, never a traceback (`ZQ_DEBUG=1`
+shows the traceback of an unexpected error).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from ..cli import ZqParser
 from .quantize import METHODS
 
 DEFAULT_RUN_DIR = "zq-run"
@@ -31,14 +39,36 @@ RUN_PARAMS = {
     "mosaic": {"alpha": 0.75, "group_size": 32, "density": 0.3, "block": (64, 64)},
 }
 _UNSET = object()
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+# -- one value at a time: argparse types (an error names the option: "argument --x: ...")
+
+
+def positive_int(text):
+    """An integer >= 1 (token counts, threads, sizes)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _context(text):
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens (a window predicts tokens 2..context), got {text!r}")
+    return value
 
 
 def _opt_int(text):
     """An integer, or none/0 for None (e.g. --act-group-size none = one scale per token)."""
-    if str(text).lower() in ("none", "0", "token"):
+    if str(text).strip().lower() in ("none", "0", "token"):
         return None
     try:
-        value = int(text)
+        value = int(str(text).strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
     if value < 0:
@@ -46,25 +76,58 @@ def _opt_int(text):
     return value
 
 
+def _unit(text):
+    """A finite fraction in [0, 1]."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    return value
+
+
 def _act_bits(text):
-    value = int(text)
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
     if value not in (4, 8, 16):
-        raise argparse.ArgumentTypeError(f"act bits must be 4, 8 or 16, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be 4, 8 or 16, got {text!r}")
     return None if value == 16 else value
+
+
+def _high_bits(text):
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 8], got {text!r}")
+    return value
 
 
 def _block(text):
     try:
         bn, bk = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block must look like 64x64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like 64x64, got {text!r}") from None
+    if bn < 1 or bk < 1:
+        raise argparse.ArgumentTypeError(f"both sides must be positive, got {text!r}")
     return (bn, bk)
 
 
 def _alpha(text):
-    if str(text).lower() == "none":
+    if str(text).strip().lower() == "none":
         return None
-    return float(text)
+    return _unit(text)
+
+
+def _device(text):
+    t = str(text).strip().lower()
+    if t == "cpu" or t == "cuda" or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _add_model_args(p, run=False):
@@ -74,18 +137,23 @@ def _add_model_args(p, run=False):
                         "directory, or a .gguf file (default: smollm2)")
     g.add_argument("--backend", default="torch", choices=("torch", "reference", "triton", "hybrid"),
                    help="layer backend (default torch: dequantized weights, fake-quantized activations)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda for triton/hybrid, else cpu)")
+    g.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda for triton/hybrid, else cpu)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default float32 on cpu, float16 on cuda)")
-    g.add_argument("--device-map", default=None, help="accelerate device_map (e.g. auto) for models larger than one GPU")
-    g.add_argument("--context", type=int, default=RUN_DEFAULTS["context"] if run else 512,
-                   help="perplexity window in tokens (non-overlapping windows)")
-    g.add_argument("--eval-tokens", type=int, default=RUN_DEFAULTS["eval_tokens"] if run else 4096,
-                   help="evaluation tokens (rounded down to whole windows)")
-    g.add_argument("--calib-tokens", type=int, default=RUN_DEFAULTS["calib_tokens"], help="calibration tokens")
+    g.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="accelerate device_map for models larger than one GPU")
+    g.add_argument("--context", type=_context, default=RUN_DEFAULTS["context"] if run else 512,
+                   help="perplexity window in tokens (non-overlapping windows; at most the model's trained context)")
+    g.add_argument("--allow-long-context", action="store_true",
+                   help="allow --context beyond the context the model was trained for")
+    g.add_argument("--eval-tokens", type=positive_int, default=RUN_DEFAULTS["eval_tokens"] if run else 4096,
+                   help="evaluation tokens, at least --context (rounded down to whole windows)")
+    g.add_argument("--calib-tokens", type=positive_int, default=RUN_DEFAULTS["calib_tokens"],
+                   help="calibration tokens, at least --context")
     g.add_argument("--calib-text", default=None, help="UTF-8 calibration text file (default: licences of lice)")
     g.add_argument("--eval-text", default=None, help="UTF-8 evaluation text file (default: GPL-3 from lice)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (>= 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -95,15 +163,15 @@ def _add_method_args(p):
                    help="quantization method; repeat for several (each on a fresh copy of the model)")
     g.add_argument("--alpha", type=_alpha, default=_UNSET,
                    help="smoothing strength in [0, 1] or none (default: 0.5 smoothquant, 0.75 zipper and mosaic)")
-    g.add_argument("--outlier-ratio", type=float, default=_UNSET,
+    g.add_argument("--outlier-ratio", type=_unit, default=_UNSET,
                    help="zipper: fraction of weights above the 4-bit inlier grid (default 0.05)")
-    g.add_argument("--high-bits", type=int, default=_UNSET, help="zipper: bits of the high part (default 4)")
+    g.add_argument("--high-bits", type=_high_bits, default=_UNSET, help="zipper: bits of the high part, 1-8 (default 4)")
     g.add_argument("--group-size", type=_opt_int, default=_UNSET,
                    help="weight scale group (default: per channel; mosaic 32)")
     g.add_argument("--act-bits", type=_act_bits, default=_UNSET, help="activation bits 4, 8 or 16 (default 4)")
     g.add_argument("--act-group-size", type=_opt_int, default=_UNSET,
                    help="activation scale group, e.g. 32 (default none: one scale per token)")
-    g.add_argument("--density", type=float, default=_UNSET, help="mosaic: fraction of residual blocks kept (default 0.3)")
+    g.add_argument("--density", type=_unit, default=_UNSET, help="mosaic: fraction of residual blocks kept (default 0.3)")
     g.add_argument("--block", type=_block, default=_UNSET, help="mosaic: residual block (default 64x64)")
 
 
@@ -114,8 +182,10 @@ def _settings(args, measure_ppl, measure_speed):
 
     device = args.device or ("cuda" if args.backend in ("triton", "hybrid") else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} (backend {args.backend!r}) needs a CUDA GPU and none is available; "
+        raise ValueError(f"--device {device} (--backend {args.backend}) needs a CUDA GPU and none is available; "
                          "use --backend torch on a CPU")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     return Settings(model=args.model, backend=args.backend, device=device, dtype=dtype, device_map=args.device_map,
                     context=args.context, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens,
@@ -140,24 +210,127 @@ def _configs(args):
     return configs
 
 
-def _check_inputs(settings, configs):
-    """Everything that can be refused before the model loads (seconds, not a minute)."""
-    from .model import check_architecture, resolve_source
+# -- everything together, before the model loads (well under a second; loading takes a minute)
+
+
+def _check_text(option, path, context):
+    """A readable regular file of UTF-8 text that can hold one window of `context` tokens."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{option}: text file does not exist: {p}")
+    if not p.is_file():
+        raise ValueError(f"{option}: {p} is not a regular file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{option}: {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") \
+            from None
+    if not text.strip():
+        raise ValueError(f"{option}: {p} holds no text")
+    # A token covers at least one byte (a SentencePiece tokenizer may add one prefix token), so
+    # fewer bytes than that cannot fill a window; the exact count needs the tokenizer, after loading.
+    if len(data) + 1 < context:
+        raise ValueError(f"{option}: {p} holds {len(data)} bytes, fewer than one window of --context {context} tokens")
+
+
+def _probe_dir(option, directory):
+    """Can a file be created in `directory` (or, when it does not exist yet, where it would be
+    created)? Checked by creating one: permission bits do not tell (root, read-only mounts)."""
+    d = Path(directory)
+    while not d.exists():
+        if d.parent == d:
+            break
+        d = d.parent
+    if not d.is_dir():
+        raise ValueError(f"{option}: {directory} cannot be created: {d} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".zq-write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot write in {d}: {exc.strerror or exc}") from None
+
+
+def _check_out_file(option, path):
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{option}: {p} is a directory, not a file")
+    if p.exists():
+        if not p.is_file():
+            raise ValueError(f"{option}: {p} exists and is not a regular file")
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{option}: {p} is not writable")
+    _probe_dir(option, p.parent)
+
+
+def _check_out_dir(option, path, files):
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option}: {p} exists and is not a directory")
+    _probe_dir(option, p)
+    for name in files:
+        if (p / name).is_dir():
+            raise ValueError(f"{option}: {p / name} is a directory; it would be overwritten by a file")
+
+
+def _check_inputs(args, settings, configs, out_files=(), out_dir=None):
+    """Everything that can be refused before the model loads, each error naming its option."""
+    from .model import check_architecture, inspect_model, resolve_source
 
     for cfg in configs:
-        cfg.check_backend(settings.backend)
-    if settings.calib_text is not None and not Path(settings.calib_text).is_file():
-        raise FileNotFoundError(f"calibration text does not exist: {settings.calib_text}")
-    if settings.eval_text is not None and not Path(settings.eval_text).is_file():
-        raise FileNotFoundError(f"evaluation text does not exist: {settings.eval_text}")
-    check_architecture(resolve_source(settings.model))
+        try:
+            cfg.check_backend(settings.backend)
+        except ValueError as exc:
+            raise ValueError(f"--method {cfg.method} --backend {settings.backend}: {exc}") from None
+    # One whole window of each: fewer tokens than --context would leave nothing to evaluate.
+    if settings.eval_tokens < settings.context:
+        raise ValueError(f"--eval-tokens {settings.eval_tokens} is less than one window of --context "
+                         f"{settings.context}")
+    if settings.calib_tokens < settings.calib_context:
+        raise ValueError(f"--calib-tokens {settings.calib_tokens} is less than one window of --context "
+                         f"{settings.calib_context}")
+    timed_prompt = settings.measure_speed and hasattr(args, "prefill_tokens")  # zq bench's own options
+    if timed_prompt and settings.prefill_tokens > settings.eval_tokens:
+        raise ValueError(f"--prefill-tokens {settings.prefill_tokens} exceeds --eval-tokens {settings.eval_tokens} "
+                         "(the prompt is cut from the evaluation tokens)")
+    if settings.calib_text is not None:
+        _check_text("--calib-text", settings.calib_text, settings.calib_context)
+    if settings.eval_text is not None:
+        _check_text("--eval-text", settings.eval_text, settings.context)
+    for option, path in out_files:
+        _check_out_file(option, path)
+    if out_dir is not None:
+        _check_out_dir(*out_dir)
+    try:
+        source = resolve_source(settings.model)
+        info = inspect_model(source)
+        check_architecture(source, info)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--model: {exc}") from None
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"--model: {exc}") from None
+    if info.max_context is not None and not getattr(args, "allow_long_context", False):
+        longest = max(settings.context, settings.prefill_tokens + settings.decode_tokens if timed_prompt else 0)
+        if longest > info.max_context:
+            what = (f"--context {settings.context}" if longest == settings.context else
+                    f"--prefill-tokens + --decode-tokens = {longest}")
+            raise ValueError(f"{what} exceeds the {info.max_context} tokens the model was trained for "
+                             "(pass --allow-long-context to run it anyway)")
 
 
 def _execute(args, settings, configs, out_json, report=None):
     from .experiment import Experiment
     from .results import format_table, write_records, write_report
 
-    _check_inputs(settings, configs)
+    option = "--out-dir" if report else "--out"
+    if report:
+        _check_inputs(args, settings, configs, out_dir=(option, Path(out_json).parent, (Path(out_json).name,
+                                                                                        Path(report).name)))
+    else:
+        _check_inputs(args, settings, configs, out_files=[(option, out_json)])
     command = "zq " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     t0 = time.perf_counter()
     exp = Experiment(settings).prepare()
@@ -203,16 +376,26 @@ def _cmd_run(args):
     return _execute(args, settings, configs, out_dir / "results.json", out_dir / "report.md")
 
 
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _guarded(handler, name):
     def run(args):
         try:
             return handler(args)
         except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, OSError) as exc:
-            print(f"zq {name}: error: {exc}", file=sys.stderr)
+            print(f"zq {name}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"zq {name}: interrupted", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001 - the user gets a sentence; ZQ_DEBUG=1 shows the traceback
+            if os.environ.get("ZQ_DEBUG"):
+                raise
+            print(f"zq {name}: error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+                  "(rerun with ZQ_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
 
     return run
 
@@ -234,8 +417,9 @@ def register(subparsers):
     p = subparsers.add_parser("bench", help="quantize and time prefill and decode tokens/s")
     _add_model_args(p)
     _add_method_args(p)
-    p.add_argument("--prefill-tokens", type=int, default=256, help="prompt length for prefill timing")
-    p.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps timed")
+    p.add_argument("--prefill-tokens", type=positive_int, default=256,
+                   help="prompt length for prefill timing (at most --eval-tokens)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps timed")
     p.add_argument("--ppl", action="store_true", help="also measure perplexity")
     p.add_argument("--out", default="zq-bench.json", help="results JSON (default zq-bench.json)")
     p.set_defaults(handler=_guarded(_cmd_bench, "bench"))
@@ -252,14 +436,18 @@ def register(subparsers):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="zq", description="zqkernels end-to-end pipeline")
+    parser = ZqParser(prog="zq", description="zqkernels end-to-end pipeline")
     register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv=None):
+    """Run one subcommand; returns the exit status (argument errors too: 2, one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = argv
     return args.handler(args)
 

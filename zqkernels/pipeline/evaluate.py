@@ -22,6 +22,10 @@ def perplexity(lm, windows, progress=True):
     """(ppl, predictions) over windows [W, T]."""
     from tqdm.auto import tqdm
 
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        got = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must be a [W >= 1, T >= 2] tensor of token ids (at least one window of two "
+                         f"tokens to predict from), got {got}")
     device = next(lm.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -41,6 +45,12 @@ def _sync(device):
 
 def speed(lm, prompt, decode_tokens=32, repeats=3):
     """{prefill_tokens_per_s, decode_tokens_per_s, ...} for a prompt [T] of token ids."""
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim != 1 or prompt.numel() < 1:
+        got = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt must be a non-empty 1-D tensor of token ids, got {got}")
+    for name, value in (("decode_tokens", decode_tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = next(lm.parameters()).device
     ids = prompt[None].to(device)
     prefill, decode = [], []

@@ -9,6 +9,7 @@ half-precision checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,63 +80,262 @@ def _need_transformers():
 
 # GGUF metadata value types (gguf spec): fixed sizes in bytes; 8 = string, 9 = array.
 _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
-def gguf_architecture(path, max_keys=64):
-    """`general.architecture` from a GGUF header, read directly: the file's key/value section
-    comes first, so this costs microseconds where a full metadata parse costs seconds."""
-    import struct
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline checks before loading any weight: the architecture and the context the
+    model was trained for (None when its files do not say)."""
 
-    def read_str(f):
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n).decode("utf-8", errors="replace")
+    architecture: str | None
+    max_context: int | None
 
-    def skip_value(f, vtype):
-        if vtype == 8:
-            read_str(f)
-        elif vtype == 9:
-            etype, count = struct.unpack("<IQ", f.read(12))
-            for _ in range(count) if etype in (8, 9) else ():
-                skip_value(f, etype)
-            if etype not in (8, 9):
-                f.seek(_GGUF_SIZES[etype] * count, 1)
-        else:
-            f.seek(_GGUF_SIZES[vtype], 1)
 
+class _Bytes:
+    """Bounds-checked little-endian reads over a memory-mapped file: a truncated or corrupt file
+    is a ValueError saying where it ends, never a struct.error or a read past the end."""
+
+    def __init__(self, buf, path, kind):
+        self.buf, self.path, self.kind, self.pos = buf, path, kind, 0
+
+    def fail(self, what):
+        raise ValueError(f"{self.path} is not a valid {self.kind} file (truncated or corrupt: {what} at byte "
+                         f"{self.pos} of {len(self.buf)})")
+
+    def need(self, n, what):
+        if n < 0 or n > len(self.buf) - self.pos:
+            self.fail(what)
+
+    def unpack(self, fmt, what):
+        import struct
+
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return values if len(values) > 1 else values[0]
+
+    def skip(self, n, what):
+        self.need(n, what)
+        self.pos += n
+
+    def string(self, what):
+        n = self.unpack("<Q", f"{what} length")
+        self.need(n, what)
+        out = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return out
+
+    def count(self, n, min_item_bytes, what):
+        """A count read from the file, refused when its items could not fit in the rest of it
+        (a corrupt count would otherwise drive a loop of 2**64 steps)."""
+        if n * min_item_bytes > len(self.buf) - self.pos:
+            self.fail(f"{what} = {n} cannot fit in the file")
+        return n
+
+
+def _gguf_value(r, vtype, what):
+    if vtype == 8:
+        return r.string(what)
+    if vtype == 9:
+        etype, count = r.unpack("<IQ", f"{what} array header")
+        if etype == 8:
+            for _ in range(r.count(count, 8, f"{what} array length")):
+                r.string(what)
+        elif etype in _GGUF_SIZES:
+            r.skip(r.count(count, _GGUF_SIZES[etype], f"{what} array length") * _GGUF_SIZES[etype], what)
+        else:  # arrays of arrays are not used by any model this loads
+            r.fail(f"{what}: unsupported array element type {etype}")
+        return None
+    if vtype in _GGUF_INT_FORMATS:
+        return r.unpack(_GGUF_INT_FORMATS[vtype], what)
+    if vtype in _GGUF_SIZES:
+        r.skip(_GGUF_SIZES[vtype], what)
+        return None
+    r.fail(f"{what}: unknown value type {vtype}")
+
+
+def gguf_header(path):
+    """Walk a GGUF file's whole header (metadata and tensor table) without loading tensors, and
+    check that the file holds every tensor's bytes. Returns {"architecture", "context_length",
+    "n_tensors", "required_bytes"}; a truncated or corrupt file is a ValueError saying so. The
+    tokenizer's vocabulary makes the header megabytes long: walking it costs ~0.1 s, a full
+    metadata parse seconds."""
+    import mmap
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        _version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        for _ in range(min(n_kv, max_keys)):
-            key = read_str(f)
-            (vtype,) = struct.unpack("<I", f.read(4))
-            if key == "general.architecture" and vtype == 8:
-                return read_str(f)
-            if vtype not in _GGUF_SIZES and vtype not in (8, 9):
-                break
-            skip_value(f, vtype)
-    raise ValueError(f"{path}: no general.architecture in the GGUF header")
+        size = path.stat().st_size
+        if size < 24:
+            with_magic = f.read(4) == b"GGUF"
+            raise ValueError(f"{path} is not a valid GGUF file ({'truncated: ' if with_magic else ''}{size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            r = _Bytes(buf, path, "GGUF")
+            if bytes(buf[:4]) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
+            r.pos = 4
+            version = r.unpack("<I", "version")
+            if version not in (2, 3):
+                raise ValueError(f"{path}: unsupported GGUF version {version} (2 and 3 are read)")
+            n_tensors, n_kv = r.unpack("<QQ", "tensor and key counts")
+            meta = {}
+            for i in range(r.count(n_kv, 13, "key count")):
+                key = r.string(f"key {i}")
+                vtype = r.unpack("<I", f"type of {key!r}")
+                value = _gguf_value(r, vtype, repr(key))
+                if key == "general.architecture" or key == "general.alignment" or key.endswith(".context_length"):
+                    meta[key] = value
+            tensor_end = 0
+            for i in range(r.count(n_tensors, 24, "tensor count")):
+                name = r.string(f"tensor {i} name")
+                n_dims = r.unpack("<I", f"tensor {name!r} rank")
+                dims = [r.unpack("<Q", f"tensor {name!r} shape") for _ in range(r.count(n_dims, 8, "tensor rank"))]
+                ttype, offset = r.unpack("<IQ", f"tensor {name!r} type and offset")
+                try:
+                    block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+                except (ValueError, KeyError):
+                    r.fail(f"tensor {name!r}: unknown tensor type {ttype}")
+                elements = math.prod(dims)
+                tensor_end = max(tensor_end, offset + -(-elements // block) * type_bytes)
+            alignment = meta.get("general.alignment") or 32
+            data_start = -(-r.pos // alignment) * alignment
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{path}: no general.architecture in the GGUF header")
+    required = data_start + tensor_end
+    if n_tensors == 0:
+        raise ValueError(f"{path} is not a usable GGUF model: it holds no tensors")
+    if size < required:
+        raise ValueError(f"{path} is not a valid GGUF file (truncated: its tensors need {required} bytes, "
+                         f"the file has {size})")
+    ctx = meta.get(f"{arch}.context_length")
+    return {"architecture": arch, "context_length": ctx if isinstance(ctx, int) and ctx > 0 else None,
+            "n_tensors": n_tensors, "required_bytes": required}
 
 
-def check_architecture(source):
+def gguf_architecture(path):
+    """`general.architecture` of a GGUF file whose header and tensor table are complete."""
+    return gguf_header(path)["architecture"]
+
+
+def _check_safetensors(path):
+    """The header of a .safetensors file parses and the file holds every tensor's bytes."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a valid safetensors file (truncated: {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt: a header of {n} "
+                             f"bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a valid safetensors file (corrupt header: {exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ValueError(f"{path} is not a valid safetensors file (corrupt tensor table)") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated: its tensors need {8 + n + end} "
+                         f"bytes, the file has {size})")
+
+
+def _check_weight_file(path):
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    elif path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    elif zipfile.is_zipfile(path):  # torch.save's format since 1.6; a truncated one has no directory
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ValueError(f"{path} is not a valid torch checkpoint ({exc})") from None
+    else:
+        with open(path, "rb") as f:
+            if f.read(2)[:1] != b"\x80":  # a legacy torch.save file is a pickle (protocol >= 2)
+                raise ValueError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
+
+
+def _read_json_object(path, what):
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a valid {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a valid {what}: it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _hf_directory_info(directory):
+    config = _read_json_object(directory / "config.json", "config.json")
+    arch = config.get("model_type")
+    if not isinstance(arch, str):
+        raise ValueError(f"{directory / 'config.json'} has no model_type (not a Hugging Face model config)")
+    present = [name for name in _WEIGHT_FILES if (directory / name).is_file()]
+    if not present:
+        raise ValueError(f"{directory} holds no weights ({', '.join(_WEIGHT_FILES)})")
+    name = present[0]
+    if name.endswith(".index.json"):
+        index = _read_json_object(directory / name, "weight index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{directory / name} is not a valid weight index: no weight_map")
+        for shard in sorted({str(v) for v in weight_map.values()}):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise ValueError(f"{directory / name} names {shard}, which is missing")
+            _check_weight_file(shard_path)
+    else:
+        _check_weight_file(directory / name)
+    ctx = config.get("max_position_embeddings")
+    return ModelInfo(arch, ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None)
+
+
+def inspect_model(source):
+    """Check a model's files without loading a weight: a GGUF file's header and tensor table, or a
+    Hugging Face directory's config.json and weight files (each complete). Returns a ModelInfo;
+    a corrupt, truncated or unreadable file is a ValueError naming it."""
+    try:
+        if source.gguf_file:
+            header = gguf_header(source.directory / source.gguf_file)
+            return ModelInfo(header["architecture"], header["context_length"])
+        return _hf_directory_info(source.directory)
+    except OSError as exc:
+        raise ValueError(f"cannot read the model files in {source.directory}: {exc}") from None
+
+
+def check_architecture(source, info=None):
     """Read only the config (a GGUF file's header) and refuse anything but LLaMA / Qwen2 / Qwen3
     before loading weights. Returns the architecture name."""
     _need_transformers()
-    if source.gguf_file:
-        arch = gguf_architecture(source.directory / source.gguf_file)
-    else:
-        import json
-
-        try:
-            arch = json.loads((source.directory / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {source.directory / 'config.json'}: {exc}") from exc
+    arch = (info or inspect_model(source)).architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"unsupported architecture {arch!r} in {source.directory}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def load_model(model=None, *, dtype="float32", device="cpu", device_map=None):
@@ -153,11 +353,20 @@ def load_model(model=None, *, dtype="float32", device="cpu", device_map=None):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but no CUDA GPU is available")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True, **kwargs)
     load_kwargs = dict(local_files_only=True, dtype=torch_dtype, **kwargs)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    lm = AutoModelForCausalLM.from_pretrained(str(source.directory), **load_kwargs)
+    where = source.directory / source.gguf_file if source.gguf_file else source.directory
+    # The files passed inspect_model; what transformers still refuses (a config value it cannot
+    # use, a tokenizer file it cannot parse) is reported as a bad model, in one line.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loader failure here is a property of the files
+        raise ValueError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(source.directory), **load_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot load the model {where}: {type(exc).__name__}: {_first_line(exc)}") from exc
     if device_map is None:
         lm = lm.to(device)
     lm.eval()
