@@ -185,3 +185,43 @@ def test_unsupported_combinations_raise_value_error(make, match):
 def test_gpu_backends_without_gpu_raise_clearly(backend):
     with pytest.raises(ValueError, match="CUDA"):
         zqnn.ZipperLinear(_layer(k=K), backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="mosaic", backend="triton", act_group_size=32, group_size=64), "act_group_size=32.*multiple of 64"),
+    (dict(method="mosaic", backend="triton", act_group_size=64, group_size=32), "group_size=32.*multiple of 64"),
+    (dict(method="mosaic", backend="triton", act_group_size=64, group_size=64, block=(48, 64)), "bn=48"),
+    (dict(method="rtn-w4a4", backend="triton", act_group_size=48), "act_group_size must be None or one of"),
+    (dict(method="smoothquant-w4a4", backend="triton", group_size=128), "per-channel weight scales"),
+    (dict(method="w4a16", backend="triton", act_bits=None, group_size=48), "group_size must be None or one of"),
+    (dict(method="zipper", backend="hybrid", act_group_size=100), "act_group_size must be None or one of"),
+])
+def test_kernel_limits_are_refused_before_any_work(kwargs, match):
+    """What the Triton kernels cannot run is refused by name before a model is loaded or a layer built."""
+    from zqkernels.nn import check_method_backend
+
+    with pytest.raises(ValueError, match=match):
+        check_method_backend(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="mosaic", backend="triton", act_group_size=64, group_size=64),
+    dict(method="rtn-w4a4", backend="triton", act_group_size=32),
+    dict(method="zipper", backend="triton", act_group_size=None),
+    dict(method="mosaic", backend="torch", act_group_size=32, group_size=32),  # the torch backend takes any group
+])
+def test_supported_kernel_options_pass(kwargs):
+    from zqkernels.nn import check_method_backend
+
+    check_method_backend(**kwargs)
+
+
+def test_integer_input_is_refused_as_torch_linear_does():
+    from zqkernels.nn import W4A4Linear
+
+    torch.manual_seed(0)
+    layer = W4A4Linear(torch.nn.Linear(64, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        layer(torch.randint(-3, 4, (2, 64)))
+    with pytest.raises(ValueError, match="64 features"):
+        layer(torch.zeros(2, 63))

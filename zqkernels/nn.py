@@ -51,8 +51,10 @@ _SUPPORT = {
 }
 
 
-def check_method_backend(method, backend, act_bits=4):
-    """Raise ValueError naming the combination when (method, backend, act_bits) has no implementation."""
+def check_method_backend(method, backend, act_bits=4, *, act_group_size=None, group_size=None, block=None):
+    """Raise ValueError naming the combination when (method, backend, act_bits) has no
+    implementation, or (backend triton / hybrid) when an option is one the kernels cannot run
+    (`zqkernels.gpu.limits`): the check a command runs before it loads a model."""
     if method not in _SUPPORT:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SUPPORT)} (or fp16)")
     if backend not in BACKENDS:
@@ -69,6 +71,22 @@ def check_method_backend(method, backend, act_bits=4):
             f"method {method!r} with backend {backend!r} runs activations of {'/'.join(shown)} bits only, "
             f"not act_bits={act_bits!r}"
         )
+    if backend not in ("triton", "hybrid"):
+        return
+    if act_bits is None or method == "w4a16":
+        if method == "mosaic":
+            limits.check_mosaic_groups(None, group_size)
+            limits.check_mosaic_block(block if block is not None else (64, 64))
+        else:
+            limits.check_w4a16_group(group_size)
+    elif method == "mosaic":
+        limits.check_mosaic_groups(act_group_size, group_size)
+        limits.check_mosaic_block(block if block is not None else (64, 64))
+    else:
+        limits.check_act_group(act_group_size)
+        if method in ("rtn-w4a4", "smoothquant-w4a4") and group_size is not None:
+            raise ValueError(f"group_size={group_size!r}: backend={backend!r} W4A4 GEMM takes per-channel weight "
+                             "scales only (group_size None)")
 
 
 def _check_group(name, g):
