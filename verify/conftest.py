@@ -3,6 +3,12 @@
 Triton decides at decoration time whether a kernel is compiled or interpreted, so the choice is
 made here, before any test module imports `zqkernels.gpu`: with no CUDA GPU the kernels run under
 Triton's CPU interpreter (`TRITON_INTERPRET=1`) on small shapes; with one they run compiled.
+
+Hypothesis profiles, chosen by the environment variable ZQ_HYPOTHESIS_PROFILE (default: `gpu` when
+a CUDA GPU is present, else `ci`):
+- `ci`: each law's own example budget (`strategies.examples(n)` = n), no deadline; what CI runs.
+- `gpu`: the same budgets, compiled kernels; the `gpu`-marked tests add LLaMA-sized shapes.
+- `thorough`: ten times every budget, for a long hunt before a release or after a kernel change.
 """
 import os
 
@@ -17,7 +23,11 @@ if not GPU_AVAILABLE:
 KERNEL_DEVICE = "cuda" if GPU_AVAILABLE else "cpu"
 
 # No deadline: the first example of a kernel test pays Triton/Numba compilation.
-settings.register_profile(
-    "zq", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
-settings.load_profile("zq")
+_BASE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", **_BASE)
+settings.register_profile("gpu", **_BASE)
+settings.register_profile("thorough", max_examples=1000, **_BASE)
+PROFILE = os.environ.get("ZQ_HYPOTHESIS_PROFILE") or ("gpu" if GPU_AVAILABLE else "ci")
+if PROFILE not in ("ci", "gpu", "thorough"):
+    raise ValueError(f"ZQ_HYPOTHESIS_PROFILE must be ci, gpu or thorough, got {PROFILE!r}")
+settings.load_profile(PROFILE)

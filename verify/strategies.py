@@ -4,8 +4,18 @@ Matrices come from a drawn numpy seed and a drawn *kind*, so every kind of adver
 ties exactly at rounding boundaries, all-zero rows, one enormous outlier, heavy tails, integer
 values (exact products), shapes down to 1 x 1 and K not a multiple of any group.
 """
+import os
+
 import numpy as np
 from hypothesis import strategies as st
+
+# verify/conftest.py documents the profiles; "thorough" multiplies every law's example budget.
+_FACTOR = 10 if os.environ.get("ZQ_HYPOTHESIS_PROFILE") == "thorough" else 1
+
+
+def examples(n):
+    """A law's Hypothesis example budget under the active profile (n, or 10 n under thorough)."""
+    return n * _FACTOR
 
 MATRIX_KINDS = ("normal", "ties", "outlier", "zero_rows", "heavy_tail", "integers", "all_zero")
 

@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import matrices
+from strategies import examples, matrices
 from zqkernels.gpu.actquant import quantize_activations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +58,7 @@ def activations(draw, max_rows=6, max_cols=160):
     return dtype, x, group, smooth
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(activations(), st.integers(0, 2**32 - 1))
 @example(("float16", np.full((1, 2), 0.0), None, False), 0)  # all-zero row: scale 0, codes 0
 @example(("float32", np.array([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5]]), None, False), 0)  # ties -> even
@@ -73,7 +73,7 @@ def test_codes_and_scales_equal_oracle(case, seed):
     check_equal(xt, inv, group)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(st.integers(1, 4), st.sampled_from([32, 64, 128]), st.integers(1, 5), st.integers(-6, 5), st.integers(0, 2**32 - 1))
 def test_group_ties_round_half_to_even(m, group, n_groups, e, seed):
     """Every group's absmax is 7 * 2**e: its scale is exactly 2**e and every other element is a
@@ -97,7 +97,7 @@ PATHS = {
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(data=st.data(), smooth=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_every_kernel_path_equals_oracle(path, data, smooth, seed):
     config, groups, min_cols = PATHS[path]

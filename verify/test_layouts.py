@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import codes, matrices
+from strategies import codes, examples, matrices
 from zqkernels.layouts import ZIPPER_HIGH_METHODS, DenseInt4, MosaicBlocks, ZipperHighGPU
 
 
@@ -20,7 +20,7 @@ def f32(a):
     return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]))
 def test_dense_int4_round_trip(data, group):
     n = data.draw(st.integers(1, 40))
@@ -36,7 +36,7 @@ def test_dense_int4_round_trip(data, group):
     assert layout.packed.shape == (n, k // 2) and layout.shape == (n, k)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(w=matrices(max_rows=130, max_cols=200, min_cols=2, even_cols=True),
        density=st.sampled_from([0.0, 0.01, 0.3, 1.0]), block=st.sampled_from([(64, 64), (16, 64), (32, 128)]),
        group=st.sampled_from([None, 64]), seed=st.integers(0, 2**32 - 1))
@@ -52,7 +52,7 @@ def test_mosaic_blocks_round_trip(w, density, block, group, seed):
 
 
 @pytest.mark.parametrize("method", ZIPPER_HIGH_METHODS + ("auto",))
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(data=st.data(), density=st.sampled_from([0.0, 0.01, 0.2, 1.0]))
 def test_zipper_high_round_trip(method, data, density):
     n = data.draw(st.integers(1, 50))

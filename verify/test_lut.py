@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
+from strategies import examples
 from zqkernels.cpu import lut as L
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ tiles = st.sampled_from([None, 1, 2, 3, 8, 64])
 group_sizes = st.sampled_from([1, 2, 3, 4, 8])
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(q=high_codes(), g=group_sizes, m=st.integers(1, 70), tile=tiles, data=st.data())
 def test_lut_matmul_equals_reference_exactly_on_integers(q, g, m, tile, data):
     x = _x(data, m, q.shape[1], integers=True)
@@ -92,7 +93,7 @@ def test_lut_matmul_equals_reference_exactly_on_integers(q, g, m, tile, data):
     assert np.array_equal(ys, R.sparse_matmul(x, q))
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(q=high_codes(), g=group_sizes, m=st.integers(1, 70), tile=tiles, data=st.data())
 def test_lut_matmul_float64_within_1e12_of_reference(q, g, m, tile, data):
     x = _x(data, m, q.shape[1], integers=False)
@@ -104,7 +105,7 @@ def test_lut_matmul_float64_within_1e12_of_reference(q, g, m, tile, data):
     assert np.all(np.abs(ys - R.sparse_matmul(x, q)) <= bound)
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(q=high_codes(), g=group_sizes, m=st.integers(1, 70), tile=tiles, data=st.data())
 def test_float32_variants_within_stated_rounding_bound(q, g, m, tile, data):
     x32 = _x(data, m, q.shape[1], integers=False).astype(np.float32)
@@ -121,7 +122,7 @@ def test_float32_variants_within_stated_rounding_bound(q, g, m, tile, data):
     assert np.all(np.abs(ys - ref) <= (max_nnz + 2) * 2.0**-23 * _abs_sum(x64, q))
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(q=high_codes(), g=group_sizes, m=st.integers(1, 20), data=st.data())
 def test_lut_build_equals_reference_table(q, g, m, data):
     integers = data.draw(st.booleans())
@@ -139,7 +140,7 @@ def test_lut_build_equals_reference_table(q, g, m, data):
         assert np.all(np.abs(t - ref) <= bound)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(q=high_codes(max_rows=20, max_cols=40), m=st.integers(1, 40), tile=tiles, data=st.data())
 def test_row_scale_is_fused_exactly(q, m, tile, data):
     """The hybrid passes 16 * Δ_n as row_scale: out = row_scale[n] * (x @ q_high.T)[:, n], one rounding."""
@@ -242,7 +243,7 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
     assert hits >= 2 and misses == 0, runs[1].stdout
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(q=high_codes(), g=group_sizes)
 def test_stats_count_nonzeros_and_entries(q, g):
     stats = L.lut_stats(R.build_pattern_lut(q, group_size=g))

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import MATRIX_KINDS, matrices
+from strategies import MATRIX_KINDS, examples, matrices
 from zqkernels.gpu.mosaic import (
     VARIANTS,
     mosaic_w4a4_gemm,
@@ -168,7 +168,7 @@ def act_matrix(draw, m, k):
 
 
 @pytest.mark.parametrize("cfg", [None] + ALL, ids=_ids([None] + ALL))
-@settings(max_examples=5)
+@settings(max_examples=examples(5))
 @given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1))
 def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
     n, k = codes.q_base.shape
@@ -194,7 +194,7 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
 
 
 @pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
        act_group_size=st.sampled_from([None, None, 64, 128]),
        out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
@@ -216,7 +216,7 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
 
 @pytest.mark.parametrize("unfused", [False, True])
 @pytest.mark.parametrize("cfg", WIDE, ids=_ids(WIDE))
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(codes=mosaic_codes(group_sizes=(None, 256)), data=st.data(), act_group_size=st.sampled_from([None, 256]),
        out_dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_wide_base_step_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
@@ -243,7 +243,7 @@ def test_wide_base_step_matches_reference(codes, data, act_group_size, out_dtype
 # Every bucket of the launch table: the interpreter's (splitk <= 8 < inloop <= 16 < reslate), and compiled the
 # GPU's (splitk <= 16 < inloop <= 64 < reslate).
 @pytest.mark.parametrize("m", [1, 8, 16, 40] + ([100, 300] if torch.cuda.is_available() else []))
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(codes=mosaic_codes(max_n=140, max_k=600, group_sizes=(None, 64, 256)), data=st.data(),
        act_group_size=st.sampled_from([None, 64, 256]))
 def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_group_size, m):
@@ -277,7 +277,7 @@ def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_g
 
 
 @pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(), act_group_size=st.sampled_from([None, 64]))
 def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     n, k = codes.q_base.shape
@@ -295,7 +295,7 @@ def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
 
 
 @pytest.mark.parametrize("cfg", [None] + W4A16_CONFIGS, ids=_ids([None] + W4A16_CONFIGS))
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(),
        x_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
@@ -315,7 +315,7 @@ def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
     assert_close(y, ref, mag, torch.float32, "w4a16")
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(codes=mosaic_codes(max_n=70, max_k=200), data=st.data())
 def test_every_launch_config_gives_the_same_output(codes, data):
     n, k = codes.q_base.shape

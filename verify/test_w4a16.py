@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import codes, matrices
+from strategies import codes, examples, matrices
 from zqkernels.gpu.w4a16 import w4a16_gemm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +50,7 @@ def dev(a, dtype=None):
 
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
 def test_output_matches_oracle(data, group, dtype, ci, seed):
     k = data.draw(st.integers(1, 150)) * 2

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import codes
+from strategies import codes, examples
 from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +79,7 @@ def test_every_variant_has_an_explicit_config():
 
 
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(ops=operands())
 def test_int32_accumulators_equal_int64_product(ops, ci):
     qx, qw = ops
@@ -89,7 +89,7 @@ def test_int32_accumulators_equal_int64_product(ops, ci):
 
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(ops=operands(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
 def test_scaled_output_matches_oracle(ops, group, out_dtype, ci, seed):
     qx, qw = ops

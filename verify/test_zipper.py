@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import matrices
+from strategies import examples, matrices
 from zqkernels.gpu.zipper_high import VARIANTS, zipper_high_gpu
 from zqkernels.layouts import ZIPPER_HIGH_METHODS as METHODS
 from zqkernels.layouts import ZipperHighGPU
@@ -64,7 +64,7 @@ def to_dev(a, dtype):
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(DEVICE)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(codes=high_codes(), data=st.data(), x_dtype=st.sampled_from(X_DTYPES), method=st.sampled_from(METHODS))
 def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, method):
     n, k = codes.q_high.shape
@@ -88,7 +88,7 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
     assert np.all(np.abs(got - ref) <= tol), f"max excess {np.max(np.abs(got - ref) - tol)}"
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(codes=high_codes(), data=st.data(), method=st.sampled_from(METHODS))
 def test_integer_activations_give_the_exact_sparse_product(codes, data, method):
     n, k = codes.q_high.shape
@@ -101,7 +101,7 @@ def test_integer_activations_give_the_exact_sparse_product(codes, data, method):
     np.testing.assert_array_equal(out.cpu().double().numpy(), R.sparse_matmul(x, codes.q_high))
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(codes=high_codes(), data=st.data())
 def test_both_layouts_agree(codes, data):
     n, k = codes.q_high.shape
