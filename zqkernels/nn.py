@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import reference
+from zqkernels import ops
 from zqkernels.gpu import limits
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
 
@@ -270,17 +271,13 @@ class W4A4Linear(QuantLinear):
                                      weight_group_size=self.group_size)
 
     def _forward_triton(self, x2):
-        from zqkernels.gpu.actquant import quantize_activations
-        from zqkernels.gpu.w4a4 import w4a4_gemm
-        from zqkernels.gpu.w4a16 import w4a16_gemm
-
         x2 = self._cuda_input(x2)
         w = self.weight_layout
         if self.act_bits is None:
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
-            return w4a16_gemm(xs, w.packed, w.scale, group_size=self.group_size)
-        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size, check_finite=False)
-        return w4a4_gemm(qx, sx, w.packed, w.scale, act_group_size=self.act_group_size, out_dtype=x2.dtype)
+            return torch.ops.zq.w4a16_gemm(xs, w.packed, w.scale, self.group_size or 0)
+        qx, sx = torch.ops.zq.quantize_activations(x2, self.inv_smooth, self.act_group_size or 0)
+        return torch.ops.zq.w4a4_gemm(qx, sx, w.packed, w.scale, self.act_group_size or 0, x2.dtype)
 
 
 class W4A16Linear(W4A4Linear):
@@ -359,10 +356,9 @@ class ZipperLinear(QuantLinear):
         return reference.zipper_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
 
     def _forward_triton(self, x2):
-        from zqkernels.gpu.zipper_high import zipper_gpu_linear
-
-        return zipper_gpu_linear(self._cuda_input(x2), self.low_layout, self.high_layout, self.inv_smooth,
-                                 self.act_group_size)
+        low = self.low_layout
+        return torch.ops.zq.zipper_gpu_linear(self._cuda_input(x2), low.packed, low.scale, self.inv_smooth,
+                                              *ops.zipper_high_args(self.high_layout), self.act_group_size or 0)
 
     def _forward_hybrid(self, x2):
         from zqkernels.hybrid import zipper_linear
@@ -418,6 +414,7 @@ class MosaicLinear(QuantLinear):
 
     def _pack_triton(self, codes):
         self.weight_layout = MosaicBlocks.from_codes(codes, self._device)
+        self._mosaic_args = ops.mosaic_args(self.weight_layout)
 
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
@@ -426,12 +423,11 @@ class MosaicLinear(QuantLinear):
         return reference.mosaic_matmul(xs, self.codes, act_bits=self.act_bits, act_group_size=self.act_group_size)
 
     def _forward_triton(self, x2):
-        from zqkernels.gpu.actquant import quantize_activations
-        from zqkernels.gpu.mosaic import mosaic_w4a4_gemm, mosaic_w4a16_gemm
-
         x2 = self._cuda_input(x2)
         if self.act_bits is None:
+            from zqkernels.gpu.mosaic import mosaic_w4a16_gemm
+
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
             return mosaic_w4a16_gemm(xs.contiguous(), self.weight_layout)
-        qx, sx = quantize_activations(x2, self.inv_smooth, group_size=self.act_group_size, check_finite=False)
-        return mosaic_w4a4_gemm(qx, sx, self.weight_layout, act_group_size=self.act_group_size, out_dtype=x2.dtype)
+        qx, sx = torch.ops.zq.quantize_activations(x2, self.inv_smooth, self.act_group_size or 0)
+        return torch.ops.zq.mosaic_w4a4_gemm(qx, sx, *self._mosaic_args, self.act_group_size or 0, x2.dtype)

@@ -1,0 +1,123 @@
+"""The kernel entry points as `torch.library` custom ops (namespace `zq`), each with a fake (meta)
+implementation that gives its outputs' shapes and dtypes without running anything.
+
+A layer that calls `torch.ops.zq.*` traces under `torch.compile` as single graph nodes (a Triton
+launch from Python with its config dicts would break the graph) and replays inside CUDA graphs.
+The ops take tensors, ints and dtypes only: group sizes are ints with 0 meaning "none" (per token,
+per channel), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors (the
+`*_args` helpers below unpack a layout). The real implementations call the launchers of
+`zqkernels.gpu`, which validate their operands; the fakes check only what shapes need.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+
+from zqkernels.layouts import MosaicBlocks, ZipperHighGPU
+
+
+def _group(g):
+    return None if g == 0 else g
+
+
+@custom_op("zq::quantize_activations", mutates_args=())
+def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None, group_size: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    from zqkernels.gpu.actquant import quantize_activations as launch
+
+    return launch(x, inv_smooth, _group(group_size), check_finite=False)
+
+
+@quantize_activations.register_fake
+def _(x, inv_smooth, group_size):
+    m, k = x.shape
+    scales = (m,) if group_size == 0 else (m, -(-k // group_size))
+    return x.new_empty((m, k // 2), dtype=torch.uint8), x.new_empty(scales, dtype=torch.float32)
+
+
+@custom_op("zq::w4a4_gemm", mutates_args=())
+def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, act_group_size: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    from zqkernels.gpu.w4a4 import w4a4_gemm as launch
+
+    return launch(qx, sx, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype)
+
+
+@w4a4_gemm.register_fake
+def _(qx, sx, qw, sw, act_group_size, out_dtype):
+    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
+@custom_op("zq::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:
+    from zqkernels.gpu.w4a16 import w4a16_gemm as launch
+
+    return launch(x, qw, sw, group_size=_group(group_size))
+
+
+@w4a16_gemm.register_fake
+def _(x, qw, sw, group_size):
+    return x.new_empty((x.shape[0], qw.shape[0]))
+
+
+def _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk, group_size):
+    """A MosaicBlocks view over the op's tensors (no copy; its tile lists are rebuilt once per
+    layout object, so callers pass the same tensors and the launcher caches per layout)."""
+    return MosaicBlocks(shape=(n, k), block=(bn, bk), group_size=_group(group_size), qb_packed=qb, scale_base=sb,
+                        res_packed=res, scale_res=sres, indptr=indptr, kblock=kblock,
+                        n_blocks=int(block_index.shape[0]), block_index=block_index.cpu().numpy())
+
+
+_MOSAIC_VIEWS = {}
+
+
+@custom_op("zq::mosaic_w4a4_gemm", mutates_args=())
+def mosaic_w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, res: torch.Tensor,
+                     sres: torch.Tensor, indptr: torch.Tensor, kblock: torch.Tensor, block_index: torch.Tensor,
+                     n: int, k: int, bn: int, bk: int, group_size: int, act_group_size: int,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    from zqkernels.gpu.mosaic import mosaic_w4a4_gemm as launch
+
+    key = (qb.data_ptr(), res.data_ptr(), bn, bk)
+    w = _MOSAIC_VIEWS.get(key)
+    if w is None or w.qb_packed is not qb:
+        w = _MOSAIC_VIEWS[key] = _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk,
+                                                group_size)
+    return launch(qx, sx, w, act_group_size=_group(act_group_size), out_dtype=out_dtype)
+
+
+@mosaic_w4a4_gemm.register_fake
+def _(qx, sx, qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk, group_size, act_group_size, out_dtype):
+    return qx.new_empty((qx.shape[0], n), dtype=out_dtype)
+
+
+def mosaic_args(w: MosaicBlocks):
+    """The tensors and ints `zq::mosaic_w4a4_gemm` takes for layout `w` (block_index on the host)."""
+    n, k = w.shape
+    bn, bk = w.block
+    return (w.qb_packed, w.scale_base, w.res_packed, w.scale_res, w.indptr, w.kblock,
+            torch.from_numpy(w.block_index), n, k, bn, bk, w.group_size or 0)
+
+
+@custom_op("zq::zipper_gpu_linear", mutates_args=())
+def zipper_gpu_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, inv_smooth: torch.Tensor | None,
+                      high_index: torch.Tensor, high_values: torch.Tensor, high_row_scale: torch.Tensor,
+                      n: int, k: int, method: str, width: int, nnz: int, act_group_size: int) -> torch.Tensor:
+    from zqkernels.gpu.zipper_high import zipper_gpu_linear as launch
+    from zqkernels.layouts import DenseInt4
+
+    low = DenseInt4(packed=qw, scale=sw, group_size=None, shape=(n, k))
+    high = ZipperHighGPU(shape=(n, k), method=method, row_scale=high_row_scale, index=high_index, values=high_values,
+                         width=width, nnz=nnz)
+    return launch(x, low, high, inv_smooth, _group(act_group_size))
+
+
+@zipper_gpu_linear.register_fake
+def _(x, qw, sw, inv_smooth, high_index, high_values, high_row_scale, n, k, method, width, nnz, act_group_size):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def zipper_high_args(high: ZipperHighGPU):
+    """The high part's tensors and ints `zq::zipper_gpu_linear` takes after x, qw, sw, inv_smooth."""
+    n, k = high.shape
+    return (high.index, high.values, high.row_scale, n, k, high.method, high.width, high.nnz)
