@@ -29,7 +29,12 @@ def register(subparsers):
 
 
 def run(args) -> int:
-    from .report import ReportError, build_report
+    try:
+        from .report import ReportError, build_report
+    except ImportError as exc:  # pandas / seaborn / matplotlib are the `report` extra, not runtime needs
+        print(f"zq report: error: needs the report extra ({exc.name} is missing): pip install 'zqkernels[report]'",
+              file=sys.stderr)
+        return 2
 
     try:
         result = build_report(args.inputs, args.accuracy, args.out, title=args.title)

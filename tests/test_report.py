@@ -236,3 +236,24 @@ def test_register_adds_the_report_subcommand():
     args = parser.parse_args(["report", "a.json", "b.json", "--accuracy", "acc.json", "--out", "reports/x"])
     assert args.inputs == ["a.json", "b.json"] and args.accuracy == ["acc.json"] and args.out == "reports/x"
     assert args.handler is cli.run
+
+
+def test_missing_report_extra_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    """Without the `report` extra (pandas, seaborn, matplotlib) `zq report` says which to install."""
+    import builtins
+    import sys
+
+    from reports import cli
+
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("No module named 'pandas'", name="pandas")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "reports.report", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    rc = cli.main(["report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "zqkernels[report]" in err and "pandas" in err and len(err.strip().splitlines()) == 1
