@@ -14,7 +14,15 @@ from .quant import (
     w4a4_matmul,
     w4a16_matmul,
 )
-from .zipper import ZipperCodes, bit_join, bit_split, zipper_matmul, zipper_quantize
+from .zipper import (
+    ZipperCodes,
+    bit_join,
+    bit_split,
+    select_outlier_channels,
+    zipper_matmul,
+    zipper_quantize,
+    zipper_quantize_channels,
+)
 
 __all__ = [
     "MosaicCodes",
@@ -39,5 +47,7 @@ __all__ = [
     "w4a4_matmul",
     "w4a16_matmul",
     "zipper_matmul",
+    "select_outlier_channels",
     "zipper_quantize",
+    "zipper_quantize_channels",
 ]

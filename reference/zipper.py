@@ -100,6 +100,72 @@ def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
     return ZipperCodes(q_low=q_low, q_high=q_high, scale=scale)
 
 
+OUTLIER_CHANNEL_SCORES = ("absmax", "hessian")
+
+
+def select_outlier_channels(w_smoothed, channel_fraction=None, n_channels=None, score="absmax", hdiag=None):
+    """The input channels of a smoothed weight that hold its outliers, ascending int64 [C].
+
+    C = n_channels, or ceil(channel_fraction * K). score "absmax": the channels of largest
+    `max_n |W'[n, k]|` (SmoothQuant moves activation outliers into whole weight columns);
+    "hessian": of largest `hdiag[k] * max_n W'[n, k]**2`, the output error a column's outliers
+    cost under the calibration Hessian diagonal of X' (`hdiag`, required). Ties keep the lower
+    channel index.
+    """
+    w = as_float_matrix("w_smoothed", w_smoothed)
+    k = w.shape[1]
+    if (channel_fraction is None) == (n_channels is None):
+        raise ValueError("give exactly one of channel_fraction and n_channels")
+    if n_channels is None:
+        c = int(np.ceil(check_unit_interval("channel_fraction", channel_fraction) * k))
+    else:
+        if isinstance(n_channels, bool) or not isinstance(n_channels, (int, np.integer)) or not 0 <= n_channels <= k:
+            raise ValueError(f"n_channels must be an integer in [0, K={k}], got {n_channels!r}")
+        c = int(n_channels)
+    if score not in OUTLIER_CHANNEL_SCORES:
+        raise ValueError(f"score must be one of {OUTLIER_CHANNEL_SCORES}, got {score!r}")
+    col = np.abs(w).max(axis=0) if w.shape[0] else np.zeros(k)
+    if score == "hessian":
+        if hdiag is None:
+            raise ValueError("score='hessian' needs hdiag, the Hessian diagonal of X' [K]")
+        h = as_float_matrix("hdiag", hdiag, rank=1)
+        if h.shape != (k,) or np.any(h < 0):
+            raise ValueError(f"hdiag must be a non-negative [K={k}] vector, got shape {h.shape}")
+        col = h * col**2
+    order = np.argsort(-col, kind="stable")  # stable: ties keep the lower index
+    return np.sort(order[:c]).astype(np.int64)
+
+
+def zipper_quantize_channels(w_smoothed, channels, high_bits=4):
+    """The channel-structured ZipperQuant grid: the high part lives in the given channels only.
+
+    `Δ_n = max(max_{k not in C} |W'[n,k]| / 7, max_k |W'[n,k]| / Q)`, `q = rint(W' / Δ_n)`: every
+    weight outside the channels C has |q| <= 7 (no high part, no clipping), the C channels keep
+    codes up to ±Q; `q = q_low + 16 q_high` exactly and `q_high` is nonzero only in C. An
+    all-zero row gets Δ = 0 and codes 0.
+    """
+    w = as_float_matrix("w_smoothed", w_smoothed)
+    high_bits = check_bits("high_bits", high_bits, allowed=range(1, 9))
+    n, k = w.shape
+    ch = np.asarray(channels)
+    if ch.ndim != 1 or not np.issubdtype(ch.dtype, np.integer) and ch.size:
+        raise ValueError(f"channels must be a 1-D integer array, got shape {ch.shape} dtype {ch.dtype}")
+    ch = ch.astype(np.int64)
+    if ch.size and (ch.min() < 0 or ch.max() >= k or np.any(np.diff(ch) <= 0)):
+        raise ValueError(f"channels must be ascending distinct indices in [0, K={k})")
+    q_max = 7 + 16 * (2 ** (high_bits - 1) - 1)
+    a = np.abs(w)
+    outside = np.ones(k, dtype=bool)
+    outside[ch] = False
+    inlier_edge = a[:, outside].max(axis=1) if outside.any() and n else np.zeros(n)
+    row_max = a.max(axis=1) if k else np.zeros(n)
+    scale = np.maximum(inlier_edge / 7.0, row_max / q_max)
+    ratio = np.divide(w, scale[:, None], out=np.zeros_like(w), where=scale[:, None] > 0)
+    q = np.clip(np.rint(ratio), -q_max, q_max).astype(np.int64)
+    q_low, q_high = bit_split(q)
+    return ZipperCodes(q_low=q_low, q_high=q_high, scale=scale)
+
+
 def zipper_matmul(x_smoothed, codes, act_bits=4, act_group_size=None):
     """`Y = scale_m * Δ_n * (qx @ q_low.T) + 16 * Δ_n * (X' @ q_high.T)`, float64.
 

@@ -225,3 +225,17 @@ def test_integer_input_is_refused_as_torch_linear_does():
         layer(torch.randint(-3, 4, (2, 64)))
     with pytest.raises(ValueError, match="64 features"):
         layer(torch.zeros(2, 63))
+
+
+def test_channel_structured_zipper_keeps_its_high_part_in_c_channels():
+    rng = np.random.default_rng(2)
+    lin = nn.Linear(64, 12)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(rng.standard_normal((12, 64))))
+        lin.weight[:, 7] *= 50.0
+    layer = zqnn.ZipperLinear(lin, channel_fraction=1 / 64, act_bits=None, backend="reference")
+    assert layer.stats["outlier_channels"] == 1
+    assert np.flatnonzero(np.any(layer.codes.q_high, axis=0)).tolist() == [7]
+    x = torch.from_numpy(rng.standard_normal((3, 64))).float()
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0.5 * float(np.abs(x.numpy()).sum(1).max())
+                               * float(layer.codes.scale.max()))  # half a step per weight

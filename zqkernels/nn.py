@@ -301,9 +301,19 @@ class ZipperLinear(QuantLinear):
     method = "zipper"
 
     def __init__(self, linear, *, smooth=None, outlier_ratio=0.01, high_bits=4, act_bits=4, act_group_size=None,
-                 backend="torch", lut_group_size=4):
+                 backend="torch", lut_group_size=4, channel_fraction=None, channel_score="absmax", hdiag=None):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
-        codes = reference.zipper_quantize(self.w_smoothed, outlier_ratio=outlier_ratio, high_bits=high_bits)
+        if channel_fraction is None:  # per-row outliers (DESIGN.md §2.2)
+            codes = reference.zipper_quantize(self.w_smoothed, outlier_ratio=outlier_ratio, high_bits=high_bits)
+        else:  # channel-structured: the high part only in the chosen input channels (§2.7)
+            h = None
+            if hdiag is not None:
+                h = np.asarray(hdiag, dtype=np.float64)
+                h = h / self.smooth**2 if self.smooth is not None else h
+            channels = reference.select_outlier_channels(self.w_smoothed, channel_fraction=channel_fraction,
+                                                         score=channel_score, hdiag=h)
+            codes = reference.zipper_quantize_channels(self.w_smoothed, channels, high_bits=high_bits)
+            self.stats["outlier_channels"] = int(len(channels))
         self._lut = reference.build_pattern_lut(codes.q_high, group_size=lut_group_size)
         n, k = codes.q_low.shape
         table = reference.lut_stats(self._lut)
@@ -311,7 +321,8 @@ class ZipperLinear(QuantLinear):
         self.stats.update({f"lut_{key}": val for key, val in table.items()})
         self.stats["high_nonzeros"] = nnz
         self.stats["high_density"] = nnz / max(1, n * k)
-        self.stats["outlier_ratio"] = float(outlier_ratio)
+        self.stats["outlier_ratio"] = None if channel_fraction is not None else float(outlier_ratio)
+        self.stats["channel_fraction"] = channel_fraction
         self.stats["high_bits"] = int(high_bits)
         getattr(self, f"_pack_{backend}")(codes)
         self._lut = None  # host-side table: only the hybrid backend keeps it (inside its ZipperWeights)
