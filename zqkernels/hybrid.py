@@ -229,7 +229,11 @@ class ZipperWeights:
             s = np.asarray(smooth, dtype=np.float64)
             if s.shape != (k,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
                 raise ValueError(f"smooth must be a positive finite [K={k}] vector, got shape {s.shape}")
-            inv_host = torch.from_numpy((1.0 / s).astype(np.float32))
+            with np.errstate(over="ignore"):
+                inv32 = (1.0 / s).astype(np.float32)
+            if not np.all(np.isfinite(inv32) & (inv32 > 0)):
+                raise ValueError("smooth holds values whose float32 inverse 1/s is 0 or Inf (s beyond float32 range)")
+            inv_host = torch.from_numpy(inv32)
             inv_dev = inv_host.to(device)
         with np.errstate(over="ignore"):
             high_row_scale = (16.0 * scale).astype(lut_dtype)
@@ -577,6 +581,8 @@ def zipper_linear(x, weights, mode="hybrid", gpu_part=None, out_dtype=None):
     _check_x(x, weights)
     _check_timeout(weights.join_timeout_s)
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a torch floating dtype, got {out_dtype!r}")
     if mode == "auto":
         mode = auto_mode(*weights.shape, x.shape[0], weights.device)
     if mode == "reference":
