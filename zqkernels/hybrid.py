@@ -18,9 +18,10 @@ One call of `zipper_linear(x, weights, mode="hybrid")` on CUDA:
    the high part on the current stream and one add.
 Faults never hang a call. Every wait on the worker is bounded by `join_timeout_s`, also when the
 GPU part raises (its error is re-raised once the worker has finished or the bound has passed). A
-CPU part that times out or raises is abandoned: its buffers are dropped (it may still write them)
-and its worker thread is retired, so the next call gets a fresh worker and fresh buffers. Workers
-are daemon threads: a worker stuck for ever does not keep the process from exiting. A failure
+CPU part that times out is abandoned: its buffers are dropped (it may still write them) and its
+worker thread is retired, so the next call gets a fresh worker and fresh buffers; a CPU part that
+raises has finished, and its worker serves the next call. Workers are daemon threads: a worker
+stuck for ever does not keep the process from exiting. A failure
 raises `HybridError` (`HybridTimeout`, also a TimeoutError, for a timeout) naming the part that
 failed, what it raised and how long the caller waited, chained to the part's own exception; a
 `ValueError` (bad input, the argument named) from either part propagates as it is. The worker
@@ -64,7 +65,6 @@ MODES = ("hybrid", "gpu", "reference", "auto")
 AUTO_TABLE_PATH = Path(__file__).with_name("configs") / "hybrid_auto.json"
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LUT_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
 
 
 class NoAutoMeasurement(LookupError):
