@@ -479,6 +479,16 @@ W_CPU = H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu")
         (lambda: H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu", lut_dtype=np.float16), "lut_dtype"),
         (lambda: H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu", cpu_threads=0), "cpu_threads"),
         (lambda: H.ZipperWeights.prepare(object(), None, device="cpu"), "ZipperCodes"),
+        (lambda: H.ZipperWeights.prepare(CODES, np.full(10, 1e-300), device="cpu"), "smooth"),
+        (lambda: H.ZipperWeights.prepare(CODES, np.full(10, 1e300), device="cpu"), "smooth"),
+        (lambda: H.ZipperWeights.prepare(R.ZipperCodes(CODES.q_low.astype(np.float64) + 0.5, CODES.q_high, CODES.scale),
+                                         None, device="cpu"), "q_low"),
+        (lambda: H.ZipperWeights.prepare(R.ZipperCodes(CODES.q_low, CODES.q_high.astype(np.uint64) + np.uint64(2**63),
+                                                       CODES.scale), None, device="cpu"), "q_high"),
+        (lambda: H.ZipperWeights.prepare(R.ZipperCodes(CODES.q_low, CODES.q_high, np.full(6, 1e300)), None,
+                                         device="cpu"), "too large"),
+        (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, gpu_part=H.reference_gpu_part, out_dtype=torch.int32),
+         "out_dtype"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):

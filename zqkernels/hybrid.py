@@ -18,9 +18,10 @@ One call of `zipper_linear(x, weights, mode="hybrid")` on CUDA:
    the high part on the current stream and one add.
 Faults never hang a call. Every wait on the worker is bounded by `join_timeout_s`, also when the
 GPU part raises (its error is re-raised once the worker has finished or the bound has passed). A
-CPU part that times out or raises is abandoned: its buffers are dropped (it may still write them)
-and its worker thread is retired, so the next call gets a fresh worker and fresh buffers. Workers
-are daemon threads: a worker stuck for ever does not keep the process from exiting. A failure
+CPU part that times out is abandoned: its buffers are dropped (it may still write them) and its
+worker thread is retired, so the next call gets a fresh worker and fresh buffers; a CPU part that
+raises has finished, and its worker serves the next call. Workers are daemon threads: a worker
+stuck for ever does not keep the process from exiting. A failure
 raises `HybridError` (`HybridTimeout`, also a TimeoutError, for a timeout) naming the part that
 failed, what it raised and how long the caller waited, chained to the part's own exception; a
 `ValueError` (bad input, the argument named) from either part propagates as it is. The worker
@@ -65,7 +66,6 @@ MODES = ("hybrid", "gpu", "reference", "auto")
 AUTO_TABLE_PATH = Path(__file__).with_name("configs") / "hybrid_auto.json"
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LUT_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
 
 
 class NoAutoMeasurement(LookupError):
@@ -231,7 +231,11 @@ class ZipperWeights:
             s = np.asarray(smooth, dtype=np.float64)
             if s.shape != (k,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
                 raise ValueError(f"smooth must be a positive finite [K={k}] vector, got shape {s.shape}")
-            inv_host = torch.from_numpy((1.0 / s).astype(np.float32))
+            with np.errstate(over="ignore"):
+                inv32 = (1.0 / s).astype(np.float32)
+            if not np.all(np.isfinite(inv32) & (inv32 > 0)):
+                raise ValueError("smooth holds values whose float32 inverse 1/s is 0 or Inf (s beyond float32 range)")
+            inv_host = torch.from_numpy(inv32)
             inv_dev = inv_host.to(device)
         with np.errstate(over="ignore"):
             high_row_scale = (16.0 * scale).astype(lut_dtype)
@@ -574,6 +578,8 @@ def zipper_linear(x, weights, mode="hybrid", gpu_part=None, out_dtype=None):
     _check_x(x, weights)
     _check_timeout(weights.join_timeout_s)
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a torch floating dtype, got {out_dtype!r}")
     if mode == "auto":
         mode = auto_mode(*weights.shape, x.shape[0], weights.device)
     if mode == "reference":
