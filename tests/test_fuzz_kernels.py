@@ -227,7 +227,7 @@ def test_hybrid_under_any_fault_returns_the_oracle_or_raises_naming_the_part_nev
     monkeypatch.setattr(L, "lut_matmul", _cpu_stand_in(cpu, release))
     t0 = time.perf_counter()
     try:
-        y = within(HARD_LIMIT_S, H.zipper_linear, x, layer, gpu_part=_gpu_stand_in(gpu), out_dtype=torch.float64)
+        y = within(HARD_LIMIT_S, H.zipper_linear, x, layer, mode="hybrid", gpu_part=_gpu_stand_in(gpu), out_dtype=torch.float64)
         exc = None
     except Exception as e:  # noqa: BLE001 - classified below
         exc, y = e, None
@@ -256,7 +256,7 @@ def test_hybrid_under_any_fault_returns_the_oracle_or_raises_naming_the_part_nev
     monkeypatch.setattr(L, "lut_matmul", REAL_LUT)
     layer.join_timeout_s = 30.0
     x2 = torch.randn(3, 12)
-    y2 = within(HARD_LIMIT_S, H.zipper_linear, x2, layer, gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
+    y2 = within(HARD_LIMIT_S, H.zipper_linear, x2, layer, mode="hybrid", gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
     ref2 = H.reference_linear(x2, layer)
     assert np.allclose(y2.numpy(), ref2, rtol=1e-9, atol=1e-9 * np.abs(ref2).max(initial=1.0))
 

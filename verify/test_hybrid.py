@@ -102,13 +102,13 @@ def test_buffers_are_allocated_once_per_capacity_and_reused():
     rng = np.random.default_rng(2)
     codes, s = make_layer(rng, 6, 10)
     w = H.ZipperWeights.prepare(codes, s, device="cpu")
-    H.zipper_linear(torch.randn(5, 10), w, gpu_part=H.reference_gpu_part)
+    H.zipper_linear(torch.randn(5, 10), w, mode="hybrid", gpu_part=H.reference_gpu_part)
     first = w.buffers(5, torch.float32)
     ptr = first.x_host.data_ptr()
     for m in (1, 8, 3, 8):
-        H.zipper_linear(torch.randn(m, 10), w, gpu_part=H.reference_gpu_part)
+        H.zipper_linear(torch.randn(m, 10), w, mode="hybrid", gpu_part=H.reference_gpu_part)
         assert w.buffers(m, torch.float32) is first and first.x_host.data_ptr() == ptr
-    H.zipper_linear(torch.randn(9, 10), w, gpu_part=H.reference_gpu_part)
+    H.zipper_linear(torch.randn(9, 10), w, mode="hybrid", gpu_part=H.reference_gpu_part)
     grown = w.buffers(9, torch.float32)
     assert grown is not first and grown.capacity == 16
 
@@ -133,7 +133,7 @@ def test_gpu_part_and_cpu_worker_run_concurrently(monkeypatch):
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", cpu_side)
     x = torch.randn(4, 10)
-    y = H.zipper_linear(x, w, gpu_part=gpu_side, out_dtype=torch.float64)
+    y = H.zipper_linear(x, w, mode="hybrid", gpu_part=gpu_side, out_dtype=torch.float64)
     assert np.allclose(y.numpy(), H.reference_linear(x, w), rtol=1e-5, atol=1e-5)
 
 
@@ -147,10 +147,10 @@ def test_worker_exception_propagates_and_the_next_call_works(monkeypatch):
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", boom)
     with pytest.raises(RuntimeError, match="on purpose"):
-        H.zipper_linear(torch.randn(3, 10), w, gpu_part=H.reference_gpu_part)
+        H.zipper_linear(torch.randn(3, 10), w, mode="hybrid", gpu_part=H.reference_gpu_part)
     monkeypatch.undo()
     x = torch.randn(3, 10)
-    y = H.zipper_linear(x, w, gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
+    y = H.zipper_linear(x, w, mode="hybrid", gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
     low, high = abs_bounds(x, w)
     assert np.all(np.abs(y.numpy() - H.reference_linear(x, w)) <= 1e-12 * (low + high))
 
@@ -173,7 +173,7 @@ def test_gpu_part_exception_propagates_after_the_worker_is_drained(monkeypatch):
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", slow_cpu)
     with pytest.raises(RuntimeError, match="gpu part failed"):
-        H.zipper_linear(torch.randn(2, 10), w, gpu_part=bad_gpu)
+        H.zipper_linear(torch.randn(2, 10), w, mode="hybrid", gpu_part=bad_gpu)
     assert done.is_set()  # the worker had finished before the error reached the caller
 
 
@@ -237,7 +237,7 @@ def assert_healthy_call(w, monkeypatch):
     monkeypatch.setattr(cpu_lut, "lut_matmul", REAL_LUT_MATMUL)
     w.join_timeout_s = 30.0
     x = torch.randn(3, 10)
-    y = within(HARD_LIMIT_S, H.zipper_linear, x, w, gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
+    y = within(HARD_LIMIT_S, H.zipper_linear, x, w, mode="hybrid", gpu_part=H.reference_gpu_part, out_dtype=torch.float64)
     low, high = abs_bounds(x, w)
     assert np.all(np.abs(y.numpy() - H.reference_linear(x, w)) <= 1e-12 * (low + high))  # float64 LUT: summation order
 
@@ -253,7 +253,7 @@ def test_a_stuck_worker_raises_a_timeout_naming_the_cpu_part_and_is_replaced(lay
         release.wait(60)
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", stuck)
-    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=H.reference_gpu_part)
     assert isinstance(exc, H.HybridTimeout) and isinstance(exc, TimeoutError)
     assert exc.part == "cpu" and 0.2 <= exc.waited_s < HARD_LIMIT_S
     assert "CPU part" in str(exc) and "join_timeout_s=0.2" in str(exc) and "waited 0.2" in str(exc)
@@ -271,7 +271,7 @@ def test_gpu_part_failing_while_the_worker_is_stuck_returns_within_the_bound(lay
     def bad_gpu(x, weights):
         raise RuntimeError("gpu part failed on purpose")
 
-    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=bad_gpu)
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=bad_gpu)
     assert isinstance(exc, H.HybridError) and exc.part == "gpu+cpu"
     assert isinstance(exc.__cause__, RuntimeError) and "on purpose" in str(exc.__cause__)
     text = str(exc)
@@ -293,7 +293,7 @@ def test_a_slow_worker_times_out_and_its_late_writes_reach_no_later_call(layer, 
         return out
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", slow)
-    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=H.reference_gpu_part)
     assert isinstance(exc, H.HybridTimeout) and exc.part == "cpu"
     monkeypatch.setattr(cpu_lut, "lut_matmul", REAL_LUT_MATMUL)
 
@@ -303,7 +303,7 @@ def test_a_slow_worker_times_out_and_its_late_writes_reach_no_later_call(layer, 
 
     layer.join_timeout_s = 30.0
     x = torch.randn(2, 10)
-    y = within(HARD_LIMIT_S, H.zipper_linear, x, layer, gpu_part=gpu_after_poison, out_dtype=torch.float64)
+    y = within(HARD_LIMIT_S, H.zipper_linear, x, layer, mode="hybrid", gpu_part=gpu_after_poison, out_dtype=torch.float64)
     low, high = abs_bounds(x, layer)
     assert np.all(np.abs(y.numpy() - H.reference_linear(x, layer)) <= 1e-12 * (low + high))
 
@@ -316,7 +316,7 @@ def test_both_parts_failing_names_both(layer, monkeypatch):
         raise RuntimeError("gpu part failed on purpose")
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", cpu_boom)
-    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=gpu_boom)
+    exc, elapsed = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=gpu_boom)
     assert isinstance(exc, H.HybridError) and exc.part == "gpu+cpu" and elapsed < 5.0
     text = str(exc)
     assert "GPU part raised RuntimeError: gpu part failed on purpose" in text
@@ -335,7 +335,7 @@ def test_a_worker_that_raises_after_the_timeout_affects_nothing_later(layer, rel
         raise RuntimeError("cpu part failed after its caller gave up")
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", late_boom)
-    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=H.reference_gpu_part)
     assert isinstance(exc, H.HybridTimeout)
     retired = [t for t in threading.enumerate() if t.name.startswith("zq-lut") and t.is_alive()]
     release.set()
@@ -354,7 +354,7 @@ def test_a_failed_cpu_part_names_the_part_and_the_worker_keeps_serving(layer, mo
         raise RuntimeError("lut worker failed on purpose")
 
     monkeypatch.setattr(cpu_lut, "lut_matmul", boom)
-    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=H.reference_gpu_part)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=H.reference_gpu_part)
     assert isinstance(exc, H.HybridError) and exc.part == "cpu"
     assert "CPU part (pattern-LUT worker) raised RuntimeError: lut worker failed on purpose" in str(exc)
     assert_healthy_call(layer, monkeypatch)
@@ -364,7 +364,7 @@ def test_a_gpu_part_value_error_propagates_as_it_is(layer, monkeypatch):
     def bad_input(x, weights):
         raise ValueError("x holds NaN or Inf")
 
-    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, gpu_part=bad_input)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, torch.randn(2, 10), layer, mode="hybrid", gpu_part=bad_input)
     assert type(exc) is ValueError and str(exc) == "x holds NaN or Inf"
     assert_healthy_call(layer, monkeypatch)
 
@@ -377,7 +377,7 @@ def test_non_finite_x_is_refused_by_the_cpu_part_whatever_the_gpu_part_does(laye
     part = H.reference_gpu_part if gpu_part == "reference" else (lambda x, w: torch.zeros(x.shape[0], 6))
     x = torch.randn(3, 10)
     x[1, 4] = bad
-    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, x, layer, gpu_part=part)
+    exc, _ = timed(HARD_LIMIT_S, H.zipper_linear, x, layer, mode="hybrid", gpu_part=part)
     assert type(exc) is ValueError and "x holds NaN or Inf" in str(exc)
     with pytest.raises(ValueError, match="x holds NaN or Inf"):
         H.zipper_linear(x, layer, mode="reference")
@@ -390,7 +390,7 @@ def test_x_that_overflows_float32_once_smoothed_is_refused():
     w = H.ZipperWeights.prepare(codes, np.full(10, 1e-3), device="cpu")
     x = torch.full((2, 10), 1e38)
     with pytest.raises(ValueError, match="overflows float32"):
-        within(HARD_LIMIT_S, H.zipper_linear, x, w, gpu_part=lambda x, w: torch.zeros(2, 6))
+        within(HARD_LIMIT_S, H.zipper_linear, x, w, mode="hybrid", gpu_part=lambda x, w: torch.zeros(2, 6))
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "5", True])
@@ -400,7 +400,7 @@ def test_join_timeout_must_be_a_positive_finite_number(bad):
     w = H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu")
     w.join_timeout_s = bad
     with pytest.raises(ValueError, match="join_timeout_s"):
-        H.zipper_linear(torch.randn(2, 10), w, gpu_part=H.reference_gpu_part)
+        H.zipper_linear(torch.randn(2, 10), w, mode="hybrid", gpu_part=H.reference_gpu_part)
 
 
 def test_the_process_exits_while_a_worker_is_stuck_for_ever():
@@ -414,7 +414,7 @@ def test_the_process_exits_while_a_worker_is_stuck_for_ever():
         "w = H.ZipperWeights.prepare(codes, None, device='cpu', join_timeout_s=0.2)\n"
         "L.lut_matmul = lambda *a, **k: threading.Event().wait()\n"
         "try:\n"
-        "    H.zipper_linear(torch.randn(2, 8), w, gpu_part=H.reference_gpu_part)\n"
+        "    H.zipper_linear(torch.randn(2, 8), w, mode='hybrid', gpu_part=H.reference_gpu_part)\n"
         "except TimeoutError as exc:\n"
         "    print('timed out:', exc)\n"
     )
@@ -460,17 +460,17 @@ W_CPU = H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu")
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: H.zipper_linear(torch.randn(2, 10, dtype=torch.float64), W_CPU, gpu_part=H.reference_gpu_part), "dtype"),
-        (lambda: H.zipper_linear(torch.randn(10, 2).T, W_CPU, gpu_part=H.reference_gpu_part), "contiguous"),
-        (lambda: H.zipper_linear(torch.randn(2, 12), W_CPU, gpu_part=H.reference_gpu_part), "K=12"),
-        (lambda: H.zipper_linear(torch.randn(10), W_CPU, gpu_part=H.reference_gpu_part), "2-D"),
-        (lambda: H.zipper_linear(torch.randn(0, 10), W_CPU, gpu_part=H.reference_gpu_part), "at least one"),
+        (lambda: H.zipper_linear(torch.randn(2, 10, dtype=torch.float64), W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part), "dtype"),
+        (lambda: H.zipper_linear(torch.randn(10, 2).T, W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part), "contiguous"),
+        (lambda: H.zipper_linear(torch.randn(2, 12), W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part), "K=12"),
+        (lambda: H.zipper_linear(torch.randn(10), W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part), "2-D"),
+        (lambda: H.zipper_linear(torch.randn(0, 10), W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part), "at least one"),
         (lambda: H.zipper_linear(np.ones((2, 10), np.float32), W_CPU), "torch.Tensor"),
         (lambda: H.zipper_linear(torch.randn(2, 10), CODES), "ZipperWeights"),
         (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, mode="fast"), "mode"),
         (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, mode="hybrid"), "explicit gpu_part"),
         (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, mode="gpu"), "CUDA"),
-        (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, gpu_part=lambda x, w: torch.zeros(2, 5)), "gpu_part returned"),
+        (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, mode="hybrid", gpu_part=lambda x, w: torch.zeros(2, 5)), "gpu_part returned"),
         (lambda: H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu",
                                          lut=R.build_pattern_lut(np.zeros((6, 12), np.int8))), "another shape|built for shape"),
         (lambda: H.ZipperWeights.prepare(CODES, SMOOTH[:9], device="cpu"), "smooth"),
@@ -487,7 +487,7 @@ W_CPU = H.ZipperWeights.prepare(CODES, SMOOTH, device="cpu")
                                                        CODES.scale), None, device="cpu"), "q_high"),
         (lambda: H.ZipperWeights.prepare(R.ZipperCodes(CODES.q_low, CODES.q_high, np.full(6, 1e300)), None,
                                          device="cpu"), "too large"),
-        (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, gpu_part=H.reference_gpu_part, out_dtype=torch.int32),
+        (lambda: H.zipper_linear(torch.randn(2, 10), W_CPU, mode="hybrid", gpu_part=H.reference_gpu_part, out_dtype=torch.int32),
          "out_dtype"),
     ],
 )
@@ -554,3 +554,14 @@ def test_triton_low_part_as_gpu_part_and_gpu_mode_equal_reference_under_interpre
     pytest.importorskip("zqkernels.gpu.zipper_high")
     y_gpu_mode = H._gpu(x, w)  # mode="gpu" refuses a CPU device; its body is what is checked here
     assert np.all(np.abs(y_gpu_mode.numpy() - ref) <= 4e-6 * low + 1e-5 * high)
+
+
+def test_the_default_mode_is_the_measured_fastest():
+    """mode defaults to "gpu", which beat the hybrid at every shape and M measured."""
+    import inspect
+    import json
+
+    assert inspect.signature(H.zipper_linear).parameters["mode"].default == "gpu"
+    table = json.loads(H.AUTO_TABLE_PATH.read_text())
+    modes = {e["mode"] for dev in table["devices"].values() for shape in dev["entries"].values() for e in shape.values()}
+    assert modes == {"gpu"}

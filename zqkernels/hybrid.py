@@ -562,11 +562,12 @@ def _check_x(x, weights):
         raise ValueError(f"x is on {x.device}, the weights on {weights.device}")
 
 
-def zipper_linear(x, weights, mode="hybrid", gpu_part=None, out_dtype=None):
+def zipper_linear(x, weights, mode="gpu", gpu_part=None, out_dtype=None):
     """`Y = X' @ W'.T` of a ZipperQuant layer, [M, N], with X' = float32(x) * inv_s.
 
     x: [M, K] fp16|bf16|fp32 contiguous on `weights.device`. weights: `ZipperWeights`.
-    mode: "hybrid" (GPU low part overlapped with the CPU LUT), "gpu" (both parts on the GPU),
+    mode: "gpu" (both parts on the GPU; the default: faster than the hybrid at every shape and M
+    measured, `configs/hybrid_auto.json`), "hybrid" (GPU low part overlapped with the CPU LUT),
     "reference" (the numpy oracle, float64 then cast), "auto" (measured choice of hybrid/gpu).
     gpu_part: callable (x, weights) -> [M, N] float tensor replacing the GPU low part (required on
     a CPU device: pass `reference_gpu_part`). out_dtype: result dtype (None: x.dtype).
