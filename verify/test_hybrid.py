@@ -565,3 +565,24 @@ def test_the_default_mode_is_the_measured_fastest():
     table = json.loads(H.AUTO_TABLE_PATH.read_text())
     modes = {e["mode"] for dev in table["devices"].values() for shape in dev["entries"].values() for e in shape.values()}
     assert modes == {"gpu"}
+
+
+@pytest.mark.parametrize("gpu_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_join_adds_the_high_part_whatever_dtype_the_gpu_part_returns(gpu_dtype):
+    """Every output dtype a GPU part may return (w4a4_gemm gives fp16 / bf16 / fp32) is joined
+    with the CPU high part: the result equals the oracle within the GPU part's own rounding
+    (half an ulp of its dtype on the low part) plus float32 of the table product."""
+    rng = np.random.default_rng(21)
+    codes, s = make_layer(rng, 12, 40)
+    w = H.ZipperWeights.prepare(codes, s, device="cpu")
+    x = torch.randn(5, 40)
+    low = H.reference_gpu_part(x, w)  # float64 on the CPU
+    y = H.zipper_linear(x, w, mode="hybrid", gpu_part=lambda xx, ww: H.reference_gpu_part(xx, ww).to(gpu_dtype),
+                        out_dtype=torch.float64)
+    ref = H.reference_linear(x, w)
+    eps = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}[gpu_dtype]
+    lo, hi = abs_bounds(x, w)
+    tol = eps * np.abs(low.numpy()) + 2.0**-20 * (lo + hi) + 1e-30  # tolerance: low-part rounding + fp32 table
+    assert np.all(np.abs(y.numpy() - ref) <= tol), gpu_dtype
+    # the high part matters here, so a join that dropped or negated it would fail
+    assert np.abs(ref - low.numpy()).max() > 100 * tol.max()
