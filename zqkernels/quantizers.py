@@ -1,0 +1,373 @@
+"""The oracle's weight quantizers in torch, run on the device where the weights are.
+
+`reference/` (numpy, float64) defines smoothing, RTN, the ZipperQuant grid and bit split and the
+MosaicQuant block scoring; this module computes the same codes with torch ops on any device (a
+CUDA GPU, or the CPU), so a model need not travel to the host to be quantized. Inputs may be
+torch tensors or numpy arrays; everything runs in float64 on the device of the weight `w` (numpy
+inputs: the CPU). Results are torch tensors on that device; `to_reference()` turns the code
+objects into `reference.ZipperCodes` / `reference.MosaicCodes` (numpy), the input of
+`zqkernels.layouts`.
+
+Equality with the oracle (verify/test_quantizers.py):
+
+- `quantize_weights`, `zipper_quantize`, `mosaic_quantize`: every integer code, every scale and
+  the kept block list are bit-for-bit the oracle's, on the same float64 input. Ties at rounding
+  boundaries included: both round half to even (`np.rint`, `torch.round`), so there is no tie
+  rule to state, and the test asserts plain equality. What makes this hold on a GPU too:
+  - only IEEE-exact operations (+, -, *, /, max, order statistics), each its own torch op, so
+    no two roundings fuse into one FMA (do not `torch.compile` these functions: the compiler
+    may fuse them);
+  - division always by a tensor: CUDA torch turns `t / python_number` into `t * (1 / number)`,
+    which rounds twice;
+  - the quantile is numpy's default "linear" method written out (numpy 2.x `_quantile` /
+    `_lerp`): virtual index `(K - 1) * q` in float64, the two order statistics around it, then
+    `a + (b - a) * g` for `g < 0.5` and `b - (b - a) * (1 - g)` otherwise, each step rounded
+    as numpy rounds it, each a separate op. `torch.quantile` is not used: its `lerp` is one
+    kernel, whose `a + w * (b - a)` the CUDA compiler may contract into an FMA, and it sorts
+    whole rows where two order statistics (`torch.topk`) suffice;
+  - Mosaic block scores are sums, and a sum's rounding depends on its order: `_numpy_block_sum`
+    adds in the order numpy's reduction of the oracle's `.sum(axis=(2, 3))` uses (numpy's
+    pairwise sum with eight accumulators along each block row, then the rows in order; one
+    pairwise sum over the whole block when the matrix has a single block column). The ranking
+    of the B block scores (a few thousand numbers) runs on the host through the oracle's own
+    `np.lexsort`, so equal scores keep the lower row-major block index exactly as there.
+- `smooth_scales` is the one function that is not bit-exact: `x ** alpha` is a transcendental
+  and torch's pow (SLEEF on the CPU, libdevice on CUDA: 1 and 2 ulp) differs from numpy's
+  (glibc) in the last bits for about 5-8 % of the entries on random inputs (alpha 0 and 1 are
+  exact). The test bounds the difference at 8 ulp relative (`SMOOTH_RTOL`). For codes equal to
+  the oracle's end to end, take the K smoothing factors from `reference.smooth_scales` on the
+  host (column absmaxes are exact in any order, so `w.abs().amax(0)` may come from the device)
+  and smooth the weight on the device: `W * s` is one exact multiply.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import reference
+
+F64 = torch.float64
+# Relative bound on |smooth_scales - reference.smooth_scales| / reference (see the docstring).
+SMOOTH_RTOL = 8 * float(np.finfo(np.float64).eps)
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _as_tensor(name, a, rank, device=None):
+    """`a` as a finite float64 tensor of `rank` on `device` (default: where it is), or ValueError."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+    else:
+        arr = np.asarray(a)
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be a real numeric array, got dtype {t.dtype}")
+    t = t.to(device=device if device is not None else t.device, dtype=F64)
+    if t.numel():
+        lo, hi = torch.aminmax(t)  # one pass; NaN propagates into both
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError(f"{name} holds NaN or Inf")
+    return t
+
+
+def _check_unit(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not (0.0 <= float(x) <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {x!r}")
+    return float(x)
+
+
+def _div(a, b):
+    """IEEE `a / b` on every device: a Python-number divisor becomes a tensor on a's device,
+    since CUDA torch multiplies by the reciprocal of a CPU scalar (two roundings)."""
+    if not isinstance(b, torch.Tensor):
+        b = torch.tensor(float(b), dtype=F64, device=a.device)
+    return torch.div(a, b)
+
+
+def _safe_div(a, b):
+    """`a / b` where `b > 0`, else a code of 0 (an all-zero row or group: scale 0, never NaN).
+
+    The oracle writes 0 where b == 0; dividing by 1 there instead costs no pass over `a` and gives
+    the same code: b == 0 only where every |a| in its row (group) is 0 or a subnormal so small that
+    `absmax / qmax` underflows to 0, and a / 1 then rounds to code 0 as well."""
+    return _div(a, torch.where(b > 0, b, torch.ones((), dtype=F64, device=b.device)))
+
+
+# ---------------------------------------------------------------- smoothing and RTN
+
+def smooth_scales(act_absmax, weight_absmax, alpha=0.5, eps=1e-5):
+    """`s_k = max(a_k, eps)**alpha / max(w_k, eps)**(1 - alpha)`, float64 [K] on weight_absmax's
+    device; within `SMOOTH_RTOL` of `reference.smooth_scales` (pow is not correctly rounded)."""
+    w = _as_tensor("weight_absmax", weight_absmax, rank=1)
+    a = _as_tensor("act_absmax", act_absmax, rank=1, device=w.device)
+    if a.shape != w.shape:
+        raise ValueError(f"act_absmax shape {tuple(a.shape)} does not match weight_absmax shape {tuple(w.shape)}")
+    if bool((a < 0).any()) or bool((w < 0).any()):
+        raise ValueError("act_absmax and weight_absmax must be non-negative")
+    alpha = _check_unit("alpha", alpha)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not (
+            float(eps) > 0.0 and math.isfinite(float(eps))):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = float(eps)
+    return torch.div(torch.pow(torch.clamp_min(a, eps), alpha), torch.pow(torch.clamp_min(w, eps), 1.0 - alpha))
+
+
+def _check_bits(name, bits, allowed):
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or int(bits) not in allowed:
+        raise ValueError(f"{name} must be an integer in [{min(allowed)}, {max(allowed)}], got {bits!r}")
+    return int(bits)
+
+
+def _check_group_size(group_size):
+    if group_size is None:
+        return None
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
+    return int(group_size)
+
+
+def _per_element(scale, n, k, g):
+    """Scale per row [N] or per row and group [N, G] -> [N, K]."""
+    if scale.ndim == 1:
+        return scale[:, None]
+    return scale[:, :, None].expand(n, scale.shape[1], g).reshape(n, -1)[:, :k]
+
+
+def _rtn(w, bits, group_size):
+    """`reference.quantize_weights` on an already checked float64 tensor."""
+    n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    g = k if group_size is None else group_size
+    ng = 1 if group_size is None else -(-k // group_size)
+    padded = torch.zeros((n, ng * g), dtype=F64, device=w.device)
+    padded[:, :k] = w.abs()
+    absmax = padded.reshape(n, ng, g).amax(dim=2) if g else torch.zeros((n, ng), dtype=F64, device=w.device)
+    scale = _div(absmax, qmax)
+    if group_size is None:
+        scale = scale[:, 0]
+    ratio = _safe_div(w, _per_element(scale, n, k, g))
+    q = torch.clamp(torch.round(ratio), -qmax - 1, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_weights(w, bits=4, group_size=None):
+    """Symmetric round-to-nearest per output channel (or per group of input channels), float64:
+    `scale = absmax / (2**(bits-1) - 1)`, `q = rint(w / scale)`; an all-zero row (group) gets
+    scale 0 and codes 0. Returns (q int8 [N, K], scale float64 [N] or [N, ceil(K/g)]) on w's
+    device, bit-equal to `reference.quantize_weights`."""
+    w = _as_tensor("w", w, rank=2)
+    return _rtn(w, _check_bits("bits", bits, range(2, 9)), _check_group_size(group_size))
+
+
+# ---------------------------------------------------------------- ZipperQuant
+
+@dataclass(frozen=True)
+class ZipperCodesTorch:
+    """`W' ≈ scale[:, None] * (q_low + 16 * q_high)` as tensors on the weight's device."""
+
+    q_low: torch.Tensor  # int8 [N, K] in [-8, 7]
+    q_high: torch.Tensor  # int8 [N, K], sparse
+    scale: torch.Tensor  # float64 [N], Δ_n
+
+    @property
+    def shape(self):
+        return tuple(self.q_low.shape)
+
+    def to_reference(self):
+        return reference.ZipperCodes(q_low=self.q_low.cpu().numpy(), q_high=self.q_high.cpu().numpy(),
+                                     scale=self.scale.cpu().numpy())
+
+
+def row_quantile(a, q):
+    """`np.quantile(a, q, axis=1)` (method "linear") of a float64 [N, K] tensor, bit for bit.
+
+    numpy: virtual index `v = (K - 1) * q`; `v >= K - 1` takes the row's maximum; otherwise the
+    order statistics `lo = a_(floor v)` and `hi = a_(floor v + 1)` and `g = v - floor v` give
+    `lo + (hi - lo) * g` if `g < 0.5`, else `hi - (hi - lo) * (1 - g)`.
+    """
+    n, k = a.shape
+    if k == 0:
+        return torch.zeros(n, dtype=F64, device=a.device)
+    v = (k - 1) * float(q)  # float64, as numpy's `(n - 1) * quantiles`
+    if v >= k - 1:
+        return a.amax(dim=1)
+    below = math.floor(v)
+    gamma = v - below
+    # The largest K - below values, descending: the last is order statistic `below`, the one
+    # before it `below + 1` (K - below >= 2 since below < K - 1).
+    top = torch.topk(a, k - below, dim=1, largest=True, sorted=True).values
+    lo, hi = top[:, -1], top[:, -2]
+    diff = hi - lo
+    if gamma >= 0.5:
+        return hi - diff * (1.0 - gamma)
+    return lo + diff * gamma
+
+
+def _bit_split4(q):
+    """`q_low = ((q + 8) mod 16) - 8`, `q_high = (q - q_low) / 16` on integer-valued float64
+    codes (|q| <= 2039): `q_high = floor((q + 8) / 16)`, `q_low = q - 16 q_high`, every step exact
+    (small integers, a power-of-two scale) and faster than int64 arithmetic. -> int8, int8."""
+    q_high = torch.floor((q + 8.0) * 0.0625)
+    q_low = q - 16.0 * q_high
+    return q_low.to(torch.int8), q_high.to(torch.int8)
+
+
+def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
+    """`Δ_n = max(quantile(|W'_n|, 1 - outlier_ratio) / 7, max|W'_n| / Q)` with
+    `Q = 7 + 16 * (2**(high_bits-1) - 1)`, `q = rint(W' / Δ_n)` (|q| <= Q, nothing clips), the
+    exact split `q = q_low + 16 * q_high`; an all-zero row gets Δ = 0 and codes 0.
+    Bit-equal to `reference.zipper_quantize`; returns `ZipperCodesTorch` on w's device."""
+    w = _as_tensor("w_smoothed", w_smoothed, rank=2)
+    outlier_ratio = _check_unit("outlier_ratio", outlier_ratio)
+    high_bits = _check_bits("high_bits", high_bits, range(1, 9))
+    q_max = 7 + 16 * (2 ** (high_bits - 1) - 1)
+    n, k = w.shape
+    a = w.abs()
+    edge = row_quantile(a, 1.0 - outlier_ratio)
+    row_max = a.amax(dim=1) if k else torch.zeros(n, dtype=F64, device=w.device)
+    del a
+    scale = torch.maximum(_div(edge, 7.0), _div(row_max, float(q_max)))
+    # rint(max / (max / Q)) is Q up to one ulp of the quotient; the clamp never moves a code.
+    q = torch.clamp(torch.round(_safe_div(w, scale[:, None])), -q_max, q_max)
+    q_low, q_high = _bit_split4(q)
+    return ZipperCodesTorch(q_low=q_low, q_high=q_high, scale=scale)
+
+
+# ---------------------------------------------------------------- MosaicQuant
+
+@dataclass(frozen=True)
+class MosaicCodesTorch:
+    """`reference.MosaicCodes` as tensors on the weight's device (block_index stays int64)."""
+
+    q_base: torch.Tensor  # int8 [N, K]
+    scale_base: torch.Tensor  # float64 [N] or [N, ceil(K/group_size)]
+    block_index: torch.Tensor  # int64 [B, 2] (row-block, col-block), row-major ascending
+    q_res: torch.Tensor  # int8 [B, bn, bk], zero past the matrix edge
+    scale_res: torch.Tensor  # float64 [B, bn]
+    block: tuple  # (bn, bk)
+    group_size: object = None
+
+    @property
+    def shape(self):
+        return tuple(self.q_base.shape)
+
+    def to_reference(self):
+        return reference.MosaicCodes(
+            q_base=self.q_base.cpu().numpy(), scale_base=self.scale_base.cpu().numpy(),
+            block_index=self.block_index.cpu().numpy(), q_res=self.q_res.cpu().numpy(),
+            scale_res=self.scale_res.cpu().numpy(), block=self.block, group_size=self.group_size)
+
+
+def _pairwise_sum(t):
+    """numpy's `pairwise_sum` of float64 over the last axis, the same additions in the same order:
+    below 8 terms one running sum from 0; up to 128 eight running sums (terms i, i+8, ...), joined
+    as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), then the remainder; above 128 the two halves split
+    at a multiple of 8 below n/2."""
+    n = t.shape[-1]
+    if n < 8:
+        res = torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
+        for i in range(n):
+            res = res + t[..., i]
+        return res
+    if n <= 128:
+        m = n - n % 8
+        r = t[..., 0:8]
+        for i in range(8, m, 8):
+            r = r + t[..., i:i + 8]
+        res = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
+        for i in range(m, n):
+            res = res + t[..., i]
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(t[..., :half]) + _pairwise_sum(t[..., half:])
+
+
+def _numpy_block_sum(t):
+    """[nbr, bn, nbc, bk] (the padded matrix viewed as blocks) -> [nbr, nbc] per-block sums in the
+    order of the oracle's `x.sum(axis=(2, 3))` on its `[nbr, nbc, bn, bk]` block view: numpy's
+    iterator walks each block row by row with the bk elements of a row as its inner loop
+    (pairwise), adding the row sums in order; with one block column a block's rows are contiguous
+    in memory and numpy coalesces the whole block into one pairwise sum."""
+    nbr, bn, nbc, bk = t.shape
+    if nbc == 1:
+        return _pairwise_sum(t.reshape(nbr, 1, bn * bk))
+    rows = _pairwise_sum(t)  # [nbr, bn, nbc]
+    out = torch.zeros((nbr, nbc), dtype=t.dtype, device=t.device)
+    for r in range(bn):
+        out = out + rows[:, r, :]
+    return out
+
+
+def _check_block(block):
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ValueError(f"block must be a pair of positive integers (block_n, block_k), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
+    """Base `qb, Δb = quantize_weights(W', 4, group_size)`; residual `R = W' - Δb * qb` cut into
+    `block` tiles, each 4-bit with one scale per block row (`Δr = max|R_row| / 7`), scored
+    `Σ h_k R**2 - Σ h_k (R - Δr * qr)**2`; the top `ceil(density * blocks)` kept (ties keep the
+    lower row-major block index), `block_index` sorted row-major, `q_res` zero past the edge.
+    Bit-equal to `reference.mosaic_quantize`; returns `MosaicCodesTorch` on w's device."""
+    w = _as_tensor("w", w, rank=2)
+    h = _as_tensor("hdiag", hdiag, rank=1, device=w.device)
+    if h.shape[0] != w.shape[1]:
+        raise ValueError(f"hdiag has {h.shape[0]} entries but w has K={w.shape[1]}")
+    if bool((h < 0).any()):
+        raise ValueError("hdiag must be non-negative (a Hessian diagonal is a mean of squares)")
+    density = _check_unit("density", density)
+    bn, bk = _check_block(block)
+    group_size = _check_group_size(group_size)
+    n, k = w.shape
+    dev = w.device
+
+    q_base, scale_base = _rtn(w, 4, group_size)
+    g = k if group_size is None else group_size
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=dev)
+    padded[:n, :k] = w - q_base.to(F64) * _per_element(scale_base, n, k, g)
+    blocks = padded.view(nbr, bn, nbc, bk)  # axes (row-block, row, col-block, col)
+    del padded
+    hp = torch.zeros(nbc * bk, dtype=F64, device=dev)
+    hp[:k] = h
+    weight = hp.view(1, 1, nbc, bk)
+
+    row_scale = _div(blocks.abs().amax(dim=3), 7.0)  # [nbr, bn, nbc]
+    q_res_all = torch.clamp(torch.round(_safe_div(blocks, row_scale[..., None])), -8, 7)
+    before = _numpy_block_sum(weight * (blocks * blocks))
+    err_after = blocks - row_scale[..., None] * q_res_all
+    after = _numpy_block_sum(weight * (err_after * err_after))
+    del err_after
+    score = (before - after).cpu().numpy()
+
+    n_blocks = nbr * nbc
+    # As the oracle: 1e-9 keeps 0.05 * 100 = 5.000000000000001 from rounding up to 6 blocks.
+    n_keep = min(n_blocks, math.ceil(density * n_blocks - 1e-9))
+    flat_score = score.reshape(-1)
+    order = np.lexsort((np.arange(n_blocks), -flat_score))  # the oracle's ranking, on B numbers
+    kept = np.sort(order[:n_keep])
+    rb_np, cb_np = np.divmod(kept, nbc)
+    rb = torch.from_numpy(rb_np.astype(np.int64)).to(dev)
+    cb = torch.from_numpy(cb_np.astype(np.int64)).to(dev)
+    return MosaicCodesTorch(
+        q_base=q_base,
+        scale_base=scale_base,
+        block_index=torch.stack([rb, cb], dim=1).reshape(-1, 2),
+        q_res=q_res_all[rb, :, cb, :].to(torch.int8).reshape(-1, bn, bk),
+        scale_res=row_scale[rb, :, cb].reshape(-1, bn),
+        block=(bn, bk),
+        group_size=group_size,
+    )
