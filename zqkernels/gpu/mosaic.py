@@ -37,7 +37,7 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
 from zqkernels.gpu.operands import check_float_acts, check_out, check_out_dtype, check_same_device, check_scale
-from zqkernels.gpu.tiling import choose_split_k, split_share, splitk_reduce, splitk_workspace, tile_ids
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 from zqkernels.layouts import MosaicBlocks
 
 INV256 = tl.constexpr(0.00390625)  # removes the 16 * 16 of the x16 nibble planes, exactly
@@ -46,18 +46,6 @@ INV256 = tl.constexpr(0.00390625)  # removes the 16 * 16 of the x16 nibble plane
 # --------------------------------------------------------------------------------------------
 # Shared pieces of the kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_setup(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile: ids, rows and columns (masked and clamped), zero accumulators."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    res_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    return pid, pid_n, rm, rn, rm < M, rn < N, rm % M, rn % N, acc_i, acc_f, res_i
 
 
 @triton.jit
@@ -291,7 +279,16 @@ def _mosaic_reslate_kernel(
     EVEN_K: tl.constexpr, RES_BK: tl.constexpr, USE_ASM: tl.constexpr, BN_RES: tl.constexpr, BK_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid, pid_n, rm, rn, m_ok, n_ok, rm_s, rn_s, acc_i, acc_f, res_i = _tile_setup(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm_s = rm % M
+    rn_s = rn % N
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_i, acc_f = _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF, stride_sx,
                                    stride_sw, 0, tl.cdiv(K_HALF, BLOCK_K // 2), ACT_GROUP, W_GROUP, BLOCK_K, EVEN_K,
                                    USE_ASM)
@@ -317,9 +314,22 @@ def _mosaic_splitk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    pid, pid_n, rm, rn, m_ok, n_ok, rm_s, rn_s, acc_i, acc_f, res_i = _tile_setup(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm_s = rm % M
+    rn_s = rn % N
     # This split's contiguous share of the BLOCK_K tiles, and every SPLIT_K-th tail step.
-    pid_k, t0, t1 = split_share(tl.cdiv(K_HALF, BLOCK_K // 2), SPLIT_K)
+    k_tiles = tl.cdiv(K_HALF, BLOCK_K // 2)
+    per_tiles = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = tl.minimum(pid_k * per_tiles, k_tiles)
+    t1 = tl.minimum(t0 + per_tiles, k_tiles)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_i, acc_f = _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_HALF, stride_sx,
                                    stride_sw, t0, t1, ACT_GROUP, W_GROUP, BLOCK_K, EVEN_K, USE_ASM)
     y = _fold_base(acc_i, acc_f, sw_ptr, rn_s, n_ok, (ACT_GROUP != 0) or (W_GROUP != 0), W_GROUP)

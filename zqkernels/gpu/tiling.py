@@ -37,16 +37,6 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
-def split_share(n_steps, SPLIT_K):
-    """(pid_k, first, end): this program's contiguous share of `n_steps` K steps. Trailing splits
-    left without steps by the ceil division get an empty range and still store zeros and arrive."""
-    pid_k = tl.program_id(1)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    first = tl.minimum(pid_k * per_split, n_steps)
-    return pid_k, first, tl.minimum(first + per_split, n_steps)
-
-
-@triton.jit
 def splitk_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_k, offs_m, offs_n, M, N, SPLIT_K):
     """Store this split's partial `acc` [BLOCK_M, BLOCK_N], arrive on the tile's counter, and
     return (is_last, total): the last program to arrive gets the sum of every split's partial in

@@ -21,7 +21,7 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
 from zqkernels.gpu.operands import check_float_acts, check_out, check_packed, check_same_device, check_scale
-from zqkernels.gpu.tiling import choose_split_k, split_share, splitk_reduce, splitk_workspace, tile_ids
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 
 @triton.jit
@@ -142,9 +142,13 @@ def _w4a16_splitk_kernel(
     SWAP_AB: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k, t0, t1 = split_share(tl.cdiv(KH, BLOCK_K // 2), SPLIT_K)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_tiles = tl.cdiv(KH, BLOCK_K // 2)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
     acc = _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, offs_m % M, offs_n % N, KH, stride_xm, stride_wn, stride_swn,
                         t0, t1, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PLANES, EVEN_K, DOT_F32, SWAP_AB, USE_ASM)
     if USE_SPLIT:
