@@ -13,7 +13,8 @@ Equality with the oracle (verify/test_quantizers.py):
 - `quantize_weights`, `zipper_quantize`, `mosaic_quantize`: every integer code, every scale and
   the kept block list are bit-for-bit the oracle's, on the same float64 input. Ties at rounding
   boundaries included: both round half to even (`np.rint`, `torch.round`), so there is no tie
-  rule to state, and the test asserts plain equality. What makes this hold on a GPU too:
+  rule to state, and the test asserts plain equality. What makes this hold on a GPU as well
+  (the same tests run on CUDA where it is present):
   - only IEEE-exact operations (+, -, *, /, max, order statistics), each its own torch op, so
     no two roundings fuse into one FMA (do not `torch.compile` these functions: the compiler
     may fuse them);
@@ -28,16 +29,18 @@ Equality with the oracle (verify/test_quantizers.py):
   - Mosaic block scores are sums, and a sum's rounding depends on its order: `_numpy_block_sum`
     adds in the order numpy's reduction of the oracle's `.sum(axis=(2, 3))` uses (numpy's
     pairwise sum with eight accumulators along each block row, then the rows in order; one
-    pairwise sum over the whole block when the matrix has a single block column). The ranking
+    pairwise sum over the whole block when the matrix has a single block column; checked
+    against numpy 2.4, and a numpy that reorders its reductions fails
+    `test_block_sum_adds_in_numpys_order`). The ranking
     of the B block scores (a few thousand numbers) runs on the host through the oracle's own
     `np.lexsort`, so equal scores keep the lower row-major block index exactly as there.
 - `smooth_scales` is the one function that is not bit-exact: `x ** alpha` is a transcendental
-  and torch's pow (SLEEF on the CPU, libdevice on CUDA: 1 and 2 ulp) differs from numpy's
-  (glibc) in the last bits for about 5-8 % of the entries on random inputs (alpha 0 and 1 are
+  and torch's pow (SLEEF on the CPU, 1 ulp; CUDA's, 2 ulp) differs from numpy's (glibc) in the
+  last bit for up to ~8 % of the entries on random inputs (measured on the CPU; alpha 0 and 1 are
   exact). The test bounds the difference at 8 ulp relative (`SMOOTH_RTOL`). For codes equal to
   the oracle's end to end, take the K smoothing factors from `reference.smooth_scales` on the
   host (column absmaxes are exact in any order, so `w.abs().amax(0)` may come from the device)
-  and smooth the weight on the device: `W * s` is one exact multiply.
+  and smooth the weight on the device: `W * s` is one correctly rounded multiply on both sides.
 """
 from __future__ import annotations
 
