@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import reference
-from tuning import Sweep, parser
+from tuning import DEVICE, Sweep, parser
 
 from zqkernels.gpu.mosaic import mosaic_w4a4_gemm, mosaic_w4a4_gemm_int32
 from zqkernels.layouts import MosaicBlocks
@@ -53,24 +53,25 @@ def main():
 
     def layout(n, k):
         if (n, k) not in weights:
-            weights[(n, k)] = (MosaicBlocks.from_codes(c := synthetic(n, k, n + k), "cuda"), c)
+            weights[(n, k)] = (MosaicBlocks.from_codes(c := synthetic(n, k, n + k), DEVICE), c)
         return weights[(n, k)]
 
     def verify(cfg, m):
-        w, codes = layout(1000, 4000)
+        vn, vk = sweep.verify_n, sweep.verify_k
+        w, codes = layout(vn, vk)
         rng = np.random.default_rng(m)
-        qx = rng.integers(-8, 8, size=(m, 4000)).astype(np.int8)
-        qxp = torch.from_numpy(reference.pack_int4(qx)).cuda()
+        qx = rng.integers(-8, 8, size=(m, vk)).astype(np.int8)
+        qxp = torch.from_numpy(reference.pack_int4(qx)).to(DEVICE)
         b, r = mosaic_w4a4_gemm_int32(qxp, w, config=cfg)
-        q64 = torch.from_numpy(qx).double().cuda()
-        want_b = q64 @ torch.from_numpy(codes.q_base).double().cuda().T
-        unit = reference.MosaicCodes(codes.q_base, np.ones(1000), codes.block_index, codes.q_res,
+        q64 = torch.from_numpy(qx).double().to(DEVICE)
+        want_b = q64 @ torch.from_numpy(codes.q_base).double().to(DEVICE).T
+        unit = reference.MosaicCodes(codes.q_base, np.ones(vn), codes.block_index, codes.q_res,
                                      np.ones_like(codes.scale_res), codes.block)
-        want_t = q64 @ torch.from_numpy(reference.mosaic_dequantize(unit)).cuda().T
+        want_t = q64 @ torch.from_numpy(reference.mosaic_dequantize(unit)).to(DEVICE).T
         ok = torch.equal(b.double(), want_b) and torch.equal(b.double() + r.double(), want_t)
         sx = rng.uniform(0.01, 1, m)
-        ref = torch.from_numpy((qx * sx[:, None]) @ reference.mosaic_dequantize(codes).T).cuda()
-        y = mosaic_w4a4_gemm(qxp, torch.from_numpy(sx.astype(np.float32)).cuda(), w, out_dtype=torch.float32,
+        ref = torch.from_numpy((qx * sx[:, None]) @ reference.mosaic_dequantize(codes).T).to(DEVICE)
+        y = mosaic_w4a4_gemm(qxp, torch.from_numpy(sx.astype(np.float32)).to(DEVICE), w, out_dtype=torch.float32,
                              config=cfg).double()
         rel = float((y - ref).norm() / ref.norm())
         return bool(ok) and rel < 1e-6, f"int32 exact {bool(ok)}, scaled rel error {rel:.1e}"
@@ -78,8 +79,8 @@ def main():
     for m in sweep.ms:
         def call(cfg, shape, m):
             w, _ = layout(shape.n, shape.k)
-            qx = torch.randint(0, 256, (m, shape.k // 2), device="cuda", dtype=torch.uint8)
-            sx = torch.rand(m, device="cuda") + 0.01
+            qx = torch.randint(0, 256, (m, shape.k // 2), device=DEVICE, dtype=torch.uint8)
+            sx = torch.rand(m, device=DEVICE) + 0.01
             return lambda: mosaic_w4a4_gemm(qx, sx, w, config=cfg)
 
         win = sweep.run("w4a4", m, candidates(m), verify, call)

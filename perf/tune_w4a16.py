@@ -8,7 +8,7 @@ Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a16 section) and eve
 import torch
 
 from tune_w4a4 import rand_packed, unpack
-from tuning import Sweep, parser
+from tuning import DEVICE, Sweep, parser
 
 from zqkernels.gpu.w4a16 import w4a16_gemm
 
@@ -33,14 +33,14 @@ def candidates(m, group):
 def main():
     args = parser(__doc__).parse_args()
     sweep = Sweep("w4a16", args)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
 
     def verify(cfg, m, group):
-        n, k = 1000, 4000
-        x = torch.randn(m, k, generator=gen, device="cuda").half()
+        n, k = sweep.verify_n, sweep.verify_k
+        x = torch.randn(m, k, generator=gen, device=DEVICE).half()
         qw = rand_packed(n, k, gen)
         g = 1 if group is None else -(-k // group)
-        sw = torch.rand(n, g, generator=gen, device="cuda") + 0.01
+        sw = torch.rand(n, g, generator=gen, device=DEVICE) + 0.01
         sw = sw[:, 0].contiguous() if group is None else sw
         w = unpack(qw) * (sw.double()[:, None] if group is None
                           else sw.double().repeat_interleave(group, dim=1)[:, :k])
@@ -52,10 +52,10 @@ def main():
     for group, scales in ((None, "per_channel"), (128, "group")):
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
-                x = torch.randn(m, shape.k, generator=gen, device="cuda").half()
+                x = torch.randn(m, shape.k, generator=gen, device=DEVICE).half()
                 qw = rand_packed(shape.n, shape.k, gen)
                 g = 1 if group is None else -(-shape.k // group)
-                sw = torch.rand(shape.n, g, generator=gen, device="cuda") + 0.01
+                sw = torch.rand(shape.n, g, generator=gen, device=DEVICE) + 0.01
                 sw = sw[:, 0].contiguous() if group is None else sw
                 return lambda: w4a16_gemm(x, qw, sw, group_size=group, config=cfg)
 

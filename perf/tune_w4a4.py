@@ -7,7 +7,7 @@ Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and ever
 """
 import torch
 
-from tuning import Sweep, parser
+from tuning import DEVICE, Sweep, parser
 
 from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
 
@@ -33,7 +33,7 @@ def candidates(m, group):
 
 
 def rand_packed(rows, k, gen):
-    return torch.randint(0, 256, (rows, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+    return torch.randint(0, 256, (rows, k // 2), generator=gen, device=DEVICE, dtype=torch.uint8)
 
 
 def unpack(p):
@@ -46,7 +46,7 @@ def unpack(p):
 def main():
     args = parser(__doc__).parse_args()
     sweep = Sweep("w4a4", args)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     cache = {}
 
     def operands(shape, m, group):
@@ -54,20 +54,20 @@ def main():
         if key not in cache:
             g = 1 if group is None else -(-shape.k // group)
             cache.clear()
-            cache[key] = (rand_packed(m, shape.k, gen), torch.rand(m, g, generator=gen, device="cuda").squeeze(1)
+            cache[key] = (rand_packed(m, shape.k, gen), torch.rand(m, g, generator=gen, device=DEVICE).squeeze(1)
                           .contiguous() + 0.01, rand_packed(shape.n, shape.k, gen),
-                          torch.rand(shape.n, generator=gen, device="cuda") + 0.01)
+                          torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
         return cache[key]
 
     def verify(cfg, m, group):
-        n, k = 1000, 4000  # no tile multiple, K not a multiple of 256
+        n, k = sweep.verify_n, sweep.verify_k
         qx, qw = rand_packed(m, k, gen), rand_packed(n, k, gen)
         exact = unpack(qx) @ unpack(qw).T
         if group is None:
             got = w4a4_gemm_int32(qx, qw, config=cfg).double()
             return bool(torch.equal(got, exact)), "int32 exact"
-        sx = torch.rand(m, -(-k // group), generator=gen, device="cuda") + 0.01
-        sw = torch.rand(n, generator=gen, device="cuda") + 0.01
+        sx = torch.rand(m, -(-k // group), generator=gen, device=DEVICE) + 0.01
+        sw = torch.rand(n, generator=gen, device=DEVICE) + 0.01
         got = w4a4_gemm(qx, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
         ref = torch.zeros_like(exact)
         cx, cw = unpack(qx), unpack(qw)

@@ -27,10 +27,16 @@ if str(ROOT) not in sys.path:
 if str(PERF_DIR) not in sys.path:
     sys.path.insert(0, str(PERF_DIR))
 
-from shapes import SHAPES_BY_NAME  # noqa: E402
+from shapes import MODELS  # noqa: E402
 from timing import graph_median_ms  # noqa: E402
 
 from zqkernels.gpu.configs import CONFIG_DIR  # noqa: E402
+
+# Every model's layer shapes (the benchmark set and smaller ones, e.g. smollm2-135m for a CPU smoke run).
+SHAPES = {s.name: s for m in MODELS.values() for s in m.layer_shapes()}
+# The device the tune scripts run on: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (a smoke run
+# of the scripts themselves; its timings mean nothing and it writes no table unless asked).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DEFAULT_SHAPES = ("llama3-8b.o", "llama3-8b.qkv", "llama3-8b.gate_up", "llama3-8b.down")
 DEFAULT_MS = (1, 16, 64, 256, 1024, 4096)
@@ -43,11 +49,18 @@ def parser(doc):
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
     ap.add_argument("--m", default=",".join(str(m) for m in DEFAULT_MS))
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop timing new candidates after this")
+    ap.add_argument("--verify-shape", default="1000,4000",
+                    help="N,K of the verification case (no tile multiple, K not a multiple of 256)")
+    ap.add_argument("--max-candidates", type=int, default=None, help="the first few candidates per bucket only")
     return ap
 
 
+def device_name():
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (TRITON_INTERPRET=1)"
+
+
 def default_table_name():
-    name = torch.cuda.get_device_name().lower()
+    name = device_name().lower()
     for tag in ("h100", "h200", "a100", "l40s", "4090"):
         if tag in name:
             return f"{tag}.json"
@@ -61,9 +74,13 @@ class Sweep:
         self.family = family
         self.args = args
         self.t0 = time.time()
-        self.shapes = [SHAPES_BY_NAME[s] for s in args.shapes.split(",")]
+        unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
+        self.shapes = [SHAPES[s] for s in args.shapes.split(",")]
         self.ms = [int(m) for m in args.m.split(",")]
-        self.record = {"family": family, "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+        self.verify_n, self.verify_k = (int(v) for v in args.verify_shape.split(","))
+        self.record = {"family": family, "command": " ".join(sys.argv), "device": device_name(),
                        "torch": torch.__version__, "timer": "CUDA-graph replay, do_bench median, L2 flushed",
                        "rows": [], "winners": {}}
 
@@ -73,7 +90,7 @@ class Sweep:
     def run(self, scales, m, candidates, verify, make_call):
         """verify(cfg, m) -> (ok, detail); make_call(cfg, shape, m) -> zero-argument closure."""
         timed = []
-        for cfg in candidates:
+        for cfg in candidates[: self.args.max_candidates]:
             row = {"scales": scales, "M": m, "config": cfg}
             if self.over_budget():
                 row["skipped"] = "time budget"
@@ -113,7 +130,7 @@ class Sweep:
         for scales, buckets in self.record["winners"].items():
             table.setdefault(key, {})[scales] = {m: {k: v for k, v in cfg.items() if k != "us"}
                                                  for m, cfg in sorted(buckets.items(), key=lambda kv: int(kv[0]))}
-        table.setdefault("match", [torch.cuda.get_device_name()])
+        table.setdefault("match", [device_name()])
         table.setdefault("_tuned_by", {})[key] = {"command": self.record["command"],
                                                   "results": Path(self.args.out).name}
         path.write_text(json.dumps(table, indent=1) + "\n")

@@ -1,0 +1,54 @@
+"""The tune scripts (`perf/tune_<family>.py`) run end to end: each candidate they would time is
+launched and verified on a small case, the fastest per bucket is written in the table format the
+loader reads, and every winner names a variant its family ships. On the CPU the kernels run under
+the interpreter and the timer is replaced by one call of each closure: a smoke run of the scripts,
+whose timings mean nothing; on a GPU the tuning itself is a device run (perf/README.md).
+"""
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).resolve().parents[1] / "perf"
+if str(PERF) not in sys.path:
+    sys.path.insert(0, str(PERF))
+
+
+@pytest.mark.parametrize("script, family", [("tune_w4a4", "w4a4"), ("tune_w4a16", "w4a16"), ("tune_mosaic", "mosaic")])
+def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_path, monkeypatch):
+    import tuning
+
+    from zqkernels.gpu import configs, mosaic, w4a4, w4a16
+
+    mod = importlib.import_module(script)
+    calls = []
+
+    def one_call(fn):
+        fn()
+        calls.append(1)
+        return 1.0 + 0.01 * len(calls)  # distinct fake times: the first candidate wins
+
+    monkeypatch.setattr(tuning, "graph_median_ms", one_call)
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    shutil.copy(configs.CONFIG_DIR / "default.json", tmp_path / "default.json")
+    out = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", [script, "--out", str(out), "--table", "smoke.json", "--shapes",
+                                      "smollm2-135m.o", "--m", "1,40", "--verify-shape", "40,256",
+                                      "--max-candidates", "2"])
+    mod.main()
+    record = json.loads(out.read_text())
+    timed = [r for r in record["rows"] if "us" in r]
+    assert timed and all(r["verified"] for r in timed), [r.get("verify_detail") for r in record["rows"]]
+    assert not [r for r in record["rows"] if r.get("verified") is False], "a candidate failed verification"
+    table = json.loads((tmp_path / "smoke.json").read_text())
+    variants = {"w4a4": w4a4.VARIANTS, "w4a16": w4a16.VARIANTS, "mosaic": mosaic.VARIANTS}[family]
+    sections = table[family] if family != "mosaic" else {"w4a4": table["mosaic"]["w4a4"]}
+    for scales, winners in record["winners"].items():
+        assert set(winners) == {"1", "40"}
+        for m, cfg in sections[scales].items():
+            if m in winners:
+                assert cfg["variant"] in variants and "us" not in cfg
+    assert table["_tuned_by"][family]["command"]
