@@ -322,3 +322,29 @@ def test_compact_lut_bytes_are_a_layout_that_rebuilds_the_table(seed, n, k, g, d
     assert st_["pattern_bytes"] == pattern_bytes + groups.nbytes
     assert st_["index_bytes"] <= st_["oracle_index_bytes"]
     assert st_["id_bytes"] == (1 if u <= 256 else 2) and e == int(lut.indptr[-1])
+
+
+def test_the_three_texts_share_no_passage():
+    """Calibration, validation and test are different licence families: at most 1 % of one text's
+    12-word runs appear in another (licence boilerplate such as the warranty disclaimer is shared;
+    texts of one family, GPL-2 against GPL-3, share whole sections)."""
+    from zqkernels.pipeline import text
+
+    def runs(t):
+        words = t.split()
+        return {" ".join(words[i:i + 12]) for i in range(len(words) - 11)}
+
+    roles = {"calibration": text.calibration_text()[0], "validation": text.evaluation_text(split="validation")[0],
+             "test": text.evaluation_text(split="test")[0]}
+    sets = {k: runs(v) for k, v in roles.items()}
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sets[a] & sets[b]
+            assert len(shared) <= 0.01 * min(len(sets[a]), len(sets[b])), (a, b, sorted(shared)[:5])
+    gpl2 = runs(text._package_text(("gpl2",)))
+    assert len(gpl2 & sets["validation"]) > 0.01 * len(gpl2)  # the check sees a shared family
+    assert text.text_names()["test"] == text.evaluation_text()[1] == "lice: cc_by_sa"
+    assert text.text_names()["validation"] == "lice: gpl3"
+    with pytest.raises(ValueError, match="split must be one of validation, test"):
+        text.evaluation_text(split="train")

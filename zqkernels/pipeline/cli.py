@@ -29,7 +29,7 @@ RUN_PARAMS = {
     "smoothquant-w4a4": {"alpha": 0.5},
     "zipper": {"alpha": 0.75, "outlier_ratio": 0.05, "high_bits": 4},
     "mosaic": {"alpha": 0.75, "group_size": 32, "density": 0.3, "block": (64, 64)},
-    "hadamard-w4a4": {},
+    "hadamard-w4a4": {"alpha": 0.5},
     "act-floor": {"alpha": 0.75},
 }
 _UNSET = object()

@@ -36,7 +36,9 @@ WIDE_METHODS = ("rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4")  # the methods 
 # alpha=None means no smoothing. SmoothQuant's customary 0.5; ZipperQuant and MosaicQuant smooth
 # harder (DESIGN §2.1): the activations' outliers move into W', where the high part (zipper) or the
 # residual blocks (mosaic) absorb them. 0.75 measured best of 0.5-0.85 on the embedded model.
-DEFAULT_ALPHA = {"smoothquant-w4a4": 0.5, "zipper": 0.75, "mosaic": 0.75, "act-floor": 0.75}
+# hadamard-w4a4: smoothing with 0.5 before the rotation beat none (perplexity 35.5 against 115 on
+# the validation text: reports/results/cpu-2core/heldout/sweep_validation.json).
+DEFAULT_ALPHA = {"smoothquant-w4a4": 0.5, "zipper": 0.75, "mosaic": 0.75, "act-floor": 0.75, "hadamard-w4a4": 0.5}
 
 
 @dataclass

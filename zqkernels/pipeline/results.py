@@ -165,7 +165,7 @@ def describe(rec):
         return name, "float", acts
     if m == "zipper":
         return (f"ZipperQuant {_alpha(p)}, outliers {p['outlier_ratio']:g}",
-                f"4-bit low + {p['high_bits']}-bit sparse high, per channel", acts)
+                f"4-bit low + {p['high_bits']}-bit sparse high, per channel", acts + " (high part: float)")
     if m == "mosaic":
         return (f"MosaicQuant {_alpha(p)}, density {p['density']:g}",
                 f"4-bit {group} + 4-bit {p['block'][0]}x{p['block'][1]} residual blocks", acts)
@@ -185,7 +185,8 @@ def accuracy_table(records):
     """Markdown table of perplexity, x FP, x the matching activation floor and bits per weight.
 
     All records must score the same text, tokens and context (else ValueError); a configuration
-    (label and params) that appears twice is shown once, from its first record.
+    (label and params) that appears twice is shown once, from its first record. Rows go by method
+    family, then bits per weight.
     """
     if not records:
         raise ValueError("no records")
@@ -201,6 +202,9 @@ def accuracy_table(records):
         if key not in seen and r.get("ppl") is not None:
             seen.add(key)
             rows.append(r)
+    rank = {m: i for i, m in enumerate(("fp16", "act-floor", "rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4",
+                                        "zipper", "mosaic"))}
+    rows.sort(key=lambda r: (rank.get(r["method"], len(rank)), r.get("effective_bits") or 0.0))
     fp = _fp_ppl(rows)
     floors = {}
     for r in rows:
@@ -246,9 +250,9 @@ def render_blocks(markdown, root="."):
     return "".join(parts) + markdown[last:]
 
 
-def plot_pareto(records, path):
-    """Perplexity against bits per weight, one marker per configuration, the Pareto front of each
-    method family joined; the floors and FP as horizontal lines."""
+def plot_pareto(records, path, act_bits=4, act_group_size=32):
+    """Perplexity against bits per weight for one activation format, one marker per configuration,
+    the Pareto front of each method family joined; the floors and FP as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,12 +261,15 @@ def plot_pareto(records, path):
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     fams = {}
     for r in records:
-        if r.get("ppl") is None:
+        p = r.get("params", {})
+        same_format = p.get("act_bits") == act_bits and p.get("act_group_size") == act_group_size
+        if r.get("ppl") is None or not (same_format or r.get("method") == "fp16"):
             continue
         if r["method"] in ("fp16", "act-floor"):
             style = ":" if r["method"] == "fp16" else "--"
             ax.axhline(r["ppl"], ls=style, lw=0.8, color="grey")
-            ax.text(16.0, r["ppl"], describe(r)[0], fontsize=6, va="bottom", ha="right", color="grey")
+            ax.text(0.99, r["ppl"], describe(r)[0], fontsize=6, va="bottom", ha="right", color="grey",
+                    transform=ax.get_yaxis_transform())
             continue
         fams.setdefault(_FAMILY.get(r["method"], r["method"]), []).append((r["effective_bits"], r["ppl"]))
     for fam, pts in fams.items():
@@ -276,7 +283,9 @@ def plot_pareto(records, path):
         ax.plot(*zip(*front), color=sc.get_facecolor()[0], lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (indices at their smallest width, fp16 scales)")
-    ax.set_ylabel("perplexity (test text)")
+    ax.set_ylabel("perplexity")
+    fmt = "per token" if act_group_size is None else f"groups of {act_group_size}"
+    ax.set_title(f"{act_bits}-bit activations, {fmt}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
