@@ -348,3 +348,48 @@ def test_the_three_texts_share_no_passage():
     assert text.text_names()["validation"] == "lice: gpl3"
     with pytest.raises(ValueError, match="split must be one of validation, test"):
         text.evaluation_text(split="train")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny LLaMA directory with a byte-level BPE tokenizer trained on the calibration text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from zqkernels.pipeline import text
+
+    path = tmp_path_factory.mktemp("tiny-llama-grid")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text.calibration_text()[0][:20000]], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_grid_runs_every_config_on_the_named_split(tiny_llama_dir, tmp_path):
+    import json
+
+    from zqkernels.pipeline import experiment
+
+    grid = {"settings": {"model": str(tiny_llama_dir), "eval_split": "validation", "eval_tokens": 64, "context": 32,
+                         "calib_tokens": 64, "calib_context": 32, "progress": False},
+            "configs": [{"method": "fp16"}, {"method": "hadamard-w4a4", "act_group_size": 32},
+                        {"method": "rtn-w4a4", "weight_bits": 6, "group_size": 32, "act_group_size": 32}]}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    assert experiment.main([str(tmp_path / "g.json"), "--out", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    recs = json.loads((tmp_path / "r.json").read_text())
+    assert [r["label"] for r in recs] == ["fp16", "hadamard-w4a4-g32", "rtn-w6a4-wg32-g32"]
+    for r in recs:
+        assert r["eval_split"] == "validation" and r["eval_text"] == "lice: gpl3"
+        assert r["texts"] == {"calibration": "lice: apache, mpl, epl, cddl, afl3", "validation": "lice: gpl3",
+                              "test": "lice: cc_by_sa"}
+        assert r["ppl"] > 1.0 and r["command"].startswith("python -m zqkernels.pipeline.experiment")
+    assert recs[2]["effective_bits"] == pytest.approx(6 + 16 / 32)
+    (tmp_path / "bad.json").write_text(json.dumps({"settings": {"eval_splitt": "test"}, "configs": [{"method": "fp16"}]}))
+    assert experiment.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
