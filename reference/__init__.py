@@ -3,6 +3,7 @@
 Pure numpy, float64 / int64 inside (activation quantization in IEEE float32, see `quant`).
 Kernels are correct when they match it. Names and meanings follow DESIGN.md §7.
 """
+from .hadamard import block_hadamard, hadamard_block_size, hadamard_matmul, hadamard_matrix, hadamard_quantize
 from .int4 import pack_int4, unpack_int4
 from .lut import PatternLUT, build_pattern_lut, lut_matmul, lut_stats, lut_table, sparse_matmul
 from .mosaic import MosaicCodes, mosaic_dequantize, mosaic_matmul, mosaic_quantize
@@ -30,8 +31,13 @@ __all__ = [
     "ZipperCodes",
     "bit_join",
     "bit_split",
+    "block_hadamard",
     "build_pattern_lut",
     "dequantize",
+    "hadamard_block_size",
+    "hadamard_matmul",
+    "hadamard_matrix",
+    "hadamard_quantize",
     "lut_matmul",
     "lut_stats",
     "lut_table",

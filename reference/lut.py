@@ -148,22 +148,53 @@ def sparse_matmul(x, q_high):
     return check_product(out, "x @ q_high.T")
 
 
+def uint_bytes(max_value):
+    """Bytes of the smallest unsigned integer (1, 2, 4 or 8) that holds every value in [0, max_value]."""
+    v = int(max_value)
+    if v < 0:
+        raise ValueError(f"max_value must be non-negative, got {max_value!r}")
+    for nbytes in (1, 2, 4, 8):
+        if v < 2 ** (8 * nbytes):
+            return nbytes
+    raise ValueError(f"max_value {max_value!r} does not fit 64 bits")
+
+
+def _pattern_bits(patterns):
+    """4 when every pattern value fits a signed nibble (packed two per byte), else 8."""
+    return 4 if patterns.size == 0 or (patterns.min() >= -8 and patterns.max() <= 7) else 8
+
+
 def lut_stats(lut):
-    """Table statistics every report prints: E, U, reuse E/U and the bytes of each part."""
+    """Table statistics every report prints: E, U, reuse E/U and the bytes of each part.
+
+    Bytes count the compact layout, every index in the smallest unsigned width that holds it:
+    - index: one entry count per row (the CSR offsets as row lengths, at most ceil(K / g) each)
+      and one dictionary id per entry (uint16 while U <= 65,536); an entry's group is not stored,
+      it is `pattern_groups[entry_id]`;
+    - patterns: U x g values packed at 4 bits when they fit a signed nibble (8 otherwise), plus
+      the group of each dictionary entry.
+    `oracle_index_bytes` is what this PatternLUT holds in memory (int64 offsets, int32 ids and groups).
+    """
     check_pattern_lut(lut)
-    indptr, entry_ids, entry_groups = (np.asarray(a) for a in (lut.indptr, lut.entry_ids, lut.entry_groups))
-    patterns, pattern_groups = np.asarray(lut.patterns), np.asarray(lut.pattern_groups)
-    e = int(entry_ids.size)
-    u = int(patterns.shape[0])
+    e = int(lut.entry_ids.size)
+    u = int(lut.patterns.shape[0])
+    n = int(lut.shape[0])
     n_grp = -(-lut.shape[1] // lut.group_size) if lut.shape[1] else 0
-    per_group = np.bincount(pattern_groups, minlength=n_grp) if n_grp else np.zeros(0, dtype=np.int64)
+    per_group = np.bincount(lut.pattern_groups, minlength=n_grp) if n_grp else np.zeros(0, dtype=np.int64)
+    row_len = np.diff(lut.indptr)
+    index_bytes = n * uint_bytes(row_len.max(initial=0)) + e * uint_bytes(max(u - 1, 0))
+    pattern_bits = _pattern_bits(lut.patterns)
+    pattern_bytes = -(-u * lut.group_size * pattern_bits // 8) + u * uint_bytes(max(n_grp - 1, 0))
     return {
         "E": e,
         "U": u,
         "reuse": e / u if u else 0.0,
         "group_size": lut.group_size,
-        "index_bytes": int(indptr.nbytes + entry_ids.nbytes + entry_groups.nbytes),
-        "pattern_bytes": int(patterns.nbytes + pattern_groups.nbytes),
+        "index_bytes": int(index_bytes),
+        "pattern_bytes": int(pattern_bytes),
+        "pattern_bits": pattern_bits,
+        "id_bytes": uint_bytes(max(u - 1, 0)),
+        "oracle_index_bytes": int(lut.indptr.nbytes + lut.entry_ids.nbytes + lut.entry_groups.nbytes),
         "table_bytes_per_token": 4 * u,  # one float32 partial product per dictionary entry
         "patterns_per_group_max": int(per_group.max()) if per_group.size else 0,
         "patterns_per_group_mean": float(per_group.mean()) if per_group.size else 0.0,

@@ -8,11 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
 import reference  # noqa: E402
 from zqkernels import nn as zqnn  # noqa: E402
+from zqkernels import rotation  # noqa: E402
 from zqkernels.pipeline import (  # noqa: E402
     MethodConfig,
     calibrate,
@@ -122,6 +125,12 @@ def test_fp16_path_is_forward_identical(calibrated):
 
 ORACLE_CASES = [
     MethodConfig("w4a16"),
+    MethodConfig("hadamard-w4a4", act_group_size=32),
+    MethodConfig("hadamard-w4a4", weight_bits=5, group_size=32, act_bits=8),
+    MethodConfig("rtn-w4a4", weight_bits=6, group_size=64, act_group_size=32),
+    MethodConfig("smoothquant-w4a4", weight_bits=5, act_group_size=32),
+    MethodConfig("act-floor", act_group_size=32),
+    MethodConfig("act-floor", alpha=None, rotate=True),
     MethodConfig("rtn-w4a4"),
     MethodConfig("smoothquant-w4a4", act_group_size=32),
     MethodConfig("zipper", outlier_ratio=0.05, act_group_size=32),
@@ -141,6 +150,7 @@ def test_every_quantized_layer_equals_the_oracle_product(calibrated, cfg):
     rmods = {n: m for n, m, *_ in _all_linears(ref)}
     for name, mod in qmods.items():
         assert isinstance(mod, zqnn.QuantLinear) and mod.method == cfg.method, name
+        assert getattr(mod, "weight_bits", 4) == (None if cfg.method == "act-floor" else cfg.weight_bits), name
         x = stats[name].sample_rows()
         assert _rel(mod(x), rmods[name](x)) <= LAYER_RTOL, name
     assert {r["name"] for r in recs} == set(qmods)
@@ -213,3 +223,173 @@ def test_method_backend_pair_refused_before_work():
         MethodConfig("mosaic").check_backend("hybrid")
     with pytest.raises(ValueError, match="unknown method"):
         MethodConfig("gptq")
+
+
+def test_rotation_leaves_the_float_layer_unchanged(calibrated):
+    """act-floor with rotation and 16-bit activations is the float layer up to float32 rounding."""
+    lm, stats = calibrated
+    lin = {n: m for n, m, *_ in decoder_linears(lm)}
+    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        x = stats[name].sample_rows()
+        k = lin[name].in_features
+        rot = rotation.FloatWeightLinear(lin[name], rotation_block=reference.hadamard_block_size(k), act_bits=None)
+        assert rot.rotation_block == reference.hadamard_block_size(k) > 1
+        with torch.no_grad():
+            # float32 weights and matmul against the float64-rotated input: a few float32 ulps.
+            assert _rel(rot(x), lin[name](x)) <= 1e-5, name
+
+
+def test_rotation_flattens_an_outlier_channel():
+    """One input channel 50x the rest (its weight column 50x smaller, so every channel matters):
+    per-token 4-bit RTN rounds the other channels to zero, the rotated layer spreads the outlier
+    over 512 channels and keeps them (the reason the rotation baseline exists)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 32, bias=False)
+    x = torch.randn(16, 512)
+    x[:, 3] *= 50.0
+    with torch.no_grad():
+        lin.weight[:, 3] /= 50.0
+        ref = lin(x)
+        plain = rotation.RTNLinear(lin, act_group_size=None)(x)
+        rot = rotation.HadamardW4A4Linear(lin, act_group_size=None)(x)
+    assert _rel(rot, ref) < 0.5 * _rel(plain, ref)
+
+
+def test_bits_per_weight_of_the_equal_bits_baselines(calibrated):
+    lm, stats = calibrated
+    lin = lm.model.layers[0].mlp.down_proj  # K = 128
+    n, k = lin.out_features, lin.in_features
+    assert rotation.RTNLinear(lin, weight_bits=6, group_size=32).stats["effective_bits"]["total"] == 6 + 16 / 32
+    assert rotation.HadamardW4A4Linear(lin).stats["effective_bits"]["total"] == 4 + 16 / k
+    assert rotation.FloatWeightLinear(lin).stats["effective_bits"]["total"] == 16.0
+    assert n * k > 0
+
+
+def test_new_methods_refuse_what_they_cannot_run():
+    with pytest.raises(ValueError, match="no 'triton' backend"):
+        MethodConfig("hadamard-w4a4").check_backend("triton")
+    with pytest.raises(ValueError, match="weight_bits=6 runs on the torch and reference backends only"):
+        MethodConfig("rtn-w4a4", weight_bits=6).check_backend("triton")
+    with pytest.raises(ValueError, match="weight_bits applies to"):
+        MethodConfig("zipper", weight_bits=5)
+    with pytest.raises(ValueError, match="weight_bits must be an integer in \\[2, 8\\]"):
+        MethodConfig("rtn-w4a4", weight_bits=9)
+    with pytest.raises(ValueError, match="rotate applies to act-floor only"):
+        MethodConfig("rtn-w4a4", rotate=True)
+    lin = torch.nn.Linear(12, 4)
+    with pytest.raises(ValueError, match="rotation_block must be a power of two dividing in_features=12"):
+        rotation.FloatWeightLinear(lin, rotation_block=8)
+
+
+def test_labels_name_every_format():
+    assert MethodConfig("rtn-w4a4", weight_bits=6, group_size=32, act_group_size=32).label == "rtn-w6a4-wg32-g32"
+    assert MethodConfig("hadamard-w4a4", act_group_size=64).label == "hadamard-w4a4-g64"
+    assert MethodConfig("act-floor", act_group_size=32).label == "floor-alpha0.75-w16a4-g32"
+    assert MethodConfig("act-floor", alpha=None, rotate=True).label == "floor-nosmooth-had-w16a4"
+    assert MethodConfig("zipper", act_group_size=32).label == "zipper-w4a4-g32"
+    p = MethodConfig("smoothquant-w4a4", weight_bits=5).params()
+    assert p["weight_bits"] == 5 and p["alpha"] == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), k=st.integers(1, 70), g=st.sampled_from([1, 3, 4, 8]),
+       density=st.sampled_from([0.0, 0.02, 0.3, 1.0]), wide=st.booleans())
+def test_compact_lut_bytes_are_a_layout_that_rebuilds_the_table(seed, n, k, g, density, wide):
+    """lut_stats counts each index in the smallest unsigned width: a layout in exactly those
+    widths (row lengths, entry ids, packed patterns, pattern groups) holds every value and
+    rebuilds the CSR, and its byte count is what lut_stats reports."""
+    rng = np.random.default_rng(seed)
+    hi = 100 if wide else 7
+    q = np.where(rng.random((n, k)) < density, rng.integers(-hi, hi + 1, size=(n, k)), 0)
+    lut = reference.build_pattern_lut(q, group_size=g)
+    st_ = reference.lut_stats(lut)
+    u, e = lut.patterns.shape[0], lut.entry_ids.size
+    dt = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    row_len = np.diff(lut.indptr).astype(dt[reference.lut.uint_bytes(np.diff(lut.indptr).max(initial=0))])
+    ids = lut.entry_ids.astype(dt[st_["id_bytes"]])
+    n_grp = -(-k // g)
+    groups = lut.pattern_groups.astype(dt[reference.lut.uint_bytes(max(n_grp - 1, 0))])
+    assert np.array_equal(np.concatenate([[0], np.cumsum(row_len, dtype=np.int64)]), lut.indptr)
+    assert np.array_equal(ids.astype(np.int64), lut.entry_ids) and np.array_equal(groups, lut.pattern_groups)
+    assert np.array_equal(groups[ids.astype(np.int64)], lut.entry_groups)  # entry groups need no storage
+    if st_["pattern_bits"] == 4:
+        packed = reference.pack_int4(np.pad(lut.patterns.reshape(1, -1), ((0, 0), (0, (u * g) % 2))))
+        assert np.array_equal(reference.unpack_int4(packed)[0, : u * g], lut.patterns.reshape(-1))
+        pattern_bytes = packed.nbytes
+    else:
+        pattern_bytes = lut.patterns.nbytes
+    assert st_["index_bytes"] == row_len.nbytes + ids.nbytes
+    assert st_["pattern_bytes"] == pattern_bytes + groups.nbytes
+    assert st_["index_bytes"] <= st_["oracle_index_bytes"]
+    assert st_["id_bytes"] == (1 if u <= 256 else 2) and e == int(lut.indptr[-1])
+
+
+def test_the_three_texts_share_no_passage():
+    """Calibration, validation and test are different licence families: at most 1 % of one text's
+    12-word runs appear in another (licence boilerplate such as the warranty disclaimer is shared;
+    texts of one family, GPL-2 against GPL-3, share whole sections)."""
+    from zqkernels.pipeline import text
+
+    def runs(t):
+        words = t.split()
+        return {" ".join(words[i:i + 12]) for i in range(len(words) - 11)}
+
+    roles = {"calibration": text.calibration_text()[0], "validation": text.evaluation_text(split="validation")[0],
+             "test": text.evaluation_text(split="test")[0]}
+    sets = {k: runs(v) for k, v in roles.items()}
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sets[a] & sets[b]
+            assert len(shared) <= 0.01 * min(len(sets[a]), len(sets[b])), (a, b, sorted(shared)[:5])
+    gpl2 = runs(text._package_text(("gpl2",)))
+    assert len(gpl2 & sets["validation"]) > 0.01 * len(gpl2)  # the check sees a shared family
+    assert text.text_names()["test"] == text.evaluation_text()[1] == "lice: cc_by_sa"
+    assert text.text_names()["validation"] == "lice: gpl3"
+    with pytest.raises(ValueError, match="split must be one of validation, test"):
+        text.evaluation_text(split="train")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny LLaMA directory with a byte-level BPE tokenizer trained on the calibration text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from zqkernels.pipeline import text
+
+    path = tmp_path_factory.mktemp("tiny-llama-grid")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text.calibration_text()[0][:20000]], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_grid_runs_every_config_on_the_named_split(tiny_llama_dir, tmp_path):
+    import json
+
+    from zqkernels.pipeline import experiment
+
+    grid = {"settings": {"model": str(tiny_llama_dir), "eval_split": "validation", "eval_tokens": 64, "context": 32,
+                         "calib_tokens": 64, "calib_context": 32, "progress": False},
+            "configs": [{"method": "fp16"}, {"method": "hadamard-w4a4", "act_group_size": 32},
+                        {"method": "rtn-w4a4", "weight_bits": 6, "group_size": 32, "act_group_size": 32}]}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    assert experiment.main([str(tmp_path / "g.json"), "--out", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    recs = json.loads((tmp_path / "r.json").read_text())
+    assert [r["label"] for r in recs] == ["fp16", "hadamard-w4a4-g32", "rtn-w6a4-wg32-g32"]
+    for r in recs:
+        assert r["eval_split"] == "validation" and r["eval_text"] == "lice: gpl3"
+        assert r["texts"] == {"calibration": "lice: apache, mpl, epl, cddl, afl3", "validation": "lice: gpl3",
+                              "test": "lice: cc_by_sa"}
+        assert r["ppl"] > 1.0 and r["command"].startswith("python -m zqkernels.pipeline.experiment")
+    assert recs[2]["effective_bits"] == pytest.approx(6 + 16 / 32)
+    (tmp_path / "bad.json").write_text(json.dumps({"settings": {"eval_splitt": "test"}, "configs": [{"method": "fp16"}]}))
+    assert experiment.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2

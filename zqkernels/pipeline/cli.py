@@ -24,7 +24,7 @@ from ..cli import ZqParser
 from .quantize import METHODS
 
 DEFAULT_RUN_DIR = "zq-run"
-RUN_METHODS = ("fp16", "rtn-w4a4", "smoothquant-w4a4", "zipper", "mosaic")
+RUN_METHODS = ("fp16", "act-floor", "rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4", "zipper", "mosaic")
 # `zq run`'s settings: chosen on the embedded model so that the job stays under 10 minutes on a
 # 2-core CPU (README). Parameters of each method as measured in reports/results/cpu-2core/.
 RUN_DEFAULTS = dict(context=512, eval_tokens=2048, calib_tokens=4096, act_group_size=32)
@@ -37,6 +37,8 @@ RUN_PARAMS = {
     "smoothquant-w4a4": {"alpha": 0.5},
     "zipper": {"alpha": 0.75, "outlier_ratio": 0.05, "high_bits": 4},
     "mosaic": {"alpha": 0.75, "group_size": 32, "density": 0.3, "block": (64, 64)},
+    "hadamard-w4a4": {"alpha": 0.5},
+    "act-floor": {"alpha": 0.75},
 }
 _UNSET = object()
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -152,7 +154,9 @@ def _add_model_args(p, run=False):
     g.add_argument("--calib-tokens", type=positive_int, default=RUN_DEFAULTS["calib_tokens"],
                    help="calibration tokens, at least --context")
     g.add_argument("--calib-text", default=None, help="UTF-8 calibration text file (default: licences of lice)")
-    g.add_argument("--eval-text", default=None, help="UTF-8 evaluation text file (default: GPL-3 from lice)")
+    g.add_argument("--eval-text", default=None, help="UTF-8 evaluation text file (default: the --eval-split text of lice)")
+    g.add_argument("--eval-split", default="test", choices=("validation", "test"),
+                   help="text scored: validation (GPL-3, for parameter searches) or test (CC BY-SA 4.0, default)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (>= 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -190,6 +194,7 @@ def _settings(args, measure_ppl, measure_speed):
     return Settings(model=args.model, backend=args.backend, device=device, dtype=dtype, device_map=args.device_map,
                     context=args.context, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens,
                     calib_context=args.context, calib_text=args.calib_text, eval_text=args.eval_text,
+                    eval_split=args.eval_split,
                     prefill_tokens=getattr(args, "prefill_tokens", 256), decode_tokens=getattr(args, "decode_tokens", 32),
                     measure_ppl=measure_ppl, measure_speed=measure_speed, progress=not args.no_progress,
                     threads=args.threads)
@@ -345,7 +350,8 @@ def _execute(args, settings, configs, out_json, report=None):
     print(format_table(records))
     print(f"model {exp.meta['model']}: {exp.meta['model_note'] or exp.meta['model_source']}")
     if settings.measure_ppl:
-        print(f"perplexity on {exp.meta['eval_tokens']} tokens of {exp.meta['eval_text']} in windows of "
+        print(f"perplexity on {exp.meta['eval_tokens']} tokens of the {exp.meta['eval_split']} text "
+              f"{exp.meta['eval_text']} in windows of "
               f"{exp.meta['context']}; calibration {exp.meta['calib_tokens']} tokens of {exp.meta['calib_text']}")
     print(f"total {wall:.1f} s")
     path = write_records(out_json, records)
@@ -424,8 +430,9 @@ def register(subparsers):
     p.add_argument("--out", default="zq-bench.json", help="results JSON (default zq-bench.json)")
     p.set_defaults(handler=_guarded(_cmd_bench, "bench"))
 
-    p = subparsers.add_parser("run", help="the main job: embedded model through fp16, rtn-w4a4, smoothquant-w4a4, "
-                                          "zipper, mosaic; perplexity + table statistics; JSON + report")
+    p = subparsers.add_parser("run", help="the main job: embedded model through fp16, act-floor, rtn-w4a4, "
+                                          "smoothquant-w4a4, hadamard-w4a4, zipper, mosaic on the test text; "
+                                          "perplexity + table statistics; JSON + report")
     _add_model_args(p, run=True)
     p.add_argument("--act-group-size", type=_opt_int, default=RUN_DEFAULTS["act_group_size"],
                    help="activation scale group (default 32; none = per token)")

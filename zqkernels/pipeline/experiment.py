@@ -3,7 +3,12 @@
 `Experiment.prepare()` loads the model and tokenizer offline, tokenizes the calibration and
 evaluation texts into fixed windows and collects the calibration statistics on the float model;
 `Experiment.run(cfg)` quantizes a fresh copy of the float model with `cfg` and measures it,
-returning one results record (see `results.py` for its fields).
+returning one results record (see `results.py` for its fields). Every record names the three
+texts (calibration, validation, test) and which of the two evaluation texts it scored.
+
+`python -m zqkernels.pipeline.experiment GRID.json --out OUT.json` runs a grid of configurations on
+one calibrated model (a sweep on the validation text, or a set of baselines on the test text):
+GRID.json is `{"settings": {Settings fields}, "configs": [{MethodConfig fields}, ...]}`.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class Settings:
     calib_context: int = 512
     calib_text: str | None = None
     eval_text: str | None = None
+    eval_split: str = "test"  # "validation": the text parameter searches score; "test": reported numbers
     prefill_tokens: int = 256
     decode_tokens: int = 32
     speed_repeats: int = 3
@@ -68,7 +74,7 @@ class Experiment:
                                                           device_map=s.device_map)
         t1 = time.perf_counter()
         calib, calib_desc = text.calibration_text(s.calib_text)
-        evals, eval_desc = text.evaluation_text(s.eval_text)
+        evals, eval_desc = text.evaluation_text(s.eval_text, s.eval_split)
         self.calib_windows = text.token_windows(self.tokenizer, calib, s.calib_context, s.calib_tokens)
         self.eval_windows = text.token_windows(self.tokenizer, evals, s.context, s.eval_tokens)
         self.stats = calibrate(self.lm, self.calib_windows, progress=s.progress)
@@ -80,6 +86,8 @@ class Experiment:
             "architecture": self.lm.config.model_type,
             "calib_text": calib_desc,
             "eval_text": eval_desc,
+            "eval_split": s.eval_split,
+            "texts": {**text.text_names(), "calibration": calib_desc, s.eval_split: eval_desc},
             "calib_tokens": int(self.calib_windows.numel()),
             "calib_context": s.calib_context,
             "eval_tokens": int(self.eval_windows.numel()),
@@ -101,7 +109,8 @@ class Experiment:
         layers = quantize_model(lm, self.stats, cfg, backend=s.backend, progress=s.progress)
         t1 = time.perf_counter()
         rec = {k: self.meta[k] for k in ("model", "model_source", "model_note", "architecture", "calib_text",
-                                         "eval_text", "calib_tokens", "eval_tokens", "context", "backend")}
+                                         "eval_text", "eval_split", "texts", "calib_tokens", "eval_tokens",
+                                         "context", "backend")}
         rec.update(method=cfg.method, label=cfg.label, params=cfg.params())
         summary = summarize_layers(layers)
         rec["effective_bits"] = summary.pop("effective_bits")
@@ -120,3 +129,73 @@ class Experiment:
         elif lm is not self.lm:
             del lm
         return rec
+
+
+def run_grid(settings, configs, command=""):
+    """Prepare once, run every configuration, return the records (each with `command`)."""
+    exp = Experiment(settings).prepare()
+    records = []
+    for cfg in configs:
+        rec = exp.run(cfg)
+        rec["command"] = command
+        records.append(rec)
+    return records
+
+
+def load_grid(path):
+    """(Settings, [MethodConfig]) from a grid file; unknown fields raise ValueError naming them."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    spec = json.loads(Path(path).read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("configs"), list) or not spec["configs"]:
+        raise ValueError(f"{path}: a grid is {{\"settings\": {{...}}, \"configs\": [{{...}}, ...]}} with one config or more")
+    known = {f.name for f in dataclasses.fields(Settings)}
+    bad = sorted(set(spec.get("settings", {})) - known)
+    if bad:
+        raise ValueError(f"{path}: unknown settings {', '.join(bad)}")
+    settings = Settings(**spec.get("settings", {}))
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    configs = []
+    for c in spec["configs"]:
+        bad = sorted(set(c) - fields)
+        if bad:
+            raise ValueError(f"{path}: unknown config fields {', '.join(bad)}")
+        configs.append(MethodConfig(**c))
+    return settings, configs
+
+
+def main(argv=None):
+    import argparse
+    import shlex
+    import sys
+
+    from .results import format_table, write_records
+
+    p = argparse.ArgumentParser(prog="python -m zqkernels.pipeline.experiment",
+                                description="run a grid of method configurations on one calibrated model")
+    p.add_argument("grid", help="grid JSON: {settings: {...}, configs: [...]}")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        settings, configs = load_grid(args.grid)
+    except (ValueError, OSError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.no_progress:
+        settings.progress = False
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python -m zqkernels.pipeline.experiment " + " ".join(shlex.quote(a) for a in argv)
+    t0 = time.perf_counter()
+    records = run_grid(settings, configs, command)
+    for rec in records:
+        rec["wall_s_total"] = time.perf_counter() - t0
+    print(format_table(records))
+    print(f"results: {write_records(args.out, records)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

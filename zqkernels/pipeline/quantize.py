@@ -6,7 +6,13 @@ Methods (DESIGN §1-3) and the layers that implement them (`zqkernels.nn`):
 - rtn-w4a4: RTN 4-bit weights and activations (`W4A4Linear`);
 - smoothquant-w4a4: the same after SmoothQuant smoothing with `alpha` (`W4A4Linear(smooth=s)`);
 - zipper: ZipperQuant (`ZipperLinear`: smoothing `alpha`, `outlier_ratio`, `high_bits`);
-- mosaic: MosaicQuant (`MosaicLinear`: `density`, `block`, optional smoothing `alpha`).
+- mosaic: MosaicQuant (`MosaicLinear`: `density`, `block`, optional smoothing `alpha`);
+- hadamard-w4a4: block-Hadamard rotated RTN (`zqkernels.rotation.HadamardW4A4Linear`);
+- act-floor: float weights with the smoothing `alpha` (and the rotation, `rotate=True`) of a method
+  and its quantized activations (`zqkernels.rotation.FloatWeightLinear`): the activation floor.
+`weight_bits` (rtn-w4a4, smoothquant-w4a4, hadamard-w4a4) widens RTN to 5-8 bits
+(`zqkernels.rotation.RTNLinear`) and `group_size` gives it finer weight groups, the equal-bits
+neighbours of ZipperQuant and MosaicQuant.
 `act_bits` (4, 8 or None = 16) and `act_group_size` choose the activation format of every
 quantized method, which is how the W4A16 / W4A8 / W4A4 ablation is run.
 Linears that read one input (q/k/v, gate/up) share one smoothing vector, built from the shared
@@ -21,14 +27,18 @@ import torch
 
 import reference
 from zqkernels import nn as zqnn
+from zqkernels import rotation
 
 from .model import decoder_linears, shared_input_groups
 
-METHODS = ("fp16", "w4a16", "rtn-w4a4", "smoothquant-w4a4", "zipper", "mosaic")
+METHODS = ("fp16", "w4a16", "rtn-w4a4", "smoothquant-w4a4", "zipper", "mosaic", "hadamard-w4a4", "act-floor")
+WIDE_METHODS = ("rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4")  # the methods that take weight_bits
 # alpha=None means no smoothing. SmoothQuant's customary 0.5; ZipperQuant and MosaicQuant smooth
 # harder (DESIGN §2.1): the activations' outliers move into W', where the high part (zipper) or the
 # residual blocks (mosaic) absorb them. 0.75 measured best of 0.5-0.85 on the embedded model.
-DEFAULT_ALPHA = {"smoothquant-w4a4": 0.5, "zipper": 0.75, "mosaic": 0.75}
+# hadamard-w4a4: smoothing with 0.5 before the rotation beat none (perplexity 35.5 against 115 on
+# the validation text: reports/results/cpu-2core/heldout/sweep_validation.json).
+DEFAULT_ALPHA = {"smoothquant-w4a4": 0.5, "zipper": 0.75, "mosaic": 0.75, "act-floor": 0.75, "hadamard-w4a4": 0.5}
 
 
 @dataclass
@@ -42,6 +52,8 @@ class MethodConfig:
     act_group_size: int | None = None  # None: one activation scale per token
     density: float = 0.05
     block: tuple = (64, 64)
+    weight_bits: int = 4  # rtn-w4a4, smoothquant-w4a4, hadamard-w4a4
+    rotate: bool = False  # act-floor: rotate input and weight as hadamard-w4a4 does
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,6 +69,11 @@ class MethodConfig:
         if not 0.0 <= float(self.density) <= 1.0:
             raise ValueError(f"density must lie in [0, 1], got {self.density}")
         self.block = tuple(int(b) for b in self.block)
+        if self.weight_bits != 4 and self.method not in WIDE_METHODS:
+            raise ValueError(f"weight_bits applies to {', '.join(WIDE_METHODS)} only, not {self.method!r}")
+        rotation._check_weight_bits(self.weight_bits)
+        if self.rotate and self.method != "act-floor":
+            raise ValueError(f"rotate applies to act-floor only (hadamard-w4a4 always rotates), not {self.method!r}")
 
     @property
     def label(self):
@@ -64,15 +81,28 @@ class MethodConfig:
         if self.method == "fp16":
             return "fp16"
         a = "a16" if self.act_bits is None else f"a{self.act_bits}"
-        base = self.method if self.method in ("w4a16",) else self.method.replace("-w4a4", "") + f"-w4{a}"
+        if self.method == "w4a16":
+            base = self.method
+        elif self.method == "act-floor":
+            smooth = "nosmooth" if self.alpha is None else f"alpha{self.alpha:g}"
+            base = f"floor-{smooth}" + ("-had" if self.rotate else "") + f"-w16{a}"
+        else:
+            base = self.method.replace("-w4a4", "") + f"-w{self.weight_bits}{a}"
+        if self.method in WIDE_METHODS and self.group_size:
+            base += f"-wg{self.group_size}"
         return base + (f"-g{self.act_group_size}" if self.act_group_size and self.act_bits else "")
 
     def params(self):
         """The parameters that matter for this method (what a record stores)."""
         p = asdict(self)
         keep = {"method", "act_bits", "act_group_size", "group_size"}
-        if self.method in ("smoothquant-w4a4", "zipper", "mosaic"):
+        if self.method in ("smoothquant-w4a4", "zipper", "mosaic", "hadamard-w4a4", "act-floor"):
             keep.add("alpha")
+        if self.method in WIDE_METHODS:
+            keep.add("weight_bits")
+        if self.method == "act-floor":
+            keep.add("rotate")
+            keep.discard("group_size")
         if self.method == "zipper":
             keep |= {"outlier_ratio", "high_bits"}
         if self.method == "mosaic":
@@ -89,6 +119,9 @@ class MethodConfig:
     def check_backend(self, backend):
         if self.method != "fp16":
             zqnn.check_method_backend(self.method, backend, self.act_bits)
+        if self.method in ("rtn-w4a4", "smoothquant-w4a4") and self.weight_bits != 4 and backend not in ("torch", "reference"):
+            raise ValueError(f"method {self.method!r} with weight_bits={self.weight_bits} runs on the torch and "
+                             f"reference backends only, not {backend!r}")
 
 
 def _group_smoothing(linears, stats, groups, alpha):
@@ -107,8 +140,17 @@ def build_layer(cfg, linear, input_stats, smooth, backend):
     common = dict(act_bits=cfg.act_bits, act_group_size=cfg.act_group_size, backend=backend)
     if cfg.method == "w4a16":
         return zqnn.W4A16Linear(linear, group_size=cfg.group_size, backend=backend)
+    if cfg.method in ("rtn-w4a4", "smoothquant-w4a4") and cfg.weight_bits != 4:
+        return rotation.RTNLinear(linear, smooth=smooth, weight_bits=cfg.weight_bits, group_size=cfg.group_size,
+                                  **common)
     if cfg.method in ("rtn-w4a4", "smoothquant-w4a4"):
         return zqnn.W4A4Linear(linear, smooth=smooth, group_size=cfg.group_size, **common)
+    if cfg.method == "hadamard-w4a4":
+        return rotation.HadamardW4A4Linear(linear, smooth=smooth, weight_bits=cfg.weight_bits,
+                                           group_size=cfg.group_size, **common)
+    if cfg.method == "act-floor":
+        block = reference.hadamard_block_size(linear.in_features) if cfg.rotate else None
+        return rotation.FloatWeightLinear(linear, smooth=smooth, rotation_block=block, **common)
     if cfg.method == "zipper":
         return zqnn.ZipperLinear(linear, smooth=smooth, outlier_ratio=cfg.outlier_ratio, high_bits=cfg.high_bits,
                                  **common)
@@ -116,6 +158,17 @@ def build_layer(cfg, linear, input_stats, smooth, backend):
         return zqnn.MosaicLinear(linear, hdiag=input_stats.hdiag, smooth=smooth, density=cfg.density,
                                  block=cfg.block, group_size=cfg.group_size, **common)
     raise ValueError(f"no layer for method {cfg.method!r}")
+
+
+def mosaic_compact_bits(bits, n, k, kept, block):
+    """MosaicQuant's bits with each kept block's (row-block, col-block) coordinates in the smallest
+    unsigned width that holds them (`reference.lut.uint_bytes`), instead of two int32."""
+    bn, bk = block
+    coord = reference.lut.uint_bytes(max(-(-n // bn) - 1, 0)) + reference.lut.uint_bytes(max(-(-k // bk) - 1, 0))
+    out = dict(bits)
+    out["index"] = 8.0 * coord * kept / (n * k)
+    out["total"] = bits["total"] - bits["index"] + out["index"]
+    return out
 
 
 def relative_output_error(float_linear, quant_linear, x):
@@ -141,13 +194,16 @@ def quantize_model(lm, stats, cfg, backend="torch", progress=True):
         return [{"name": n, "N": m.out_features, "K": m.in_features, "effective_bits": {"total": 16.0},
                  "rel_error": 0.0} for n, m, *_ in linears]
     smoothing = {}
-    if cfg.method in ("smoothquant-w4a4", "zipper", "mosaic") and cfg.alpha is not None:
+    if cfg.method in ("smoothquant-w4a4", "zipper", "mosaic", "hadamard-w4a4", "act-floor") and cfg.alpha is not None:
         smoothing = _group_smoothing(linears, stats, shared_input_groups(lm), cfg.alpha)
     records = []
     for name, mod, parent, attr in tqdm(linears, desc=f"quantize {cfg.label}", unit="linear", disable=not progress):
         q = build_layer(cfg, mod, stats[name], smoothing.get(name), backend)
         rec = {"name": name, "N": mod.out_features, "K": mod.in_features}
         rec.update(q.stats)
+        if cfg.method == "mosaic":
+            rec["effective_bits"] = mosaic_compact_bits(rec["effective_bits"], rec["N"], rec["K"], rec["blocks_kept"],
+                                                        rec["block"])
         rec["rel_error"] = relative_output_error(mod, q, stats[name].sample_rows())
         records.append(rec)
         setattr(parent, attr, q)

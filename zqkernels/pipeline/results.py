@@ -135,3 +135,194 @@ def write_report(path, records, command=""):
         parts += [_md_table(header, rows), ""]
     path.write_text("\n".join(parts))
     return path
+
+
+# -- the README's accuracy table -------------------------------------------------------------------
+# A README block between these markers is generated from the results files named in the opening
+# marker; tests/test_readme_tables.py fails when the two disagree.
+TABLE_OPEN = "<!-- accuracy-table:"
+TABLE_CLOSE = "<!-- /accuracy-table -->"
+_FAMILY = {"act-floor": "activation floor", "rtn-w4a4": "RTN", "smoothquant-w4a4": "SmoothQuant",
+           "hadamard-w4a4": "Hadamard RTN", "zipper": "ZipperQuant", "mosaic": "MosaicQuant", "w4a16": "RTN W4A16"}
+
+
+def _alpha(p):
+    a = p.get("alpha")
+    return "no smoothing" if a is None else f"α={a:g}"
+
+
+def describe(rec):
+    """(method, weights, activations) of a record in words, from its params."""
+    p = rec.get("params", {})
+    m = rec.get("method")
+    if m == "fp16":
+        return "FP (dequantized Q4_1)", "float", "float"
+    acts = "float" if p.get("act_bits") is None else (
+        f"{p['act_bits']}-bit, " + (f"groups of {p['act_group_size']}" if p.get("act_group_size") else "per token"))
+    group = f"groups of {p['group_size']}" if p.get("group_size") else "per channel"
+    if m == "act-floor":
+        name = f"activation floor, {_alpha(p)}" + (", rotated" if p.get("rotate") else "")
+        return name, "float", acts
+    if m == "zipper":
+        return (f"ZipperQuant {_alpha(p)}, outliers {p['outlier_ratio']:g}",
+                f"4-bit low + {p['high_bits']}-bit sparse high, per channel", acts + " (high part: float)")
+    if m == "mosaic":
+        return (f"MosaicQuant {_alpha(p)}, density {p['density']:g}",
+                f"4-bit {group} + 4-bit {p['block'][0]}x{p['block'][1]} residual blocks", acts)
+    name = _FAMILY.get(m, m) + ("" if m == "rtn-w4a4" else f" {_alpha(p)}")
+    return name, f"{p.get('weight_bits', 4)}-bit {group}", acts
+
+
+def _matching_floor(rec, floors):
+    """The floor with the record's smoothing, rotation and activation format (None if not run)."""
+    p = rec.get("params", {})
+    key = (p.get("alpha") if rec["method"] != "rtn-w4a4" else None, rec["method"] == "hadamard-w4a4",
+           p.get("act_bits"), p.get("act_group_size"))
+    return floors.get(key)
+
+
+def accuracy_table(records):
+    """Markdown table of perplexity, x FP, x the matching activation floor and bits per weight.
+
+    All records must score the same text, tokens and context (else ValueError); a configuration
+    (label and params) that appears twice is shown once, from its first record. Rows go by method
+    family, then bits per weight.
+    """
+    if not records:
+        raise ValueError("no records")
+    keys = ("eval_text", "eval_tokens", "context", "calib_text", "calib_tokens")
+    first = {k: records[0].get(k) for k in keys}
+    for r in records:
+        other = {k: r.get(k) for k in keys}
+        if other != first:
+            raise ValueError(f"records score different texts: {first} vs {other}")
+    seen, rows = set(), []
+    for r in records:
+        key = (r.get("label"), json.dumps(r.get("params", {}), sort_keys=True))
+        if key not in seen and r.get("ppl") is not None:
+            seen.add(key)
+            rows.append(r)
+    rank = {m: i for i, m in enumerate(("fp16", "act-floor", "rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4",
+                                        "zipper", "mosaic"))}
+    rows.sort(key=lambda r: (rank.get(r["method"], len(rank)), r.get("effective_bits") or 0.0))
+    fp = _fp_ppl(rows)
+    floors = {}
+    for r in rows:
+        if r["method"] == "act-floor":
+            p = r["params"]
+            floors.setdefault((p.get("alpha"), bool(p.get("rotate")), p.get("act_bits"), p.get("act_group_size")), r)
+    header = ("method", "weights", "activations", "bits/weight", "ppl", "× FP", "× its floor")
+    body = []
+    for r in rows:
+        name, weights, acts = describe(r)
+        floor = _matching_floor(r, floors) if r["method"] not in ("fp16", "act-floor") else None
+        body.append((name, weights, acts, _fmt(r.get("effective_bits"), ".2f"), _fmt(r["ppl"], ".2f"),
+                     _fmt(r["ppl"] / fp if fp else None, ".2f"),
+                     _fmt(r["ppl"] / floor["ppl"] if floor else None, ".3f")))
+    lines = [f"Text: {first['eval_text']}, {first['eval_tokens']} tokens in windows of {first['context']}; "
+             f"calibration: {first['calib_text']}, {first['calib_tokens']} tokens.", ""]
+    return "\n".join(lines) + _md_table(header, body) + "\n"
+
+
+def table_blocks(markdown):
+    """[(files, start, end)] of every generated block in a Markdown text: `files` as named in the
+    opening marker, [start, end) the character span of the block's body."""
+    out, pos = [], 0
+    while (i := markdown.find(TABLE_OPEN, pos)) >= 0:
+        j = markdown.index("-->", i)
+        files = markdown[i + len(TABLE_OPEN): j].split()
+        start = j + len("-->") + 1
+        end = markdown.find(TABLE_CLOSE, start)
+        if end < 0:
+            raise ValueError(f"accuracy table opened at character {i} is never closed with {TABLE_CLOSE}")
+        out.append((files, start, end))
+        pos = end
+    return out
+
+
+def render_blocks(markdown, root="."):
+    """The Markdown text with every generated block rebuilt from its results files."""
+    parts, last = [], 0
+    for files, start, end in table_blocks(markdown):
+        records = [r for f in files for r in load_records(Path(root) / f)]
+        parts += [markdown[last:start], accuracy_table(records)]
+        last = end
+    return "".join(parts) + markdown[last:]
+
+
+def plot_pareto(records, path, act_bits=4, act_group_size=32):
+    """Perplexity against bits per weight for one activation format, one marker per configuration,
+    the Pareto front of each method family joined; the floors and FP as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fams = {}
+    for r in records:
+        p = r.get("params", {})
+        same_format = p.get("act_bits") == act_bits and p.get("act_group_size") == act_group_size
+        if r.get("ppl") is None or not (same_format or r.get("method") == "fp16"):
+            continue
+        if r["method"] in ("fp16", "act-floor"):
+            style = ":" if r["method"] == "fp16" else "--"
+            ax.axhline(r["ppl"], ls=style, lw=0.8, color="grey")
+            ax.text(0.99, r["ppl"], describe(r)[0], fontsize=6, va="bottom", ha="right", color="grey",
+                    transform=ax.get_yaxis_transform())
+            continue
+        fams.setdefault(_FAMILY.get(r["method"], r["method"]), []).append((r["effective_bits"], r["ppl"]))
+    for fam, pts in fams.items():
+        pts.sort()
+        front, best = [], float("inf")
+        for b, p in pts:
+            if p < best:
+                front.append((b, p))
+                best = p
+        sc = ax.scatter(*zip(*pts), s=18, label=fam)
+        ax.plot(*zip(*front), color=sc.get_facecolor()[0], lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (indices at their smallest width, fp16 scales)")
+    ax.set_ylabel("perplexity")
+    fmt = "per token" if act_group_size is None else f"groups of {act_group_size}"
+    ax.set_title(f"{act_bits}-bit activations, {fmt}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m zqkernels.pipeline.results",
+                                description="accuracy tables and plots from results JSON")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="print the accuracy table of results files")
+    t.add_argument("files", nargs="+")
+    r = sub.add_parser("readme", help="rebuild every accuracy-table block of a Markdown file in place")
+    r.add_argument("markdown")
+    g = sub.add_parser("plot", help="perplexity vs bits/weight PNG")
+    g.add_argument("files", nargs="+")
+    g.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "table":
+            print(accuracy_table([x for f in args.files for x in load_records(f)]), end="")
+        elif args.cmd == "readme":
+            path = Path(args.markdown)
+            path.write_text(render_blocks(path.read_text()))
+        else:
+            print(plot_pareto([x for f in args.files for x in load_records(f)], args.out))
+    except (ValueError, OSError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

