@@ -49,6 +49,9 @@ _SUPPORT = {
     "smoothquant-w4a4": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4, None)},
     "zipper": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4,), "hybrid": (4,)},
     "mosaic": {"reference": ACT_BITS, "torch": ACT_BITS, "triton": (4, None)},
+    # the references of the accuracy table (zqkernels.rotation)
+    "hadamard-w4a4": {"reference": ACT_BITS, "torch": ACT_BITS},
+    "act-floor": {"reference": ACT_BITS, "torch": ACT_BITS},
 }
 
 
@@ -412,7 +415,9 @@ class MosaicLinear(QuantLinear):
         base_scale = _scale_bits(codes.scale_base) / (n * k)
         res = 4.0 * b * bn * bk / (n * k)
         res_scale = 16.0 * b * bn / (n * k)
-        index = 2 * 32.0 * b / (n * k)  # (row-block, col-block) int32 per kept block
+        # (row-block, col-block) of each kept block, each in the smallest unsigned width that holds it
+        coord = reference.lut.uint_bytes(max(-(-n // bn) - 1, 0)) + reference.lut.uint_bytes(max(-(-k // bk) - 1, 0))
+        index = 8.0 * coord * b / (n * k)
         self._finish_build({"low": 4.0, "high": res, "index": index, "scale": base_scale + res_scale,
                             "total": 4.0 + res + index + base_scale + res_scale})
 

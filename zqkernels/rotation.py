@@ -22,14 +22,6 @@ import torch
 import reference
 from zqkernels import nn as zqnn
 
-# (method -> backend -> activation widths) in the form of zqkernels.nn's support table.
-SUPPORT = {
-    "hadamard-w4a4": {"reference": zqnn.ACT_BITS, "torch": zqnn.ACT_BITS},
-    "act-floor": {"reference": zqnn.ACT_BITS, "torch": zqnn.ACT_BITS},
-}
-for _method, _backends in SUPPORT.items():
-    zqnn._SUPPORT.setdefault(_method, _backends)
-
 _BACKENDS = ("reference", "torch")
 
 
@@ -91,7 +83,7 @@ class RotatedLinear(zqnn.QuantLinear):
             xs = rotate_torch(xs, self.rotation_block).to(torch.float32)
         return self._act(xs) @ self.w_t
 
-    def _forward_reference(self, xs):
+    def _reference_product(self, xs):
         if self.rotation_block is not None:
             xs = reference.block_hadamard(xs, self.rotation_block)
         if self.act_bits is not None:

@@ -117,8 +117,10 @@ class MethodConfig:
         return out
 
     def check_backend(self, backend):
+        """Refuse, before any model loads, a method the backend lacks or an option its kernels cannot run."""
         if self.method != "fp16":
-            zqnn.check_method_backend(self.method, backend, self.act_bits)
+            zqnn.check_method_backend(self.method, backend, self.act_bits, act_group_size=self.act_group_size,
+                                      group_size=self.group_size, block=getattr(self, "block", None))
         if self.method in ("rtn-w4a4", "smoothquant-w4a4") and self.weight_bits != 4 and backend not in ("torch", "reference"):
             raise ValueError(f"method {self.method!r} with weight_bits={self.weight_bits} runs on the torch and "
                              f"reference backends only, not {backend!r}")
@@ -160,17 +162,6 @@ def build_layer(cfg, linear, input_stats, smooth, backend):
     raise ValueError(f"no layer for method {cfg.method!r}")
 
 
-def mosaic_compact_bits(bits, n, k, kept, block):
-    """MosaicQuant's bits with each kept block's (row-block, col-block) coordinates in the smallest
-    unsigned width that holds them (`reference.lut.uint_bytes`), instead of two int32."""
-    bn, bk = block
-    coord = reference.lut.uint_bytes(max(-(-n // bn) - 1, 0)) + reference.lut.uint_bytes(max(-(-k // bk) - 1, 0))
-    out = dict(bits)
-    out["index"] = 8.0 * coord * kept / (n * k)
-    out["total"] = bits["total"] - bits["index"] + out["index"]
-    return out
-
-
 def relative_output_error(float_linear, quant_linear, x):
     """||Q(x) - F(x)||_F / ||F(x)||_F on the calibration rows x (float32 on the layer's device)."""
     if x.numel() == 0:
@@ -201,9 +192,6 @@ def quantize_model(lm, stats, cfg, backend="torch", progress=True):
         q = build_layer(cfg, mod, stats[name], smoothing.get(name), backend)
         rec = {"name": name, "N": mod.out_features, "K": mod.in_features}
         rec.update(q.stats)
-        if cfg.method == "mosaic":
-            rec["effective_bits"] = mosaic_compact_bits(rec["effective_bits"], rec["N"], rec["K"], rec["blocks_kept"],
-                                                        rec["block"])
         rec["rel_error"] = relative_output_error(mod, q, stats[name].sample_rows())
         records.append(rec)
         setattr(parent, attr, q)
