@@ -393,3 +393,24 @@ def test_grid_runs_every_config_on_the_named_split(tiny_llama_dir, tmp_path):
     assert recs[2]["effective_bits"] == pytest.approx(6 + 16 / 32)
     (tmp_path / "bad.json").write_text(json.dumps({"settings": {"eval_splitt": "test"}, "configs": [{"method": "fp16"}]}))
     assert experiment.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_token_windows_refuse_counts_that_are_not_positive_and_name_the_option():
+    """0 or a negative count is an error naming the option, never "the whole text"; None is the
+    whole text; a text shorter than one window names the option that chose it."""
+    from zqkernels.pipeline import text
+
+    class Tok:
+        def __call__(self, s, return_tensors=None, add_special_tokens=False):
+            import types
+
+            return types.SimpleNamespace(input_ids=torch.arange(len(s.split()))[None, :])
+
+    words = " ".join(["w"] * 100)
+    assert text.token_windows(Tok(), words, 10, None).shape == (10, 10)
+    assert text.token_windows(Tok(), words, 10, 35).shape == (3, 10)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="--eval-tokens.*positive integer"):
+            text.token_windows(Tok(), words, 10, bad, what="--eval-text / --eval-tokens")
+    with pytest.raises(ValueError, match="--calib-text.*fewer than one window of --context 512"):
+        text.token_windows(Tok(), words, 512, None, what="--calib-text / --calib-tokens")

@@ -75,8 +75,10 @@ class Experiment:
         t1 = time.perf_counter()
         calib, calib_desc = text.calibration_text(s.calib_text)
         evals, eval_desc = text.evaluation_text(s.eval_text, s.eval_split)
-        self.calib_windows = text.token_windows(self.tokenizer, calib, s.calib_context, s.calib_tokens)
-        self.eval_windows = text.token_windows(self.tokenizer, evals, s.context, s.eval_tokens)
+        self.calib_windows = text.token_windows(self.tokenizer, calib, s.calib_context, s.calib_tokens,
+                                                what="--calib-text / --calib-tokens")
+        self.eval_windows = text.token_windows(self.tokenizer, evals, s.context, s.eval_tokens,
+                                               what="--eval-text / --eval-tokens")
         self.stats = calibrate(self.lm, self.calib_windows, progress=s.progress)
         t2 = time.perf_counter()
         self.meta = {

@@ -65,16 +65,19 @@ def _read(path):
     return p.read_text(encoding="utf-8")
 
 
-def token_windows(tokenizer, text, context, n_tokens):
+def token_windows(tokenizer, text, context, n_tokens, what="text"):
     """Non-overlapping windows [W, context] of the text's first `n_tokens` tokens (rounded down
-    to whole windows). Raises ValueError when the text holds fewer than one window."""
+    to whole windows; None: the whole text). Raises ValueError naming `what` (the option that
+    chose the text) when it holds fewer than one window, and on a count that is not positive."""
     import torch
 
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
+    if n_tokens is not None and (isinstance(n_tokens, bool) or int(n_tokens) != n_tokens or n_tokens < 1):
+        raise ValueError(f"{what}: the token count must be a positive integer or None (whole text), got {n_tokens!r}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    usable = min(int(n_tokens), ids.numel()) if n_tokens else ids.numel()
+    usable = ids.numel() if n_tokens is None else min(int(n_tokens), ids.numel())
     n_win = usable // context
     if n_win == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of context {context}")
+        raise ValueError(f"{what}: the text has {ids.numel()} tokens, fewer than one window of --context {context}")
     return ids[: n_win * context].reshape(n_win, context).to(torch.long)
