@@ -65,7 +65,12 @@ def _run(zq_bench, zq_kernel, weight_cache, shape, m, mode):
         zq_kernel("zqkernels.gpu.zipper_high", "zipper_high_gpu")  # fail clearly if it is missing
     weights, stats, high_density = _weights(weight_cache, zq_kernel, shape)
     x = torch.randn(m, shape.k, device="cuda", dtype=torch.float16)
-    hp_bytes = int(stats.get("index_bytes", 0) or 0) + int(stats.get("pattern_bytes", 0) or 0)
+    if mode == "gpu":  # what the GPU high part reads: its layout's index and value tensors
+        high = weights.high_gpu()
+        hp_bytes = high.index.numel() * high.index.element_size() + high.values.numel() * high.values.element_size()
+    else:  # what the CPU table product reads: the table as the CPU kernel stores it
+        hp_bytes = int(stats.get("kernel_bytes", 0) or stats.get("oracle_index_bytes", 0) or 0) \
+            + int(stats.get("pattern_bytes", 0) or 0)
     moved = 2 * m * shape.k + 4 * shape.k + shape.n * shape.k // 2 + 4 * shape.n + hp_bytes + 2 * m * shape.n
     info = zq_bench.gpu(lambda: zipper_linear(x, weights, mode=mode), family="zipper", method=f"zq_zipper_{mode}",
                         role="ours", shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
