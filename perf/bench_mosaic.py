@@ -71,7 +71,7 @@ def _time(zq_bench, zq_kernel, weight_cache, shape, m, density, fused, method=No
     res_bytes = blocks * (bn * bk // 2 + 4 * bn + 4) + 4 * (-(-shape.n // bn) + 1)
     moved = m * shape.k // 2 + 4 * m + shape.n * shape.k // 2 + 4 * shape.n + res_bytes + 2 * m * shape.n
     flops = 2 * m * shape.n * shape.k + 2 * m * blocks * bn * bk
-    return zq_bench.gpu(lambda: gemm(qx, sx, weights), family="mosaic",
+    return zq_bench.gpu(lambda: gemm(qx, sx, weights, check_finite=False), family="mosaic",
                         method=method or ("zq_mosaic_w4a4" if fused else "zq_mosaic_w4a4_unfused"),
                         role=role or ("ours" if fused else "baseline"), shape=shape, m=m, flops=flops, ops_unit="TOPS",
                         bytes_moved=moved, density=density, actual_density=float(weights.density),

@@ -43,7 +43,7 @@ def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     qw, sw = _weights(weight_cache, shape)
     qx, sx = _packed_acts(m, shape.k, None)
-    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw), family="w4a4", method="zq_w4a4", role="ours", shape=shape,
+    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False), family="w4a4", method="zq_w4a4", role="ours", shape=shape,
                  m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  bytes_moved=_gemm_bytes(m, shape.n, shape.k, m))
 
@@ -54,7 +54,7 @@ def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
     qw, sw = _weights(weight_cache, shape)
     groups = -(-shape.k // GROUP)
     qx, sx = _packed_acts(m, shape.k, groups)
-    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=GROUP), family="w4a4", method="zq_w4a4_g128",
+    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=GROUP, check_finite=False), family="w4a4", method="zq_w4a4_g128",
                  role="ours", shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  act_group_size=GROUP, bytes_moved=_gemm_bytes(m, shape.n, shape.k, m * groups))
 
@@ -69,7 +69,7 @@ def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
 
     def layer():
         qx, sx = quantize_activations(x, inv_s, check_finite=False)  # the layers run it unchecked
-        return w4a4_gemm(qx, sx, qw, sw)
+        return w4a4_gemm(qx, sx, qw, sw, check_finite=False)
 
     # bytes: X read once as fp16, the packed activations written and read back, weights, output
     moved = 2 * m * shape.k + 4 * shape.k + 2 * (m * shape.k // 2 + 4 * m) + shape.n * shape.k // 2 + 4 * shape.n \

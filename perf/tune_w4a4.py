@@ -82,7 +82,7 @@ def main():
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
                 qx, sx, qw, sw = operands(shape, m, group)
-                return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg)
+                return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)

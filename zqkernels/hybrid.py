@@ -319,7 +319,7 @@ def gpu_low_part(x, weights):
     from zqkernels.gpu.w4a4 import w4a4_gemm
 
     qx, sx = quantize_activations(x, weights.inv_smooth, group_size=weights.act_group_size, check_finite=False)
-    return w4a4_gemm(qx, sx, weights.qw_packed, weights.w_scale, act_group_size=weights.act_group_size,
+    return w4a4_gemm(qx, sx, weights.qw_packed, weights.w_scale, act_group_size=weights.act_group_size, check_finite=False,
                      out_dtype=torch.float32)
 
 

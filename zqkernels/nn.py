@@ -444,6 +444,6 @@ class MosaicLinear(QuantLinear):
             from zqkernels.gpu.mosaic import mosaic_w4a16_gemm
 
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
-            return mosaic_w4a16_gemm(xs.contiguous(), self.weight_layout)
+            return mosaic_w4a16_gemm(xs.contiguous(), self.weight_layout, check_finite=False)
         qx, sx = torch.ops.zq.quantize_activations(x2, self.inv_smooth, self.act_group_size or 0)
         return torch.ops.zq.mosaic_w4a4_gemm(qx, sx, *self._mosaic_args, self.act_group_size or 0, x2.dtype)

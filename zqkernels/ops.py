@@ -6,7 +6,8 @@ launch from Python with its config dicts would break the graph) and replays insi
 The ops take tensors, ints and dtypes only: group sizes are ints with 0 meaning "none" (per token,
 per channel), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors (the
 `*_args` helpers below unpack a layout). The real implementations call the launchers of
-`zqkernels.gpu`, which validate their operands; the fakes check only what shapes need.
+`zqkernels.gpu`, which validate their operands (values unchecked: `check_finite=False`, the
+per-token path has no host sync); the fakes check only what shapes need.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
               out_dtype: torch.dtype) -> torch.Tensor:
     from zqkernels.gpu.w4a4 import w4a4_gemm as launch
 
-    return launch(qx, sx, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype)
+    return launch(qx, sx, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype, check_finite=False)
 
 
 @w4a4_gemm.register_fake
@@ -52,7 +53,7 @@ def _(qx, sx, qw, sw, act_group_size, out_dtype):
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:
     from zqkernels.gpu.w4a16 import w4a16_gemm as launch
 
-    return launch(x, qw, sw, group_size=_group(group_size))
+    return launch(x, qw, sw, group_size=_group(group_size), check_finite=False)
 
 
 @w4a16_gemm.register_fake
@@ -83,7 +84,7 @@ def mosaic_w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qb: torch.Tensor, sb: t
     if w is None or w.qb_packed is not qb:
         w = _MOSAIC_VIEWS[key] = _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk,
                                                 group_size)
-    return launch(qx, sx, w, act_group_size=_group(act_group_size), out_dtype=out_dtype)
+    return launch(qx, sx, w, act_group_size=_group(act_group_size), out_dtype=out_dtype, check_finite=False)
 
 
 @mosaic_w4a4_gemm.register_fake

@@ -36,7 +36,9 @@ import triton.language as tl
 from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
-from zqkernels.gpu.operands import check_float_acts, check_out, check_out_dtype, check_same_device, check_scale
+from zqkernels.gpu.operands import (
+    check_float_acts, check_out, check_out_dtype, check_same_device, check_scale, refuse_non_finite,
+)
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 from zqkernels.layouts import MosaicBlocks
 
@@ -661,15 +663,19 @@ def _launch(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, i
 
 
 def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *, out=None,
-                     config=None):
+                     config=None, check_finite=True):
     """ZipperEngine: `Y = sx * (Δb * (qx @ qb.T) + Σ_b Δr_b * (qx_b @ qr_b.T))` in ONE launch.
 
     qx_packed uint8 [M, K/2], act_scale float32 [M] (or [M, ceil(K/g)] with act_group_size g),
     weights a `layouts.MosaicBlocks`; returns out_dtype [M, N] (written into `out` when given).
     `config` (tests and tuning) replaces the launch table's entry: "variant" and its tiles.
+    check_finite: refuse NaN / Inf activation scales (the weights' were checked when the layout was
+    built); False on the layers' per-token path.
     """
     m = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
     check_out_dtype(out_dtype)
+    if check_finite:
+        refuse_non_finite(act_scale=act_scale)
     out = check_out(out, (m, weights.shape[0]), out_dtype, weights.device)
     if m:
         _launch(qx_packed, act_scale, weights, act_group_size, out, out, True, False, config)
@@ -693,11 +699,13 @@ def mosaic_w4a4_gemm_int32(qx_packed, weights, *, out=None, config=None):
 
 
 def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None, out_dtype=torch.float16, *,
-                             out=None, config=None):
+                             out=None, config=None, check_finite=True):
     """The baseline ZipperEngine replaces: the same variant's dense base (residual compiled out),
     then a second launch that re-reads X for every kept block and adds the residual into Y."""
     m = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
     check_out_dtype(out_dtype)
+    if check_finite:
+        refuse_non_finite(act_scale=act_scale)
     n, k = weights.shape
     out = check_out(out, (m, n), out_dtype, weights.device)
     if m == 0:
@@ -716,7 +724,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
     return out
 
 
-def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
+def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None, check_finite=True):
     """W4A16 ZipperEngine: `Y = X @ (Δb * qb + Σ_b Δr_b * qr_b).T` with fp16/bf16 activations
     [M, K]; output dtype defaults to x's. `config`: tiles (BLOCK_M, BLOCK_N, BLOCK_K dividing bk,
     UNROLL, GROUP_M, num_warps, num_stages) replacing the launch table's."""
@@ -726,6 +734,8 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None):
     check_same_device("x", x, weights.device, "weights")
     limits.check_mosaic_groups(None, weights.group_size, weight_name="weights.group_size")
     _check_offsets(x.shape[0], weights, x.stride(0))
+    if check_finite:
+        refuse_non_finite(x=x)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     check_out_dtype(out_dtype)
     m = x.shape[0]

@@ -70,6 +70,24 @@ def check_scale(name, t, shape, device):
         raise ValueError(f"{name} must be contiguous")
 
 
+def refuse_non_finite(**tensors):
+    """Raise ValueError naming the first of `tensors` (None skipped) that holds NaN or Inf.
+
+    One host synchronization for all of them; skipped while a CUDA graph is being captured (no
+    sync is allowed there). The entry points call it unless `check_finite=False`: the layers pass
+    False on the per-token path, where a NaN then propagates to the output as it does through
+    `torch.nn.Linear`, never as a finite wrong number."""
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    if not items:
+        return
+    if items[0][1].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, t in items]).cpu().tolist()
+    for (name, _), ok in zip(items, flags):
+        if not ok:
+            raise ValueError(f"{name} holds NaN or Inf")
+
+
 def check_out_dtype(out_dtype):
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")

@@ -20,7 +20,9 @@ import triton.language as tl
 from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
-from zqkernels.gpu.operands import check_float_acts, check_out, check_packed, check_same_device, check_scale
+from zqkernels.gpu.operands import (
+    check_float_acts, check_out, check_packed, check_same_device, check_scale, refuse_non_finite,
+)
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 
@@ -193,10 +195,11 @@ def _launch_splitk(cfg, x, qw, sw, out, group):
 VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk}
 
 
-def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None):
+def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None, check_finite=True):
     """x fp16|bf16 [M, K], qw_packed uint8 [N, K/2], w_scale fp32 [N] (or [N, ceil(K/g)] with
     group_size=g) -> x.dtype [M, N]. `out` (optional): preallocated result. `config` (tests and
-    tuning) replaces the launch table's entry: a dict with "variant" and its tile parameters."""
+    tuning) replaces the launch table's entry: a dict with "variant" and its tile parameters.
+    check_finite: refuse NaN / Inf in x or w_scale (False on the layers' per-token path)."""
     check_float_acts("x", x)
     if x.shape[1] % 2 != 0:
         raise ValueError(f"x: K must be even (int4 weights pack two codes per byte), got K={x.shape[1]}")
@@ -209,6 +212,8 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None)
     limits.check_w4a16_group(group_size)
     sw_shape = (N,) if group_size is None else (N, triton.cdiv(K, group_size))
     check_scale("w_scale", w_scale, sw_shape, x.device)
+    if check_finite:
+        refuse_non_finite(x=x, w_scale=w_scale)
     out = check_out(out, (M, N), x.dtype, x.device)
     scales = "per_channel" if group_size is None else "group"
     cfg = dict(config) if config is not None else launch_config("w4a16", scales, M, x.device)

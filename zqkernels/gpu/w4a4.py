@@ -30,7 +30,9 @@ import triton.language as tl
 from zqkernels.gpu import limits
 from zqkernels.gpu.configs import launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
-from zqkernels.gpu.operands import check_out, check_out_dtype, check_packed, check_same_device, check_scale
+from zqkernels.gpu.operands import (
+    check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
+)
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 
@@ -231,17 +233,20 @@ def check_operands(qx_packed, qw_packed):
 
 
 def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *,
-              out=None, config=None):
+              out=None, config=None, check_finite=True):
     """qx_packed uint8 [M, K/2], act_scale fp32 [M] (or [M, ceil(K/g)] with act_group_size=g),
     qw_packed uint8 [N, K/2], w_scale fp32 [N] -> out_dtype [M, N] (fp16, bf16 or fp32).
     `out` (optional): preallocated result. `config` (tests and tuning) replaces the launch table's
-    entry: a dict with "variant" ("gemm" | "splitk") and its tile parameters."""
+    entry: a dict with "variant" ("gemm" | "splitk") and its tile parameters. check_finite: refuse
+    NaN / Inf scales (`operands.refuse_non_finite`; False on the layers' per-token path)."""
     M, N, KH = check_operands(qx_packed, qw_packed)
     limits.check_act_group(act_group_size)
     check_out_dtype(out_dtype)
     sx_shape = (M,) if act_group_size is None else (M, triton.cdiv(2 * KH, act_group_size))
     check_scale("act_scale", act_scale, sx_shape, qx_packed.device)
     check_scale("w_scale", w_scale, (N,), qx_packed.device)
+    if check_finite:
+        refuse_non_finite(act_scale=act_scale, w_scale=w_scale)
     out = check_out(out, (M, N), out_dtype, qx_packed.device)
     return _launch(qx_packed, act_scale, qw_packed, w_scale, out, act_group_size or 0, False, config)
 

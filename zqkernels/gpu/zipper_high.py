@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu.configs import launch_config
-from zqkernels.gpu.operands import check_float_acts, check_same_device
+from zqkernels.gpu.operands import check_float_acts, check_same_device, refuse_non_finite
 from zqkernels.layouts import ZipperHighGPU
 
 
@@ -67,12 +67,13 @@ def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride
 VARIANTS = {"columns": _high_columns_kernel, "ell": _high_ell_kernel}  # one kernel per layout
 
 
-def zipper_high_gpu(x_smoothed, high, out, *, block=None):
+def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     """`out += 16 * Δ_n * (x_smoothed @ q_high.T)` in place and return `out`.
 
     x_smoothed: fp16/bf16/fp32 [M, K] (X', already smoothed), rows contiguous; high: a
     `layouts.ZipperHighGPU`; out: float32 [M, N] contiguous on the same device.
     `block=(BLOCK_M, BLOCK_N)` overrides the launch table's tiles (tests and tuning).
+    check_finite: refuse NaN / Inf in x_smoothed (False on the layers' per-token path).
     """
     if not isinstance(high, ZipperHighGPU):
         raise ValueError(f"high must be a layouts.ZipperHighGPU, got {type(high).__name__}")
@@ -90,6 +91,8 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None):
         check_same_device(name, t, high.device, "high")
     if m * max(n, x_smoothed.stride(0)) >= 2**31:
         raise ValueError(f"M={m} rows exceed the kernels' int32 offsets for this shape; split M")
+    if check_finite:
+        refuse_non_finite(x_smoothed=x_smoothed)
     if m == 0 or high.nnz == 0:
         return out
     if block is None:
@@ -115,8 +118,9 @@ def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
     from zqkernels.gpu.w4a4 import w4a4_gemm
 
     qx, sx = quantize_activations(x, inv_smooth, group_size=act_group_size, check_finite=False)
-    y = w4a4_gemm(qx, sx, low.packed, low.scale, act_group_size=act_group_size, out_dtype=torch.float32)
+    y = w4a4_gemm(qx, sx, low.packed, low.scale, act_group_size=act_group_size, out_dtype=torch.float32,
+                  check_finite=False)
     xs = x.to(torch.float32)
     if inv_smooth is not None:
         xs = xs * inv_smooth
-    return zipper_high_gpu(xs, high, y)
+    return zipper_high_gpu(xs, high, y, check_finite=False)
