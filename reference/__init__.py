@@ -16,6 +16,7 @@ from .quant import (
     w4a16_matmul,
 )
 from .zipper import (
+    OUTLIER_CHANNEL_SCORES,
     ZipperCodes,
     bit_join,
     bit_split,
@@ -26,6 +27,7 @@ from .zipper import (
 )
 
 __all__ = [
+    "OUTLIER_CHANNEL_SCORES",
     "MosaicCodes",
     "PatternLUT",
     "ZipperCodes",

@@ -414,3 +414,16 @@ def test_token_windows_refuse_counts_that_are_not_positive_and_name_the_option()
             text.token_windows(Tok(), words, 10, bad, what="--eval-text / --eval-tokens")
     with pytest.raises(ValueError, match="--calib-text.*fewer than one window of --context 512"):
         text.token_windows(Tok(), words, 512, None, what="--calib-text / --calib-tokens")
+
+
+def test_channel_structured_zipper_config_is_validated_and_labelled():
+    from zqkernels.pipeline.quantize import MethodConfig
+
+    c = MethodConfig("zipper", act_group_size=32, channel_fraction=0.03, channel_score="hessian")
+    assert c.label == "zipper-w4a4-ch0.03-hess-g32"
+    assert c.params()["channel_fraction"] == 0.03 and "outlier_ratio" not in c.params()
+    for bad, match in [(dict(method="mosaic", channel_fraction=0.1), "zipper only"),
+                       (dict(method="zipper", channel_fraction=1.5), r"\[0, 1\]"),
+                       (dict(method="zipper", channel_fraction=0.1, channel_score="l1"), "channel_score")]:
+        with pytest.raises(ValueError, match=match):
+            MethodConfig(**bad)

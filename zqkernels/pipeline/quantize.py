@@ -5,7 +5,8 @@ Methods (DESIGN §1-3) and the layers that implement them (`zqkernels.nn`):
 - w4a16: RTN 4-bit weights, 16-bit activations (`W4A16Linear`);
 - rtn-w4a4: RTN 4-bit weights and activations (`W4A4Linear`);
 - smoothquant-w4a4: the same after SmoothQuant smoothing with `alpha` (`W4A4Linear(smooth=s)`);
-- zipper: ZipperQuant (`ZipperLinear`: smoothing `alpha`, `outlier_ratio`, `high_bits`);
+- zipper: ZipperQuant (`ZipperLinear`: smoothing `alpha`, `outlier_ratio`, `high_bits`; or with
+  `channel_fraction` the channel-structured grid, its high part in those input channels only);
 - mosaic: MosaicQuant (`MosaicLinear`: `density`, `block`, optional smoothing `alpha`);
 - hadamard-w4a4: block-Hadamard rotated RTN (`zqkernels.rotation.HadamardW4A4Linear`);
 - act-floor: float weights with the smoothing `alpha` (and the rotation, `rotate=True`) of a method
@@ -54,6 +55,8 @@ class MethodConfig:
     block: tuple = (64, 64)
     weight_bits: int = 4  # rtn-w4a4, smoothquant-w4a4, hadamard-w4a4
     rotate: bool = False  # act-floor: rotate input and weight as hadamard-w4a4 does
+    channel_fraction: float | None = None  # zipper: the high part in this fraction of input channels only
+    channel_score: str = "absmax"  # zipper with channel_fraction: "absmax" or "hessian" (DESIGN §2.7)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,6 +75,13 @@ class MethodConfig:
         if self.weight_bits != 4 and self.method not in WIDE_METHODS:
             raise ValueError(f"weight_bits applies to {', '.join(WIDE_METHODS)} only, not {self.method!r}")
         rotation._check_weight_bits(self.weight_bits)
+        if self.channel_fraction is not None:
+            if self.method != "zipper":
+                raise ValueError(f"channel_fraction applies to zipper only, not {self.method!r}")
+            if not 0.0 <= float(self.channel_fraction) <= 1.0:
+                raise ValueError(f"channel_fraction must lie in [0, 1], got {self.channel_fraction}")
+        if self.channel_score not in reference.OUTLIER_CHANNEL_SCORES:
+            raise ValueError(f"channel_score must be one of {reference.OUTLIER_CHANNEL_SCORES}, got {self.channel_score!r}")
         if self.rotate and self.method != "act-floor":
             raise ValueError(f"rotate applies to act-floor only (hadamard-w4a4 always rotates), not {self.method!r}")
 
@@ -88,6 +98,8 @@ class MethodConfig:
             base = f"floor-{smooth}" + ("-had" if self.rotate else "") + f"-w16{a}"
         else:
             base = self.method.replace("-w4a4", "") + f"-w{self.weight_bits}{a}"
+        if self.channel_fraction is not None:
+            base += f"-ch{self.channel_fraction:g}" + ("-hess" if self.channel_score == "hessian" else "")
         if self.method in WIDE_METHODS and self.group_size:
             base += f"-wg{self.group_size}"
         return base + (f"-g{self.act_group_size}" if self.act_group_size and self.act_bits else "")
@@ -105,6 +117,8 @@ class MethodConfig:
             keep.discard("group_size")
         if self.method == "zipper":
             keep |= {"outlier_ratio", "high_bits"}
+            if self.channel_fraction is not None:  # the channel-structured grid ignores outlier_ratio
+                keep = (keep - {"outlier_ratio"}) | {"channel_fraction", "channel_score"}
         if self.method == "mosaic":
             keep |= {"density", "block"}
         if self.method == "zipper":
@@ -155,7 +169,8 @@ def build_layer(cfg, linear, input_stats, smooth, backend):
         return rotation.FloatWeightLinear(linear, smooth=smooth, rotation_block=block, **common)
     if cfg.method == "zipper":
         return zqnn.ZipperLinear(linear, smooth=smooth, outlier_ratio=cfg.outlier_ratio, high_bits=cfg.high_bits,
-                                 **common)
+                                 channel_fraction=cfg.channel_fraction, channel_score=cfg.channel_score,
+                                 hdiag=input_stats.hdiag if cfg.channel_score == "hessian" else None, **common)
     if cfg.method == "mosaic":
         return zqnn.MosaicLinear(linear, hdiag=input_stats.hdiag, smooth=smooth, density=cfg.density,
                                  block=cfg.block, group_size=cfg.group_size, **common)
