@@ -149,7 +149,7 @@ def _check(x, inv_smooth, group_size):
         check_same_device("inv_smooth", inv_smooth, x.device, "x")
         if not inv_smooth.is_contiguous():
             raise ValueError("inv_smooth must be contiguous")
-    limits.check_act_group(group_size, "group_size")
+    return limits.check_act_group(group_size, "group_size")
 
 
 def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_scales=None, check_finite=True,
@@ -161,7 +161,7 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_s
     raise ValueError when x (times inv_smooth) holds NaN or Inf (one host sync; skipped while a CUDA
     graph is being captured); with False such a group gets scale NaN and codes 0 (module docstring). `config` overrides the table's
     dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=...) (tests and tuning)."""
-    _check(x, inv_smooth, group_size)
+    group_size = _check(x, inv_smooth, group_size)
     cfg = dict(table_for(x.device)["actquant"])
     cfg.update(config or {})
     M, K = x.shape

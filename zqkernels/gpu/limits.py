@@ -5,6 +5,10 @@ layer is built, so an unsupported option fails at build time with its name, not 
 forward. The oracle (`reference`) and the torch backend take any group size; only the kernels are
 limited, each for a hardware or layout reason given below.
 """
+import numbers
+
+import numpy as np
+
 # Activation / weight scale groups the dense kernels take: a K tile must lie inside one group, and
 # the smallest compiled int8 dot is 32 deep.
 ACT_GROUPS = (32, 64, 128, 256)
@@ -17,18 +21,26 @@ MAX_K = 131070
 
 
 def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _group(value, allowed, name, what):
+    """None, or a Python int among `allowed` (numpy integers are taken as their value)."""
+    if value is None:
+        return None
+    if not _is_int(value) or int(value) not in allowed:
+        raise ValueError(f"{name} must be None or one of {allowed} for {what}, got {value!r}")
+    return int(value)
 
 
 def check_act_group(act_group_size, name="act_group_size"):
-    if act_group_size is not None and act_group_size not in ACT_GROUPS:
-        raise ValueError(f"{name} must be None or one of {ACT_GROUPS} for the Triton kernels, got {act_group_size!r}")
+    """The activation group size as a Python int (or None); ValueError naming it otherwise."""
+    return _group(act_group_size, ACT_GROUPS, name, "the Triton kernels")
 
 
 def check_w4a16_group(group_size, name="group_size"):
-    if group_size is not None and group_size not in W4A16_GROUPS:
-        raise ValueError(f"{name} must be None or one of {W4A16_GROUPS} for the Triton W4A16 kernel, "
-                         f"got {group_size!r}")
+    """The W4A16 weight group size as a Python int (or None); ValueError naming it otherwise."""
+    return _group(group_size, W4A16_GROUPS, name, "the Triton W4A16 kernel")
 
 
 def check_k(k, name="K"):

@@ -619,7 +619,7 @@ def _check_w4a4_call(qx_packed, act_scale, weights, act_group_size):
         want = (m,) if act_group_size is None else (m, -(-k // act_group_size))
         check_scale("act_scale", act_scale, want, weights.device)
     _check_offsets(m, weights, k // 2)
-    return m
+    return m, None if act_group_size is None else int(act_group_size)
 
 
 def _launch(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, int_debug, config):
@@ -672,7 +672,7 @@ def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dty
     check_finite: refuse NaN / Inf activation scales (the weights' were checked when the layout was
     built); False on the layers' per-token path.
     """
-    m = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
+    m, act_group_size = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
     check_out_dtype(out_dtype)
     if check_finite:
         refuse_non_finite(act_scale=act_scale)
@@ -685,7 +685,7 @@ def mosaic_w4a4_gemm(qx_packed, act_scale, weights, act_group_size=None, out_dty
 def mosaic_w4a4_gemm_int32(qx_packed, weights, *, out=None, config=None):
     """Debug entry point of the same fused kernels: `(qx @ qb.T, Σ_b qx_b @ qr_b.T)` as two int32
     [M, N] tensors, no scales, one unsplit walk of K, so a test checks the accumulators exactly."""
-    m = _check_w4a4_call(qx_packed, None, weights, None)
+    m, _ = _check_w4a4_call(qx_packed, None, weights, None)
     if weights.group_size is not None:
         raise ValueError("mosaic_w4a4_gemm_int32 needs per-channel base scales (weights.group_size None)")
     n = weights.shape[0]
@@ -702,7 +702,7 @@ def mosaic_w4a4_gemm_unfused(qx_packed, act_scale, weights, act_group_size=None,
                              out=None, config=None, check_finite=True):
     """The baseline ZipperEngine replaces: the same variant's dense base (residual compiled out),
     then a second launch that re-reads X for every kept block and adds the residual into Y."""
-    m = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
+    m, act_group_size = _check_w4a4_call(qx_packed, act_scale, weights, act_group_size)
     check_out_dtype(out_dtype)
     if check_finite:
         refuse_non_finite(act_scale=act_scale)

@@ -89,7 +89,7 @@ def refuse_non_finite(**tensors):
 
 
 def check_out_dtype(out_dtype):
-    if out_dtype not in OUT_DTYPES:
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 
 

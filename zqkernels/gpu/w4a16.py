@@ -209,7 +209,7 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None,
     N, KH = qw_packed.shape
     if 2 * KH != K:
         raise ValueError(f"qw_packed has K/2={KH}, x has K={K}")
-    limits.check_w4a16_group(group_size)
+    group_size = limits.check_w4a16_group(group_size)
     sw_shape = (N,) if group_size is None else (N, triton.cdiv(K, group_size))
     check_scale("w_scale", w_scale, sw_shape, x.device)
     if check_finite:

@@ -240,7 +240,7 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
     entry: a dict with "variant" ("gemm" | "splitk") and its tile parameters. check_finite: refuse
     NaN / Inf scales (`operands.refuse_non_finite`; False on the layers' per-token path)."""
     M, N, KH = check_operands(qx_packed, qw_packed)
-    limits.check_act_group(act_group_size)
+    act_group_size = limits.check_act_group(act_group_size)
     check_out_dtype(out_dtype)
     sx_shape = (M,) if act_group_size is None else (M, triton.cdiv(2 * KH, act_group_size))
     check_scale("act_scale", act_scale, sx_shape, qx_packed.device)

@@ -73,7 +73,7 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     x_smoothed: fp16/bf16/fp32 [M, K] (X', already smoothed), rows contiguous; high: a
     `layouts.ZipperHighGPU`; out: float32 [M, N] contiguous on the same device.
     `block=(BLOCK_M, BLOCK_N)` overrides the launch table's tiles (tests and tuning).
-    check_finite: refuse NaN / Inf in x_smoothed (False on the layers' per-token path).
+    check_finite: refuse NaN / Inf in x_smoothed or out (False on the layers' per-token path).
     """
     if not isinstance(high, ZipperHighGPU):
         raise ValueError(f"high must be a layouts.ZipperHighGPU, got {type(high).__name__}")
@@ -92,7 +92,7 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     if m * max(n, x_smoothed.stride(0)) >= 2**31:
         raise ValueError(f"M={m} rows exceed the kernels' int32 offsets for this shape; split M")
     if check_finite:
-        refuse_non_finite(x_smoothed=x_smoothed)
+        refuse_non_finite(x_smoothed=x_smoothed, out=out)
     if m == 0 or high.nnz == 0:
         return out
     if block is None:
