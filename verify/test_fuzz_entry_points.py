@@ -117,3 +117,24 @@ def test_a_broken_argument_is_refused_by_name_or_the_call_is_correct(name, arg, 
     # Accepted: a break that leaves a valid input (one more row, a contiguous "strided" view); the
     # family laws prove such results against the oracle, here it must at least be finite.
     assert _finite(y), f"{name}({arg}={how}) returned non-finite values without a word"
+
+
+@pytest.mark.parametrize("name, arg, how", [
+    ("w4a4_gemm", "out_dtype", "numpy"),  # a non-dtype out_dtype reached torch.empty (TypeError)
+    ("w4a16_gemm", "group_size", "numpy"),  # a 0-d array passed `in GROUPS` and crashed the kernel
+    ("zipper_high_gpu", "out", "nan"),  # a NaN in the accumulated out came back without a word
+])
+def test_regressions_found_by_the_fuzz(name, arg, how):
+    fn, args = CALLS[name]
+    call = dict(args)
+    call[arg] = _break(args[arg], how)
+    with pytest.raises(ValueError, match=arg.split("_")[0]):
+        fn(**call)
+
+
+def test_numpy_integer_group_sizes_are_taken_as_ints():
+    y = w4a4_gemm(QX, torch.rand(M, K // 32, device=DEVICE) + 0.1, W.packed, W.scale, act_group_size=np.int64(32),
+                  out_dtype=torch.float32)
+    y2 = w4a4_gemm(QX, torch.rand(M, K // 32, device=DEVICE) * 0 + 1, W.packed, W.scale, act_group_size=32,
+                   out_dtype=torch.float32)
+    assert y.shape == y2.shape == (M, N) and torch.isfinite(y).all()
