@@ -105,3 +105,13 @@ def test_an_unknown_gpu_gets_the_default_table_with_a_warning(fake_gpu):
 def test_a_missing_family_is_a_clear_error():
     with pytest.raises(KeyError, match="nonesuch"):
         configs.launch_config("nonesuch", "per_token", 1, torch.device("cpu"))
+
+
+def test_describe_shows_every_family_and_bucket_of_a_table():
+    text = configs.describe("h200.json")
+    table = json.loads((configs.CONFIG_DIR / "h200.json").read_text())
+    for family in ("w4a4", "w4a16", "mosaic", "zipper_high"):
+        for scales, buckets in table[family].items():
+            line = next(l for l in text.splitlines() if l.strip().startswith(f"{family}/{scales}:"))
+            assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
+    assert "M>1024: gemm" in text

@@ -73,3 +73,26 @@ def launch_config(family, scales, m, device):
     keys = sorted(int(k) for k in buckets)
     pick = next((k for k in keys if k >= m), keys[-1])
     return dict(buckets[str(pick)])
+
+
+def describe(name):
+    """One screen: which variant runs for each (family, scales, M bucket) in table `name`."""
+    table = _load(name)
+    lines = [f"{name}: {', '.join(table.get('match', [])) or '(no GPU match)'}"]
+    for family in ("w4a4", "w4a16", "mosaic", "zipper_high"):
+        for scales, buckets in table.get(family, {}).items():
+            row = []
+            ordered = sorted(buckets.items(), key=lambda kv: int(kv[0]))
+            for i, (m, cfg) in enumerate(ordered):
+                tiles = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+                span = f"M<={m}" if i < len(ordered) - 1 else (f"M>{ordered[i - 1][0]}" if i else "any M")
+                row.append(f"{span}: {cfg.get('variant', family)} {tiles}")
+            lines.append(f"  {family}/{scales}: " + "; ".join(row))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m zqkernels.gpu.configs [h200.json ...]
+    import sys
+
+    for arg in sys.argv[1:] or sorted(p.name for p in CONFIG_DIR.glob("*.json")):
+        print(describe(arg if arg.endswith(".json") else arg + ".json"))
