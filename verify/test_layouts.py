@@ -81,3 +81,13 @@ def test_bad_codes_are_refused_by_name():
         DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.ones(3), None, "cpu")
     with pytest.raises(ValueError, match="q_high holds codes outside"):
         ZipperHighGPU.from_codes(np.full((2, 4), 2**40, dtype=np.uint64), np.ones(2), "cpu")
+
+
+@pytest.mark.parametrize("build", [
+    lambda d: DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.ones(2), None, d),
+    lambda d: ZipperHighGPU.from_codes(np.zeros((2, 4), np.int8), np.ones(2), d),
+    lambda d: MosaicBlocks.from_codes(R.mosaic_quantize(np.ones((8, 64)), np.ones(64), density=0.5), d),
+])
+def test_a_bad_device_is_refused_by_name(build):
+    with pytest.raises(ValueError, match="device must be"):
+        build("gpu0")

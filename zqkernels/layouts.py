@@ -25,6 +25,14 @@ import reference
 from reference.validation import as_int_codes
 
 
+def _device(device):
+    """`device` as a torch.device, or ValueError naming it."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device or its name ('cuda', 'cpu', 'cuda:1'), got {device!r}") from exc
+
+
 def pack_to_device(q, device):
     """int codes [..., K] in [-8, 7] -> uint8 [..., K/2] on `device`: the oracle's own packing
     (`reference.pack_int4`), the one definition of the format."""
@@ -61,7 +69,7 @@ class DenseInt4:
             raise ValueError(f"q has odd K={k}; int4 packing needs an even K")
         g = reference.validation.check_group_size("group_size", group_size)
         want = (n,) if g is None else (n, -(-k // g))
-        dev = torch.device(device)
+        dev = _device(device)
         return cls(packed=pack_to_device(q, dev), scale=torch.from_numpy(_scales32("scale", scale, want)).to(dev),
                    group_size=g, shape=(n, k))
 
@@ -161,7 +169,7 @@ class MosaicBlocks:
             kblock = np.zeros(1, dtype=np.int32)
         else:
             kblock = bi[:, 1].astype(np.int32)
-        dev = torch.device(device)
+        dev = _device(device)
         return cls(
             shape=(n, k), block=(bn, bk), group_size=None if group_size is None else int(group_size),
             qb_packed=pack_to_device(qb, dev),
@@ -283,7 +291,7 @@ class ZipperHighGPU:
                 index[slot, rows] = cidx
                 values[slot, rows] = qh[rows, cidx]
             width = e_max
-        dev = torch.device(device)
+        dev = _device(device)
         return cls(shape=(n, k), method=method,
                    row_scale=torch.from_numpy((np.float32(16.0) * s).astype(np.float32)).to(dev),
                    index=torch.from_numpy(np.ascontiguousarray(index)).to(dev),
