@@ -422,7 +422,7 @@ def test_entry_points_reject_bad_arguments():
     sx = torch.ones(3, dtype=torch.float32, device=DEVICE)
     cases = [
         (lambda: mosaic_w4a4_gemm(qx.to(torch.int8), sx, w), "uint8"),
-        (lambda: mosaic_w4a4_gemm(qx[:, :64], sx, w), r"\[M, 65\]"),
+        (lambda: mosaic_w4a4_gemm(qx[:, :64].contiguous(), sx, w), r"\[M, 65\]"),
         (lambda: mosaic_w4a4_gemm(torch.zeros((65, 3), dtype=torch.uint8, device=DEVICE).t(), sx, w), "contiguous"),
         (lambda: mosaic_w4a4_gemm(qx, sx.double(), w), "float32"),
         (lambda: mosaic_w4a4_gemm(qx, sx[:2], w), "shape"),

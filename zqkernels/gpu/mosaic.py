@@ -37,7 +37,7 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
 from zqkernels.gpu.operands import (
-    check_float_acts, check_out, check_out_dtype, check_same_device, check_scale, refuse_non_finite,
+    check_float_acts, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
 )
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 from zqkernels.layouts import MosaicBlocks
@@ -605,12 +605,9 @@ def _check_w4a4_call(qx_packed, act_scale, weights, act_group_size):
     """Zero tokens (M = 0) are valid here and give an empty output."""
     _check_weights(weights)
     n, k = weights.shape
-    if not isinstance(qx_packed, torch.Tensor) or qx_packed.dtype != torch.uint8:
-        raise ValueError(f"qx_packed must be a uint8 packed-int4 tensor, got {getattr(qx_packed, 'dtype', type(qx_packed))}")
-    if qx_packed.dim() != 2 or qx_packed.shape[1] != k // 2:
+    check_packed("qx_packed", qx_packed, allow_empty_rows=True)
+    if qx_packed.shape[1] != k // 2:
         raise ValueError(f"qx_packed must be [M, {k // 2}] for K={k}, got {tuple(qx_packed.shape)}")
-    if not qx_packed.is_contiguous():
-        raise ValueError("qx_packed must be contiguous")
     check_same_device("qx_packed", qx_packed, weights.device, "weights")
     limits.check_k(k, "weights: K")
     limits.check_mosaic_groups(act_group_size, weights.group_size, weight_name="weights.group_size")
