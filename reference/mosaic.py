@@ -16,6 +16,7 @@ from .validation import (
     as_int_codes,
     as_scales,
     check_bits,
+    check_block,
     check_group_size,
     check_product,
     check_unit_interval,
@@ -38,16 +39,6 @@ class MosaicCodes:
         return self.q_base.shape
 
 
-def _check_block(block):
-    if (
-        not isinstance(block, (tuple, list))
-        or len(block) != 2
-        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in block)
-    ):
-        raise ValueError(f"block must be a pair of positive integers (block_n, block_k), got {block!r}")
-    return int(block[0]), int(block[1])
-
-
 def check_mosaic_codes(codes, name="codes"):
     """The fields of a `MosaicCodes` (or any object with them), checked before use: integer codes
     within int8 (dequantization is defined for any; the kernels' packers check the 4-bit range),
@@ -61,7 +52,7 @@ def check_mosaic_codes(codes, name="codes"):
     sb_shape = (n,) if group_size is None else (n, n_groups(k, group_size))
     scale_base = as_scales(f"{name}.scale_base", codes.scale_base, sb_shape)
     try:
-        bn, bk = _check_block(codes.block)
+        bn, bk = check_block(codes.block)
     except ValueError as exc:
         raise ValueError(f"{name}.{exc}") from None
     nbr, nbc = -(-n // bn), -(-k // bk)
@@ -109,7 +100,7 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     if np.any(h < 0):
         raise ValueError("hdiag must be non-negative (a Hessian diagonal is a mean of squares)")
     density = check_unit_interval("density", density)
-    bn, bk = _check_block(block)
+    bn, bk = check_block(block)
     group_size = check_group_size("group_size", group_size)
     n, k = w.shape
 

@@ -70,6 +70,17 @@ def check_group_size(name, group_size):
     return int(group_size)
 
 
+def check_block(block):
+    """A residual block shape (block_n, block_k) of positive integers, as a pair of ints."""
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ValueError(f"block must be a pair of positive integers (block_n, block_k), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def n_groups(k, group_size):
     """Groups of `group_size` consecutive channels over k channels; the last may be short."""
     return 1 if group_size is None else -(-k // group_size)

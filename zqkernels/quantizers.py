@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 import reference
+from reference.validation import check_bits, check_block, check_group_size, check_unit_interval
 
 F64 = torch.float64
 # Relative bound on |smooth_scales - reference.smooth_scales| / reference (see the docstring).
@@ -79,11 +80,6 @@ def _as_tensor(name, a, rank, device=None):
             raise ValueError(f"{name} holds NaN or Inf")
     return t
 
-
-def _check_unit(name, x):
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not (0.0 <= float(x) <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {x!r}")
-    return float(x)
 
 
 def _div(a, b):
@@ -114,7 +110,7 @@ def smooth_scales(act_absmax, weight_absmax, alpha=0.5, eps=1e-5):
         raise ValueError(f"act_absmax shape {tuple(a.shape)} does not match weight_absmax shape {tuple(w.shape)}")
     if bool((a < 0).any()) or bool((w < 0).any()):
         raise ValueError("act_absmax and weight_absmax must be non-negative")
-    alpha = _check_unit("alpha", alpha)
+    alpha = check_unit_interval("alpha", alpha)
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not (
             float(eps) > 0.0 and math.isfinite(float(eps))):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
@@ -122,18 +118,6 @@ def smooth_scales(act_absmax, weight_absmax, alpha=0.5, eps=1e-5):
     return torch.div(torch.pow(torch.clamp_min(a, eps), alpha), torch.pow(torch.clamp_min(w, eps), 1.0 - alpha))
 
 
-def _check_bits(name, bits, allowed):
-    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or int(bits) not in allowed:
-        raise ValueError(f"{name} must be an integer in [{min(allowed)}, {max(allowed)}], got {bits!r}")
-    return int(bits)
-
-
-def _check_group_size(group_size):
-    if group_size is None:
-        return None
-    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
-    return int(group_size)
 
 
 def _per_element(scale, n, k, g):
@@ -166,7 +150,7 @@ def quantize_weights(w, bits=4, group_size=None):
     scale 0 and codes 0. Returns (q int8 [N, K], scale float64 [N] or [N, ceil(K/g)]) on w's
     device, bit-equal to `reference.quantize_weights`."""
     w = _as_tensor("w", w, rank=2)
-    return _rtn(w, _check_bits("bits", bits, range(2, 9)), _check_group_size(group_size))
+    return _rtn(w, check_bits("bits", bits, range(2, 9)), check_group_size("group_size", group_size))
 
 
 # ---------------------------------------------------------------- ZipperQuant
@@ -228,8 +212,8 @@ def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
     exact split `q = q_low + 16 * q_high`; an all-zero row gets Δ = 0 and codes 0.
     Bit-equal to `reference.zipper_quantize`; returns `ZipperCodesTorch` on w's device."""
     w = _as_tensor("w_smoothed", w_smoothed, rank=2)
-    outlier_ratio = _check_unit("outlier_ratio", outlier_ratio)
-    high_bits = _check_bits("high_bits", high_bits, range(1, 9))
+    outlier_ratio = check_unit_interval("outlier_ratio", outlier_ratio)
+    high_bits = check_bits("high_bits", high_bits, range(1, 9))
     q_max = 7 + 16 * (2 ** (high_bits - 1) - 1)
     n, k = w.shape
     a = w.abs()
@@ -309,15 +293,6 @@ def _numpy_block_sum(t):
     return out
 
 
-def _check_block(block):
-    if (
-        not isinstance(block, (tuple, list))
-        or len(block) != 2
-        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in block)
-    ):
-        raise ValueError(f"block must be a pair of positive integers (block_n, block_k), got {block!r}")
-    return int(block[0]), int(block[1])
-
 
 def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     """Base `qb, Δb = quantize_weights(W', 4, group_size)`; residual `R = W' - Δb * qb` cut into
@@ -331,9 +306,9 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
         raise ValueError(f"hdiag has {h.shape[0]} entries but w has K={w.shape[1]}")
     if bool((h < 0).any()):
         raise ValueError("hdiag must be non-negative (a Hessian diagonal is a mean of squares)")
-    density = _check_unit("density", density)
-    bn, bk = _check_block(block)
-    group_size = _check_group_size(group_size)
+    density = check_unit_interval("density", density)
+    bn, bk = check_block(block)
+    group_size = check_group_size("group_size", group_size)
     n, k = w.shape
     dev = w.device
 
