@@ -239,3 +239,14 @@ def test_channel_structured_zipper_keeps_its_high_part_in_c_channels():
     x = torch.from_numpy(rng.standard_normal((3, 64))).float()
     torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0.5 * float(np.abs(x.numpy()).sum(1).max())
                                * float(layer.codes.scale.max()))  # half a step per weight
+
+
+def test_layer_inputs_and_options_refused_by_name():
+    lin = nn.Linear(64, 5)
+    layer = zqnn.W4A4Linear(lin)
+    with pytest.raises(ValueError, match="64 features"):
+        layer(torch.tensor(1.0))  # a 0-d input
+    with pytest.raises(ValueError, match="float32 inverse"):
+        zqnn.W4A4Linear(lin, smooth=np.full(64, 1e300))  # 1/s is 0 in float32: the input would vanish
+    with pytest.raises(ValueError, match="hdiag"):
+        zqnn.MosaicLinear(lin, hdiag="not a vector")

@@ -91,3 +91,12 @@ def test_bad_codes_are_refused_by_name():
 def test_a_bad_device_is_refused_by_name(build):
     with pytest.raises(ValueError, match="device must be"):
         build("gpu0")
+
+
+def test_scales_beyond_float32_are_refused():
+    with pytest.raises(ValueError, match="float32 range"):
+        DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.array([1.0, 1e300]), None, "cpu")
+    with pytest.raises(ValueError, match="float32 range"):
+        ZipperHighGPU.from_codes(np.ones((2, 4), np.int8), np.array([1.0, 3e37]), "cpu")  # 16 * Δ overflows
+    with pytest.raises(ValueError, match="real numeric"):
+        DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.array(["a", "b"]), None, "cpu")

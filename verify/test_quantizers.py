@@ -248,3 +248,11 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_raise_value_error_naming_them(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_group_wider_than_the_row_is_one_group_as_in_the_oracle():
+    w = np.random.default_rng(4).standard_normal((3, 10))
+    q, s = Q.quantize_weights(w, group_size=2**40)
+    q0, s0 = R.quantize_weights(w, group_size=2**40)
+    np.testing.assert_array_equal(q.cpu().numpy(), q0)  # exact
+    np.testing.assert_array_equal(s.cpu().numpy(), s0)

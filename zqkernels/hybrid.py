@@ -14,8 +14,9 @@ One call of `zipper_linear(x, weights, mode="hybrid")` on CUDA:
    `zqkernels.cpu.lut.lut_matmul` with the row scale `16 * Δ_n` fused, writing the pinned output;
 3. meanwhile the main thread launches activation quantization and the W4A4 GEMM (fp32 out) on the
    current stream; nothing on this path waits for the host;
-4. the join: `future.result()` (the only host sync on the critical path), then an async H2D of
-   the high part on the current stream and one add.
+4. the join: a bounded wait for the worker (the host sync of the critical path; the worker has
+   also checked X' for NaN/Inf on the host), then an async H2D of the high part on the current
+   stream and one add.
 Faults never hang a call. Every wait on the worker is bounded by `join_timeout_s`, also when the
 GPU part raises (its error is re-raised once the worker has finished or the bound has passed). A
 CPU part that times out is abandoned: its buffers are dropped (it may still write them) and its

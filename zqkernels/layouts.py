@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import reference
-from reference.validation import as_int_codes
+from reference.validation import as_int_codes, as_scales
 
 
 def _device(device):
@@ -39,13 +39,15 @@ def pack_to_device(q, device):
     return torch.from_numpy(np.ascontiguousarray(reference.pack_int4(q))).to(device)
 
 
-def _scales32(name, s, shape):
-    arr = np.asarray(s, dtype=np.float64)
-    if arr.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} holds NaN or Inf")
-    return arr.astype(np.float32)
+def _scales32(name, s, shape, factor=1.0):
+    """The oracle's scale check (`reference.validation.as_scales`), then the float32 the kernels
+    read: a finite float64 scale (times `factor`) beyond the float32 range is refused too."""
+    arr = as_scales(name, s, tuple(shape))
+    with np.errstate(over="ignore"):
+        out = (arr * factor).astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} holds values beyond the float32 range of the kernels")
+    return out
 
 
 def _host(t):
@@ -269,6 +271,7 @@ class ZipperHighGPU:
         qh = as_int_codes("q_high", qh, -128, 127)
         n, k = qh.shape
         s = _scales32("scale", scale, (n,))
+        _scales32("scale", s, (n,), factor=16.0)  # the kernel reads 16 * Δ_n
         nz = qh != 0
         cols = np.flatnonzero(nz.any(axis=0)).astype(np.int32)
         counts = nz.sum(axis=1)

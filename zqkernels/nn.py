@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import reference
+from reference.validation import as_float_matrix
 from zqkernels import ops
 from zqkernels.gpu import limits
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
@@ -158,11 +159,14 @@ class QuantLinear(nn.Module):
         self._device = device
         k = self.in_features
         if smooth is not None:
-            s = np.asarray(smooth, dtype=np.float64)
-            if s.shape != (k,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
-                raise ValueError(f"smooth must be a positive finite vector of {k} entries, got shape {s.shape}")
+            s = as_float_matrix("smooth", smooth, rank=1)
+            with np.errstate(over="ignore", divide="ignore"):
+                inv32 = (1.0 / s).astype(np.float32)
+            if s.shape != (k,) or np.any(s <= 0) or not np.all(np.isfinite(inv32) & (inv32 > 0)):
+                raise ValueError(f"smooth must be a positive vector of {k} entries whose float32 inverse is finite and "
+                                 f"nonzero, got shape {s.shape}")
             self.smooth = s
-            self.register_buffer("inv_smooth", torch.from_numpy((1.0 / s).astype(np.float32)).to(device))
+            self.register_buffer("inv_smooth", torch.from_numpy(inv32).to(device))
         else:
             self.smooth = None
             self.inv_smooth = None
@@ -198,7 +202,7 @@ class QuantLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"input must be a floating-point tensor (as for torch.nn.Linear), got "
                              f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have {self.in_features} features in its last dimension, got shape "
                              f"{tuple(x.shape)}")
         lead = x.shape[:-1]
@@ -213,8 +217,9 @@ class QuantLinear(nn.Module):
         return torch.from_numpy(self._reference_product(xs)).to(x2.device, torch.float32)
 
     def _cuda_input(self, x2):
-        if x2.device.type != "cuda":
-            raise ValueError(f"backend={self.backend!r} needs its input on CUDA, got {x2.device}")
+        if x2.device.type != "cuda" or (self._device.index is not None and x2.device != self._device):
+            raise ValueError(f"backend={self.backend!r}: the input must be on the layer's device {self._device}, "
+                             f"got {x2.device}")
         if x2.dtype == torch.float32:
             x2 = x2.to(torch.float16)
         return x2.contiguous()
@@ -393,7 +398,7 @@ class MosaicLinear(QuantLinear):
     def __init__(self, linear, *, hdiag, smooth=None, density=0.05, block=(64, 64), group_size=None, act_bits=4,
                  act_group_size=None, backend="torch"):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
-        h = np.asarray(hdiag, dtype=np.float64)
+        h = as_float_matrix("hdiag", hdiag, rank=1)
         if h.shape != (self.in_features,):
             raise ValueError(f"hdiag must have {self.in_features} entries, got shape {h.shape}")
         if self.smooth is not None:

@@ -7,7 +7,7 @@ The ops take tensors, ints and dtypes only: group sizes are ints with 0 meaning 
 per channel), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors (the
 `*_args` helpers below unpack a layout). The real implementations call the launchers of
 `zqkernels.gpu`, which validate their operands (values unchecked: `check_finite=False`, the
-per-token path has no host sync); the fakes check only what shapes need.
+per-token path has no host sync); the fakes only compute the outputs' shapes and dtypes.
 """
 from __future__ import annotations
 
@@ -62,14 +62,10 @@ def _(x, qw, sw, group_size):
 
 
 def _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk, group_size):
-    """A MosaicBlocks view over the op's tensors (no copy; its tile lists are rebuilt once per
-    layout object, so callers pass the same tensors and the launcher caches per layout)."""
+    """A MosaicBlocks view over the op's tensors (no copy of them)."""
     return MosaicBlocks(shape=(n, k), block=(bn, bk), group_size=_group(group_size), qb_packed=qb, scale_base=sb,
                         res_packed=res, scale_res=sres, indptr=indptr, kblock=kblock,
                         n_blocks=int(block_index.shape[0]), block_index=block_index.cpu().numpy())
-
-
-_MOSAIC_VIEWS = {}
 
 
 @custom_op("zq::mosaic_w4a4_gemm", mutates_args=())
@@ -79,11 +75,12 @@ def mosaic_w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qb: torch.Tensor, sb: t
                      out_dtype: torch.dtype) -> torch.Tensor:
     from zqkernels.gpu.mosaic import mosaic_w4a4_gemm as launch
 
-    key = (qb.data_ptr(), res.data_ptr(), bn, bk)
-    w = _MOSAIC_VIEWS.get(key)
-    if w is None or w.qb_packed is not qb:
-        w = _MOSAIC_VIEWS[key] = _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk,
-                                                group_size)
+    # The view (and the tile lists it builds once) lives on the base tensor itself, so it goes away
+    # with the layer that owns the tensors.
+    w = getattr(qb, "_zq_mosaic_view", None)
+    if w is None or w.res_packed is not res or w.block != (bn, bk):
+        w = _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk, group_size)
+        qb._zq_mosaic_view = w
     return launch(qx, sx, w, act_group_size=_group(act_group_size), out_dtype=out_dtype, check_finite=False)
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 import reference
-from reference.validation import check_bits, check_block, check_group_size, check_unit_interval
+from reference.validation import check_bits, check_block, check_group_size, check_unit_interval, n_groups
 
 F64 = torch.float64
 # Relative bound on |smooth_scales - reference.smooth_scales| / reference (see the docstring).
@@ -127,12 +127,18 @@ def _per_element(scale, n, k, g):
     return scale[:, :, None].expand(n, scale.shape[1], g).reshape(n, -1)[:, :k]
 
 
+def _group_width(k, group_size):
+    """Channels per scale group, as `reference.quantize_weights` takes them."""
+    return max(k, 1) if group_size is None else min(group_size, max(k, 1))
+
+
 def _rtn(w, bits, group_size):
     """`reference.quantize_weights` on an already checked float64 tensor."""
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
-    g = k if group_size is None else group_size
-    ng = 1 if group_size is None else -(-k // group_size)
+    # as the oracle: K = 0 is one empty group, a group wider than the row is one group of K
+    g = _group_width(k, group_size)
+    ng = n_groups(k, group_size)
     padded = torch.zeros((n, ng * g), dtype=F64, device=w.device)
     padded[:, :k] = w.abs()
     absmax = padded.reshape(n, ng, g).amax(dim=2) if g else torch.zeros((n, ng), dtype=F64, device=w.device)
@@ -313,7 +319,7 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     dev = w.device
 
     q_base, scale_base = _rtn(w, 4, group_size)
-    g = k if group_size is None else group_size
+    g = _group_width(k, group_size)
     nbr, nbc = -(-n // bn), -(-k // bk)
     padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=dev)
     padded[:n, :k] = w - q_base.to(F64) * _per_element(scale_base, n, k, g)

@@ -31,11 +31,11 @@ def _check_weight_bits(bits):
     return int(bits)
 
 
-def rotate_torch(x, block):
-    """`x @ diag(H_block, ...)` for x [M, K] in float64 (`reference.block_hadamard` in torch)."""
+def rotate_torch(x, h):
+    """`x @ diag(H, H, ...)` for x [M, K] in float64, H the [b, b] block (`reference.block_hadamard` in torch)."""
     m, k = x.shape
-    h = torch.from_numpy(reference.hadamard_matrix(block)).to(x.device)
-    return (x.to(torch.float64).reshape(m, k // block, block) @ h).reshape(m, k)
+    b = h.shape[0]
+    return (x.to(torch.float64).reshape(m, k // b, b) @ h).reshape(m, k)
 
 
 class RotatedLinear(zqnn.QuantLinear):
@@ -54,6 +54,10 @@ class RotatedLinear(zqnn.QuantLinear):
                 raise ValueError(f"rotation_block must be a power of two dividing in_features={k}, got {rotation_block!r}")
             rotation_block = b
         self.rotation_block = rotation_block
+        if rotation_block is not None:  # built once: the forward multiplies by it on the device
+            self.register_buffer("hadamard", torch.from_numpy(reference.hadamard_matrix(rotation_block)).to(self._device))
+        else:
+            self.hadamard = None
         self.weight_bits = None if weight_bits is None else _check_weight_bits(weight_bits)
         self.group_size = zqnn._check_group("group_size", group_size)
         w = self.w_smoothed
@@ -80,7 +84,7 @@ class RotatedLinear(zqnn.QuantLinear):
     def _forward_torch(self, x2):
         xs = self._smoothed(x2)
         if self.rotation_block is not None:
-            xs = rotate_torch(xs, self.rotation_block).to(torch.float32)
+            xs = rotate_torch(xs, self.hadamard).to(torch.float32)
         return self._act(xs) @ self.w_t
 
     def _reference_product(self, xs):
