@@ -166,8 +166,8 @@ def _fp8_rowwise_cast_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
             tl.store(c_row + k0 + offs, _e4m3_grid(v, scale).to(tl.float8e4nv), mask=mask)
 
 
-# Rows up to 4096 stay in registers (16 floats a thread at 8 warps); longer ones loop. Holding a
-# whole 14336-wide row instead was slower on an H200 (fewer resident programs per SM).
+# Rows up to 4096 stay in registers (16 floats a thread at 8 warps); longer ones loop, so a
+# 14336-wide row does not take a program's whole register file.
 FP8_CAST_MAX_BLOCK = 4096
 
 

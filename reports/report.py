@@ -72,8 +72,9 @@ CEILINGS = {
         "fp16_tflops": 790.0,
         "int8_tops": 1580.0,
         "fp8_tflops": 1580.0,
-        "source": "H200, measured on one: device-to-device copy ~4.3 TB/s (read + write), bf16 8192^3 torch "
-                  "matmul ~790 TFLOP/s on random data; INT8 / FP8 peak taken as 2x that (not measured). "
+        "source": "H200, measured by the workplace's device notes (not a result of this repository): "
+                  "device-to-device copy ~4.3 TB/s (read + write), bf16 8192^3 torch matmul ~790 TFLOP/s on "
+                  "random data; INT8 / FP8 peak taken as 2x that (not measured). "
                   "Datasheet, dense: FP16/BF16 989 TFLOP/s, INT8 1979 TOPS, FP8 1979 TFLOP/s, HBM3e 4.8 TB/s",
     },
 }
