@@ -7,6 +7,7 @@ Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and ever
 """
 import torch
 
+import reference
 from tuning import DEVICE, Sweep, parser
 
 from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
@@ -37,10 +38,8 @@ def rand_packed(rows, k, gen):
 
 
 def unpack(p):
-    lo = (p & 15).to(torch.int16)
-    hi = (p >> 4).to(torch.int16)
-    codes = torch.stack((torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)), dim=-1)
-    return codes.reshape(p.shape[0], -1).double()
+    """Packed uint8 codes -> float64 codes on p's device, by the oracle's own unpacking."""
+    return torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).double().to(p.device)
 
 
 def main():

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 if str(PERF_DIR) not in sys.path:
     sys.path.insert(0, str(PERF_DIR))
 
-from shapes import MODELS  # noqa: E402
+from shapes import DEFAULT_SHAPES, M_VALUES, MODELS  # noqa: E402
 from timing import graph_median_ms  # noqa: E402
 
 from zqkernels.gpu.configs import CONFIG_DIR  # noqa: E402
@@ -38,8 +38,6 @@ SHAPES = {s.name: s for m in MODELS.values() for s in m.layer_shapes()}
 # of the scripts themselves; its timings mean nothing and it writes no table unless asked).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-DEFAULT_SHAPES = ("llama3-8b.o", "llama3-8b.qkv", "llama3-8b.gate_up", "llama3-8b.down")
-DEFAULT_MS = (1, 16, 64, 256, 1024, 4096)
 
 
 def parser(doc):
@@ -47,7 +45,7 @@ def parser(doc):
     ap.add_argument("--out", required=True, help="results JSON (every verification and timing)")
     ap.add_argument("--table", default=None, help="configs/<gpu>.json to update (default: from the device name)")
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
-    ap.add_argument("--m", default=",".join(str(m) for m in DEFAULT_MS))
+    ap.add_argument("--m", default=",".join(str(m) for m in M_VALUES))
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop timing new candidates after this")
     ap.add_argument("--verify-shape", default="1000,4000",
                     help="N,K of the verification case (no tile multiple, K not a multiple of 256)")
