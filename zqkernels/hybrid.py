@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 import reference
+from reference.validation import check_group_size
 from reference.zipper import check_zipper_codes
 from zqkernels.cpu import lut as cpu_lut
 from zqkernels.layouts import DenseInt4, ZipperHighGPU
@@ -200,26 +201,14 @@ class ZipperWeights:
         or None; lut: an optional prebuilt reference.PatternLUT of codes.q_high (else built here
         with `lut_group_size`); lut_dtype: float32 (fast) or float64 (the oracle's precision);
         cpu_threads: Numba threads of the worker (None: all cores, but one on a CUDA host)."""
-        for name in ("q_low", "q_high", "scale"):
-            if not hasattr(codes, name):
-                raise ValueError(f"codes must be a reference.ZipperCodes, it has no field {name!r}")
-        q_low, q_high = np.asarray(codes.q_low), np.asarray(codes.q_high)
-        scale = np.asarray(codes.scale, dtype=np.float64)
-        if q_low.ndim != 2 or q_high.shape != q_low.shape or scale.shape != (q_low.shape[0],):
-            raise ValueError(f"codes: q_low {q_low.shape}, q_high {q_high.shape}, scale {scale.shape} disagree")
+        q_low, q_high, scale = check_zipper_codes(codes)  # the oracle's checks: fields, ranges, finite scales
         n, k = q_low.shape
         if k % 2:
             raise ValueError(f"codes: K must be even to pack int4 low codes, got K={k}")
-        if q_low.size and (q_low.min() < -8 or q_low.max() > 7):
-            raise ValueError("codes.q_low holds codes outside [-8, 7]")
-        if not np.all(np.isfinite(scale)):
-            raise ValueError("codes.scale holds NaN or Inf")
-        check_zipper_codes(codes)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA GPU is available")
-        if act_group_size is not None and (not isinstance(act_group_size, int) or act_group_size <= 0):
-            raise ValueError(f"act_group_size must be None or a positive integer, got {act_group_size!r}")
+        act_group_size = check_group_size("act_group_size", act_group_size)
         lut_dtype = np.dtype(lut_dtype)
         if lut_dtype not in _LUT_DTYPES:
             raise ValueError(f"lut_dtype must be float32 or float64, got {lut_dtype}")
