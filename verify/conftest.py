@@ -9,6 +9,9 @@ a CUDA GPU is present, else `ci`):
 - `ci`: each law's own example budget (`strategies.examples(n)` = n), no deadline; what CI runs.
 - `gpu`: the same budgets, compiled kernels; the `gpu`-marked tests add LLaMA-sized shapes.
 - `thorough`: ten times every budget, for a long hunt before a release or after a kernel change.
+
+ZQ_TEST_TIMES=<file> appends one line per test phase as it finishes (seconds, phase, outcome,
+node id), so a run cut short by a time limit still says where its time went.
 """
 import os
 
@@ -31,3 +34,9 @@ PROFILE = os.environ.get("ZQ_HYPOTHESIS_PROFILE") or ("gpu" if GPU_AVAILABLE els
 if PROFILE not in ("ci", "gpu", "thorough"):
     raise ValueError(f"ZQ_HYPOTHESIS_PROFILE must be ci, gpu or thorough, got {PROFILE!r}")
 settings.load_profile(PROFILE)
+
+_TIMES = os.environ.get("ZQ_TEST_TIMES")
+if _TIMES:
+    def pytest_runtest_logreport(report):
+        with open(_TIMES, "a") as f:
+            f.write(f"{report.duration:.3f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The compiled verify run on a GPU host, each step under its own time limit, logs under $1:
+#   verify_gpu.log / .times     pytest verify/ -m gpu (LLaMA-sized shapes)
+#   verify_all.log / .times     the whole pytest verify/ (every law compiled), wall time to exit
+#   memcheck.log, racecheck.log compute-sanitizer over the GPU-marked kernel tests
+# Usage: bash verify/gpu_run.sh OUTDIR [steps...]   (steps: gpu all memcheck racecheck; default all four)
+# Limits (seconds) from the environment: ZQ_T_GPU, ZQ_T_ALL, ZQ_T_MEMCHECK, ZQ_T_RACECHECK.
+set -u
+out=${1:?usage: verify/gpu_run.sh OUTDIR [steps...]}; shift
+mkdir -p "$out"
+steps=${*:-gpu all memcheck racecheck}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+step() {  # name limit command...
+    local name=$1 limit=$2; shift 2
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    ZQ_TEST_TIMES="$out/$name.times" timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    echo "# $name: exit $rc, wall $(python3 -c "print(round($t1 - $t0, 1))") s, limit $limit s: $*" | tee -a "$out/$name.log"
+}
+for s in $steps; do
+    case $s in
+        gpu) step verify_gpu "${ZQ_T_GPU:-240}" python -m pytest verify/ -m gpu -q -p no:cacheprovider --durations=20 ;;
+        all) step verify_all "${ZQ_T_ALL:-420}" python -m pytest verify/ -q -p no:cacheprovider --durations=40 ;;
+        memcheck) step memcheck "${ZQ_T_MEMCHECK:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+            python -m pytest verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py verify/test_w4a4.py \
+            verify/test_w4a16.py -m gpu -q -p no:cacheprovider ;;
+        racecheck) step racecheck "${ZQ_T_RACECHECK:-240}" compute-sanitizer --tool racecheck --error-exitcode 3 \
+            python -m pytest verify/test_w4a4.py verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py \
+            -m gpu -q -p no:cacheprovider -k "not 14336" ;;
+        *) echo "unknown step $s (gpu all memcheck racecheck)"; exit 2 ;;
+    esac
+done
