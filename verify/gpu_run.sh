@@ -5,9 +5,19 @@
 #   memcheck.log, racecheck.log compute-sanitizer over the GPU-marked kernel tests
 # Usage: bash verify/gpu_run.sh OUTDIR [steps...]   (steps: gpu all memcheck racecheck; default all four)
 # Limits (seconds) from the environment: ZQ_T_GPU, ZQ_T_ALL, ZQ_T_MEMCHECK, ZQ_T_RACECHECK.
+# ZQ_WORKERS (default 8): pytest-xdist processes for the gpu and all steps (0: one process). The
+# compiled run's time is Triton compilation (every new constexpr / shape specialization is a
+# compile, CPU-bound), which parallel workers spread over the host's cores; they share Triton's
+# on-disk cache. The sanitizer steps run in one process.
 set -u
 out=${1:?usage: verify/gpu_run.sh OUTDIR [steps...]}; shift
 mkdir -p "$out"
+workers=${ZQ_WORKERS:-8}
+par=()
+if [ "$workers" != 0 ]; then
+    python3 -c "import xdist" 2>/dev/null || { echo "ZQ_WORKERS=$workers needs pytest-xdist (pip install pytest-xdist), or set ZQ_WORKERS=0"; exit 2; }
+    par=(-n "$workers")
+fi
 steps=${*:-gpu all memcheck racecheck}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 step() {  # name limit command...
@@ -21,8 +31,8 @@ step() {  # name limit command...
 }
 for s in $steps; do
     case $s in
-        gpu) step verify_gpu "${ZQ_T_GPU:-240}" python -m pytest verify/ -m gpu -q -p no:cacheprovider --durations=20 ;;
-        all) step verify_all "${ZQ_T_ALL:-420}" python -m pytest verify/ -q -p no:cacheprovider --durations=40 ;;
+        gpu) step verify_gpu "${ZQ_T_GPU:-240}" python -m pytest verify/ -m gpu "${par[@]}" -q -p no:cacheprovider --durations=20 ;;
+        all) step verify_all "${ZQ_T_ALL:-420}" python -m pytest verify/ "${par[@]}" -q -p no:cacheprovider --durations=40 ;;
         memcheck) step memcheck "${ZQ_T_MEMCHECK:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
             python -m pytest verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py verify/test_w4a4.py \
             verify/test_w4a16.py -m gpu -q -p no:cacheprovider ;;
