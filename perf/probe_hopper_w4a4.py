@@ -9,8 +9,13 @@ LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the
 - activation codes as int8 bytes in memory (16 * code, no unpack) x packed int4 weights unpacked in
   registers, in both orientations (`dot(x, w.T)` and the swapped `dot(w, x.T)`, where the unpacked
   weights are the MMA's A operand);
-- both operands packed int4 (the shipped data path) at more tile shapes.
-Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json`.
+- both operands packed int4 (the shipped data path) at more tile shapes;
+- (`--set tma`) int8 activation codes x packed int4 weights, the weights packed either in natural
+  order (byte j holds codes 2j, 2j+1: the unpacked halves must be interleaved back, a register
+  shuffle) or in tile halves (byte j of each BLOCK_K tile holds codes j and j + BLOCK_K/2: the two
+  unpacked planes are the two contiguous halves of the tile, each dotted with its half of the
+  activation tile, no shuffle), with plain pointer loads or TMA tensor descriptors.
+Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma]`.
 """
 from __future__ import annotations
 
@@ -79,6 +84,116 @@ def _probe_kernel(a_ptr, w_ptr, out_ptr, M, N, K, stride_a, stride_w,
     tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc.to(tl.float32), mask=mask)
 
 
+@triton.jit
+def _probe_tma_kernel(a_desc, w_desc, a_ptr, w_ptr, out_ptr, M, N, K, stride_a, stride_w,
+                      HALVES: tl.constexpr, TMA: tl.constexpr, USE_ASM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # a: int8 codes [M, K]; w: packed int4 [N, K/2] (natural order, or tile halves with HALVES).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    BKH: tl.constexpr = BLOCK_K // 2
+    rm = (off_m + tl.arange(0, BLOCK_M)) % M
+    rn = (off_n + tl.arange(0, BLOCK_N)) % N
+    ka = tl.arange(0, BKH) if HALVES else tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_a + ka[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_w + tl.arange(0, BKH)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        if TMA:
+            w = w_desc.load([off_n, k // 2])
+        else:
+            w = tl.load(w_ptrs)
+        w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
+        if HALVES:
+            if TMA:
+                a0 = a_desc.load([off_m, k])
+                a1 = a_desc.load([off_m, k + BKH])
+            else:
+                a0 = tl.load(a_ptrs)
+                a1 = tl.load(a_ptrs + BKH)
+            acc = tl.dot(a0, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a1, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        else:
+            if TMA:
+                a = a_desc.load([off_m, k])
+            else:
+                a = tl.load(a_ptrs)
+            wj = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+            acc = tl.dot(a, tl.trans(wj), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BKH
+    om = off_m + tl.arange(0, BLOCK_M)
+    on = off_n + tl.arange(0, BLOCK_N)
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc.to(tl.float32), mask=mask)
+
+
+def pack_halves(codes, block_k):
+    """[N, K] int8 codes -> [N, K/2] bytes, byte j of each block_k tile = code j | code (j + block_k/2) << 4."""
+    n, k = codes.shape
+    t = codes.reshape(n, k // block_k, 2, block_k // 2)
+    return ((t[:, :, 0] & 15) | ((t[:, :, 1] & 15) << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
+
+
+TMA_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+]
+# (name, HALVES, TMA)
+TMA_VARIANTS = [
+    ("a_i8_w_i4_join", False, False),
+    ("a_i8_w_i4_halves", True, False),
+    ("a_i8tma_w_i4tma_join", False, True),
+    ("a_i8tma_w_i4tma_halves", True, True),
+]
+
+
+def run_tma_set(results, sname, M, N, K, ca, cw, exact, out, budget_end):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    row = lambda **kw: results["rows"].append(dict(shape=sname, N=N, K=K, **kw))
+    pw_nat = ((cw[:, 0::2] & 15) | ((cw[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+    for cfg in TMA_CONFIGS:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        pw_half = pack_halves(cw, bk)
+        meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        for vname, halves, tma in TMA_VARIANTS:
+            if time.time() > budget_end:
+                row(variant=vname, config=cfg, skipped="time budget")
+                continue
+            w_t = pw_half if halves else pw_nat
+            a_desc = TensorDescriptor.from_tensor(ca, [bm, bk // 2 if halves else bk]) if tma else None
+            w_desc = TensorDescriptor.from_tensor(w_t, [bn, bk // 2]) if tma else None
+            try:
+                launch = lambda: _probe_tma_kernel[grid](a_desc, w_desc, ca, w_t, out, M, N, K, ca.stride(0),
+                                                         w_t.stride(0), HALVES=halves, TMA=tma, USE_ASM=True, **meta,
+                                                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                out.fill_(float("nan"))
+                h = launch()
+                torch.cuda.synchronize()
+                ok = bool(torch.equal(out / 16.0, exact))
+                info = {}
+                try:
+                    info = dict(n_regs=h.n_regs, n_spills=h.n_spills, shared=h.metadata.shared,
+                                wgmma="wgmma" in h.asm.get("ptx", ""))
+                except Exception:  # noqa: BLE001
+                    pass
+                row(variant=vname, config=cfg, us=bench(launch), exact=ok, **info)
+            except Exception as exc:  # noqa: BLE001
+                row(variant=vname, config=cfg, error=repr(exc)[:300])
+
+
 def bench(fn, graph=True):
     fn()
     torch.cuda.synchronize()
@@ -122,6 +237,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--set", choices=("data-path", "tma"), default="data-path",
+                    help="data-path: the formats and orientations above; tma: int8 activations x packed "
+                         "weights, natural or tile-halves order, pointer or TMA loads")
     args = ap.parse_args()
     t_start = time.time()
     from zqkernels.gpu.w4a4 import w4a4_gemm
@@ -162,8 +280,13 @@ def main():
         row(variant="w4a4_gemm_shipped", us=bench(lambda: w4a4_gemm(pa, sxs, pw, sws, out_dtype=torch.float32)),
             exact=bool(torch.equal(y, exact)))
         out = torch.empty(M, N, device="cuda", dtype=torch.float32)
-        operands = {1: (a8, w8), 2: (af8, wf8)}
-        for vname, afmt, wfmt, swap in VARIANTS:
+        if args.set == "tma":
+            row(variant="i8xi8_mem", config=CONFIGS[0], us=bench(lambda: _probe_kernel[
+                (triton.cdiv(M, 128) * triton.cdiv(N, 128),)](a8, w8, out, M, N, K, a8.stride(0), w8.stride(0),
+                A_FMT=1, W_FMT=1, SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                num_warps=8, num_stages=3)))
+            run_tma_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
+        for vname, afmt, wfmt, swap in (VARIANTS if args.set == "data-path" else []):
             a_t = pa if afmt == 0 else (a8 if afmt == 1 else af8)
             w_t = pw if wfmt == 0 else (w8 if wfmt == 1 else wf8)
             scale = 1.0 if (afmt == 2) else (256.0 if (afmt != 2 and wfmt != 2) else 16.0)
