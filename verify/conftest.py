@@ -36,7 +36,9 @@ if PROFILE not in ("ci", "gpu", "thorough"):
 settings.load_profile(PROFILE)
 
 _TIMES = os.environ.get("ZQ_TEST_TIMES")
-if _TIMES:
+# under pytest-xdist every report reaches this hook twice (in its worker, then in the controller):
+# only the controller (or a run without workers) writes
+if _TIMES and "PYTEST_XDIST_WORKER" not in os.environ:
     def pytest_runtest_logreport(report):
         with open(_TIMES, "a") as f:
             f.write(f"{report.duration:.3f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
