@@ -188,8 +188,8 @@ def test_gpu_backends_without_gpu_raise_clearly(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="mosaic", backend="triton", act_group_size=32, group_size=64), "act_group_size=32.*multiple of 64"),
-    (dict(method="mosaic", backend="triton", act_group_size=64, group_size=32), "group_size=32.*multiple of 64"),
+    (dict(method="mosaic", backend="triton", act_group_size=48, group_size=64), "act_group_size=48.*multiple of 32"),
+    (dict(method="mosaic", backend="triton", act_group_size=32, group_size=16), "group_size=16.*multiple of 32"),
     (dict(method="mosaic", backend="triton", act_group_size=64, group_size=64, block=(48, 64)), "bn=48"),
     (dict(method="rtn-w4a4", backend="triton", act_group_size=48), "act_group_size must be None or one of"),
     (dict(method="smoothquant-w4a4", backend="triton", group_size=128), "per-channel weight scales"),
@@ -206,6 +206,7 @@ def test_kernel_limits_are_refused_before_any_work(kwargs, match):
 
 @pytest.mark.parametrize("kwargs", [
     dict(method="mosaic", backend="triton", act_group_size=64, group_size=64),
+    dict(method="mosaic", backend="triton", act_group_size=32, group_size=32),
     dict(method="rtn-w4a4", backend="triton", act_group_size=32),
     dict(method="zipper", backend="triton", act_group_size=None),
     dict(method="mosaic", backend="torch", act_group_size=32, group_size=32),  # the torch backend takes any group

@@ -10,6 +10,9 @@ Laws:
   product on absolute values, and 2**-20 a generous bound for the float32 scale products and the
   float32 accumulation of residual blocks (a few hundred fp32 roundings of 2**-24 each).
 - any launch config (tile shapes, unroll) gives the same result.
+- groups of 32 (weights, activations or both; a 64-deep residual block then spans two groups):
+  every variant, stepping K 32 deep (one natural-order int8 dot per step), equals the oracle as
+  above, its int32 accumulators exactly.
 Residual block sets are drawn per row-block: empty, every K-block, or random (densities 0, one
 block, ~5 %, 100 %), on M = 1, N and K not multiples of the block, values with ties and outliers.
 Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
@@ -27,6 +30,7 @@ import reference as R
 from strategies import MATRIX_KINDS, examples, matrices
 from zqkernels.gpu.mosaic import (
     VARIANTS,
+    _table_config,
     mosaic_w4a4_gemm,
     mosaic_w4a4_gemm_int32,
     mosaic_w4a4_gemm_unfused,
@@ -66,10 +70,18 @@ SPLITK = [
 ALL = INLOOP + RESLATE + SPLITK
 K64 = [c for c in ALL if c["BLOCK_K"] == 64]  # one K step per group of 64 or 128
 WIDE = [c for c in ALL if c["BLOCK_K"] > 64]  # the base loop wider than a 64-deep block
+# K steps of 32, each one group of 32: the natural-order dot, and the residual block (bk >= 64) in
+# two or more steps. Tiles inside one row-block or over several (BLOCKS' bn of 16 to 64); K split.
+K32 = [
+    dict(variant="inloop", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, UNROLL=2, SPLIT_K=2, num_warps=4, num_stages=2),
+    dict(variant="reslate", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
+    dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2),
+]
 W4A16_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, UNROLL=2, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, UNROLL=3, num_warps=4, num_stages=2),
 ]
 
 
@@ -81,6 +93,7 @@ def _ids(cfgs):
 def test_every_variant_has_explicit_configs():
     assert {c["variant"] for c in ALL} == set(VARIANTS)
     assert {c["variant"] for c in K64} == set(VARIANTS) and {c["variant"] for c in WIDE} >= {"reslate", "splitk"}
+    assert {c["variant"] for c in K32} == set(VARIANTS) and any(c["BLOCK_K"] == 32 for c in W4A16_CONFIGS)
 
 
 def dev(a):
@@ -167,7 +180,7 @@ def act_matrix(draw, m, k):
 # Exact integer accumulators of the fused kernel
 
 
-@pytest.mark.parametrize("cfg", [None] + ALL, ids=_ids([None] + ALL))
+@pytest.mark.parametrize("cfg", [None] + ALL + K32, ids=_ids([None] + ALL + K32))
 @settings(max_examples=examples(5))
 @given(codes=mosaic_codes(), m=st.sampled_from([1, 3, 17]), seed=st.integers(0, 2**32 - 1))
 def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
@@ -240,9 +253,80 @@ def test_wide_base_step_matches_reference(codes, data, act_group_size, out_dtype
     assert_close(y, ref, mag, out_dtype, "wide-K " + cfg["variant"])
 
 
+# (weight group, activation group) pairs holding a group of 32, beside per-channel / per-token scales, a
+# coarser group, and a group of 96 (a multiple of 32 that is no power of two).
+GROUPS_32 = [(32, 32), (32, None), (None, 32), (64, 32), (32, 128), (96, 32)]
+
+
+@pytest.mark.parametrize("cfg", K32, ids=_ids(K32))
+@settings(max_examples=examples(4))
+@given(data=st.data(), groups=st.sampled_from(GROUPS_32),
+       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_groups_of_32_match_reference(data, groups, out_dtype, cfg):
+    """Every variant with weight and/or activation groups of 32, fused and unfused: each 32-deep
+    K step rescaled by its own groups' scales, a residual block's two halves by theirs; K (drawn
+    up to 200) rarely a multiple of 32 or 64, M = 1, all-zero rows among the drawn activations."""
+    w_group, act_group_size = groups
+    codes = data.draw(mosaic_codes(max_n=100, max_k=200, group_sizes=(w_group,)))
+    n, k = codes.q_base.shape
+    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
+        return  # beyond fp16's range: the product itself is not representable
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, ref, mag, out_dtype, "fused, groups " + str(groups))
+    # The unfused baseline adds its residual to the stored output: fp32 (no double rounding).
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out,
+                             config=cfg)
+    assert_close(out, ref, mag, torch.float32, "unfused, groups " + str(groups))
+
+
+# One M in each bucket of the launch table: the interpreter's, and (compiled) the GPU's; see below.
+TABLE_M = [1, 8, 16, 40] + ([100, 300] if GPU else [])
+
+
+def test_launch_table_sends_groups_of_32_through_every_variant():
+    w = prepare_mosaic(R.mosaic_quantize(np.ones((8, 96)), np.ones(96), density=0.5, group_size=32), DEVICE)
+    cfgs = [_table_config(m, w, 32, "w4a4") for m in TABLE_M]
+    assert {c["variant"] for c in cfgs} == set(VARIANTS)
+    assert all(c["BLOCK_K"] == 32 for c in cfgs) and _table_config(1, w, None, "w4a16")["BLOCK_K"] == 32
+
+
+@pytest.mark.parametrize("m", TABLE_M)
+@settings(max_examples=examples(2))
+@given(codes=mosaic_codes(max_n=100, max_k=200, group_sizes=(32,)), data=st.data(),
+       act_group_size=st.sampled_from([32, None, 64]))
+def test_launch_table_groups_of_32_match_reference(codes, data, act_group_size, m):
+    """The launch table's own variant at each M with base-weight groups of 32 (and activation
+    groups of 32, 64 or per token): fused, unfused and W4A16 against the oracle."""
+    n, k = codes.q_base.shape
+    x = act_matrix(data.draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+        fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
+        assert_close(out, ref, mag, torch.float32, fn.__name__ + " default config, groups of 32")
+    xt = torch.from_numpy(x).to(torch.bfloat16)  # bf16: no outlier overflows
+    x_used = xt.double().numpy()
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
+    mag16 = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
+    assert_close(out, R.mosaic_matmul(x_used, codes, act_bits=None), mag16, torch.float32, "w4a16, groups of 32")
+
+
 # Every bucket of the launch table: the interpreter's (splitk <= 8 < inloop <= 16 < reslate), and compiled the
 # GPU's (splitk <= 16 < inloop <= 64 < reslate).
-@pytest.mark.parametrize("m", [1, 8, 16, 40] + ([100, 300] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("m", TABLE_M)
 @settings(max_examples=examples(4), deadline=None)
 @given(codes=mosaic_codes(max_n=140, max_k=600, group_sizes=(None, 64, 256)), data=st.data(),
        act_group_size=st.sampled_from([None, 64, 256]))
@@ -296,10 +380,12 @@ def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
 
 @pytest.mark.parametrize("cfg", [None] + W4A16_CONFIGS, ids=_ids([None] + W4A16_CONFIGS))
 @settings(max_examples=examples(6))
-@given(codes=mosaic_codes(group_sizes=(None, 64)), data=st.data(),
+@given(codes=mosaic_codes(group_sizes=(None, 32, 64)), data=st.data(),
        x_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
     n, k = codes.q_base.shape
+    if codes.group_size is not None and cfg is not None and codes.group_size % cfg["BLOCK_K"]:
+        cfg = dict(cfg, BLOCK_K=codes.group_size)  # one weight scale per K step
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
     x = act_matrix(data.draw, m, k)
     xt = torch.from_numpy(x).to(x_dtype)
@@ -427,7 +513,12 @@ def test_entry_points_reject_bad_arguments():
         (lambda: mosaic_w4a4_gemm(qx, sx.double(), w), "float32"),
         (lambda: mosaic_w4a4_gemm(qx, sx[:2], w), "shape"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, act_group_size=64), "shape"),
-        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32), "multiple of 64"),
+        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 3), device=DEVICE), w, act_group_size=48), "multiple of 32"),
+        (lambda: mosaic_w4a4_gemm(qx, sx, w, config=dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)),
+         "BLOCK_K=16 must be >= 32"),
+        (lambda: mosaic_w4a4_gemm(qx, torch.ones((3, 5), device=DEVICE), w, act_group_size=32,
+                                  config=dict(variant="reslate", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
+         "act_group_size=32 must be a multiple of BLOCK_K=64"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w, out_dtype=torch.int32), "out_dtype"),
         (lambda: mosaic_w4a4_gemm(qx, sx, "weights"), "MosaicBlocks"),
         (lambda: mosaic_w4a4_gemm(qx, sx, w24, config=dict(variant="inloop", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)),

@@ -13,9 +13,10 @@ import numpy as np
 # the smallest compiled int8 dot is 32 deep.
 ACT_GROUPS = (32, 64, 128, 256)
 W4A16_GROUPS = (32, 64, 128, 256)
-# The Mosaic kernels step K by at least 64 (two nibble planes of 32, the int8 dot's minimum), and
-# one K step must lie inside one scale group: groups must be multiples of 64.
-MOSAIC_GROUP_MULTIPLE = 64
+# One K step of the Mosaic kernels must lie inside one scale group, and the shallowest step is 32
+# (an int8 dot's minimum depth: steps of 64 or more dot the two nibble planes, a step of 32 dots
+# them re-interleaved): groups must be multiples of 32.
+MOSAIC_GROUP_MULTIPLE = 32
 # Both W4A4 operands are unpacked as 16 * code, so an int32 accumulator holds 256 * 64 * K < 2**31.
 MAX_K = 131070
 
@@ -57,7 +58,7 @@ def check_mosaic_groups(act_group_size, weight_group_size, act_name="act_group_s
             continue
         if not _is_int(g) or g <= 0 or g % MOSAIC_GROUP_MULTIPLE:
             raise ValueError(f"{name}={g!r}: the Triton Mosaic kernels need None or a multiple of "
-                             f"{MOSAIC_GROUP_MULTIPLE} (their K step)")
+                             f"{MOSAIC_GROUP_MULTIPLE} (their shallowest K step)")
 
 
 def check_mosaic_block(block, name="block"):

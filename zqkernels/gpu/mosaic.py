@@ -6,7 +6,15 @@ Product (DESIGN.md §3.3), per token m and output channel n:
 
 The weights are a `layouts.MosaicBlocks` (the packed base, the packed kept residual blocks and a
 block-CSR per N-tile). Operands are unpacked as 16 * code (`int4.unpack_lo_hi_x16`) and fed to int8
-dots as even/odd nibble planes; each dot carries a factor 256 that the kernels remove exactly.
+dots (`_x16_dot`): a K step of 64 or more as its even/odd nibble planes (two dots, no shuffle), a
+step of 32 re-interleaved into natural K order (one 32-deep dot: planes of 16 are below the int8
+dot's minimum). Each dot carries a factor 256 that the kernels remove exactly.
+
+Scale groups: every K step (base and residual) lies inside one activation group and one base
+weight group, so its int32 partial is rescaled by that group's scales into an fp32 accumulator;
+the launch table's BLOCK_K is halved until it divides both groups (down to 32). A residual block
+(bk = 64 by default) then spans several groups and takes its bk / step steps, each with its own
+activation group scale; the residual's own scales are per block row, the same for every step.
 
 Variants (one launch each; the launch table names one per M bucket, `configs.py`):
 - `splitk` (decode, M <= 16): the dense base loop (`_fast_base_loop`, the same walk as
@@ -26,8 +34,8 @@ a second kernel that re-reads X for every kept block and adds the residual into 
 `mosaic_w4a4_gemm_int32` stores the base and residual int32 sums separately (exact tests).
 `mosaic_w4a16_gemm` is the W4A16 form (float activations, per-step residual test).
 
-Limits (`limits.py`): activation and base-weight groups multiples of 64, blocks (bn, bk) powers
-of two, K <= `limits.MAX_K`.
+Limits (`limits.py`): activation and base-weight groups multiples of 32 (the shallowest step),
+blocks (bn, bk) powers of two with bk >= 64, K <= `limits.MAX_K`.
 """
 import torch
 import triton
@@ -43,6 +51,9 @@ from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace
 from zqkernels.layouts import MosaicBlocks
 
 INV256 = tl.constexpr(0.00390625)  # removes the 16 * 16 of the x16 nibble planes, exactly
+# The shallowest int8 dot Triton compiles (Hopper's int8 wgmma is 32 deep): a K step of 64 or more
+# can dot its two nibble planes separately; a step of 32 (groups of 32) dots them interleaved.
+MIN_DOT_K = tl.constexpr(32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +74,34 @@ def _tile_list(indptr_ptr, pid_n, rn, BLOCK_N: tl.constexpr, BN_RES: tl.constexp
 
 
 @triton.jit
+def _natural(lo, hi):
+    """x16 nibble planes [R, H] (elements 2i, 2i+1) -> int8 tile [R, 2H] in natural K order."""
+    return tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * lo.shape[1]))
+
+
+@triton.jit
+def _x16_dot(a_lo, a_hi, b_lo, b_hi, acc, B_T: tl.constexpr):
+    """acc + the int32 dot of one K step, 256x the code product, from x16 nibble planes: a [M, H];
+    b [N, H] when B_T (K-contiguous, transposed in the dot) else [H, N]. Planes of H >= 32 are two
+    dots (a dot over K is a sum, so the order of K does not matter); a 32-deep step, whose planes
+    would be 16 deep, is re-interleaved into natural order for one 32-deep dot. acc None: a new sum."""
+    if a_lo.shape[1] >= MIN_DOT_K:
+        if B_T:
+            acc = tl.dot(a_lo, tl.trans(b_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(b_hi), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a_lo, b_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, b_hi, acc, out_dtype=tl.int32)
+    else:
+        # The same join + reshape as `w4a4_gemm`'s natural order, on K-contiguous [rows, H] planes.
+        if not B_T:
+            b_lo = tl.trans(b_lo)
+            b_hi = tl.trans(b_hi)
+        acc = tl.dot(_natural(a_lo, a_hi), tl.trans(_natural(b_lo, b_hi)), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
 def _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok, k0, K,
                stride_sx, stride_sw, ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr):
     """One K step of the dense base: int32 accumulation, or (group scales) an fp32 rescale of the
@@ -70,8 +109,7 @@ def _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_o
     is reused by the residual MMA of the same step."""
     sxg = tl.zeros((1,), dtype=tl.float32)
     if (ACT_GROUP != 0) or (W_GROUP != 0):
-        part = tl.dot(x_lo, w_lo, out_dtype=tl.int32)
-        part = tl.dot(x_hi, w_hi, part, out_dtype=tl.int32)
+        part = _x16_dot(x_lo, x_hi, w_lo, w_hi, None, False)
         step = part.to(tl.float32) * INV256
         # A step past K (a block's tail) has a zero partial and an out-of-range scale index:
         # mask the scale load so no garbage (possibly NaN) multiplies the zero.
@@ -83,8 +121,7 @@ def _base_step(acc_i, acc_f, x_lo, x_hi, w_lo, w_hi, sx_ptr, sw_ptr, rm, rn, m_o
             step = step * swg[None, :]
         acc_f += step
     else:
-        acc_i = tl.dot(x_lo, w_lo, acc_i, out_dtype=tl.int32)
-        acc_i = tl.dot(x_hi, w_hi, acc_i, out_dtype=tl.int32)
+        acc_i = _x16_dot(x_lo, x_hi, w_lo, w_hi, acc_i, False)
     return acc_i, acc_f, sxg
 
 
@@ -93,8 +130,7 @@ def _res_step(res_i, res_f, x_lo, x_hi, rq, srow, sxg, ACT_GROUP: tl.constexpr, 
               USE_ASM: tl.constexpr):
     """The residual MMA of one K step on activation planes already in registers."""
     r_lo, r_hi = unpack_lo_hi_x16(rq, USE_ASM)
-    rpart = tl.dot(x_lo, r_lo, out_dtype=tl.int32)
-    rpart = tl.dot(x_hi, r_hi, rpart, out_dtype=tl.int32)
+    rpart = _x16_dot(x_lo, x_hi, r_lo, r_hi, None, False)
     if INT_DEBUG:
         res_i += rpart >> 8
     else:
@@ -145,8 +181,7 @@ def _fast_base_loop(acc_i, acc_f, xp_ptr, wp_ptr, sx_ptr, sw_ptr, rm_s, rn_s, K_
             w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
         a_lo, a_hi = unpack_lo_hi_x16(a, USE_ASM)
         w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
-        part = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-        part = tl.dot(a_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
+        part = _x16_dot(a_lo, a_hi, w_lo, w_hi, None, True)
         if (ACT_GROUP != 0) or (W_GROUP != 0):
             # BLOCK_K divides the group sizes (checked): the step lies in one group.
             step = part.to(tl.float32) * INV256
@@ -568,12 +603,15 @@ def _table_config(m, weights, act_group_size, family):
     return cfg
 
 
-def _check_config(cfg, weights, act_group_size, wide_k):
+def _check_config(cfg, weights, act_group_size, wide_k, min_k):
+    """min_k: the shallowest K step the variant's dot compiles (int8: 32; fp16: 16)."""
     bn, bk = weights.block
     bm, bnt, bkt = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     for name, v in (("BLOCK_M", bm), ("BLOCK_N", bnt), ("BLOCK_K", bkt)):
         if v & (v - 1) or v < 2:
             raise ValueError(f"{name}={v} must be a power of two")
+    if bkt < min_k:
+        raise ValueError(f"BLOCK_K={bkt} must be >= {min_k} (the shallowest dot the kernel compiles)")
     if bn % bnt and bnt % bn:
         raise ValueError(f"BLOCK_N={bnt} must divide the residual block's bn={bn} or be a multiple of it")
     if bkt > bk and wide_k:
@@ -628,7 +666,7 @@ def _launch(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, i
     variant = cfg.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    _check_config(cfg, weights, act_group_size, variant in _WIDE_K)
+    _check_config(cfg, weights, act_group_size, variant in _WIDE_K, 32)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     split = 1
     if variant == "splitk":
@@ -742,7 +780,7 @@ def mosaic_w4a16_gemm(x, weights, out_dtype=None, *, out=None, config=None, chec
     bn, bk = weights.block
     cfg = dict(config) if config is not None else _table_config(m, weights, None, "w4a16")
     cfg.pop("variant", None)
-    _check_config(cfg, weights, None, False)
+    _check_config(cfg, weights, None, False, 16)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     sw = weights.scale_base
     _mosaic_w4a16_kernel[grid](
