@@ -3,12 +3,14 @@
 x [M, K] fp16 times `inv_smooth` [K] (smoothing), per-token (or per-token-per-group-of-128)
 absmax, round half to even, int4 packing. A bandwidth-bound kernel: the figure of merit is GB/s
 of bytes read + written against the device's copy bandwidth (the report shows the fraction).
-K comes from each selected layer shape (its input width); N is recorded but unused.
+K comes from each selected layer shape (its input width); N is recorded but unused. Timed back to
+back over copies of x and the smoothing vector (perf/conftest.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from timing import clone_operands
 
 pytestmark = pytest.mark.gpu
 
@@ -17,11 +19,15 @@ GROUP = 128
 
 def _run(zq_bench, zq_kernel, shape, m, group_size):
     quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
-    x = torch.randn(m, shape.k, device="cuda", dtype=torch.float16)
-    inv_s = torch.rand(shape.k, device="cuda") + 0.5
+    inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)
     scales = m if group_size is None else m * -(-shape.k // group_size)
     moved = 2 * m * shape.k + 4 * shape.k + m * shape.k // 2 + 4 * scales
-    zq_bench.gpu(lambda: quantize_activations(x, inv_s, group_size=group_size, check_finite=False), family="actquant",
+
+    def make_fn(i):
+        x, inv_s = clone_operands(inputs) if i else inputs
+        return lambda: quantize_activations(x, inv_s, group_size=group_size, check_finite=False)
+
+    zq_bench.gpu(make_fn=make_fn, family="actquant",
                  method="zq_actquant" if group_size is None else f"zq_actquant_g{group_size}", role="component",
                  shape=shape, m=m, bytes_moved=moved, act_group_size=group_size)
 

@@ -32,6 +32,10 @@ numpy model of the cast, the kernel under Triton's interpreter, and runs the pro
 On the GPU each layer's product is checked once against the dequantized operands
 (`check_rel_err`) and the fused cast against `fp8_rowwise_quantize` (`cast_mismatches`), so a
 misread scale or operand layout shows in the JSON instead of timing garbage silently.
+
+Every peer is timed as ours are, back to back over copies of its operands (perf/conftest.py): each
+test hands the harness `make_fn(i)`, the call over copy i; weight copies are clones of copy 0 kept
+for the run (gemlite's layers, which hold their tensors inside a module, are built once per copy).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from timing import clone_operands
 
 pytestmark = pytest.mark.gpu
 
@@ -51,39 +56,53 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; e4m3fn has no infinity
 FP8_CHECK_TOL = 1e-2  # bf16 output rounding (2^-9) and fast accumulation over K, with margin
 
 
-def _fp16_weight(cache, shape):
-    key = ("fp16", shape.name)
-    if key not in cache:
+def _fp16_weight(cache, shape, i=0):
+    def make():
         gen = torch.Generator(device="cuda").manual_seed(0)
-        cache[key] = torch.randn(shape.n, shape.k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
-    return cache[key]
+        return torch.randn(shape.n, shape.k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
+
+    return cache.copy(("fp16", shape.name), i, make)
 
 
 def _acts(m, k, dtype=torch.float16):
     return torch.randn(m, k, device="cuda", dtype=dtype)
 
 
+def _copy(acts, i):
+    """The activations of copy i: copy 0 as made, later copies clones in memory of their own."""
+    return clone_operands(acts) if i else acts
+
+
 def test_cublas_fp16(zq_bench, weight_cache, shape, m):
-    w = _fp16_weight(weight_cache, shape)
-    x = _acts(m, shape.k)
-    zq_bench.gpu(lambda: torch.matmul(x, w.t()), family="baseline", method="cublas_fp16", role="baseline",
+    x0 = _acts(m, shape.k)
+
+    def make_fn(i):
+        x, w = _copy(x0, i), _fp16_weight(weight_cache, shape, i)
+        return lambda: torch.matmul(x, w.t())
+
+    zq_bench.gpu(make_fn=make_fn, family="baseline", method="cublas_fp16", role="baseline",
                  shape=shape, m=m, flops=2 * m * shape.n * shape.k,
                  bytes_moved=2 * (m * shape.k + shape.n * shape.k + m * shape.n))
 
 
 def test_cublas_int8(zq_bench, weight_cache, shape, m):
-    key = ("int8", shape.name)
-    if key not in weight_cache:
-        weight_cache[key] = torch.randint(-127, 128, (shape.n, shape.k), device="cuda", dtype=torch.int8)
-    w = weight_cache[key]
+    def weights(i):
+        return weight_cache.copy(("int8", shape.name), i, lambda: torch.randint(
+            -127, 128, (shape.n, shape.k), device="cuda", dtype=torch.int8))
+
     rows = max(m, INT_MM_MIN_ROWS) if m <= 16 else m
     notes = []
     if rows != m:
         notes.append(f"torch._int_mm needs M > 16: activations zero-padded from {m} to {rows} rows; "
                      f"the padded call is timed, TOPS count the {m} real rows")
-    x = torch.zeros(rows, shape.k, device="cuda", dtype=torch.int8)
-    x[:m] = torch.randint(-127, 128, (m, shape.k), device="cuda", dtype=torch.int8)
-    zq_bench.gpu(lambda: torch._int_mm(x, w.t()), family="baseline", method="cublas_int8", role="baseline",
+    x0 = torch.zeros(rows, shape.k, device="cuda", dtype=torch.int8)
+    x0[:m] = torch.randint(-127, 128, (m, shape.k), device="cuda", dtype=torch.int8)
+
+    def make_fn(i):
+        x, w = _copy(x0, i), weights(i)
+        return lambda: torch._int_mm(x, w.t())
+
+    zq_bench.gpu(make_fn=make_fn, family="baseline", method="cublas_int8", role="baseline",
                  shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  bytes_moved=rows * shape.k + shape.n * shape.k + 4 * rows * shape.n, notes=notes,
                  padded_M=rows)
@@ -192,27 +211,29 @@ def fp8_rowwise_linear(x, w_codes_t, w_scale) -> torch.Tensor:
     return fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale)
 
 
-def _fp8_weight(cache, shape):
+def _fp8_weight(cache, shape, i=0):
+    """Copy i of `_make_fp8_weight`'s codes, scales and check (later copies clones of copy 0)."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        pytest.skip(f"FP8 tensor cores need compute capability 8.9 or newer; this GPU is {major}.{minor}")
+    return cache.copy(("fp8_rowwise", shape.name), i, lambda: _make_fp8_weight(cache, shape))
+
+
+def _make_fp8_weight(cache, shape):
     """FP8 weights of the layer (from the same fp16 weights as cuBLAS FP16) and the layout check:
     the product of a probe against the float product of the dequantized operands."""
-    key = ("fp8_rowwise", shape.name)
-    if key not in cache:
-        major, minor = torch.cuda.get_device_capability()
-        if (major, minor) < (8, 9):
-            pytest.skip(f"FP8 tensor cores need compute capability 8.9 or newer; this GPU is {major}.{minor}")
-        w = _fp16_weight(cache, shape)
-        w_codes_t, w_scale = fp8_rowwise_weight(w)
-        gen = torch.Generator(device="cuda").manual_seed(5)
-        probe = torch.randn(8, shape.k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        x_codes, x_scale = fp8_rowwise_quantize(probe)
-        got = fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale).float()
-        ref = (x_codes.float() * x_scale) @ (w_codes_t.float() * w_scale)
-        err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        fused_codes, fused_scale = fp8_rowwise_cast(probe)  # the fused cast against its definition
-        mismatches = int((fused_codes.float() != x_codes.float()).sum()) + int((fused_scale != x_scale).sum())
-        del got, ref
-        cache[key] = (w_codes_t, w_scale, {"check_rel_err": err, "cast_mismatches": mismatches})
-    return cache[key]
+    w = _fp16_weight(cache, shape)
+    w_codes_t, w_scale = fp8_rowwise_weight(w)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    probe = torch.randn(8, shape.k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x_codes, x_scale = fp8_rowwise_quantize(probe)
+    got = fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale).float()
+    ref = (x_codes.float() * x_scale) @ (w_codes_t.float() * w_scale)
+    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    fused_codes, fused_scale = fp8_rowwise_cast(probe)  # the fused cast against its definition
+    mismatches = int((fused_codes.float() != x_codes.float()).sum()) + int((fused_scale != x_scale).sum())
+    del got, ref
+    return w_codes_t, w_scale, {"check_rel_err": err, "cast_mismatches": mismatches}
 
 
 def _fp8_notes(shape, check):
@@ -228,20 +249,30 @@ def _fp8_notes(shape, check):
 
 
 def test_fp8_rowwise(zq_bench, weight_cache, shape, m):
-    w_codes_t, w_scale, check = _fp8_weight(weight_cache, shape)
-    x_codes, x_scale = fp8_rowwise_quantize(_acts(m, shape.k, torch.bfloat16))
-    zq_bench.gpu(lambda: fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale), family="baseline",
+    *_, check = _fp8_weight(weight_cache, shape)
+    acts = fp8_rowwise_quantize(_acts(m, shape.k, torch.bfloat16))
+
+    def make_fn(i):
+        (x_codes, x_scale), (w_codes_t, w_scale, _) = _copy(acts, i), _fp8_weight(weight_cache, shape, i)
+        return lambda: fp8_rowwise_mm(x_codes, x_scale, w_codes_t, w_scale)
+
+    zq_bench.gpu(make_fn=make_fn, family="baseline",
                  method="fp8_rowwise", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
                  notes=_fp8_notes(shape, check), scales="per-token [M,1] x per-channel [1,N] fp32",
                  bytes_moved=m * shape.k + 4 * m + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n, **check)
 
 
 def test_fp8_rowwise_dynamic(zq_bench, weight_cache, shape, m):
-    w_codes_t, w_scale, check = _fp8_weight(weight_cache, shape)
-    x = _acts(m, shape.k, torch.bfloat16)
+    *_, check = _fp8_weight(weight_cache, shape)
+    x0 = _acts(m, shape.k, torch.bfloat16)
     # bytes: X read once as bf16, the e4m3 activations and scales written and read back, weights, output
     moved = 2 * m * shape.k + 2 * (m * shape.k + 4 * m) + shape.n * shape.k + 4 * shape.n + 2 * m * shape.n
-    zq_bench.gpu(lambda: fp8_rowwise_linear(x, w_codes_t, w_scale), family="baseline",
+
+    def make_fn(i):
+        x, (w_codes_t, w_scale, _) = _copy(x0, i), _fp8_weight(weight_cache, shape, i)
+        return lambda: fp8_rowwise_linear(x, w_codes_t, w_scale)
+
+    zq_bench.gpu(make_fn=make_fn, family="baseline",
                  method="fp8_rowwise_dynamic", role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k,
                  scales="per-token [M,1] x per-channel [1,N] fp32", bytes_moved=moved,
                  notes=["activation cast (absmax per row, scale, clamp, e4m3) in one fused Triton launch, "
@@ -264,15 +295,15 @@ def convert_weight_to_int4pack(q_unsigned: torch.Tensor, inner_k_tiles: int = 8)
         return torch.ops.aten._convert_weight_to_int4pack(q_unsigned.to(torch.int32).contiguous(), inner_k_tiles)
 
 
-def _torch_int4_weight(cache, shape):
-    """Symmetric int4 codes as tinygemm wants them: w = (q_u - 8) * scale + zero, zero = 0.
+def _torch_int4_weight(cache, shape, i=0):
+    """Copy i of the layer's tinygemm weights (later copies clones of copy 0, with its check).
 
-    The packing layout differs across torch versions, so one product is checked against the
+    Symmetric int4 codes as tinygemm wants them: w = (q_u - 8) * scale + zero, zero = 0. The
+    packing layout differs across torch versions, so one product is checked against the
     dequantized weight when the layer is made: a misread layout shows up in the JSON
     (`check_rel_err`, `notes`) instead of timing garbage silently.
     """
-    key = ("torch_int4", shape.name)
-    if key not in cache:
+    def make():
         gen = torch.Generator(device="cuda").manual_seed(1)
         q_u = torch.randint(0, 16, (shape.n, shape.k), device="cuda", dtype=torch.int32, generator=gen)
         scale = torch.rand(shape.k // GROUP, shape.n, device="cuda", generator=gen) * 0.01 + 0.001
@@ -284,39 +315,49 @@ def _torch_int4_weight(cache, shape):
         got = torch.ops.aten._weight_int4pack_mm(probe, packed, GROUP, scales_and_zeros).float()
         err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         del w_deq, ref, got
-        cache[key] = (packed, scales_and_zeros, err)
-    return cache[key]
+        return packed, scales_and_zeros, err
+
+    return cache.copy(("torch_int4", shape.name), i, make)
 
 
 def test_torch_int4_wo(zq_bench, weight_cache, shape, m):
-    packed, sz, err = _torch_int4_weight(weight_cache, shape)
-    x = _acts(m, shape.k, torch.bfloat16)
+    *_, err = _torch_int4_weight(weight_cache, shape)
+    x0 = _acts(m, shape.k, torch.bfloat16)
+
+    def make_fn(i):
+        x, (packed, sz, _) = _copy(x0, i), _torch_int4_weight(weight_cache, shape, i)
+        return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
+
     notes = []
     if err > 2e-2:
         notes.append(f"layout check FAILED: relative error {err:.3g} against the dequantized weight")
         warnings.warn(f"torch int4 layout check failed on {shape.name}: rel err {err:.3g}")
-    zq_bench.gpu(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz), family="baseline",
+    zq_bench.gpu(make_fn=make_fn, family="baseline",
                  method="torch_int4_wo", role="baseline", shape=shape, m=m,
                  flops=2 * m * shape.n * shape.k, notes=notes, check_rel_err=err, group_size=GROUP,
                  bytes_moved=2 * m * shape.k + shape.n * shape.k // 2 + 4 * (shape.k // GROUP) * shape.n
                  + 2 * m * shape.n)
 
 
-def _w4_packed(cache, shape, groups):
-    key = ("zq_w4", shape.name, groups)
-    if key not in cache:
+def _w4_packed(cache, shape, groups, i=0):
+    def make():
         gen = torch.Generator(device="cuda").manual_seed(2)
         qw = torch.randint(0, 256, (shape.n, shape.k // 2), device="cuda", dtype=torch.uint8, generator=gen)
         sw = torch.rand(shape.n, groups, device="cuda", generator=gen) * 0.01 + 0.001
-        cache[key] = (qw, sw.squeeze(1) if groups == 1 else sw.contiguous())
-    return cache[key]
+        return qw, sw.squeeze(1) if groups == 1 else sw.contiguous()
+
+    return cache.copy(("zq_w4", shape.name, groups), i, make)
 
 
 def test_zq_w4a16(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a16_gemm = zq_kernel("zqkernels.gpu.w4a16", "w4a16_gemm")
-    qw, sw = _w4_packed(weight_cache, shape, shape.k // GROUP)
-    x = _acts(m, shape.k)
-    zq_bench.gpu(lambda: w4a16_gemm(x, qw, sw, group_size=GROUP, check_finite=False), family="baseline", method="zq_w4a16",
+    x0 = _acts(m, shape.k)
+
+    def make_fn(i):
+        x, (qw, sw) = _copy(x0, i), _w4_packed(weight_cache, shape, shape.k // GROUP, i)
+        return lambda: w4a16_gemm(x, qw, sw, group_size=GROUP, check_finite=False)
+
+    zq_bench.gpu(make_fn=make_fn, family="baseline", method="zq_w4a16",
                  role="baseline", shape=shape, m=m, flops=2 * m * shape.n * shape.k, group_size=GROUP,
                  bytes_moved=2 * m * shape.k + shape.n * shape.k // 2 + 4 * shape.n * (shape.k // GROUP)
                  + 2 * m * shape.n)
@@ -331,23 +372,41 @@ def _gemlite():
     return gemlite, helper
 
 
+def _gemlite_layer(cache, key, i, build):
+    """Copy i of a gemlite layer, each copy built by `build()`: a layer keeps its tensors inside a
+    module, so a copy is a layer of its own, not a clone."""
+    if (*key, i) not in cache:
+        cache[(*key, i)] = build()
+    return cache[(*key, i)]
+
+
+def _gemlite_make_fn(cache, key, build, x0):
+    def make_fn(i):
+        layer, x = _gemlite_layer(cache, key, i, build), _copy(x0, i)
+        return lambda: layer(x)
+
+    return make_fn
+
+
 def test_gemlite_a16w4(zq_bench, weight_cache, shape, m):
     gemlite, helper = _gemlite()
+
+    def build():
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        q_u = torch.randint(0, 16, (shape.n, shape.k), device="cuda", dtype=torch.uint8, generator=gen)
+        scales = (torch.rand(shape.n, shape.k // GROUP, device="cuda", generator=gen) * 0.01 + 0.001).half()
+        zeros = torch.full_like(scales, 8.0)  # symmetric: w = (q_u - 8) * scale
+        return helper.A16Wn(device="cuda", dtype=torch.float16).from_weights(q_u, scales, zeros, W_nbits=4,
+                                                                            group_size=GROUP)
+
     key = ("gemlite_a16w4", shape.name)
+    x0 = _acts(m, shape.k)
     try:
-        if key not in weight_cache:
-            gen = torch.Generator(device="cuda").manual_seed(3)
-            q_u = torch.randint(0, 16, (shape.n, shape.k), device="cuda", dtype=torch.uint8, generator=gen)
-            scales = (torch.rand(shape.n, shape.k // GROUP, device="cuda", generator=gen) * 0.01 + 0.001).half()
-            zeros = torch.full_like(scales, 8.0)  # symmetric: w = (q_u - 8) * scale
-            weight_cache[key] = helper.A16Wn(device="cuda", dtype=torch.float16).from_weights(
-                q_u, scales, zeros, W_nbits=4, group_size=GROUP)
-        layer = weight_cache[key]
-        x = _acts(m, shape.k)
-        layer(x)
+        _gemlite_layer(weight_cache, key, 0, build)(x0)
     except Exception as exc:  # noqa: BLE001 - an optional peer that does not run here is skipped, loudly
         pytest.skip(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 does not run here: {type(exc).__name__}: {exc}")
-    zq_bench.gpu(lambda: layer(x), family="baseline", method="gemlite_a16w4", role="baseline", shape=shape,
+    zq_bench.gpu(make_fn=_gemlite_make_fn(weight_cache, key, build, x0), family="baseline", method="gemlite_a16w4",
+                 role="baseline", shape=shape,
                  m=m, flops=2 * m * shape.n * shape.k, group_size=GROUP,
                  gemlite_version=getattr(gemlite, "__version__", None),
                  bytes_moved=2 * m * shape.k + shape.n * shape.k // 2 + 4 * shape.n * (shape.k // GROUP)
@@ -362,18 +421,20 @@ GEMLITE_A8W8 = {"int8": ("A8W8_int8_dynamic", "TOPS"), "fp8": ("A8W8_fp8_dynamic
 def test_gemlite_a8w8(zq_bench, weight_cache, shape, m, kind):
     gemlite, helper = _gemlite()
     processor, ops_unit = GEMLITE_A8W8[kind]
+
+    def build():
+        return getattr(helper, processor)(device="cuda", dtype=torch.float16).from_weights(
+            _fp16_weight(weight_cache, shape).clone())
+
     key = (f"gemlite_a8w8_{kind}", shape.name)
+    x0 = _acts(m, shape.k)
     try:
-        if key not in weight_cache:
-            w = _fp16_weight(weight_cache, shape)
-            weight_cache[key] = getattr(helper, processor)(device="cuda", dtype=torch.float16).from_weights(w.clone())
-        layer = weight_cache[key]
-        x = _acts(m, shape.k)
-        layer(x)
+        _gemlite_layer(weight_cache, key, 0, build)(x0)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"gemlite {getattr(gemlite, '__version__', '?')} A8W8 {kind} does not run here: "
                     f"{type(exc).__name__}: {exc}")
-    zq_bench.gpu(lambda: layer(x), family="baseline", method=f"gemlite_a8w8_{kind}", role="baseline", shape=shape,
+    zq_bench.gpu(make_fn=_gemlite_make_fn(weight_cache, key, build, x0), family="baseline",
+                 method=f"gemlite_a8w8_{kind}", role="baseline", shape=shape,
                  m=m, flops=2 * m * shape.n * shape.k, ops_unit=ops_unit,
                  gemlite_version=getattr(gemlite, "__version__", None),
                  notes=[f"dynamic per-token {kind} activation quantization included in the timed call"],

@@ -10,7 +10,9 @@ Codes are synthetic: a random 4-bit base and residual, kept blocks drawn uniform
 (seeded) at the requested density; the data does not change the work, the block count and their
 spread over N-tiles do (a real model's blocks crowd onto outlier channels: see the pipeline's
 table statistics). Activations are per-token quantized (packed int4 + fp32 scales); the timed
-call is the GEMM alone. bytes_moved is the compulsory traffic (inputs once, output once).
+call is the GEMM alone. bytes_moved is the compulsory traffic (inputs once, output once). Timed
+back to back over copies of the layout and the activations (perf/conftest.py); copies of a layout
+are clones of its tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from timing import clone_operands
 
 pytestmark = pytest.mark.gpu
 
@@ -52,26 +55,30 @@ def synthetic_mosaic_codes(n, k, density, seed=0):
     )
 
 
-def _weights(cache, zq_kernel, shape, density):
-    key = ("mosaic", shape.name, density)
-    if key not in cache:
-        mosaic_blocks = zq_kernel("zqkernels.layouts", "MosaicBlocks")
-        cache[key] = mosaic_blocks.from_codes(synthetic_mosaic_codes(shape.n, shape.k, density), "cuda")
-    return cache[key]
+def _weights(cache, zq_kernel, shape, density, i=0):
+    mosaic_blocks = zq_kernel("zqkernels.layouts", "MosaicBlocks")
+    return cache.copy(("mosaic", shape.name, density), i,
+                      lambda: mosaic_blocks.from_codes(synthetic_mosaic_codes(shape.n, shape.k, density), "cuda"))
 
 
 def _time(zq_bench, zq_kernel, weight_cache, shape, m, density, fused, method=None, role=None):
     name = "mosaic_w4a4_gemm" if fused else "mosaic_w4a4_gemm_unfused"
     gemm = zq_kernel("zqkernels.gpu.mosaic", name)
     weights = _weights(weight_cache, zq_kernel, shape, density)
-    qx = torch.randint(0, 256, (m, shape.k // 2), device="cuda", dtype=torch.uint8)
-    sx = torch.rand(m, device="cuda") * 0.1 + 0.01
+    acts = (torch.randint(0, 256, (m, shape.k // 2), device="cuda", dtype=torch.uint8),
+            torch.rand(m, device="cuda") * 0.1 + 0.01)
+
+    def make_fn(i):
+        qx, sx = clone_operands(acts) if i else acts
+        w = _weights(weight_cache, zq_kernel, shape, density, i)
+        return lambda: gemm(qx, sx, w, check_finite=False)
+
     bn, bk = BLOCK
     blocks = int(weights.n_blocks)
     res_bytes = blocks * (bn * bk // 2 + 4 * bn + 4) + 4 * (-(-shape.n // bn) + 1)
     moved = m * shape.k // 2 + 4 * m + shape.n * shape.k // 2 + 4 * shape.n + res_bytes + 2 * m * shape.n
     flops = 2 * m * shape.n * shape.k + 2 * m * blocks * bn * bk
-    return zq_bench.gpu(lambda: gemm(qx, sx, weights, check_finite=False), family="mosaic",
+    return zq_bench.gpu(make_fn=make_fn, family="mosaic",
                         method=method or ("zq_mosaic_w4a4" if fused else "zq_mosaic_w4a4_unfused"),
                         role=role or ("ours" if fused else "baseline"), shape=shape, m=m, flops=flops, ops_unit="TOPS",
                         bytes_moved=moved, density=density, actual_density=float(weights.density),

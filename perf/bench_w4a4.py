@@ -4,7 +4,8 @@
 - zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales.
 - zq_w4a4_aq:   what a layer runs: fp16 X -> `quantize_activations` (fused smoothing) -> GEMM,
                 the fair figure beside cuBLAS FP16, which takes fp16 X too.
-Integer math on Hopper's INT8 tensor cores (no INT4 MMA): rates are TOPS.
+Integer math on Hopper's INT8 tensor cores (no INT4 MMA): rates are TOPS. Each benchmark hands
+the harness a factory of calls over copies of its operands (perf/conftest.py: back-to-back timing).
 
 `test_oracle_w4a4_cpu` times the numpy oracle on a tiny layer on the CPU, so `pytest perf/ -k w4a4`
 runs something (and the iterate loop can be tried) on a machine without a GPU.
@@ -14,18 +15,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from timing import clone_operands
 
 GROUP = 128
 
 
-def _weights(cache, shape):
-    key = ("w4a4_weights", shape.name)
-    if key not in cache:
+def _weights(cache, shape, i=0):
+    """Copy i of the layer's packed weights and per-channel scales."""
+    def make():
         gen = torch.Generator(device="cuda").manual_seed(4)
         qw = torch.randint(0, 256, (shape.n, shape.k // 2), device="cuda", dtype=torch.uint8, generator=gen)
         sw = torch.rand(shape.n, device="cuda", generator=gen) * 0.01 + 0.001
-        cache[key] = (qw, sw)
-    return cache[key]
+        return qw, sw
+
+    return cache.copy(("w4a4_weights", shape.name), i, make)
 
 
 def _packed_acts(m, k, groups):
@@ -41,9 +44,14 @@ def _gemm_bytes(m, n, k, act_scale_count):
 @pytest.mark.gpu
 def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
-    qw, sw = _weights(weight_cache, shape)
-    qx, sx = _packed_acts(m, shape.k, None)
-    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False), family="w4a4", method="zq_w4a4", role="ours", shape=shape,
+    acts = _packed_acts(m, shape.k, None)
+
+    def make_fn(i):
+        qx, sx = clone_operands(acts) if i else acts
+        qw, sw = _weights(weight_cache, shape, i)
+        return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False)
+
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4", role="ours", shape=shape,
                  m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  bytes_moved=_gemm_bytes(m, shape.n, shape.k, m))
 
@@ -51,10 +59,15 @@ def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
 @pytest.mark.gpu
 def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
-    qw, sw = _weights(weight_cache, shape)
     groups = -(-shape.k // GROUP)
-    qx, sx = _packed_acts(m, shape.k, groups)
-    zq_bench.gpu(lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=GROUP, check_finite=False), family="w4a4", method="zq_w4a4_g128",
+    acts = _packed_acts(m, shape.k, groups)
+
+    def make_fn(i):
+        qx, sx = clone_operands(acts) if i else acts
+        qw, sw = _weights(weight_cache, shape, i)
+        return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=GROUP, check_finite=False)
+
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_g128",
                  role="ours", shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
                  act_group_size=GROUP, bytes_moved=_gemm_bytes(m, shape.n, shape.k, m * groups))
 
@@ -63,18 +76,22 @@ def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
 def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
-    qw, sw = _weights(weight_cache, shape)
-    x = torch.randn(m, shape.k, device="cuda", dtype=torch.float16)
-    inv_s = torch.rand(shape.k, device="cuda") + 0.5
+    inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)
 
-    def layer():
-        qx, sx = quantize_activations(x, inv_s, check_finite=False)  # the layers run it unchecked
-        return w4a4_gemm(qx, sx, qw, sw, check_finite=False)
+    def make_fn(i):
+        x, inv_s = clone_operands(inputs) if i else inputs
+        qw, sw = _weights(weight_cache, shape, i)
+
+        def layer():
+            qx, sx = quantize_activations(x, inv_s, check_finite=False)  # the layers run it unchecked
+            return w4a4_gemm(qx, sx, qw, sw, check_finite=False)
+
+        return layer
 
     # bytes: X read once as fp16, the packed activations written and read back, weights, output
     moved = 2 * m * shape.k + 4 * shape.k + 2 * (m * shape.k // 2 + 4 * m) + shape.n * shape.k // 2 + 4 * shape.n \
         + 2 * m * shape.n
-    zq_bench.gpu(layer, family="w4a4", method="zq_w4a4_aq", role="ours", shape=shape, m=m,
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_aq", role="ours", shape=shape, m=m,
                  flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved,
                  notes=["activation quantization (smoothing, per-token scales) + GEMM, two launches"])
 

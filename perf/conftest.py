@@ -1,21 +1,32 @@
 """The pytest harness of perf/ (pytest-benchmark): its options, collection, and the GPU skip.
 
 How a GPU benchmark is timed (the `zq_bench` fixture, `Harness.gpu`; the timing functions are
-perf/timing.py's, shared with the scripts run outside pytest):
+perf/timing.py's, shared with the scripts run outside pytest, and its docstring says why):
 
-1. `triton.testing.do_bench(fn, warmup, rep, return_mode="median")`: CUDA events around each call,
-   the L2 cache flushed (a 256 MB buffer zeroed) before every call, the median kept. Done twice:
-   eagerly (`time_us_eager`) and on a CUDA graph that replays one captured call
-   (`time_us_graph`), which removes Python and launch overhead. The graph figure is the kernel's
-   speed (`time_us`, `primary_mode: "graph"`); where capture fails (a host sync, a CPU worker)
-   the eager one is used and `graph_error` says why. These numbers, with TFLOP/s (or TOPS), GB/s,
-   bytes moved and the speedups, are in each benchmark's `extra_info`, with
-   `"timer": "cuda-events do_bench median"`.
-2. The same call is then fed to pytest-benchmark in pedantic mode with a synchronizing timer
-   (`cuda_synchronized_perf_counter`: `torch.cuda.synchronize()` then `time.perf_counter()`), so
-   its stats measure finished GPU work, not launches. These stats (the `stats` block of the JSON,
-   `options.timer` names the timer) include launch overhead and run with a warm L2: they are what
-   `--benchmark-compare` checks for regressions, not the figure to quote. Quote `extra_info`.
+1. A benchmark hands over a factory `make_fn(i)`: the closure of one call over copy i of its
+   operands (copy 0 the cached weights; weights copied once per copy index for the run, in the
+   session `weight_cache`; activations cloned per copy). N = `timing.calls_per_replay(bytes)`,
+   the smallest number of calls whose copies together span 3 L2 sizes (`bytes_per_call`,
+   default `bytes_moved`; at most `--replay-max-calls`, 64, and 4 GiB of copies), and closures
+   0 .. N-1 are made. (A plain `fn` is timed one call per replay.)
+2. `triton.testing.do_bench(..., return_mode="median")`: CUDA events around each timed launch,
+   the L2 cache flushed (a 256 MB buffer zeroed) before every one, the median kept. Done three times:
+   copy 0 eagerly (`time_us_eager`); copy 0 alone in a CUDA graph, one call per replay
+   (`time_us_graph_single`, which still holds the replay's fixed cost); and the N calls back to
+   back in ONE CUDA graph, the replay's time divided by N (`time_us_graph`, with
+   `calls_per_replay` = N). The back-to-back figure is the kernel's speed (`time_us`,
+   `primary_mode: "graph"`); where capture fails (a host sync, a CPU worker) the eager one is used
+   and `graph_error` says why; where only the back-to-back graph fails, the single-call figure
+   is used (`calls_per_replay` 1) and `single_call_reason` says why. These numbers, with TFLOP/s
+   (or TOPS), GB/s, bytes moved, `bytes_per_call`, `l2_cache_bytes` and the speedups, are in each
+   benchmark's `extra_info`, with `"timer": "cuda-events do_bench median"` and `replay` naming
+   how the graph figure was taken.
+3. One call of copy 0 is then fed to pytest-benchmark in pedantic mode (the single-call graph's
+   replay) with a synchronizing timer (`cuda_synchronized_perf_counter`:
+   `torch.cuda.synchronize()` then `time.perf_counter()`), so its stats measure finished GPU
+   work, not launches. These stats (the `stats` block of the JSON, `options.timer` names the
+   timer) include launch overhead and run with a warm L2: they are what `--benchmark-compare`
+   checks for regressions, not the figure to quote. Quote `extra_info`.
 
 Speedups (`extra_info["speedup"][baseline]` = baseline time / this time, graph figures;
 `speedup_eager` from the eager ones) are filled in when the run ends, over every baseline timed in
@@ -33,6 +44,7 @@ still run and `--benchmark-json` is still written (an empty run still gets a val
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -52,6 +64,9 @@ from timing import DEFAULT_REP_MS, DEFAULT_WARMUP_MS, cuda_synchronized_perf_cou
 GPU_AVAILABLE = torch.cuda.is_available()
 NO_GPU_REASON = "no CUDA GPU on this machine: GPU benchmark skipped (the CPU benchmarks still run)"
 TIMER = "cuda-events do_bench median"
+REPLAY = ("CUDA graph of calls_per_replay back-to-back calls, each on its own copy of the operands, "
+          "L2 flushed per replay, time per call")
+REPLAY_SINGLE = "CUDA graph of one call per replay, L2 flushed per replay"
 PEDANTIC_TIMER = "pytest-benchmark pedantic, cuda_synchronized_perf_counter (sync + wall clock)"
 
 # timing.DEFAULT_WARMUP_MS / DEFAULT_REP_MS (5 + 25 ms) keep the GPU part of `pytest perf/`
@@ -67,6 +82,14 @@ _MS = pytest.StashKey[list]()
 
 
 # --------------------------------------------------------------------------- options, collection
+def check_replay_options(max_calls, l2_multiple) -> None:
+    """--replay-max-calls >= 1 and a finite --replay-l2-multiple >= 0, or ValueError naming the option."""
+    if max_calls < 1:
+        raise ValueError(f"--replay-max-calls: {max_calls} must be >= 1")
+    if not math.isfinite(l2_multiple) or l2_multiple < 0:
+        raise ValueError(f"--replay-l2-multiple: {l2_multiple} must be a finite number >= 0")
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("zq perf", "zqkernels benchmark selection and timing")
     group.addoption("--shapes", default="default", help=(
@@ -79,12 +102,18 @@ def pytest_addoption(parser):
                     help=f"do_bench measuring time per timing in ms (default {DEFAULT_REP_MS})")
     group.addoption("--no-cuda-graph", action="store_true",
                     help="time eagerly only (no CUDA-graph capture)")
+    group.addoption("--replay-max-calls", type=int, default=timing.MAX_CALLS_PER_REPLAY,
+                    help=f"most back-to-back calls (operand copies) in one graph replay (default "
+                         f"{timing.MAX_CALLS_PER_REPLAY}; 1: one call per replay)")
+    group.addoption("--replay-l2-multiple", type=float, default=timing.L2_MULTIPLE,
+                    help=f"the copies of one replay span at least this many L2 sizes (default {timing.L2_MULTIPLE:g})")
 
 
 def pytest_configure(config):
     try:
         config.stash[_SHAPES] = select_shapes(config.getoption("--shapes"))
         config.stash[_MS] = select_m(config.getoption("--m"))
+        check_replay_options(config.getoption("--replay-max-calls"), config.getoption("--replay-l2-multiple"))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_RECORDS] = []
@@ -151,36 +180,61 @@ class Harness:
         self.config.stash[_RECORDS].append(self.benchmark.extra_info)
         return self.benchmark.extra_info
 
-    def gpu(self, fn, *, family, method, role, shape, m, bytes_moved, flops=None, ops_unit="TFLOP/s",
-            graph=True, notes=(), **extra) -> dict:
-        """Time `fn()` (a closure over prepared CUDA tensors) and record it.
+    def gpu(self, fn=None, *, make_fn=None, family, method, role, shape, m, bytes_moved, bytes_per_call=None,
+            flops=None, ops_unit="TFLOP/s", graph=True, notes=(), **extra) -> dict:
+        """Time one call and record it; see the module docstring.
 
+        Pass exactly one of `fn` (a closure over prepared CUDA tensors, timed one call per
+        replay) and `make_fn` (`make_fn(i)` -> the closure for copy i of the operands, copy 0
+        the cached ones: timed back to back over copies, the figure to quote). A factory is
+        called for copies beyond 0 only when a graph is captured.
         role: "baseline" (others' kernels and our W4A16: every result of the same shape and M
         gets a speedup over each), "ours", "component" (not a GEMM: no speedups) or "sweep".
         ops_unit: "TFLOP/s" for float math (FP8 included), "TOPS" for integer math.
-        `shape` is a perf.shapes.LayerShape (or None with n and k in `extra`).
+        bytes_per_call: what one call touches, which sets the number of copies (default
+        `bytes_moved`). `shape` is a perf.shapes.LayerShape (or None with n and k in `extra`).
         """
+        if (fn is None) == (make_fn is None):
+            raise ValueError("fn, make_fn: pass exactly one (a closure, or a factory of closures over copies)")
+        if make_fn is not None and not callable(make_fn):
+            raise ValueError(f"make_fn: expected a callable factory, got {type(make_fn).__name__}")
+        touched = int(bytes_moved if bytes_per_call is None else bytes_per_call)
         warmup = self.config.getoption("--bench-warmup-ms")
         rep = self.config.getoption("--bench-rep-ms")
         no_graph_option = self.config.getoption("--no-cuda-graph")
-        t = timing.time_gpu(fn, warmup, rep, capture=graph and not no_graph_option,
+        capture = graph and not no_graph_option
+        l2 = timing.l2_cache_bytes() if capture else None
+        calls = [self._call(make_fn, 0) if make_fn is not None else self._checked(fn, "fn")]
+        if make_fn is not None and capture:
+            n = timing.calls_per_replay(touched, l2, self.config.getoption("--replay-l2-multiple"),
+                                        self.config.getoption("--replay-max-calls"))
+            calls += [self._call(make_fn, i) for i in range(1, n)]
+        t = timing.time_gpu(calls, warmup, rep, capture=capture,
                             no_capture_reason="--no-cuda-graph" if graph else
                             "not capturable (host synchronization / CPU work)")
         eager_ms, graph_ms, graph_error = t.eager_ms, t.graph_ms, t.graph_error
-        primary_ms, primary_fn = t.primary_ms, t.primary_fn(fn)
+        primary_ms, single_fn = t.primary_ms, t.single_call_fn(calls[0])
+        del calls  # the copies' activations go with their closures; weight copies stay cached
 
         if getattr(self.benchmark, "_timer", cuda_synchronized_perf_counter) is cuda_synchronized_perf_counter:
-            target = primary_fn
+            target = single_fn
         else:  # a timer was forced from outside: synchronize inside the timed call instead
 
             def target():
-                primary_fn()
+                single_fn()
                 torch.cuda.synchronize()
 
-        rounds = int(min(max(rep / max(primary_ms, 1e-3), 5), 200))
+        single_ms = t.graph_single_ms if t.graph_single_ms is not None else eager_ms
+        rounds = int(min(max(rep / max(single_ms, 1e-3), 5), 200))
         self.benchmark.pedantic(target, rounds=rounds, warmup_rounds=2, iterations=1)
         torch.cuda.synchronize()
-        del t, primary_fn  # the graph and its memory pool go now, not at the end of the run
+        single_call_reason = None
+        if graph_ms is not None and make_fn is None:
+            single_call_reason = "fn given, not make_fn: no operand copies, one call per replay"
+        elif t.back_to_back_error is not None:
+            single_call_reason = t.back_to_back_error
+        calls_per_replay = t.calls_per_replay
+        del t, single_fn, target  # the graph and its memory pool go now, not at the end of the run
 
         seconds = primary_ms * 1e-3
         n = shape.n if shape is not None else extra.pop("n")
@@ -197,11 +251,17 @@ class Harness:
             "K": int(k),
             "device": device_name(),
             "timer": TIMER,
+            "replay": None if graph_ms is None else REPLAY_SINGLE if single_call_reason else REPLAY,
             "pedantic_timer": PEDANTIC_TIMER,
             "primary_mode": "graph" if graph_ms is not None else "eager",
             "time_us": primary_ms * 1e3,
             "time_us_eager": eager_ms * 1e3,
             "time_us_graph": None if graph_ms is None else graph_ms * 1e3,
+            "time_us_graph_single": None if graph_ms is None else single_ms * 1e3,
+            "calls_per_replay": calls_per_replay,
+            "single_call_reason": single_call_reason,
+            "bytes_per_call": touched,
+            "l2_cache_bytes": l2,
             "graph_error": graph_error,
             "bytes_moved": int(bytes_moved),
             "gbps": bytes_moved / seconds / 1e9,
@@ -216,6 +276,19 @@ class Harness:
         }
         info.update(extra)
         return self._record(info)
+
+    @staticmethod
+    def _checked(fn, what):
+        if not callable(fn):
+            raise ValueError(f"{what}: expected a callable, got {type(fn).__name__}")
+        return fn
+
+    @staticmethod
+    def _call(make_fn, i):
+        fn = make_fn(i)
+        if not callable(fn):
+            raise ValueError(f"make_fn: make_fn({i}) returned a {type(fn).__name__}, not a callable")
+        return fn
 
     def cpu(self, fn, *, family, method, role, shape_name, m, n, k, bytes_moved=None, flops=None,
             ops_unit="TFLOP/s", notes=(), **extra) -> dict:
@@ -248,11 +321,26 @@ class Harness:
         return self._record(info)
 
 
+class WeightCache(dict):
+    """Run-wide dict for prepared weights, keyed by (format, shape name, ...): each layer's weights
+    are made (and any expensive preparation done) once, not once per M; `copy` keeps the copies
+    that back-to-back timing rotates through."""
+
+    def copy(self, key: tuple, i: int, make):
+        """Copy `i` of the weights under `key`, kept under `(*key, i)` for the run: copy 0 is
+        `make()`, copy i > 0 a clone of copy 0 (`timing.clone_operands`: the same values in memory
+        of their own), each made once."""
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"i: expected a copy index >= 0, got {i!r}")
+        if (*key, i) not in self:
+            self[(*key, i)] = make() if i == 0 else timing.clone_operands(self.copy(key, 0, make))
+        return self[(*key, i)]
+
+
 @pytest.fixture(scope="session")
 def weight_cache():
-    """Run-wide dict for prepared weights, keyed by (format, shape name): each layer's weights
-    are made (and any expensive preparation done) once, not once per M."""
-    cache: dict = {}
+    """The run's `WeightCache`."""
+    cache = WeightCache()
     yield cache
     cache.clear()
 
@@ -323,6 +411,13 @@ def pytest_sessionfinish(session, exitstatus):
 def _zq_perf_block(config) -> dict:
     return {
         "timer": TIMER,
+        "replay": REPLAY,
+        "replay_rule": {"calls_per_replay": "smallest N with N * bytes_per_call >= l2_multiple * L2 size, "
+                                            "at most max_calls, N copies at most max_copy_bytes, at least 1",
+                        "l2_multiple": config.getoption("--replay-l2-multiple"),
+                        "max_calls": config.getoption("--replay-max-calls"),
+                        "max_copy_bytes": timing.MAX_COPY_BYTES,
+                        "l2_cache_bytes": timing.l2_cache_bytes() if GPU_AVAILABLE else None},
         "pedantic_timer": PEDANTIC_TIMER,
         "device": device_name(),
         "gpu_available": GPU_AVAILABLE,

@@ -3,8 +3,15 @@ bucket, verify each against the oracle before timing it, keep the fastest, write
 
 For each M bucket and candidate config: the config runs once on a verification case (exact int32
 products, or the oracle within a named tolerance) and is dropped if wrong; survivors are timed on
-every layer shape by CUDA-graph replay (`timing.graph_median_ms`: do_bench median, L2 flushed per
-replay). The winner of a bucket has the lowest geometric mean of time / best time over the shapes.
+every layer shape the way the perf suite times its figure (perf/timing.py): N back-to-back calls in
+one CUDA graph, call i over copy i of the operands, the replay timed by do_bench (median, L2
+flushed per replay) and divided by N (`timing.graph_median_ms`). The script's `make_call(cfg,
+shape, m)` gives the call over copy 0; `Sweep.back_to_back` makes copies 1 .. N-1 by
+`timing.clone_call` (the tensors the closure holds, cloned), N = `timing.calls_per_replay` of the
+bytes the call touches (its operands and its output: `timing.operand_bytes`), `--l2-multiple` and
+`--max-calls-per-replay`. Every row records the N of each shape (`calls_per_replay`). On the CPU
+(a smoke run under the interpreter) there is no L2 to span: one call per replay.
+The winner of a bucket has the lowest geometric mean of time / best time over the shapes.
 Winners are written into the family's section of `zqkernels/gpu/configs/<gpu>.json` (the file is
 created from default.json when the GPU has none, its other families kept as they are), and every
 timing into the results JSON named on the command line, so a table's numbers can be traced.
@@ -28,7 +35,9 @@ if str(PERF_DIR) not in sys.path:
     sys.path.insert(0, str(PERF_DIR))
 
 from shapes import DEFAULT_SHAPES, M_VALUES, MODELS  # noqa: E402
-from timing import graph_median_ms  # noqa: E402
+from timing import (  # noqa: E402
+    L2_MULTIPLE, MAX_CALLS_PER_REPLAY, calls_per_replay, clone_call, graph_median_ms, l2_cache_bytes, operand_bytes,
+)
 
 from zqkernels.gpu.configs import CONFIG_DIR  # noqa: E402
 
@@ -37,7 +46,13 @@ SHAPES = {s.name: s for m in MODELS.values() for s in m.layer_shapes()}
 # The device the tune scripts run on: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (a smoke run
 # of the scripts themselves; its timings mean nothing and it writes no table unless asked).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TIMER = ("CUDA graph of calls_per_replay back-to-back calls, each on its own copy of the operands, "
+         "do_bench median, L2 flushed per replay, time per call")
 
+
+def replay_l2_bytes():
+    """The L2 size the copies of one replay must span: the GPU's; 0 on the CPU (one call per replay)."""
+    return l2_cache_bytes() if DEVICE == "cuda" else 0
 
 
 def parser(doc):
@@ -50,6 +65,10 @@ def parser(doc):
     ap.add_argument("--verify-shape", default="1000,4000",
                     help="N,K of the verification case (no tile multiple, K not a multiple of 256)")
     ap.add_argument("--max-candidates", type=int, default=None, help="the first few candidates per bucket only")
+    ap.add_argument("--l2-multiple", type=float, default=L2_MULTIPLE,
+                    help=f"the operand copies of one replay span at least this many L2 sizes (default {L2_MULTIPLE:g})")
+    ap.add_argument("--max-calls-per-replay", type=int, default=MAX_CALLS_PER_REPLAY,
+                    help=f"most back-to-back calls in one replay (default {MAX_CALLS_PER_REPLAY}; 1: one call per replay)")
     return ap
 
 
@@ -78,9 +97,26 @@ class Sweep:
         self.shapes = [SHAPES[s] for s in args.shapes.split(",")]
         self.ms = [int(m) for m in args.m.split(",")]
         self.verify_n, self.verify_k = (int(v) for v in args.verify_shape.split(","))
+        # scripts that build their own parser may lack the replay options: the defaults then
+        self.l2_multiple = getattr(args, "l2_multiple", L2_MULTIPLE)
+        self.max_calls = getattr(args, "max_calls_per_replay", MAX_CALLS_PER_REPLAY)
+        if self.max_calls < 1:
+            raise SystemExit(f"--max-calls-per-replay: {self.max_calls} must be >= 1")
+        if not math.isfinite(self.l2_multiple) or self.l2_multiple < 0:
+            raise SystemExit(f"--l2-multiple: {self.l2_multiple} must be a finite number >= 0")
+        self.l2_bytes = replay_l2_bytes()
         self.record = {"family": family, "command": " ".join(sys.argv), "device": device_name(),
-                       "torch": torch.__version__, "timer": "CUDA-graph replay, do_bench median, L2 flushed",
+                       "torch": torch.__version__, "timer": TIMER,
+                       "replay": {"l2_cache_bytes": self.l2_bytes, "l2_multiple": self.l2_multiple,
+                                  "max_calls": self.max_calls},
                        "rows": [], "winners": {}}
+
+    def back_to_back(self, fn):
+        """The calls of one back-to-back replay: `fn` (copy 0) and N - 1 clones over copies of its
+        tensors, N from the bytes one call touches (see the module docstring). Runs `fn` once."""
+        touched = max(1, operand_bytes(fn) + operand_bytes(fn()))
+        n = calls_per_replay(touched, self.l2_bytes, self.l2_multiple, self.max_calls)
+        return [fn] + [clone_call(fn) for _ in range(n - 1)]
 
     def over_budget(self):
         return time.time() - self.t0 > self.args.budget_s
@@ -100,9 +136,12 @@ class Sweep:
                 ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
             row["verified"], row["verify_detail"] = ok, detail
             if ok:
-                row["us"] = {}
+                row["us"], row["calls_per_replay"] = {}, {}
                 for shape in self.shapes:
-                    row["us"][shape.name] = 1000.0 * graph_median_ms(make_call(cfg, shape, m))
+                    calls = self.back_to_back(make_call(cfg, shape, m))
+                    row["us"][shape.name] = 1000.0 * graph_median_ms(calls)
+                    row["calls_per_replay"][shape.name] = len(calls)
+                    del calls  # the copies go before the next shape's are made
                 timed.append(row)
             self.record["rows"].append(row)
             self.save()

@@ -5,8 +5,12 @@ Inputs
 Benchmark JSON: what `pytest perf/ --benchmark-json out.json` writes. Each benchmark's
 `extra_info` (perf/conftest.py) carries family, method, role, shape, M, N, K, device, time_us
 (do_bench median: the CUDA-graph figure where capture worked), time_us_eager, TFLOP/s or TOPS,
-GB/s, bytes moved. A benchmark without them (a foreign suite) is kept with its pytest-benchmark
-median and its name as the method. `zq_perf.skipped` (perf/conftest.py) lists skipped benchmarks
+GB/s, bytes moved. Runs with back-to-back timing add `calls_per_replay` (N: the graph figure is
+one replay of N calls over copies of the operands, divided by N) and `time_us_graph_single` (one
+call per replay); a run without them timed one call per replay, and its graph figure is read as
+that single-call figure. Each row's `timing` names the timer (`timer_label`); the report shows
+them per device and says when one table mixes them. A benchmark without these fields (a foreign
+suite) is kept with its pytest-benchmark median and its name as the method. `zq_perf.skipped` (perf/conftest.py) lists skipped benchmarks
 and why. Several files may be given: speedups are recomputed over all of them, per device, shape
 and M; where one (device, shape, M, method) appears twice the later file wins.
 
@@ -183,6 +187,28 @@ def _num(v):
     return None
 
 
+TIMING_BACK_TO_BACK = "CUDA graph, back-to-back calls on operand copies (N per replay)"
+TIMING_SINGLE = "CUDA graph, one call per replay"
+TIMING_SINGLE_OLD = "CUDA graph, one call per replay (a run without back-to-back timing)"
+TIMING_EAGER = "do_bench, launched eagerly"
+
+
+def timer_label(extra: dict, fallback: str | None = None) -> str:
+    """How a result's primary time was taken, from its extra_info: back-to-back graph replays, a
+    single call per replay (a run before back-to-back timing, or one that fell back to it), eager
+    launches, or `fallback` (the row's own timer: CPU and foreign benchmarks)."""
+    mode = extra.get("primary_mode")
+    if mode == "graph":
+        if "calls_per_replay" not in extra:
+            return TIMING_SINGLE_OLD
+        if extra.get("single_call_reason"):
+            return TIMING_SINGLE
+        return TIMING_BACK_TO_BACK
+    if mode == "eager":
+        return TIMING_EAGER
+    return str(fallback or extra.get("timer") or "timer not recorded")
+
+
 def _row_from_benchmark(bench: dict, run: Run, index: int, path: Path) -> dict:
     if not isinstance(bench, dict):
         raise ReportError(f"{path}: benchmark #{index} is not an object")
@@ -216,8 +242,14 @@ def _row_from_benchmark(bench: dict, run: Run, index: int, path: Path) -> dict:
         "time_us": time_us,
         "time_us_eager": _num(extra.get("time_us_eager")),
         "time_us_graph": _num(extra.get("time_us_graph")),
+        # a run without calls_per_replay replayed one call per graph: its graph figure is that one
+        "time_us_graph_single": _num(extra.get("time_us_graph_single", extra.get("time_us_graph")
+                                               if "calls_per_replay" not in extra else None)),
+        "calls_per_replay": _num(extra.get("calls_per_replay", 1 if extra.get("primary_mode") == "graph" else None)),
+        "single_call_reason": extra.get("single_call_reason"),
         "primary_mode": extra.get("primary_mode"),
         "timer": timer,
+        "timing": timer_label(extra, timer),
         "tflops": _num(extra.get("tflops")),
         "ops_unit": extra.get("ops_unit"),
         "gbps": _num(extra.get("gbps")),
@@ -680,11 +712,22 @@ def lut_ratios(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------- report
-def _pivot_times(g: pd.DataFrame) -> pd.DataFrame:
-    p = g.pivot_table(index=["shape", "M"], columns="method", values="time_us", aggfunc="last")
+def _pivot_times(g: pd.DataFrame, values="time_us") -> pd.DataFrame:
+    p = g.pivot_table(index=["shape", "M"], columns="method", values=values, aggfunc="last")
     p = p[_method_order(p.columns)]
     p.index = p.index.set_levels([p.index.levels[0], p.index.levels[1].astype(int)])
     return p
+
+
+def timing_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per timer (`timing`): how many results, of how many methods, and the calls per replay."""
+    out = []
+    for label, grp in rows.groupby("timing", sort=True):
+        n = grp["calls_per_replay"].dropna()
+        out.append({"timer": label, "results": len(grp), "methods": grp["method"].nunique(),
+                    "calls per replay": "" if n.empty else (f"{int(n.min())}" if n.min() == n.max()
+                                                            else f"{int(n.min())}–{int(n.max())}")})
+    return pd.DataFrame(out, columns=["timer", "results", "methods", "calls per replay"])
 
 
 RELATIVE = (  # (numerator, denominator, what it answers)
@@ -741,9 +784,13 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
     devices = sorted(set(df["device"])) if not df.empty else []
     doc = Doc(title or "zqkernels benchmark report")
     doc.p("Devices: " + (", ".join(f"**{d}**" for d in devices) if devices else "none (accuracy only)") + ". "
-          "GPU times are `triton.testing.do_bench` medians with the L2 cache flushed before every call "
-          "(CUDA events), on a CUDA graph where capture worked (`primary_mode`), eagerly otherwise; "
-          "speedup = baseline time / method time, same device, shape and M. Produced by `zq report` from "
+          "GPU times are `triton.testing.do_bench` medians with the L2 cache flushed before every timed "
+          "launch (CUDA events), on a CUDA graph where capture worked (`primary_mode`), eagerly otherwise. "
+          "Where a result has N calls per replay (back-to-back timing), one replay holds N calls, each on "
+          "its own copy of the operands (none of them in the L2 from the call before), and the time is the "
+          "replay's divided by N, as layers run back to back in a model; a figure of one call per replay "
+          "includes the fixed cost of a replay. The timers are listed per device. "
+          "Speedup = baseline time / method time, same device, shape and M. Produced by `zq report` from "
           + ", ".join(f"`{Path(p).name}`" for p in bench_paths + accuracy_paths) + ".")
 
     # runs
@@ -794,6 +841,23 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
             doc.p(f"No GEMM results on {device}.")
         else:
             doc.table(_pivot_times(g), caption=f"time (us, median) per shape and M — {device}", index=True)
+            timed = df[(df["device"] == device) & df["primary_mode"].isin(["graph", "eager"])]
+            doc.p(f"Timers of the GPU results on {device} (`calls per replay`: N of the back-to-back replays):")
+            doc.table(timing_summary(timed), caption=f"timers — {device}")
+            graph_labels = sorted(set(g.loc[g["primary_mode"] == "graph", "timing"]))
+            if len(graph_labels) > 1:
+                mixed = (f"the GEMM results on {device} mix timers ({'; '.join(graph_labels)}): a ratio between a "
+                         "back-to-back figure and a one-call-per-replay figure compares different things")
+                doc.p(f"Note: {mixed}.")
+                messages.append(mixed)
+            if (g["calls_per_replay"].fillna(1) > 1).any():
+                doc.table(_pivot_times(g, "calls_per_replay").astype("Int64"), index=True,
+                          caption=f"calls per replay (N) of the figures above — {device}")
+            single = g[g["time_us_graph_single"].notna() & (g["timing"] == TIMING_BACK_TO_BACK)]
+            if not single.empty:
+                doc.table(_pivot_times(single, "time_us_graph_single"), index=True,
+                          caption=f"time (us, median) with one call per graph replay, the replay's fixed cost "
+                                  f"included — {device}")
             bar = prefill_bar_table(g)
             if not bar.empty:
                 doc.h(3, f"FP8 rowwise, the prefill bar, on {device}")
@@ -827,6 +891,10 @@ def build_report(bench_paths, accuracy_paths=(), out_dir="reports/out", title=No
             if not graph_err.empty:
                 doc.p("Timed eagerly (no CUDA graph): " + "; ".join(
                     sorted({f"{r.method}: {r.graph_error}" for r in graph_err.itertuples()})))
+            one_call = g[g["single_call_reason"].notna() & (g["primary_mode"] == "graph")]
+            if not one_call.empty:
+                doc.p("Timed one call per replay (no back-to-back copies): " + "; ".join(
+                    sorted({f"{r.method}: {r.single_call_reason}" for r in one_call.itertuples()})))
             notes = g[g["notes"].astype(str) != ""]
             if not notes.empty:
                 doc.p("Notes: " + "; ".join(sorted({f"{r.method}: {r.notes}" for r in notes.itertuples()})))

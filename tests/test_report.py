@@ -43,9 +43,13 @@ def test_good_run_writes_report_with_expected_tables(tmp_path):
                    "| shape | M | cublas_fp16 | fp8_rowwise | fp8_rowwise_dynamic |", "speedup over fp8_rowwise (x)",
                    f"### FP8 rowwise, the prefill bar, on {device}", "speedup over FP8 rowwise at prefill (x)",
                    "zq_w4a4 vs fp8_rowwise", "zq_w4a4_aq vs fp8_rowwise_dynamic",
-                   "## Accuracy", "| SmolLM2-135M (fixture) | zipper | 47.4 |", "no CUDA GPU on this machine"):
+                   "## Accuracy", "| SmolLM2-135M (fixture) | zipper | 47.4 |", "no CUDA GPU on this machine",
+                   f"timers — {device}", "CUDA graph, back-to-back calls on operand copies (N per replay)",
+                   f"calls per replay (N) of the figures above — {device}",
+                   "with one call per graph replay, the replay's fixed cost included"):
         assert needle in md, needle
     # every mention of the RTX 4090 is the paper's claim device or labelled as a projection
+    assert "mix timers" not in md
     for line in md.splitlines():
         if "4090" in line:
             assert "projection, not measured" in line or "RTX 4090 (INT4)" in line, line
@@ -257,3 +261,52 @@ def test_missing_report_extra_is_one_line_and_exit_2(monkeypatch, capsys, tmp_pa
     rc = cli.main(["report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "zqkernels[report]" in err and "pandas" in err and len(err.strip().splitlines()) == 1
+
+
+NEW_KEYS = ("replay", "time_us_graph_single", "calls_per_replay", "single_call_reason", "bytes_per_call",
+            "l2_cache_bytes")
+
+
+def _as_older_run(data, methods=None):
+    """The fixture as a run before back-to-back timing wrote it (one call per replay, no new keys)."""
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("primary_mode") == "graph" and (methods is None or e["method"] in methods):
+            for key in NEW_KEYS:
+                e.pop(key, None)
+    return data
+
+
+def test_report_reads_back_to_back_and_older_runs_and_names_their_timers(tmp_path):
+    from reports.report import TIMING_BACK_TO_BACK, TIMING_SINGLE_OLD, timing_summary
+
+    df, _ = load_benchmarks([GOOD])
+    row = df[(df["method"] == "zq_w4a4") & (df["shape"] == "llama3-8b.o") & (df["M"] == 1)].iloc[0]
+    extra = next(b["extra_info"] for b in json.loads(GOOD.read_text())["benchmarks"]
+                 if b["name"] == "test_zq_w4a4[llama3-8b.o-M1]")
+    assert row["calls_per_replay"] == extra["calls_per_replay"] > 1 and row["timing"] == TIMING_BACK_TO_BACK
+    assert row["time_us_graph_single"] == pytest.approx(extra["time_us_graph_single"])
+    summary = timing_summary(df[df["primary_mode"] == "graph"])
+    assert summary["timer"].tolist() == [TIMING_BACK_TO_BACK] and summary["calls per replay"].iloc[0] == "1–64"
+
+    old = tmp_path / "old.json"  # a run before back-to-back timing: one call per replay
+    old.write_text(json.dumps(_as_older_run(json.loads(GOOD.read_text()))))
+    df, _ = load_benchmarks([old])
+    graph = df[df["primary_mode"] == "graph"]
+    assert (graph["calls_per_replay"] == 1).all() and (graph["time_us_graph_single"] == graph["time_us_graph"]).all()
+    assert set(graph["timing"]) == {TIMING_SINGLE_OLD}
+    assert timing_summary(graph)["timer"].tolist() == [TIMING_SINGLE_OLD]
+    cpu, _ = load_benchmarks([CPU_ONLY])  # CPU rows keep their own timer's name
+    assert set(cpu["timing"]) == set(cpu["timer"]) == {"pytest-benchmark wall clock median (CPU)"}
+
+
+def test_report_says_when_one_table_mixes_timers(tmp_path):
+    from reports.report import TIMING_BACK_TO_BACK, TIMING_SINGLE_OLD
+
+    device = "NVIDIA H100 80GB HBM3 (synthetic test fixture)"
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(_as_older_run(json.loads(GOOD.read_text()), methods={"cublas_fp16"})))
+    result = build_report([mixed], (), tmp_path / "r")
+    md = (tmp_path / "r" / "REPORT.md").read_text()
+    assert [m for m in result["messages"] if "mix timers" in m] and "compares different things" in md
+    assert f"| {TIMING_BACK_TO_BACK} |" in md and f"| {TIMING_SINGLE_OLD} |" in md and f"timers — {device}" in md

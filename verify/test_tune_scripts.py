@@ -1,8 +1,9 @@
 """The tune scripts (`perf/tune_<family>.py`) run end to end: each candidate they would time is
 launched and verified on a small case, the fastest per bucket is written in the table format the
 loader reads, and every winner names a variant its family ships. On the CPU the kernels run under
-the interpreter and the timer is replaced by one call of each closure: a smoke run of the scripts,
-whose timings mean nothing; on a GPU the tuning itself is a device run (perf/README.md).
+the interpreter and the timer is replaced by one call of each closure of a replay (two: copy 0
+and a copy the sweep made): a smoke run of the scripts, whose timings mean nothing; on a GPU the
+tuning itself is a device run (perf/README.md).
 """
 import importlib
 import json
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
 if str(PERF) not in sys.path:
@@ -23,25 +25,41 @@ def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_
 
     from zqkernels.gpu import configs, mosaic, w4a4, w4a16
 
+    import timing
+
     mod = importlib.import_module(script)
     calls = []
 
-    def one_call(fn):
-        fn()
-        calls.append(1)
+    def one_call(fns):
+        """A replay's copy run once (the sweep ran copy 0 already): copy 1 holds the same values as
+        copy 0 in tensors of its own, so the back-to-back replay the GPU times streams a fresh copy
+        per call; on the first replay both run and must agree (the interpreter is slow: once)."""
+        assert len(fns) == 2, len(fns)
+        first, second = (timing.operand_tensors(f) for f in fns)
+        assert len(first) == len(second) and first
+        assert not {t.data_ptr() for t in first} & {t.data_ptr() for t in second}
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(first, second))
+        out = fns[1]()
+        if not calls:
+            assert torch.equal(out, fns[0]())  # a copy computes what copy 0 computes
+        calls.append(len(fns))
         return 1.0 + 0.01 * len(calls)  # distinct fake times: the first candidate wins
 
     monkeypatch.setattr(tuning, "graph_median_ms", one_call)
+    # an L2 no call fills, capped at two calls: each timed call gets one copy besides its own
+    monkeypatch.setattr(tuning, "replay_l2_bytes", lambda: 2**40)
     monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
     shutil.copy(configs.CONFIG_DIR / "default.json", tmp_path / "default.json")
     out = tmp_path / "result.json"
     monkeypatch.setattr(sys, "argv", [script, "--out", str(out), "--table", "smoke.json", "--shapes",
                                       "smollm2-135m.o", "--m", "1,40", "--verify-shape", "40,256",
-                                      "--max-candidates", "2"])
+                                      "--max-candidates", "2", "--max-calls-per-replay", "2"])
     mod.main()
     record = json.loads(out.read_text())
     timed = [r for r in record["rows"] if "us" in r]
     assert timed and all(r["verified"] for r in timed), [r.get("verify_detail") for r in record["rows"]]
+    assert all(r["calls_per_replay"] == {"smollm2-135m.o": 2} for r in timed) and len(calls) == len(timed)
+    assert record["replay"]["max_calls"] == 2 and "back-to-back" in record["timer"]
     assert not [r for r in record["rows"] if r.get("verified") is False], "a candidate failed verification"
     table = json.loads((tmp_path / "smoke.json").read_text())
     variants = {"w4a4": w4a4.VARIANTS, "w4a16": w4a16.VARIANTS, "mosaic": mosaic.VARIANTS}[family]
