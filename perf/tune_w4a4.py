@@ -3,6 +3,11 @@ product of the codes (int32 entry point) and against the oracle with group scale
 
     PYTHONUNBUFFERED=1 python perf/tune_w4a4.py --out $OUT/tune_w4a4.json [--budget-s 400] [--m 1,16,4096]
 
+Each tile config is a candidate twice, once per activation layout (`act_layout`: packed int4 or
+one int8 code per byte), verified with operands in that layout. What is timed is what a W4A4 layer
+runs per call: fp16 X -> `quantize_activations` (fused smoothing, that layout) -> `w4a4_gemm`, so
+the layout is picked by the cost of both kernels (int8 codes cost the quantizer M*K/2 more bytes
+written and the GEMM as many more read; they spare the GEMM the activation unpack).
 Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and every timing into --out.
 """
 import torch
@@ -10,7 +15,8 @@ import torch
 import reference
 from tuning import DEVICE, Sweep, parser
 
-from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
+from zqkernels.gpu.actquant import quantize_activations
+from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
 
 
 def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
@@ -18,7 +24,7 @@ def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
                 num_stages=S, **kw)
 
 
-def candidates(m, group):
+def tiles(m, group):
     bk = 128 if group else 256
     if m <= 16:
         return [C("splitk", 16, bn, k, W=4, S=s, GM=1, SPLIT_K=0, SWAP_AB=True, SPLIT_TARGET_CTAS=t)
@@ -33,6 +39,11 @@ def candidates(m, group):
              (128, 256, 64, 8, 4)) for p in (True, False) if not (group and k > group)]
 
 
+def candidates(m, group):
+    """Every tile config once per activation layout, the two side by side."""
+    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in ACT_LAYOUTS]
+
+
 def rand_packed(rows, k, gen):
     return torch.randint(0, 256, (rows, k // 2), generator=gen, device=DEVICE, dtype=torch.uint8)
 
@@ -42,19 +53,25 @@ def unpack(p):
     return torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).double().to(p.device)
 
 
+def in_layout(p, layout):
+    """Packed activation codes in `layout`: as they are ("int4"), or one int8 code per byte."""
+    return p if layout == "int4" else torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).to(p.device)
+
+
 def main():
     args = parser(__doc__).parse_args()
     sweep = Sweep("w4a4", args)
+    sweep.record["timed"] = "fp16 X -> quantize_activations(inv_smooth, layout=act_layout) -> w4a4_gemm"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cache = {}
 
-    def operands(shape, m, group):
-        key = (shape.name, m, group)
+    def operands(shape, m):
+        """fp16 activations, a smoothing vector and packed weights with their scales."""
+        key = (shape.name, m)
         if key not in cache:
-            g = 1 if group is None else -(-shape.k // group)
             cache.clear()
-            cache[key] = (rand_packed(m, shape.k, gen), torch.rand(m, g, generator=gen, device=DEVICE).squeeze(1)
-                          .contiguous() + 0.01, rand_packed(shape.n, shape.k, gen),
+            cache[key] = (torch.randn(m, shape.k, generator=gen, device=DEVICE).half(),
+                          torch.rand(shape.k, generator=gen, device=DEVICE) + 0.5, rand_packed(shape.n, shape.k, gen),
                           torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
         return cache[key]
 
@@ -62,12 +79,13 @@ def main():
         n, k = sweep.verify_n, sweep.verify_k
         qx, qw = rand_packed(m, k, gen), rand_packed(n, k, gen)
         exact = unpack(qx) @ unpack(qw).T
+        qx_in = in_layout(qx, cfg["act_layout"])
         if group is None:
-            got = w4a4_gemm_int32(qx, qw, config=cfg).double()
-            return bool(torch.equal(got, exact)), "int32 exact"
+            got = w4a4_gemm_int32(qx_in, qw, config=cfg).double()
+            return bool(torch.equal(got, exact)), f"int32 exact, {cfg['act_layout']} activations"
         sx = torch.rand(m, -(-k // group), generator=gen, device=DEVICE) + 0.01
         sw = torch.rand(n, generator=gen, device=DEVICE) + 0.01
-        got = w4a4_gemm(qx, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
+        got = w4a4_gemm(qx_in, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
         ref = torch.zeros_like(exact)
         cx, cw = unpack(qx), unpack(qw)
         for gi in range(sx.shape[1]):
@@ -80,8 +98,12 @@ def main():
     for group, scales in ((None, "per_token"), (128, "group")):
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
-                qx, sx, qw, sw = operands(shape, m, group)
-                return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
+                x, inv_s, qw, sw = operands(shape, m)
+
+                def layer():
+                    qx, sx = quantize_activations(x, inv_s, group, layout=cfg["act_layout"], check_finite=False)
+                    return w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
+                return layer
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
