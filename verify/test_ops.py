@@ -6,7 +6,8 @@
 - each op's output equals the launcher's it wraps, exactly (the same kernel on the same inputs),
   in both activation layouts (packed int4, int8 codes).
 - the triton W4A4 layers' product (`nn.w4a4_triton_product`) quantizes in the layout the launch
-  table names for its M, and its output does not depend on that layout.
+  table names for its M, its output does not depend on that layout, and it traces whole under
+  `torch.compile`.
 Small shapes: under the interpreter on the CPU, compiled on a GPU.
 """
 import numpy as np
@@ -19,7 +20,7 @@ from zqkernels import ops
 from zqkernels.gpu import configs
 from zqkernels.gpu.actquant import quantize_activations
 from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
-from zqkernels.gpu.w4a4 import w4a4_gemm
+from zqkernels.gpu.w4a4 import act_layouts, w4a4_gemm
 from zqkernels.gpu.w4a16 import w4a16_gemm
 from zqkernels.gpu.zipper_high import zipper_gpu_linear
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
@@ -89,12 +90,25 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     keys = sorted(int(k) for k in buckets)
     for m in [keys[0]] + [k + 1 for k in keys[:-1]]:  # one M in each bucket
         x = _x(m, 96)
-        y = zqnn.w4a4_triton_product(x, inv, w, group, torch.float32)
+        y = zqnn.w4a4_triton_product(x, inv, w, group, torch.float32, act_layouts(group, x.device))
         want = configs.launch_config("w4a4", "per_token" if group is None else "group", m, x.device)["act_layout"]
         assert seen[-1] == want, (m, seen)
         qx, sx = quantize_activations(x, inv, group)
         assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32))  # exact
     assert set(seen) == {"int4", "int8"} and len({c["act_layout"] for c in buckets.values()}) == 2
+
+
+def test_w4a4_layer_product_traces_as_one_graph():
+    """The layout pick is plain Python over the constants read at build time: `torch.compile`
+    traces the layer's product whole (fullgraph) as M changes bucket."""
+    w = _dense(40, 96)
+    steps = act_layouts(None, torch.device(DEVICE))
+    traced = torch.compile(lambda x: zqnn.w4a4_triton_product(x, None, w, None, torch.float32, steps),
+                           backend="eager", fullgraph=True)
+    for m in (steps[0][0], steps[0][0] + 1):
+        x = _x(m, 96)
+        qx, sx = quantize_activations(x, None, None)
+        assert torch.equal(traced(x), w4a4_gemm(qx, sx, w.packed, w.scale, None, torch.float32))  # exact
 
 
 @pytest.mark.parametrize("group", [0, 32])

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import launch_config, use_asm
+from zqkernels.gpu.configs import launch_config, table_for, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
 from zqkernels.gpu.operands import (
     check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
@@ -261,16 +261,34 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
     return out
 
 
-def act_layout(m, act_group_size, device):
-    """The activation layout ("int4" | "int8") that the launch table's w4a4 bucket for M tokens
-    names (`act_layout`, required in every bucket): what a layer asks `quantize_activations` for
-    before it calls `w4a4_gemm`."""
+def act_layouts(act_group_size, device):
+    """((M bucket, act_layout), ...) in M order: the activation layout ("int4" | "int8") each w4a4
+    bucket of the launch table names (`act_layout`, required in every bucket), for `pick_act_layout`.
+    A layer reads it once when built, so its forward picks the layout from a tuple of constants
+    (no table read per call, and `torch.compile` traces it)."""
     scales = "per_token" if not act_group_size else "group"
-    layout = launch_config("w4a4", scales, m, device).get("act_layout")
-    if layout not in ACT_LAYOUTS:
-        raise ValueError(f"launch table w4a4/{scales} bucket for M={m}: act_layout must be one of {ACT_LAYOUTS}, "
-                         f"got {layout!r}")
-    return layout
+    steps = []
+    for key in sorted(int(k) for k in table_for(device)["w4a4"][scales]):
+        layout = launch_config("w4a4", scales, key, device).get("act_layout")
+        if layout not in ACT_LAYOUTS:
+            raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout must be one of {ACT_LAYOUTS}, "
+                             f"got {layout!r}")
+        steps.append((key, layout))
+    return tuple(steps)
+
+
+def pick_act_layout(m, steps):
+    """The layout of the bucket `launch_config` would pick for M tokens: the smallest >= M, else the largest."""
+    for key, layout in steps:
+        if m <= key:
+            return layout
+    return steps[-1][1]
+
+
+def act_layout(m, act_group_size, device):
+    """The activation layout the launch table names for M tokens: what a W4A4 layer asks
+    `quantize_activations` for before it calls `w4a4_gemm`."""
+    return pick_act_layout(m, act_layouts(act_group_size, device))
 
 
 def check_operands(qx_packed, qw_packed):
