@@ -4,10 +4,9 @@ product of the codes (int32 entry point) and against the oracle with group scale
     PYTHONUNBUFFERED=1 python perf/tune_w4a4.py --out $OUT/tune_w4a4.json [--budget-s 400] [--m 1,16,4096]
 
 Each tile config is a candidate twice, once per activation layout (`act_layout`: packed int4 or
-one int8 code per byte), verified with operands in that layout. What is timed is what a W4A4 layer
-runs per call: fp16 X -> `quantize_activations` (fused smoothing, that layout) -> `w4a4_gemm`, so
-the layout is picked by the cost of both kernels (int8 codes cost the quantizer M*K/2 more bytes
-written and the GEMM as many more read; they spare the GEMM the activation unpack).
+one int8 code per byte), verified and timed with activations in that layout, so the layout is
+picked by the GEMM's time. Not timed: the quantizer's M*K/2 more bytes written for int8 codes
+(8 MB at M = K = 4096; the layer benchmark `zq_w4a4_aq` times quantizer and GEMM together).
 Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and every timing into --out.
 """
 import torch
@@ -15,7 +14,6 @@ import torch
 import reference
 from tuning import DEVICE, Sweep, parser
 
-from zqkernels.gpu.actquant import quantize_activations
 from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
 
 
@@ -61,18 +59,19 @@ def in_layout(p, layout):
 def main():
     args = parser(__doc__).parse_args()
     sweep = Sweep("w4a4", args)
-    sweep.record["timed"] = "fp16 X -> quantize_activations(inv_smooth, layout=act_layout) -> w4a4_gemm"
+    sweep.record["timed"] = "w4a4_gemm alone, activations in the candidate's act_layout"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cache = {}
 
-    def operands(shape, m):
-        """fp16 activations, a smoothing vector and packed weights with their scales."""
-        key = (shape.name, m)
+    def operands(shape, m, group):
+        key = (shape.name, m, group)
         if key not in cache:
+            g = 1 if group is None else -(-shape.k // group)
             cache.clear()
-            cache[key] = (torch.randn(m, shape.k, generator=gen, device=DEVICE).half(),
-                          torch.rand(shape.k, generator=gen, device=DEVICE) + 0.5, rand_packed(shape.n, shape.k, gen),
-                          torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
+            qx = rand_packed(m, shape.k, gen)
+            cache[key] = ({layout: in_layout(qx, layout) for layout in ACT_LAYOUTS},
+                          torch.rand(m, g, generator=gen, device=DEVICE).squeeze(1).contiguous() + 0.01,
+                          rand_packed(shape.n, shape.k, gen), torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
         return cache[key]
 
     def verify(cfg, m, group):
@@ -98,12 +97,9 @@ def main():
     for group, scales in ((None, "per_token"), (128, "group")):
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
-                x, inv_s, qw, sw = operands(shape, m)
-
-                def layer():
-                    qx, sx = quantize_activations(x, inv_s, group, layout=cfg["act_layout"], check_finite=False)
-                    return w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
-                return layer
+                qx, sx, qw, sw = operands(shape, m, group)
+                qx = qx[cfg["act_layout"]]
+                return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
