@@ -44,9 +44,9 @@ from zqkernels.gpu.int4 import unpack_lo_hi_x16
 from zqkernels.gpu.operands import (
     check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
 )
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 ACT_LAYOUTS = ("int4", "int8")  # the `act_layout` of a launch-table bucket; the quantizer's `layout`
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
 
 @triton.jit
