@@ -3,6 +3,10 @@ product of the codes (int32 entry point) and against the oracle with group scale
 
     PYTHONUNBUFFERED=1 python perf/tune_w4a4.py --out $OUT/tune_w4a4.json [--budget-s 400] [--m 1,16,4096]
 
+Each tile config is a candidate twice, once per activation layout (`act_layout`: packed int4 or
+one int8 code per byte), verified and timed with activations in that layout, so the layout is
+picked by the GEMM's time. Not timed: the quantizer's M*K/2 more bytes written for int8 codes
+(8 MB at M = K = 4096; the layer benchmark `zq_w4a4_aq` times quantizer and GEMM together).
 Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and every timing into --out.
 """
 import torch
@@ -10,7 +14,7 @@ import torch
 import reference
 from tuning import DEVICE, Sweep, parser
 
-from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
+from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
 
 
 def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
@@ -18,7 +22,7 @@ def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
                 num_stages=S, **kw)
 
 
-def candidates(m, group):
+def tiles(m, group):
     bk = 128 if group else 256
     if m <= 16:
         return [C("splitk", 16, bn, k, W=4, S=s, GM=1, SPLIT_K=0, SWAP_AB=True, SPLIT_TARGET_CTAS=t)
@@ -33,6 +37,11 @@ def candidates(m, group):
              (128, 256, 64, 8, 4)) for p in (True, False) if not (group and k > group)]
 
 
+def candidates(m, group):
+    """Every tile config once per activation layout, the two side by side."""
+    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in ACT_LAYOUTS]
+
+
 def rand_packed(rows, k, gen):
     return torch.randint(0, 256, (rows, k // 2), generator=gen, device=DEVICE, dtype=torch.uint8)
 
@@ -42,9 +51,15 @@ def unpack(p):
     return torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).double().to(p.device)
 
 
+def in_layout(p, layout):
+    """Packed activation codes in `layout`: as they are ("int4"), or one int8 code per byte."""
+    return p if layout == "int4" else torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).to(p.device)
+
+
 def main():
     args = parser(__doc__).parse_args()
     sweep = Sweep("w4a4", args)
+    sweep.record["timed"] = "w4a4_gemm alone, activations in the candidate's act_layout"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cache = {}
 
@@ -53,21 +68,23 @@ def main():
         if key not in cache:
             g = 1 if group is None else -(-shape.k // group)
             cache.clear()
-            cache[key] = (rand_packed(m, shape.k, gen), torch.rand(m, g, generator=gen, device=DEVICE).squeeze(1)
-                          .contiguous() + 0.01, rand_packed(shape.n, shape.k, gen),
-                          torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
+            qx = rand_packed(m, shape.k, gen)
+            cache[key] = ({layout: in_layout(qx, layout) for layout in ACT_LAYOUTS},
+                          torch.rand(m, g, generator=gen, device=DEVICE).squeeze(1).contiguous() + 0.01,
+                          rand_packed(shape.n, shape.k, gen), torch.rand(shape.n, generator=gen, device=DEVICE) + 0.01)
         return cache[key]
 
     def verify(cfg, m, group):
         n, k = sweep.verify_n, sweep.verify_k
         qx, qw = rand_packed(m, k, gen), rand_packed(n, k, gen)
         exact = unpack(qx) @ unpack(qw).T
+        qx_in = in_layout(qx, cfg["act_layout"])
         if group is None:
-            got = w4a4_gemm_int32(qx, qw, config=cfg).double()
-            return bool(torch.equal(got, exact)), "int32 exact"
+            got = w4a4_gemm_int32(qx_in, qw, config=cfg).double()
+            return bool(torch.equal(got, exact)), f"int32 exact, {cfg['act_layout']} activations"
         sx = torch.rand(m, -(-k // group), generator=gen, device=DEVICE) + 0.01
         sw = torch.rand(n, generator=gen, device=DEVICE) + 0.01
-        got = w4a4_gemm(qx, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
+        got = w4a4_gemm(qx_in, sx, qw, sw, act_group_size=group, out_dtype=torch.float32, config=cfg).double()
         ref = torch.zeros_like(exact)
         cx, cw = unpack(qx), unpack(qw)
         for gi in range(sx.shape[1]):
@@ -81,6 +98,7 @@ def main():
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
                 qx, sx, qw, sw = operands(shape, m, group)
+                qx = qx[cfg["act_layout"]]
                 return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)

@@ -1,9 +1,11 @@
 """The fused activation quantizer equals the oracle bit for bit: `zqkernels.gpu.actquant` vs
 `reference.quantize_activations` + `reference.pack_int4` (DESIGN.md §1, the float32 contract).
 
-Everything here is exact: packed bytes equal, float32 scales equal (the oracle returns float64
-arrays holding float32 values). Without a GPU the kernel runs under TRITON_INTERPRET=1 on small
-shapes; with one, compiled, on LLaMA-sized rows too. Outputs are poisoned before each run.
+Everything here is exact, in both layouts: packed bytes equal the oracle's packed codes, int8 codes
+([M, K], one per byte; K may be odd) equal the oracle's codes and the unpacked packed bytes, float32
+scales equal (the oracle returns float64 arrays holding float32 values) and do not depend on the
+layout. Without a GPU the kernel runs under TRITON_INTERPRET=1 on small shapes; with one, compiled,
+on LLaMA-sized rows too. Outputs are poisoned before each run.
 """
 import numpy as np
 import pytest
@@ -13,20 +15,24 @@ from hypothesis import strategies as st
 
 import reference as R
 from strategies import examples, matrices
-from zqkernels.gpu.actquant import quantize_activations
+from zqkernels.gpu.actquant import LAYOUTS, quantize_activations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINFO_MAX = {"float16": 65504.0, "bfloat16": 3.0e38, "float32": 3.0e38}
 
 
-def run_kernel(x, inv, group, config=None):
-    """Our kernel with poisoned outputs (0xA5 bytes, NaN scales): an unwritten element fails."""
+def run_kernel(x, inv, group, config=None, layout="int4"):
+    """Our kernel with poisoned outputs (0xA5 packed bytes, int8 code 99 -- no code --, NaN
+    scales): an unwritten element fails."""
     m, k = x.shape
-    out = torch.full((m, k // 2), 0xA5, dtype=torch.uint8, device=x.device)
+    if layout == "int8":
+        out = torch.full((m, k), 99, dtype=torch.int8, device=x.device)
+    else:
+        out = torch.full((m, k // 2), 0xA5, dtype=torch.uint8, device=x.device)
     shape = (m,) if group is None else (m, -(-k // group))
     out_scales = torch.full(shape, float("nan"), dtype=torch.float32, device=x.device)
-    q, s = quantize_activations(x, inv, group, out=out, out_scales=out_scales, config=config)
+    q, s = quantize_activations(x, inv, group, layout=layout, out=out, out_scales=out_scales, config=config)
     assert q.data_ptr() == out.data_ptr() and s.data_ptr() == out_scales.data_ptr()
     return q.cpu().numpy(), s.cpu().numpy()
 
@@ -36,22 +42,29 @@ def oracle(x, inv, group):
     x32 = x.float().cpu()
     if inv is not None:
         x32 = x32 * inv.cpu()  # one IEEE float32 multiply per element, as in the kernel
-    q, s = R.quantize_activations(x32.numpy(), bits=4, group_size=group)
-    return R.pack_int4(q), s
+    return R.quantize_activations(x32.numpy(), bits=4, group_size=group)
 
 
 def check_equal(x, inv, group, config=None):
-    qk, sk = run_kernel(x, inv, group, config)
+    """Both layouts (int4 where K is even) hold the oracle's codes and scales, bit for bit."""
     qr, sr = oracle(x, inv, group)
-    # exact: packed codes and float32 scales are defined bit for bit
-    np.testing.assert_array_equal(qk, qr)
-    np.testing.assert_array_equal(sk.astype(np.float64), sr)
+    q8, s8 = run_kernel(x, inv, group, config, layout="int8")
+    # exact: codes and float32 scales are defined bit for bit
+    assert q8.dtype == np.int8
+    np.testing.assert_array_equal(q8, qr)
+    np.testing.assert_array_equal(s8.astype(np.float64), sr)
+    if x.shape[1] % 2 == 0:
+        q4, s4 = run_kernel(x, inv, group, config, layout="int4")
+        np.testing.assert_array_equal(q4, R.pack_int4(qr))  # exact
+        np.testing.assert_array_equal(R.unpack_int4(q4), q8)  # exact: the same codes in either layout
+        np.testing.assert_array_equal(s4, s8)  # exact
 
 
 @st.composite
 def activations(draw, max_rows=6, max_cols=160):
     dtype = draw(st.sampled_from(sorted(DTYPES)))
-    x = draw(matrices(max_rows=max_rows, max_cols=max_cols, min_cols=2, even_cols=True))
+    # an odd K has no packed form: int8 codes only
+    x = draw(matrices(max_rows=max_rows, max_cols=max_cols, min_cols=1, even_cols=draw(st.booleans())))
     x = np.clip(x, -FINFO_MAX[dtype], FINFO_MAX[dtype])
     group = draw(st.sampled_from([None, 32, 64, 128]))
     smooth = draw(st.booleans())
@@ -63,6 +76,7 @@ def activations(draw, max_rows=6, max_cols=160):
 @example(("float16", np.full((1, 2), 0.0), None, False), 0)  # all-zero row: scale 0, codes 0
 @example(("float32", np.array([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5]]), None, False), 0)  # ties -> even
 @example(("float32", np.array([[1e-40, 3e-45, -1e-41, 0.0]]), None, False), 0)  # subnormal absmax
+@example(("float16", np.array([[0.5, -7.0, 1.5]]), 32, False), 0)  # odd K, one short group: int8 only
 def test_codes_and_scales_equal_oracle(case, seed):
     dtype, x, group, smooth = case
     xt = torch.from_numpy(x).to(DTYPES[dtype]).to(DEVICE)
@@ -77,9 +91,10 @@ def test_codes_and_scales_equal_oracle(case, seed):
 @given(st.integers(1, 4), st.sampled_from([32, 64, 128]), st.integers(1, 5), st.integers(-6, 5), st.integers(0, 2**32 - 1))
 def test_group_ties_round_half_to_even(m, group, n_groups, e, seed):
     """Every group's absmax is 7 * 2**e: its scale is exactly 2**e and every other element is a
-    tie (n + 0.5); K is a multiple of neither the group (short last group) nor the tile."""
+    tie (n + 0.5); K is a multiple of neither the group (short last group) nor the tile (and odd
+    for int8 codes alone, now and then)."""
     rng = np.random.default_rng(seed)
-    k = group * n_groups - 2 * int(rng.integers(0, group // 2))
+    k = group * n_groups - int(rng.integers(0, group))
     x = (rng.integers(-7, 7, size=(m, k)) + 0.5) * 2.0**e
     x[:, ::group] = 7.0 * 2.0**e * rng.choice([-1.0, 1.0], size=x[:, ::group].shape)
     check_equal(torch.from_numpy(x).to(torch.float16).to(DEVICE), None, group)
@@ -102,7 +117,7 @@ PATHS = {
 def test_every_kernel_path_equals_oracle(path, data, smooth, seed):
     config, groups, min_cols = PATHS[path]
     dtype = data.draw(st.sampled_from(sorted(DTYPES)))
-    x = data.draw(matrices(max_rows=5, max_cols=300, min_cols=min_cols, even_cols=True))
+    x = data.draw(matrices(max_rows=5, max_cols=300, min_cols=min_cols, even_cols=data.draw(st.booleans())))
     x = np.clip(x, -FINFO_MAX[dtype], FINFO_MAX[dtype])
     group = data.draw(st.sampled_from(groups))
     inv = None
@@ -114,9 +129,10 @@ def test_every_kernel_path_equals_oracle(path, data, smooth, seed):
     check_equal(xt, inv, group, config)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_input_gets_no_code(path, bad):
+def test_non_finite_input_gets_no_code(path, bad, layout):
     """NaN or Inf: ValueError naming the token by default; with check_finite=False its group gets
     scale NaN and codes 0, and every other group equals the oracle (never a code for a NaN)."""
     config, groups, _ = PATHS[path]
@@ -126,9 +142,9 @@ def test_non_finite_input_gets_no_code(path, bad):
     x[1, 150] = bad
     xt = torch.from_numpy(x).to(DEVICE)
     with pytest.raises(ValueError, match="NaN or Inf.*token 1"):
-        quantize_activations(xt, None, group, config=config)
-    q, s = quantize_activations(xt, None, group, config=config, check_finite=False)
-    q = R.unpack_int4(q.cpu().numpy())
+        quantize_activations(xt, None, group, layout=layout, config=config)
+    q, s = quantize_activations(xt, None, group, layout=layout, config=config, check_finite=False)
+    q = q.cpu().numpy() if layout == "int8" else R.unpack_int4(q.cpu().numpy())
     s = s.cpu().numpy().reshape(3, -1)
     g = 0 if group is None else 150 // group
     lo, hi = (0, 200) if group is None else (g * group, min(200, (g + 1) * group))
@@ -164,7 +180,7 @@ def _x(m=2, k=8, dtype=torch.float16):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: (_x(k=7), None, None), "K must be even"),
+        (lambda: (_x(k=7), None, None), "K must be even"),  # packed (the default layout) only
         (lambda: (_x().to(torch.int32), None, None), "dtype"),
         (lambda: (_x(k=16)[:, ::2], None, None), "contiguous"),
         (lambda: (_x()[0], None, None), "2-D"),
@@ -183,3 +199,17 @@ def test_bad_arguments_raise_value_error(make, match):
 def test_bad_out_buffer_raises_value_error():
     with pytest.raises(ValueError, match="out"):
         quantize_activations(_x(), out=torch.empty(2, 3, dtype=torch.uint8, device=DEVICE))
+
+
+@pytest.mark.parametrize("layout, out, match", [
+    ("int8", torch.empty(2, 4, dtype=torch.uint8), "out must be a torch.int8 tensor of shape \\(2, 8\\)"),
+    ("int8", torch.empty(2, 4, dtype=torch.int8), "out must be a torch.int8 tensor of shape \\(2, 8\\)"),
+    ("int4", torch.empty(2, 8, dtype=torch.int8), "out must be a torch.uint8 tensor of shape \\(2, 4\\)"),
+    ("int8", torch.empty(8, 2, dtype=torch.int8).t(), "out must be contiguous"),
+    ("int16", None, "layout must be one of"),
+    (None, None, "layout must be one of"),
+    (8, None, "layout must be one of"),
+])
+def test_bad_layout_or_out_buffer_for_the_layout_raises(layout, out, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_activations(_x(), layout=layout, out=None if out is None else out.to(DEVICE))

@@ -2,7 +2,8 @@
 
 - Every bucket of every table names a variant its family ships and tile parameters that variant
   can launch (power-of-two tiles, swap-AB tiles with BLOCK_N >= 64: the MMA's M side; int8 planes
-  with BLOCK_K >= 64: an int8 dot is >= 32 deep).
+  with BLOCK_K >= 64: an int8 dot is >= 32 deep), and every w4a4 bucket an activation layout
+  (`act_layout`, required); the interpreter's table sends both layouts through both variants.
 - The loader matches a GPU's name to its table, picks the smallest bucket >= M, and falls back
   to default.json only with a warning.
 """
@@ -45,8 +46,13 @@ def test_every_bucket_names_a_launchable_variant(path):
                     assert cfg["BLOCK_N"] >= 64
                 if cfg.get("PLANES") and family == "w4a4":
                     assert cfg["BLOCK_K"] >= 64
+                if family == "w4a4":
+                    assert cfg["act_layout"] in w4a4.ACT_LAYOUTS, (path.name, scales, cfg)
+                else:
+                    assert "act_layout" not in cfg, (path.name, family, cfg)
     for cfg in table["mosaic"]["w4a4"].values():
         assert cfg["variant"] in mosaic.VARIANTS
+        assert "act_layout" not in cfg  # the Mosaic kernels take packed activations only
         assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     for cfg in table["mosaic"]["w4a16"].values():
         assert "variant" not in cfg and all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -67,6 +73,25 @@ def test_every_shipped_variant_appears_in_some_table():
         used_mosaic |= {c["variant"] for c in table["mosaic"]["w4a4"].values()}
     assert used == FAMILY_VARIANTS
     assert used_mosaic == set(mosaic.VARIANTS)
+
+
+def test_the_interpreter_table_sends_both_layouts_through_both_variants():
+    table = json.loads((configs.CONFIG_DIR / "interpreter.json").read_text())
+    pairs = {(c["variant"], c["act_layout"]) for b in table["w4a4"].values() for c in b.values()}
+    assert pairs == {(v, a) for v in w4a4.VARIANTS for a in w4a4.ACT_LAYOUTS}
+    for buckets in table["w4a4"].values():
+        assert {c["act_layout"] for c in buckets.values()} == set(w4a4.ACT_LAYOUTS)
+
+
+def test_act_layout_reads_the_bucket_and_refuses_a_bucket_without_one(monkeypatch):
+    cpu = torch.device("cpu")
+    table = configs.table_for(cpu)["w4a4"]
+    for scales, group in (("per_token", None), ("group", 32)):
+        for key, cfg in table[scales].items():
+            assert w4a4.act_layout(int(key), group, cpu) == cfg["act_layout"]
+    monkeypatch.setattr(w4a4, "launch_config", lambda *a: {"variant": "gemm"})
+    with pytest.raises(ValueError, match="act_layout must be one of"):
+        w4a4.act_layout(4, None, cpu)
 
 
 @pytest.fixture
@@ -115,3 +140,5 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
             line = next(l for l in text.splitlines() if l.strip().startswith(f"{family}/{scales}:"))
             assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
     assert "M>1024: gemm" in text
+    layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
+    assert layouts and all(l.count(" act int") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout

@@ -3,7 +3,11 @@
 - `torch.library.opcheck`: the schema matches the implementation, the fake (meta) implementation
   gives the real outputs' shapes, dtypes and devices, and the op survives AOT dispatch (what
   `torch.compile` needs).
-- each op's output equals the launcher's it wraps, exactly (the same kernel on the same inputs).
+- each op's output equals the launcher's it wraps, exactly (the same kernel on the same inputs),
+  in both activation layouts (packed int4, int8 codes).
+- the triton W4A4 layers' product (`nn.w4a4_triton_product`) quantizes in the layout the launch
+  table names for its M, its output does not depend on that layout, and it traces whole under
+  `torch.compile`.
 Small shapes: under the interpreter on the CPU, compiled on a GPU.
 """
 import numpy as np
@@ -11,10 +15,12 @@ import pytest
 import torch
 
 import reference as R
+from zqkernels import nn as zqnn
 from zqkernels import ops
+from zqkernels.gpu import configs
 from zqkernels.gpu.actquant import quantize_activations
 from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
-from zqkernels.gpu.w4a4 import w4a4_gemm
+from zqkernels.gpu.w4a4 import act_layouts, w4a4_gemm
 from zqkernels.gpu.w4a16 import w4a16_gemm
 from zqkernels.gpu.zipper_high import zipper_gpu_linear
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
@@ -39,24 +45,70 @@ def _x(m, k, dtype=torch.float16):
     return torch.from_numpy(_rng().standard_normal((m, k))).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("group", [0, 32])
-def test_quantize_activations_op(group):
+@pytest.mark.parametrize("group, layout", [(0, "int4"), (32, "int4"), (0, "int8"), (32, "int8")])
+def test_quantize_activations_op(group, layout):
     x = _x(3, 96)
     inv = torch.rand(96, device=DEVICE) + 0.5
-    torch.library.opcheck(torch.ops.zq.quantize_activations, (x, inv, group), test_utils=CHECKS)
-    q, s = torch.ops.zq.quantize_activations(x, inv, group)
-    q2, s2 = quantize_activations(x, inv, group or None)
+    torch.library.opcheck(torch.ops.zq.quantize_activations, (x, inv, group, layout), test_utils=CHECKS)
+    q, s = torch.ops.zq.quantize_activations(x, inv, group, layout)
+    q2, s2 = quantize_activations(x, inv, group or None, layout=layout)
+    assert q.dtype == (torch.int8 if layout == "int8" else torch.uint8)
     assert torch.equal(q, q2) and torch.equal(s, s2)  # exact: the same kernel
 
 
-@pytest.mark.parametrize("group", [0, 32])
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
-def test_w4a4_gemm_op(group, out_dtype):
+def test_quantize_activations_op_refuses_a_bad_layout():
+    with pytest.raises(ValueError, match="layout"):
+        torch.ops.zq.quantize_activations(_x(3, 96), None, 0, "int2")
+
+
+@pytest.mark.parametrize("group, out_dtype, layout", [(0, torch.float16, "int4"), (32, torch.float32, "int4"),
+                                                      (0, torch.float32, "int8"), (32, torch.float16, "int8")])
+def test_w4a4_gemm_op(group, out_dtype, layout):
     w = _dense(40, 96)
-    qx, sx = quantize_activations(_x(5, 96), None, group or None)
+    qx, sx = quantize_activations(_x(5, 96), None, group or None, layout=layout)
     args = (qx, sx, w.packed, w.scale, group, out_dtype)
     torch.library.opcheck(torch.ops.zq.w4a4_gemm, args, test_utils=CHECKS)
     assert torch.equal(torch.ops.zq.w4a4_gemm(*args), w4a4_gemm(qx, sx, w.packed, w.scale, group or None, out_dtype))
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
+    """For an M in each bucket of the launch table the layer quantizes in that bucket's act_layout
+    (the tables hold both; the interpreter's alternates them) and the output equals the launcher's
+    on packed codes, exactly."""
+    w = _dense(40, 96)
+    inv = torch.rand(96, device=DEVICE) + 0.5
+    buckets = configs.table_for(torch.device(DEVICE))["w4a4"]["per_token" if group is None else "group"]
+    seen = []
+    real = torch.ops.zq.quantize_activations
+
+    def spy(x, inv_smooth, group_size, layout="int4"):
+        seen.append(layout)
+        return real(x, inv_smooth, group_size, layout)
+
+    monkeypatch.setattr(torch.ops.zq, "quantize_activations", spy)
+    keys = sorted(int(k) for k in buckets)
+    for m in [keys[0]] + [k + 1 for k in keys[:-1]]:  # one M in each bucket
+        x = _x(m, 96)
+        y = zqnn.w4a4_triton_product(x, inv, w, group, torch.float32, act_layouts(group, x.device))
+        want = configs.launch_config("w4a4", "per_token" if group is None else "group", m, x.device)["act_layout"]
+        assert seen[-1] == want, (m, seen)
+        qx, sx = quantize_activations(x, inv, group)
+        assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32))  # exact
+    assert set(seen) == {"int4", "int8"} and len({c["act_layout"] for c in buckets.values()}) == 2
+
+
+def test_w4a4_layer_product_traces_as_one_graph():
+    """The layout pick is plain Python over the constants read at build time: `torch.compile`
+    traces the layer's product whole (fullgraph) as M changes bucket."""
+    w = _dense(40, 96)
+    steps = act_layouts(None, torch.device(DEVICE))
+    traced = torch.compile(lambda x: zqnn.w4a4_triton_product(x, None, w, None, torch.float32, steps),
+                           backend="eager", fullgraph=True)
+    for m in (steps[0][0], steps[0][0] + 1):
+        x = _x(m, 96)
+        qx, sx = quantize_activations(x, None, None)
+        assert torch.equal(traced(x), w4a4_gemm(qx, sx, w.packed, w.scale, None, torch.float32))  # exact
 
 
 @pytest.mark.parametrize("group", [0, 32])

@@ -1,10 +1,13 @@
 """The W4A4 GEMM equals the oracle: `zqkernels.gpu.w4a4` vs `reference` (DESIGN.md §1, §4).
 
+Every law holds for both activation layouts: packed uint8 [M, K/2] and int8 codes [M, K].
 - `w4a4_gemm_int32`: the int32 accumulators equal the int64 product of the codes exactly.
 - `w4a4_gemm`: within `eps_out * |ref| + 2**-20 * |x| @ |w|.T` of `reference.w4a4_matmul` (float64),
   eps_out the output dtype's rounding (fp16 2**-10, bf16 2**-7, fp32 2**-22, each 2x the half-ulp)
   and 2**-20 a generous fp32 bound for the int32 -> fp32 conversion and the per-group fp32
-  accumulation (at most a few hundred fp32 roundings, each 2**-24 of the magnitude sum).
+  accumulation (at most a few hundred fp32 roundings, each 2**-24 of the magnitude sum); and the
+  output with int8 activations equals the packed one bit for bit (inside the kernel the two differ
+  by a power-of-two factor only: 16x against 256x the code product).
 Shapes: M = 1, N and K not multiples of any tile, K not a multiple of the activation group; under
 TRITON_INTERPRET=1 the launcher uses tiny tiles and splits K (split-K path) on small outputs.
 Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 
 import reference as R
 from strategies import codes, examples
-from zqkernels.gpu.w4a4 import w4a4_gemm, w4a4_gemm_int32
+from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
@@ -49,10 +52,15 @@ def dev(a, dtype=None):
     return (t if dtype is None else t.to(dtype)).to(DEVICE)
 
 
-def int32_product(qx, qw, config=None):
+def acts(qx, layout):
+    """Activation codes int8 [M, K] as the kernel takes them in `layout`."""
+    return dev(R.pack_int4(qx)) if layout == "int4" else dev(qx.astype(np.int8))
+
+
+def int32_product(qx, qw, config=None, layout="int4"):
     m, n = qx.shape[0], qw.shape[0]
     out = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
-    y = w4a4_gemm_int32(dev(R.pack_int4(qx)), dev(R.pack_int4(qw)), out=out, config=config)
+    y = w4a4_gemm_int32(acts(qx, layout), dev(R.pack_int4(qw)), out=out, config=config)
     assert y.data_ptr() == out.data_ptr()
     return y.cpu().numpy()
 
@@ -78,13 +86,14 @@ def test_every_variant_has_an_explicit_config():
     assert {c["variant"] for c in CONFIGS if c} == set(VARIANTS)
 
 
+@pytest.mark.parametrize("layout", ACT_LAYOUTS)
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
 @settings(max_examples=examples(6))
 @given(ops=operands())
-def test_int32_accumulators_equal_int64_product(ops, ci):
+def test_int32_accumulators_equal_int64_product(ops, ci, layout):
     qx, qw = ops
     exact = qx.astype(np.int64) @ qw.astype(np.int64).T
-    np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[ci]).astype(np.int64), exact)  # exact
+    np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[ci], layout).astype(np.int64), exact)  # exact
 
 
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
@@ -101,10 +110,15 @@ def test_scaled_output_matches_oracle(ops, group, out_dtype, ci, seed):
     sx[qx.reshape(m, -1).any(axis=1) == 0] = 0.0  # a zero row has a zero scale, as quantization gives
     sw = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
     sx_t = dev(sx[:, 0] if group is None else sx)
-    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
-    y = w4a4_gemm(dev(R.pack_int4(qx)), sx_t, dev(R.pack_int4(qw)), dev(sw), act_group_size=group,
-                  out_dtype=out_dtype, out=out, config=CONFIGS[ci])
-    assert y.dtype == out_dtype and y.data_ptr() == out.data_ptr()
+    ys = {}
+    for layout in ACT_LAYOUTS:
+        out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+        ys[layout] = w4a4_gemm(acts(qx, layout), sx_t, dev(R.pack_int4(qw)), dev(sw), act_group_size=group,
+                               out_dtype=out_dtype, out=out, config=CONFIGS[ci])
+        assert ys[layout].dtype == out_dtype and ys[layout].data_ptr() == out.data_ptr()
+    # exact: the layouts' dots differ by a power of two, which the epilogue takes back exactly
+    assert torch.equal(ys["int8"], ys["int4"])
+    y = ys["int4"]
     sx64 = sx[:, 0].astype(np.float64) if group is None else sx.astype(np.float64)
     ref = R.w4a4_matmul(qx, sx64, qw, sw.astype(np.float64), act_group_size=group)
     mag = R.w4a4_matmul(np.abs(qx), sx64, np.abs(qw), sw.astype(np.float64), act_group_size=group)
@@ -120,19 +134,20 @@ def test_split_k_counters_reset_between_calls():
     qx = rng.integers(-8, 8, (3, 256)).astype(np.int8)
     qw = rng.integers(-8, 8, (20, 256)).astype(np.int8)
     exact = qx.astype(np.int64) @ qw.astype(np.int64).T
-    for _ in range(10):
-        np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[1]), exact)
+    for i in range(10):
+        np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[1], ACT_LAYOUTS[i % 2]), exact)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 16, 100, 256])
+@pytest.mark.parametrize("layout", ACT_LAYOUTS)
+@pytest.mark.parametrize("m", [1, 16, 100, 256, 1024])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096), (1000, 4000)])
-def test_llama_shapes_int32_exact_compiled(m, n, k):
+def test_llama_shapes_int32_exact_compiled(m, n, k, layout):
     gen = torch.Generator(device="cuda").manual_seed(m * n + k)
     qx = torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8)
     qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
-    px, pw = dev(R.pack_int4(qx.cpu().numpy())), dev(R.pack_int4(qw.cpu().numpy()))
+    px, pw = acts(qx.cpu().numpy(), layout), dev(R.pack_int4(qw.cpu().numpy()))
     exact = qx.double() @ qw.double().T  # |sum| <= 64 K < 2**53: exact in float64
     out = torch.full((m, n), POISON_I32, dtype=torch.int32, device="cuda")
     assert torch.equal(w4a4_gemm_int32(px, pw, out=out).double(), exact)
@@ -153,6 +168,10 @@ def _p(r=4, c=8):
     return torch.zeros(r, c, dtype=torch.uint8, device=DEVICE)
 
 
+def _c(r=4, k=16):
+    return torch.zeros(r, k, dtype=torch.int8, device=DEVICE)
+
+
 def _s(*shape):
     return torch.ones(*shape, dtype=torch.float32, device=DEVICE)
 
@@ -160,7 +179,16 @@ def _s(*shape):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: w4a4_gemm(_p().to(torch.int8), _s(4), _p(3), _s(3)), "qx_packed"),
+        (lambda: w4a4_gemm(_p().to(torch.int8), _s(4), _p(3), _s(3)), "qx_packed int8 codes with K=8"),  # [M, K/2]
+        (lambda: w4a4_gemm(_p().to(torch.int16), _s(4), _p(3), _s(3)), "qx_packed must be uint8 .* or int8"),
+        (lambda: w4a4_gemm(_c(4, 32)[:, ::2], _s(4), _p(3), _s(3)), "qx_packed must be contiguous"),
+        (lambda: w4a4_gemm(_c(4, 15), _s(4), _p(3), _s(3)), "qx_packed: int8 codes .* even K"),
+        (lambda: w4a4_gemm(_c(4, 16)[None], _s(4), _p(3), _s(3)), "qx_packed must be a non-empty 2-D"),
+        (lambda: w4a4_gemm(_c(0, 16), _s(0), _p(3), _s(3)), "qx_packed must be a non-empty 2-D"),
+        (lambda: w4a4_gemm(_c(4, 16), _s(4), _p(3), _s(3), act_group_size=32), "act_scale"),
+        (lambda: w4a4_gemm(_c(4, 16), _s(4), _p(3), _s(3), config=dict(CONFIGS[1], act_layout="int2")),
+         "act_layout"),
+        (lambda: w4a4_gemm_int32(_c(4, 16), _p(3, 4)), "qw_packed has K/2=4"),
         (lambda: w4a4_gemm(_p(), _s(4), _p(3, 9), _s(3)), "K/2"),
         (lambda: w4a4_gemm(_p(4, 16)[:, ::2], _s(4), _p(3), _s(3)), "contiguous"),
         (lambda: w4a4_gemm(_p(), _s(5), _p(3), _s(3)), "act_scale"),

@@ -17,6 +17,9 @@ Backends (`backend=`):
   fused Mosaic GEMM, ZipperQuant's low part plus its GPU high part). CUDA only. The weights are
   packed once into a `zqkernels.layouts` object holding only what those kernels read, and every
   option the kernels cannot run (`zqkernels.gpu.limits`) is refused when the layer is built.
+  The W4A4 layers quantize their activations per call in the layout the launch table names for
+  that M (`act_layout`: packed int4 or one int8 code per byte; read once when the layer is built,
+  `w4a4_triton_product`).
 - "hybrid": ZipperQuant only: GPU low part overlapped with the CPU pattern-LUT high part
   (`zqkernels.hybrid.zipper_linear(mode="hybrid")`).
 An unsupported (method, backend, act_bits) combination raises ValueError when the layer is built,
@@ -129,6 +132,18 @@ def fake_quantize_activations(x, bits=4, group_size=None):
     g = k if group_size is None else group_size
     per_elem = scale.repeat_interleave(g, dim=1)[:, :k]
     return codes * per_elem
+
+
+def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_layouts):
+    """The triton W4A4 layers' product of x2 [M, K] with a `DenseInt4` (per-channel scales): fused
+    smooth + quantize in the activation layout of this M's launch-table bucket (`act_layouts`, from
+    `zqkernels.gpu.w4a4.act_layouts` at build time), then the GEMM, which reads the layout from the
+    codes' dtype."""
+    from zqkernels.gpu.w4a4 import pick_act_layout
+
+    layout = pick_act_layout(x2.shape[0], act_layouts)
+    qx, sx = torch.ops.zq.quantize_activations(x2, inv_smooth, act_group_size or 0, layout)
+    return torch.ops.zq.w4a4_gemm(qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
 
 
 class QuantLinear(nn.Module):
@@ -265,6 +280,9 @@ class W4A4Linear(QuantLinear):
             if self.group_size is not None:
                 raise ValueError("backend='triton' W4A4 GEMM takes per-channel weight scales only; use group_size=None")
             limits.check_act_group(self.act_group_size)
+            from zqkernels.gpu.w4a4 import act_layouts
+
+            self._act_layouts = act_layouts(self.act_group_size, self._device)
         self.weight_layout = DenseInt4.from_codes(q, s, self.group_size, self._device)
 
     def _forward_torch(self, x2):
@@ -284,8 +302,7 @@ class W4A4Linear(QuantLinear):
         if self.act_bits is None:
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
             return torch.ops.zq.w4a16_gemm(xs, w.packed, w.scale, self.group_size or 0)
-        qx, sx = torch.ops.zq.quantize_activations(x2, self.inv_smooth, self.act_group_size or 0)
-        return torch.ops.zq.w4a4_gemm(qx, sx, w.packed, w.scale, self.act_group_size or 0, x2.dtype)
+        return w4a4_triton_product(x2, self.inv_smooth, w, self.act_group_size, x2.dtype, self._act_layouts)
 
 
 class W4A16Linear(W4A4Linear):

@@ -3,8 +3,10 @@ implementation that gives its outputs' shapes and dtypes without running anythin
 
 A layer that calls `torch.ops.zq.*` traces under `torch.compile` as single graph nodes (a Triton
 launch from Python with its config dicts would break the graph) and replays inside CUDA graphs.
-The ops take tensors, ints and dtypes only: group sizes are ints with 0 meaning "none" (per token,
-per channel), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors (the
+The ops take tensors, ints, strings and dtypes only: group sizes are ints with 0 meaning "none"
+(per token, per channel), the activation layout is the quantizer's `layout` string ("int4" packed
+uint8 [M, K/2], "int8" one code per byte [M, K]; `zq::w4a4_gemm` reads it from its operand's
+dtype), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors (the
 `*_args` helpers below unpack a layout). The real implementations call the launchers of
 `zqkernels.gpu`, which validate their operands (values unchecked: `check_finite=False`, the
 per-token path has no host sync); the fakes only compute the outputs' shapes and dtypes.
@@ -22,20 +24,26 @@ def _group(g):
 
 
 @custom_op("zq::quantize_activations", mutates_args=())
-def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None, group_size: int) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
+def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None, group_size: int,
+                         layout: str = "int4") -> tuple[torch.Tensor, torch.Tensor]:
     from zqkernels.gpu.actquant import quantize_activations as launch
 
-    return launch(x, inv_smooth, _group(group_size), check_finite=False)
+    return launch(x, inv_smooth, _group(group_size), layout=layout, check_finite=False)
 
 
 @quantize_activations.register_fake
-def _(x, inv_smooth, group_size):
+def _(x, inv_smooth, group_size, layout="int4"):
+    from zqkernels.gpu.actquant import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     m, k = x.shape
     scales = (m,) if group_size == 0 else (m, -(-k // group_size))
-    return x.new_empty((m, k // 2), dtype=torch.uint8), x.new_empty(scales, dtype=torch.float32)
+    codes = x.new_empty((m, k), dtype=torch.int8) if layout == "int8" else x.new_empty((m, k // 2), dtype=torch.uint8)
+    return codes, x.new_empty(scales, dtype=torch.float32)
 
 
+# qx is either activation layout: packed uint8 [M, K/2] or int8 codes [M, K] (its dtype says which).
 @custom_op("zq::w4a4_gemm", mutates_args=())
 def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, act_group_size: int,
               out_dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Fused activation quantization: optional smoothing (x * 1/s), per-token or per-token-per-group
-absmax, IEEE float32 scale and codes (round half to even), int4 packing; one pass over X.
+absmax, IEEE float32 scale and codes (round half to even), stored packed or one per byte; one pass
+over X.
 
 Contract (DESIGN.md §1), all in IEEE float32 so that the GPU is bit-exact with
 `reference.quantize_activations`:
@@ -7,6 +8,11 @@ Contract (DESIGN.md §1), all in IEEE float32 so that the GPU is bit-exact with
     absmax = max |xs| over the row (or the group of g channels; the last group may be short)
     scale  = div_rn(absmax, 7)
     codes  = clip(rint(div_rn(xs, scale)), -8, 7);   absmax == 0 -> scale 0, codes 0
+Two layouts of the same codes (`layout=`), chosen per M by the W4A4 launch table (`configs.py`):
+"int4" packs two codes per uint8 [M, K/2] (DESIGN.md §1); "int8" stores each code as an int8
+[M, K], so the GEMM feeds the activation tile to the MMA as loaded, with no unpack. The activation
+tensor is made per call, so the extra M*K/2 bytes it costs are small next to the weights at
+large M. One kernel serves both; a constexpr picks the store, so the codes are the same bits.
 A group holding NaN or Inf gets scale NaN and codes 0: no code is emitted for a non-finite value,
 and the NaN scale makes every product that uses the group NaN, never a finite wrong number.
 `quantize_activations(check_finite=True)` (the default) raises ValueError on such input instead;
@@ -19,7 +25,7 @@ GROUP_BLOCK (channels a program takes with per-group scales) are the `actquant` 
 launch table (`configs.py`); the interpreter's table sets them small, so CPU-sized rows reach the
 two-pass path too. The tile is viewed as
 [groups, g/2, 2] so the even/odd pair of each packed byte sits in the last axis and packing is a
-reduction over it.
+reduction over it (the int8 store writes the same tile element by element).
 """
 import torch
 import triton
@@ -90,7 +96,7 @@ def _scale_of(amax):
 
 
 @triton.jit
-def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr):
+def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
     safe = tl.where(scale == 0.0, 1.0, scale)
     v = div_rn(x, safe[:, None, None])
     # clip before rounding: the same as rounding then clipping (the bounds are integers), and
@@ -100,10 +106,14 @@ def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.co
     # a zero group has codes 0; a non-finite group (scale NaN) emits no code either
     codes = tl.where(((scale == 0.0) | (scale != scale))[:, None, None], 0, codes)
     j = tl.arange(0, 2)[None, None, :]
-    lo = tl.sum(tl.where(j == 0, codes, 0), axis=2)  # [NG, HALF]: the pair of each packed byte
-    hi = tl.sum(tl.where(j == 1, codes, 0), axis=2)
-    kk = k0 + tl.arange(0, NG)[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :]
-    tl.store(q_ptr + qrow_off + kk // 2, pack_lo_hi(lo, hi), mask=kk < K)
+    if INT8:  # one code per byte, natural order: channel k at byte k of the row
+        kk3 = k0 + tl.arange(0, NG)[:, None, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :, None] + j
+        tl.store(q_ptr + qrow_off + kk3, codes.to(tl.int8), mask=kk3 < K)
+    else:
+        lo = tl.sum(tl.where(j == 0, codes, 0), axis=2)  # [NG, HALF]: the pair of each packed byte
+        hi = tl.sum(tl.where(j == 1, codes, 0), axis=2)
+        kk = k0 + tl.arange(0, NG)[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :]
+        tl.store(q_ptr + qrow_off + kk // 2, pack_lo_hi(lo, hi), mask=kk < K)
 
 
 @triton.jit
@@ -111,6 +121,7 @@ def _quantize_activations_kernel(
     x_ptr, inv_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm, stride_sm,
     HAS_INV: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    INT8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -122,7 +133,7 @@ def _quantize_activations_kernel(
         k0 = pid_k * BLOCK_K
         x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, HALF, HAS_INV)
         scale = _scale_of(_absmax(x))
-        _store_codes(x, scale, q_ptr, q_row, k0, K, NG, HALF)
+        _store_codes(x, scale, q_ptr, q_row, k0, K, NG, HALF, INT8)
         gi = pid_k * NG + tl.arange(0, NG)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + gi, scale, mask=gi * GROUP < K)
     else:  # per-token over a long row (NG == 1): absmax pass, then codes pass
@@ -133,14 +144,19 @@ def _quantize_activations_kernel(
         scale = _scale_of(amax)
         for c in range(N_CHUNKS):
             x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, HALF, HAS_INV)
-            _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, HALF)
+            _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, HALF, INT8)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + tl.arange(0, NG), scale)
 
 
-def _check(x, inv_smooth, group_size):
+LAYOUTS = ("int4", "int8")
+
+
+def _check(x, inv_smooth, group_size, layout):
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    if x.shape[1] % 2:
-        raise ValueError(f"x: K must be even to pack two int4 codes per byte, got K={x.shape[1]}")
+    if layout == "int4" and x.shape[1] % 2:
+        raise ValueError(f"x: K must be even to pack two int4 codes per byte (layout='int4'), got K={x.shape[1]}")
     if inv_smooth is not None:
         if not isinstance(inv_smooth, torch.Tensor) or inv_smooth.dtype != torch.float32:
             raise ValueError(f"inv_smooth must be a float32 tensor, got {getattr(inv_smooth, 'dtype', type(inv_smooth))}")
@@ -152,20 +168,23 @@ def _check(x, inv_smooth, group_size):
     return limits.check_act_group(group_size, "group_size")
 
 
-def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_scales=None, check_finite=True,
-                         config=None):
+def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", out=None, out_scales=None,
+                         check_finite=True, config=None):
     """x [M, K] fp16|bf16|fp32, inv_smooth [K] fp32 or None, group_size None|32|64|128|256
-    -> (packed uint8 [M, K/2], float32 scales [M] or [M, ceil(K/group_size)]).
+    -> (codes, float32 scales [M] or [M, ceil(K/group_size)]), the codes as `layout` says:
+    "int4" packed uint8 [M, K/2] (K even), "int8" int8 [M, K] (one code -8..7 per byte).
 
-    `out` / `out_scales` (optional) are preallocated results (tests poison them). check_finite:
+    `out` / `out_scales` (optional) are preallocated results (tests poison them); `out` must have
+    the layout's dtype and shape. check_finite:
     raise ValueError when x (times inv_smooth) holds NaN or Inf (one host sync; skipped while a CUDA
     graph is being captured); with False such a group gets scale NaN and codes 0 (module docstring). `config` overrides the table's
     dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=...) (tests and tuning)."""
-    group_size = _check(x, inv_smooth, group_size)
+    group_size = _check(x, inv_smooth, group_size, layout)
     cfg = dict(table_for(x.device)["actquant"])
     cfg.update(config or {})
     M, K = x.shape
-    q = check_out(out, (M, K // 2), torch.uint8, x.device)
+    int8 = layout == "int8"
+    q = check_out(out, (M, K) if int8 else (M, K // 2), torch.int8 if int8 else torch.uint8, x.device)
     n_chunks = 1
     if group_size is None:
         group = block_k = max(triton.next_power_of_2(K), 2)
@@ -185,7 +204,8 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, out=None, out_s
     _quantize_activations_kernel[grid](
         x, inv_smooth if inv_smooth is not None else x, q, scales,
         K, x.stride(0), q.stride(0), stride_sm,
-        HAS_INV=inv_smooth is not None, GROUP=group, BLOCK_K=block_k, N_CHUNKS=n_chunks, num_warps=num_warps,
+        HAS_INV=inv_smooth is not None, GROUP=group, BLOCK_K=block_k, N_CHUNKS=n_chunks, INT8=int8,
+        num_warps=num_warps,
     )
     # The check reads the scales on the host; inside a CUDA-graph capture (no sync allowed) it is
     # skipped and the NaN scale alone marks a non-finite group.

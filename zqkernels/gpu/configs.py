@@ -5,10 +5,16 @@ smallest key >= M (else the largest), and its config names the kernel variant th
 (`"variant": "splitk"`, `"gemm"`, ...) with that variant's tile parameters: which variant wins at
 which M is a measured, per-GPU decision, so it is data too. `scales` names the scale layout the
 config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
-`per_channel` / `group` weight scales for W4A16). A table names the GPUs it is for in `"match"` (substrings of
+`per_channel` / `group` weight scales for W4A16). Every `w4a4` bucket also names the activation
+layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per byte) or `"int8"`
+(one code per byte, no unpack in the GEMM; `w4a4.act_layout`); the key is required (no default).
+In h100.json, h200.json and default.json it is set by hand from the H200 probe (DESIGN.md,
+"Leads"): int8 in the buckets of M >= 256, int4 below, until `perf/tune_w4a4.py`, whose
+candidates carry both, re-tunes a table. A table names the GPUs it is for in `"match"` (substrings of
 `torch.cuda.get_device_name()`); a GPU no table matches runs `default.json`, the untuned
 starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
-small tiles that keep the numpy emulation fast and still reach every code path.
+small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
+alternates between buckets, so the layers' table-driven path runs both layouts).
 Each table's `"_about"` names the results JSON and the command its numbers came from.
 """
 import json
@@ -86,7 +92,8 @@ def describe(name):
             for i, (m, cfg) in enumerate(ordered):
                 tiles = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
                 span = f"M<={m}" if i < len(ordered) - 1 else (f"M>{ordered[i - 1][0]}" if i else "any M")
-                row.append(f"{span}: {cfg.get('variant', family)} {tiles}")
+                act = f" act {cfg['act_layout']}" if "act_layout" in cfg else ""
+                row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
             lines.append(f"  {family}/{scales}: " + "; ".join(row))
     return "\n".join(lines)
 

@@ -42,6 +42,21 @@ def check_packed(name, t, *, allow_empty_rows=False):
     check_kernel_device(name, t)
 
 
+def check_int8_codes(name, t, k=None):
+    """int8 [rows, K] one signed 4-bit code per byte (K = k when given), contiguous, on a kernel device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int8:
+        raise ValueError(f"{name} must be int8 (one code per byte), got {t.dtype}")
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D [M, K] tensor of codes, got shape {tuple(t.shape)}")
+    if k is not None and t.shape[1] != k:
+        raise ValueError(f"{name} must be [M, {k}] (one code per byte), got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    check_kernel_device(name, t)
+
+
 def check_float_acts(name, x, k=None, *, dtypes=FLOAT_ACT_DTYPES, allow_empty_rows=False):
     """Float activations [M, K] (K = k when given), rows contiguous, on a kernel device."""
     if not isinstance(x, torch.Tensor):
