@@ -1,8 +1,11 @@
 """W4A4 GEMM (`zqkernels.gpu.w4a4.w4a4_gemm`): packed int4 activations x packed int4 weights.
 
-- zq_w4a4:      the GEMM alone, per-token activation scales (inputs already quantized).
-- zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales.
+- zq_w4a4:      the GEMM alone, per-token activation scales (inputs already quantized), packed
+                int4 activations.
+- zq_w4a4_i8:   the same GEMM on activation codes held as int8 bytes (one code per byte).
+- zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales, packed activations.
 - zq_w4a4_aq:   what a layer runs: fp16 X -> `quantize_activations` (fused smoothing) -> GEMM,
+                in the activation layout the launch table names for this M (`w4a4.act_layout`),
                 the fair figure beside cuBLAS FP16, which takes fp16 X too.
 Integer math on Hopper's INT8 tensor cores (no INT4 MMA): rates are TOPS. Each benchmark hands
 the harness a factory of calls over copies of its operands (perf/conftest.py: back-to-back timing).
@@ -57,6 +60,23 @@ def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
 
 
 @pytest.mark.gpu
+def test_zq_w4a4_i8(zq_bench, weight_cache, zq_kernel, shape, m):
+    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
+    acts = (torch.randint(-8, 8, (m, shape.k), device="cuda", dtype=torch.int8),
+            torch.rand(m, device="cuda") * 0.1 + 0.01)
+
+    def make_fn(i):
+        qx, sx = clone_operands(acts) if i else acts
+        qw, sw = _weights(weight_cache, shape, i)
+        return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False)
+
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_i8", role="ours", shape=shape,
+                 m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
+                 bytes_moved=_gemm_bytes(m, shape.n, shape.k, m) + m * shape.k // 2,
+                 notes=["activation codes as int8 bytes [M, K]"])
+
+
+@pytest.mark.gpu
 def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     groups = -(-shape.k // GROUP)
@@ -76,24 +96,27 @@ def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
 def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
+    act_layout = zq_kernel("zqkernels.gpu.w4a4", "act_layout")(m, None, torch.device("cuda"))
     inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)
 
     def make_fn(i):
         x, inv_s = clone_operands(inputs) if i else inputs
         qw, sw = _weights(weight_cache, shape, i)
 
-        def layer():
-            qx, sx = quantize_activations(x, inv_s, check_finite=False)  # the layers run it unchecked
+        def layer():  # the layers run it unchecked, in the table's layout for this M
+            qx, sx = quantize_activations(x, inv_s, layout=act_layout, check_finite=False)
             return w4a4_gemm(qx, sx, qw, sw, check_finite=False)
 
         return layer
 
-    # bytes: X read once as fp16, the packed activations written and read back, weights, output
-    moved = 2 * m * shape.k + 4 * shape.k + 2 * (m * shape.k // 2 + 4 * m) + shape.n * shape.k // 2 + 4 * shape.n \
+    # bytes: X read once as fp16, the activation codes written and read back, weights, output
+    code_bytes = m * shape.k if act_layout == "int8" else m * shape.k // 2
+    moved = 2 * m * shape.k + 4 * shape.k + 2 * (code_bytes + 4 * m) + shape.n * shape.k // 2 + 4 * shape.n \
         + 2 * m * shape.n
     zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_aq", role="ours", shape=shape, m=m,
-                 flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved,
-                 notes=["activation quantization (smoothing, per-token scales) + GEMM, two launches"])
+                 flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved, act_layout=act_layout,
+                 notes=[f"activation quantization (smoothing, per-token scales, {act_layout} codes) + GEMM, "
+                        "two launches"])
 
 
 # The oracle on the CPU: tiny, fixed layer (not the --shapes grid), so it runs anywhere in seconds.
