@@ -89,6 +89,8 @@ def main():
     unknown = sorted(set(chosen) - set(labels))
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(labels)}")
+    if not args.dry and not torch.cuda.is_available():
+        ap.error("no CUDA GPU here: the measurement needs one (--dry checks the plumbing on a CPU)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"models_{args.model}.json"
