@@ -3,21 +3,22 @@
     PYTHONUNBUFFERED=1 python perf/pipeline_device.py --out $OUT        (< 4 minutes)
 
 The GPU host cannot reach a package index and the embedded GGUF (93 MB) is too large to ship
-with the working tree, so the model here is a LlamaForCausalLM with SmolLM2-135M's exact
-configuration (perf/shapes.py's `MODELS["smollm2-135m"]`: 30 layers, hidden 576, MLP 1536, 9
-query / 3 KV heads, vocab 49152) and seeded random weights: every GEMM has the real model's shape,
-so tokens/s are the real model's; perplexity is not measured here (the CPU results in
-reports/results/cpu-2core/ carry it). Calibration statistics come from random token windows
-through the same hooks as `zq run`.
+with the working tree, so the model here is the named configuration "smollm2-135m" of
+`zqkernels.pipeline.synthetic` (perf/shapes.py's `MODELS["smollm2-135m"]`: 30 layers, hidden 576,
+MLP 1536, 9 query / 3 KV heads, vocab 49152; the other fields as the published config) with seeded
+random weights: every GEMM has the real model's shape, so tokens/s are the real model's;
+perplexity is not measured here (the CPU results in reports/results/cpu-2core/ carry it).
+Calibration statistics come from random token windows through the same hooks as `zq run`.
 
 For each variant: fp16 (cuBLAS nn.Linear), w4a16, rtn-w4a4, smoothquant-w4a4, zipper (triton
 backend = `zipper_linear(mode="gpu")`; and backend hybrid), mosaic, each with per-token and
 per-group-32 activations where the kernels have them:
 1. correctness: every quantized layer's output on calibration rows against the same layer on the
    torch backend (the oracle's codes, float32) -- max relative Frobenius error over layers;
-2. speed: prefill of --prefill tokens and --decode greedy steps on the KV cache
-   (`zqkernels.pipeline.speed`, the timer `zq bench` uses: CUDA-synchronized wall clock, median
-   of 3; a whole model's step is host-driven, so this is the figure a user sees).
+2. speed: prefill of --prefill tokens and --decode greedy steps (`zqkernels.pipeline.speed`, the
+   timer `zq bench` uses: CUDA-synchronized wall clock, median of 3): the decode replayed from a
+   CUDA graph of the one-token step on a static KV cache, the eager decode on the dynamic cache
+   beside it (`decode_tokens_per_s_eager`).
 Writes --out/pipeline_device.json after every variant (a timeout keeps what finished); a variant
 that raises is recorded with its error and the run goes on.
 """
@@ -36,15 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "perf"))
 
 import torch  # noqa: E402
-from shapes import MODELS  # noqa: E402
 
-_DIMS = MODELS["smollm2-135m"]
-# transformers' LlamaConfig of SmolLM2-135M: the shapes from perf/shapes.py, then the fields that
-# are not shapes (positions, norm epsilon, RoPE base, tied embeddings) as the published config has them
-SMOLLM2_135M = dict(vocab_size=_DIMS.vocab, hidden_size=_DIMS.hidden, intermediate_size=_DIMS.mlp,
-                    num_hidden_layers=_DIMS.layers, num_attention_heads=_DIMS.q_heads,
-                    num_key_value_heads=_DIMS.kv_heads, head_dim=_DIMS.head_dim, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+MODEL = "smollm2-135m"  # zqkernels.pipeline.synthetic.NAMED
 
 # Layers whose triton output is checked against the torch backend: every shape of the model.
 CHECK_LAYERS = ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.mlp.gate_proj",
@@ -81,9 +75,7 @@ def main():
     ap.add_argument("--dry", action="store_true",
                     help="CPU check of this script's plumbing: 2 layers, torch backend instead of triton/hybrid")
     args = ap.parse_args()
-    import transformers
-
-    from zqkernels.pipeline import MethodConfig, calibrate, quantize_model, speed, summarize_layers
+    from zqkernels.pipeline import MethodConfig, calibrate, quantize_model, speed, summarize_layers, synthetic
     from zqkernels.pipeline.quantize import build_layer
 
     out_dir = Path(args.out)
@@ -91,17 +83,17 @@ def main():
     out_path = out_dir / "pipeline_device.json"
     dev = torch.device("cpu" if args.dry else "cuda")
     dtype = torch.float32 if args.dry else torch.float16
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**SMOLLM2_135M, **({"num_hidden_layers": 2} if args.dry else {})})
-    base = transformers.LlamaForCausalLM(cfg).to(dev, dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, cfg.vocab_size, (4, 512), generator=g)
-    prompt = torch.randint(0, cfg.vocab_size, (args.prefill,), generator=g)
+    layers = 2 if args.dry else None
+    base = synthetic.build(MODEL, layers=layers, dtype=dtype, device=dev, seed=0)
+    cfg = base.config
+    calib = synthetic.random_windows(cfg.vocab_size, 4, 512, seed=0)
+    prompt = synthetic.random_windows(cfg.vocab_size, 1, args.prefill, seed=1)[0]
     stats = calibrate(base, calib, progress=False)
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (--dry)",
               "torch": torch.__version__,
               "model": "LlamaForCausalLM, SmolLM2-135M configuration, seeded random weights (timing only)",
-              "config": SMOLLM2_135M, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
+              "config": synthetic.config_fields(MODEL, layers), "prefill_tokens": args.prefill,
+              "decode_tokens": args.decode,
               "command": "python perf/pipeline_device.py " + " ".join(sys.argv[1:]), "variants": []}
     import triton
 
@@ -150,7 +142,8 @@ def main():
         result["variants"].append(rec)
         sp = rec.get("speed", {})
         print(f"{label:22s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s  "
-              f"decode {sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s  "
+              f"decode {sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s ({sp.get('decode_mode', '-')}, eager "
+              f"{sp.get('decode_tokens_per_s_eager', float('nan')):.1f})  "
               f"err {rec.get('max_layer_rel_err_vs_torch_backend', float('nan')):.2e}  "
               f"{rec.get('error', '')}  ({rec['wall_s']:.0f} s)", flush=True)
         out_path.write_text(json.dumps(result, indent=1, default=float))

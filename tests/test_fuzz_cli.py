@@ -164,6 +164,7 @@ OPTIONS = {
     "--device-map": ([None], ["foo", "cpu:0"]),
     "--dtype": (["float32", "bfloat16", None], ["float8", "int4"]),
     "--backend": (["torch", "reference", None], ["gpu", "fast"]),
+    "--layers": ([None], ["2", "0", "x"]),  # a model directory: --layers is for the named configurations
 }
 METHOD_OPTIONS = {
     "--alpha": (["0", "0.5", "1", "none", None], UNIT_BAD),
@@ -178,6 +179,8 @@ METHOD_OPTIONS = {
 BENCH_OPTIONS = {
     "--prefill-tokens": (["8", "16", "100"], ["0", "-1"]),
     "--decode-tokens": (["1", "4", None], ["0", "z"]),
+    "--batch": (["1", "1,16", None], ["0", "1,x", "2,2", ""]),
+    "--decode-mode": (["auto", "eager", None], ["graph"] + ([] if CUDA else ["cuda-graph"])),
 }
 METHODS_GOOD = ["fp16", "w4a16", "rtn-w4a4", "smoothquant-w4a4", "zipper", "mosaic"]
 BAD_MODELS = ["missing", "config_list", "config_no_type", "config_gpt2", "no_weights", "safetensors_truncated",

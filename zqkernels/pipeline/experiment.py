@@ -6,6 +6,15 @@ evaluation texts into fixed windows and collects the calibration statistics on t
 returning one results record (see `results.py` for its fields). Every record names the three
 texts (calibration, validation, test) and which of the two evaluation texts it scored.
 
+A named configuration (`Settings(model="llama3-8b")`, `synthetic.NAMED`) is built with seeded
+random weights instead of loaded (`layers` cuts it): calibration runs on random token windows,
+the timed prompts are distinct random sequences, no text is read and perplexity is refused. The
+calibration model is freed once its statistics are taken, and every `run` builds the float model
+again from the seed, so the model a run times is the only one on the device (its peak memory is
+its own). `cfg` may also be a `peers.PeerConfig` (FP8 rowwise, torch int4): the copy is cast to
+bfloat16 first. Speed is timed at every batch size of `Settings.batches`: the record's `speed`
+holds the first, `speed_b<B>` each further one.
+
 `python -m zqkernels.pipeline.experiment GRID.json --out OUT.json` runs a grid of configurations on
 one calibrated model (a sweep on the validation text, or a set of baselines on the test text):
 GRID.json is `{"settings": {Settings fields}, "configs": [{MethodConfig fields}, ...]}`.
@@ -18,10 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import evaluate, text
+from . import evaluate, synthetic, text
 from .calibrate import calibrate
 from .model import load_model
+from .peers import PeerConfig, quantize_peer
 from .quantize import MethodConfig, quantize_model, summarize_layers
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SPEED_SEED = 1  # the timed prompts of a named configuration (calibration windows use seed 0)
 
 
 def _describe(source):
@@ -48,6 +61,11 @@ class Settings:
     prefill_tokens: int = 256
     decode_tokens: int = 32
     speed_repeats: int = 3
+    batches: tuple = (1,)  # batch sizes timed; the first is the record's `speed`
+    decode_mode: str | None = None  # None: CUDA graphs on a GPU, eager on a CPU (evaluate.speed)
+    graph_errors: str = "raise"  # "record": a failed CUDA-graph decode leaves the eager figures (evaluate.speed)
+    layers: int | None = None  # named configurations: the first `layers` decoder layers (None: all)
+    seed: int = 0  # named configurations: the weights' seed
     measure_ppl: bool = True
     measure_speed: bool = False
     progress: bool = True
@@ -63,12 +81,69 @@ class Experiment:
     stats: dict = None
     eval_windows: torch.Tensor = None
     calib_windows: torch.Tensor = None
+    prompts: torch.Tensor = None  # named configurations: [max batch, prefill_tokens] timed prompts
     meta: dict = field(default_factory=dict)
+
+    @property
+    def synthetic(self):
+        return synthetic.is_named(self.settings.model)
+
+    def _build(self, dtype=None):
+        s = self.settings
+        return synthetic.build(s.model, layers=s.layers, dtype=dtype or _DTYPES[s.dtype], device=s.device,
+                               seed=s.seed, device_map=s.device_map)
+
+    def _prepare_synthetic(self):
+        s = self.settings
+        if s.measure_ppl:
+            raise ValueError(f"--model {s.model}: {synthetic.NOTE}")
+        t0 = time.perf_counter()
+        lm = self._build()
+        t1 = time.perf_counter()
+        cfg = lm.config
+        n_windows = s.calib_tokens // s.calib_context
+        self.calib_windows = synthetic.random_windows(cfg.vocab_size, n_windows, s.calib_context, seed=s.seed)
+        self.prompts = synthetic.random_windows(cfg.vocab_size, max(s.batches), s.prefill_tokens, seed=SPEED_SEED)
+        self.stats = calibrate(lm, self.calib_windows, progress=s.progress)
+        del lm  # every run builds its own from the seed
+        if str(s.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        t2 = time.perf_counter()
+        calib_desc = f"random token windows (seed {s.seed})"
+        self.meta = {
+            "model": s.model,
+            "model_source": f"named configuration {s.model} (perf/shapes.py MODELS[{synthetic.NAMED[s.model].dims_name!r}]): "
+                            f"{cfg.num_hidden_layers} of its {synthetic.full_layers(s.model)} decoder layers, random "
+                            f"weights (seed {s.seed})",
+            "model_note": synthetic.NOTE,
+            "architecture": cfg.model_type,
+            "config": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "head_dim")},
+            "calib_text": calib_desc,
+            "eval_text": None,
+            "eval_split": None,
+            "texts": {"calibration": calib_desc},
+            "calib_tokens": int(self.calib_windows.numel()),
+            "calib_context": s.calib_context,
+            "eval_tokens": None,
+            "context": s.context,
+            "backend": s.backend,
+            "device": s.device,
+            "dtype": s.dtype,
+            "load_s": t1 - t0,
+            "calibrate_s": t2 - t1,
+        }
+        return self
 
     def prepare(self):
         s = self.settings
         if s.threads:
             torch.set_num_threads(int(s.threads))
+        if self.synthetic:
+            return self._prepare_synthetic()
+        if s.layers is not None:
+            raise ValueError(f"--layers applies to the named configurations ({', '.join(synthetic.NAMED)}) only")
         t0 = time.perf_counter()
         self.lm, self.tokenizer, self.source = load_model(s.model, dtype=s.dtype, device=s.device,
                                                           device_map=s.device_map)
@@ -102,18 +177,42 @@ class Experiment:
         }
         return self
 
-    def run(self, cfg: MethodConfig, keep_model=False):
+    def _fresh_model(self, cfg, keep_model):
+        """The float model this run quantizes: built again from the seed (named configurations),
+        else a copy (the float model itself for fp16), cast to the peers' bfloat16."""
+        dtype = getattr(cfg, "dtype", None)
+        if self.synthetic:
+            return self._build(dtype)
+        if cfg.method != "fp16" or keep_model:
+            lm = copy.deepcopy(self.lm)
+            return lm.to(dtype) if dtype is not None else lm
+        return self.lm
+
+    def _prompt(self, batch):
+        if self.synthetic:
+            return self.prompts[:batch]
+        return self.eval_windows.reshape(-1)[: self.settings.prefill_tokens]
+
+    def run(self, cfg: MethodConfig | PeerConfig, keep_model=False):
         """Quantize a copy of the float model with `cfg`, measure it, return one record."""
         s = self.settings
         cfg.check_backend(s.backend)
+        if s.measure_ppl and self.synthetic:
+            raise ValueError(f"--model {s.model}: {synthetic.NOTE}")
         t0 = time.perf_counter()
-        lm = copy.deepcopy(self.lm) if cfg.method != "fp16" or keep_model else self.lm
-        layers = quantize_model(lm, self.stats, cfg, backend=s.backend, progress=s.progress)
+        lm = self._fresh_model(cfg, keep_model)
+        if isinstance(cfg, PeerConfig):
+            layers = quantize_peer(lm, self.stats, cfg, progress=s.progress)
+        else:
+            layers = quantize_model(lm, self.stats, cfg, backend=s.backend, progress=s.progress)
         t1 = time.perf_counter()
         rec = {k: self.meta[k] for k in ("model", "model_source", "model_note", "architecture", "calib_text",
                                          "eval_text", "eval_split", "texts", "calib_tokens", "eval_tokens",
                                          "context", "backend")}
-        rec.update(method=cfg.method, label=cfg.label, params=cfg.params())
+        if "config" in self.meta:
+            rec["config"] = self.meta["config"]
+        rec.update(method=cfg.method, label=cfg.label, params=cfg.params(),
+                   dtype=str(getattr(cfg, "dtype", None) or _DTYPES[s.dtype]).replace("torch.", ""))
         summary = summarize_layers(layers)
         rec["effective_bits"] = summary.pop("effective_bits")
         rec["layer_summary"] = summary
@@ -124,12 +223,16 @@ class Experiment:
             rec.update(ppl=ppl, predictions=n_pred)
         rec["eval_s"] = time.perf_counter() - t1
         if s.measure_speed:
-            prompt = self.eval_windows.reshape(-1)[: s.prefill_tokens]
-            rec["speed"] = evaluate.speed(lm, prompt, decode_tokens=s.decode_tokens, repeats=s.speed_repeats)
+            for i, b in enumerate(s.batches):
+                rec["speed" if i == 0 else f"speed_b{b}"] = evaluate.speed(
+                    lm, self._prompt(b), decode_tokens=s.decode_tokens, repeats=s.speed_repeats, batch=b,
+                    decode_mode=s.decode_mode, graph_errors=s.graph_errors)
         if keep_model:
             rec["_model"] = lm
         elif lm is not self.lm:
             del lm
+            if str(s.device).startswith("cuda"):
+                torch.cuda.empty_cache()
         return rec
 
 

@@ -7,8 +7,13 @@ A results file is a JSON list of records, one per (model, method configuration):
   layer_summary{rel_error_mean, rel_error_max, bits_low/high/index/scale, lut_E, lut_U, lut_reuse,
                 high_density (zipper), density_used (mosaic)},
   layer_stats[{name, N, K, rel_error, effective_bits{...}, lut_E, lut_U, lut_reuse, ... }],
-  speed{prefill_tokens_per_s, decode_tokens_per_s, prefill_tokens, decode_tokens, device} (when timed),
-  quantize_s, eval_s, command (the command line that produced it).
+  speed{prefill_tokens_per_s, decode_tokens_per_s (CUDA-graph decode on a GPU, eager on a CPU:
+        decode_mode), decode_tokens_per_s_eager, batch, prefill_tokens, decode_tokens, device,
+        peak_memory_bytes, graph_tokens_equal_static_eager, ...} (when timed; evaluate.speed),
+  speed_b<B>{...} (the same at each further batch size B of `zq bench --batch`),
+  dtype, quantize_s, eval_s, command (the command line that produced it).
+A named random-weight configuration (`--model llama3-8b`) has no ppl and no evaluation text; its
+record holds the model's `config` dimensions instead.
 """
 from __future__ import annotations
 
@@ -81,6 +86,44 @@ def format_table(records):
     """Fixed-width text table: perplexity, ratio to fp16, bits per weight, layer error, table stats."""
     rows = [list(COLUMNS)] + table_rows(records)
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def speed_entries(rec):
+    """[(batch, speed dict)] of a record: `speed`, then every `speed_b<B>`."""
+    out = [(v.get("batch", 1), v) for k, v in rec.items()
+           if (k == "speed" or (k.startswith("speed_b") and k[7:].isdigit())) and isinstance(v, dict)]
+    return sorted(out, key=lambda e: e[0])
+
+
+SPEED_COLUMNS = ("method", "batch", "prefill t/s", "decode t/s", "decode", "eager decode t/s", "graph = eager step",
+                 "peak GiB", "bits/w", "quantize s")
+
+
+def speed_rows(records):
+    rows = []
+    for r in records:
+        for batch, sp in speed_entries(r):
+            same = sp.get("graph_tokens_equal_static_eager")
+            peak = sp.get("peak_memory_bytes")
+            rows.append([r.get("label", r.get("method")), str(batch), _fmt(sp.get("prefill_tokens_per_s"), ".1f"),
+                         _fmt(sp.get("decode_tokens_per_s"), ".1f"), sp.get("decode_mode", "-"),
+                         _fmt(sp.get("decode_tokens_per_s_eager"), ".1f"),
+                         "-" if same is None else ("yes" if same else "NO"),
+                         _fmt(peak / 2**30 if peak is not None else None, ".2f"),
+                         _fmt(r.get("effective_bits"), ".2f"), _fmt(r.get("quantize_s"), ".1f")])
+    return rows
+
+
+def speed_table(records):
+    """Fixed-width text table of every timed batch size: prefill and decode tokens/s (the decode
+    mode that `decode t/s` is, the eager decode beside it), whether the CUDA graph's tokens equal
+    the same step run eagerly, peak GPU memory, bits per weight and quantization time."""
+    rows = [list(SPEED_COLUMNS)] + speed_rows(records)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SPEED_COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -288,6 +331,52 @@ def plot_pareto(records, path, act_bits=4, act_group_size=32):
     ax.set_title(f"{act_bits}-bit activations, {fmt}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_speed(records, path):
+    """Prefill and decode tokens/s per method (bars), one group of bars per batch size; the decode
+    panel shows the timed decode (CUDA graphs on a GPU) with the eager decode hatched beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    entries = [(r.get("label", r.get("method")), b, sp) for r in records for b, sp in speed_entries(r)]
+    if not entries:
+        raise ValueError("no record holds a speed measurement to plot")
+    labels = list(dict.fromkeys(e[0] for e in entries))
+    batches = sorted({e[1] for e in entries})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(batches)
+    x = np.arange(len(labels))
+    for j, b in enumerate(batches):
+        got = {lab: sp for lab, bb, sp in entries if bb == b}
+        pre = [got.get(lab, {}).get("prefill_tokens_per_s", np.nan) for lab in labels]
+        dec = [got.get(lab, {}).get("decode_tokens_per_s", np.nan) for lab in labels]
+        eag = [got.get(lab, {}).get("decode_tokens_per_s_eager", np.nan) for lab in labels]
+        mode = next((sp.get("decode_mode") for sp in got.values()), "?")
+        axes[0].bar(x + j * width, pre, width, label=f"batch {b}")
+        if mode == "eager":  # the timed decode is the eager one: one bar
+            axes[1].bar(x + j * width, dec, width, label=f"batch {b}, eager")
+            continue
+        bars = axes[1].bar(x + j * width - width / 4, dec, width / 2, label=f"batch {b}, {mode}")
+        axes[1].bar(x + j * width + width / 4, eag, width / 2, color=bars.patches[0].get_facecolor(), alpha=0.45,
+                    hatch="//", label=f"batch {b}, eager")
+    for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s")):
+        ax.set_xticks(x + width * (len(batches) - 1) / 2)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3, axis="y")
+    r0 = records[0]
+    fig.suptitle(f"{r0.get('model', '?')} on {entries[0][2].get('device', '?')}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

@@ -1,0 +1,261 @@
+"""Greedy decode one token a step: on transformers' dynamic cache (eager, the reference) or on a
+static KV cache whose step can be captured once in a CUDA graph and replayed.
+
+`StaticDecoder` owns a `transformers.StaticCache` and three static buffers: the token ids
+`ids [B, 1]`, the position `pos [B, 1]` and the key positions `0..max_len-1`. `prefill(prompt)`
+runs the prompt eagerly into the cache; `step()` runs one token: it reads `ids` and `pos`, builds
+the attention mask from `pos` on the device, and writes the greedy next token back into `ids` and
+`pos + 1` into `pos`. The cache advances its own write position on the device
+(`StaticLayer.cumulative_length`), in step with `pos`. So a step is a fixed sequence of kernels
+on fixed tensors with no host work, and `GraphDecoder` captures it once and replays it for every
+later token; on a CPU the same `step()` runs eagerly, which is how its tokens are tested against
+`dynamic_greedy`. The mask is passed as a ready 4-D additive mask and the positions explicitly,
+so transformers' own mask and position code (which changed across versions) is not on the path.
+
+With a mask, transformers' SDPA attention (5.17; 5.24 no longer) copies every key/value head once per
+query head that shares it (`repeat_kv`): for LLaMA-3-8B at batch 1 that is 4x the KV cache
+written and read again each token, a cost of the attention code rather than of the linears being
+compared. The step of an SDPA model therefore runs `decode_sdpa`, which puts the query heads of
+each KV head along the query axis instead (as transformers' own `pack_gqa` does since), reading
+the cache once.
+
+transformers >= 5 is needed for the static path (its StaticCache keeps the write position on the
+device); an older one, or a cache of sliding-window layers, is refused with a ValueError.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def cache_keyword(lm):
+    """The forward argument that takes a cache: "cache" (transformers 5.24) or "past_key_values" (5.17)."""
+    params = inspect.signature(lm.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(lm).__name__}.forward takes neither `cache` nor `past_key_values`: "
+                     "not a transformers causal LM with a KV cache")
+
+
+def output_cache(out, keyword):
+    """The cache a forward returned (`out.cache` or `out.past_key_values`, by `keyword`)."""
+    return getattr(out, keyword)
+
+
+def model_devices(lm):
+    """The distinct devices of the model's parameters and buffers (meta: offloaded by accelerate)."""
+    return sorted({t.device for t in list(lm.parameters()) + list(lm.buffers())}, key=str)
+
+
+DECODE_ATTENTION = "zq_decode_sdpa"
+
+
+def decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention interface for the one-token step: query [B, H, 1, D] against the
+    cache's key / value [B, KV, L, D] with the mask [B, 1, 1, L]; query head h reads KV head
+    h // (H / KV), as `repeat_kv` maps them. Returns [B, 1, H, D]. Any other call (a longer query,
+    one query head per KV head) goes to transformers' own SDPA attention."""
+    b, h, q_len, d = query.shape
+    kv = key.shape[1]
+    if q_len != 1 or h == kv or dropout:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(b, kv, h // kv, d)  # [B, KV, G, D]: the G heads of one KV head as G queries
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, h, d), None
+
+
+def _register_decode_attention():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_sdpa)
+
+
+def _next_token(logits):
+    return logits[:, -1, :].argmax(-1, keepdim=True)
+
+
+def dynamic_prefill(lm, ids, keyword=None):
+    """One forward of the prompt `ids [B, T]` on a new dynamic cache: (cache, next token [B, 1]).
+    Only the last position's logits are computed, as generation does."""
+    keyword = keyword or cache_keyword(lm)
+    out = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return output_cache(out, keyword), _next_token(out.logits)
+
+
+def dynamic_step(lm, tok, cache, keyword):
+    """One greedy step on a dynamic cache: (logits [B, V], next token [B, 1], cache)."""
+    out = lm(input_ids=tok, use_cache=True, **{keyword: cache})
+    return out.logits[:, -1, :], _next_token(out.logits), output_cache(out, keyword)
+
+
+def dynamic_greedy(lm, ids, steps):
+    """Greedy tokens [B, 1 + steps] after the prompt `ids [B, T]` on transformers' dynamic cache
+    (the first from the prefill), and the logits [B, V] of the first step: the reference."""
+    keyword = cache_keyword(lm)
+    with torch.no_grad():
+        cache, tok = dynamic_prefill(lm, ids, keyword)
+        tokens, first = [tok], None
+        for _ in range(steps):
+            logits, tok, cache = dynamic_step(lm, tok, cache, keyword)
+            first = logits if first is None else first
+            tokens.append(tok)
+    return torch.cat(tokens, dim=1), first
+
+
+class StaticDecoder:
+    """Greedy decode of `batch` sequences on a static KV cache of `max_len` positions (module
+    docstring). `steps_left` counts, on the host, the positions the cache still has free; a step
+    past them is refused before it could write outside the cache."""
+
+    def __init__(self, lm, batch, max_len):
+        from transformers import StaticCache
+
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        devices = model_devices(lm)
+        if len(devices) != 1:
+            raise ValueError(f"the static-cache decode needs the model on one device; it is on "
+                             f"{', '.join(map(str, devices))} (a device_map across devices or offloading)")
+        self.lm, self.batch, self.max_len = lm, batch, max_len
+        self.keyword = cache_keyword(lm)
+        self.device = devices[0]
+        self.dtype = lm.get_input_embeddings().weight.dtype
+        self.cache = StaticCache(config=lm.config, max_cache_len=max_len)
+        layers = getattr(self.cache, "layers", None)
+        if not layers or not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                                 for layer in layers):
+            import transformers
+
+            raise ValueError(f"transformers {transformers.__version__}: its StaticCache does not keep the write "
+                             "position on the device (StaticLayer.cumulative_length); the static-cache decode "
+                             "needs transformers >= 5")
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise ValueError("the static-cache decode masks full attention only; this model has sliding-window "
+                             "layers")
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.key_pos = torch.arange(max_len, device=self.device).view(1, 1, 1, max_len)
+        self.prompt_len = None
+        self.steps_left = 0
+        self._config = lm.config
+        self._step_attention = None
+        if getattr(lm.config, "_attn_implementation", None) == "sdpa":
+            _register_decode_attention()
+            self._step_attention = DECODE_ATTENTION
+
+    def prefill(self, ids):
+        """Reset the cache and run the prompt `ids [batch, T]` into it (eager); afterwards `ids`
+        holds the first generated token and `pos` = T. Returns the last position's logits."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be a [{self.batch}, T >= 1] tensor of token ids, got {got}")
+        t = ids.shape[1]
+        if t >= self.max_len:
+            raise ValueError(f"a prompt of {t} tokens leaves no room in a cache of max_len {self.max_len}")
+        self.cache.reset()  # in place: a captured graph keeps pointing at the same tensors
+        with torch.no_grad():
+            out = self.lm(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})
+        self.ids.copy_(_next_token(out.logits))
+        self.pos.fill_(t)
+        self.prompt_len, self.steps_left = t, self.max_len - t
+        return out.logits[:, -1, :]
+
+    def _count_step(self):
+        if self.prompt_len is None:
+            raise ValueError("prefill a prompt before decoding: the cache is empty")
+        if self.steps_left < 1:
+            raise ValueError(f"the static cache of max_len {self.max_len} is full ({self.prompt_len} prompt tokens "
+                             f"+ {self.max_len - self.prompt_len} steps); prefill again or build a longer one")
+        self.steps_left -= 1
+
+    def _step_kernels(self):
+        # Keys at positions after `pos` are empty cache slots (or stale ones from before a reset):
+        # they get the most negative finite value, as transformers' own static masks do (-inf
+        # would give NaN for a row masked entirely).
+        masked = (self.key_pos > self.pos.view(self.batch, 1, 1, 1)).to(self.dtype)
+        mask = masked * torch.finfo(self.dtype).min
+        previous = self._config._attn_implementation
+        if self._step_attention:  # read by every attention layer at each call (module docstring)
+            self._config._attn_implementation = self._step_attention
+        try:
+            out = self.lm(input_ids=self.ids, position_ids=self.pos, attention_mask=mask, use_cache=True,
+                          **{self.keyword: self.cache})
+        finally:
+            self._config._attn_implementation = previous
+        logits = out.logits[:, -1, :]
+        self.ids.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        return logits
+
+    def step(self):
+        """One greedy token, eagerly: returns the logits [batch, V] of the position it read."""
+        self._count_step()
+        with torch.no_grad():
+            return self._step_kernels()
+
+    def greedy(self, ids, steps):
+        """Tokens [batch, 1 + steps] (the first from the prefill) and the first step's logits."""
+        self.prefill(ids)
+        tokens, first = [self.ids.clone()], None
+        for _ in range(steps):
+            logits = self.step()
+            first = logits.clone() if first is None else first
+            tokens.append(self.ids.clone())
+        return torch.cat(tokens, dim=1), first
+
+
+class GraphDecoder:
+    """`StaticDecoder.step` captured once in a CUDA graph; `replay()` decodes one token.
+
+    Built after a prefill (the cache's tensors are allocated by the first one). The step runs
+    `warmup` times eagerly on a side stream first, as `torch.cuda.graph` asks (the allocator and
+    cuBLAS settle, Triton kernels are compiled outside the capture; the same recipe as
+    perf/timing.py's `capture_graph`), which advances the cache: prefill again before replaying.
+    A host synchronization in the step fails the capture; the error says where.
+    """
+
+    def __init__(self, decoder, warmup=2):
+        if decoder.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {decoder.device}")
+        if decoder.prompt_len is None:
+            raise ValueError("prefill a prompt before capturing: the cache's tensors are allocated by the first one")
+        if decoder.steps_left < warmup:
+            raise ValueError(f"the cache has {decoder.steps_left} free positions, fewer than the {warmup} warm-up steps")
+        self.decoder = decoder
+        device = decoder.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                decoder.step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(self.graph):
+                self.logits = decoder._step_kernels()  # recorded, not run: no step is counted
+        except Exception as exc:
+            raise RuntimeError(f"CUDA-graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
+                               "something on the per-token path synchronizes with the host") from exc
+        torch.cuda.synchronize(device)
+
+    def replay(self):
+        """One greedy token: `decoder.ids` / `pos` advance, `self.logits` holds its logits."""
+        self.decoder._count_step()
+        self.graph.replay()
+
+    def greedy(self, ids, steps):
+        """Tokens [batch, 1 + steps] (the first from the prefill) and the first step's logits."""
+        d = self.decoder
+        d.prefill(ids)
+        tokens, first = [d.ids.clone()], None
+        for _ in range(steps):
+            self.replay()
+            first = self.logits.clone() if first is None else first
+            tokens.append(d.ids.clone())
+        return torch.cat(tokens, dim=1), first
