@@ -401,27 +401,34 @@ def test_w4a16_variant_matches_reference(codes, data, x_dtype, cfg):
     assert_close(y, ref, mag, torch.float32, "w4a16")
 
 
-@settings(max_examples=examples(15))
+# Each config against the first in-loop config unsplit, one test per config, so a compiled run
+# spreads their compilation over pytest-xdist workers instead of one test compiling them all.
+_SAME_OUTPUT = [("inloop-unsplit", dict(c, SPLIT_K=1)) for c in INLOOP[1:]] + [("any", c) for c in [None] + ALL]
+
+
+@pytest.mark.parametrize("kind, cfg", _SAME_OUTPUT,
+                         ids=[f"{kind}-{i}" for kind, i in zip([k for k, _ in _SAME_OUTPUT],
+                                                                _ids([c for _, c in _SAME_OUTPUT]))])
+@settings(max_examples=examples(8))
 @given(codes=mosaic_codes(max_n=70, max_k=200), data=st.data())
-def test_every_launch_config_gives_the_same_output(codes, data):
+def test_every_launch_config_gives_the_same_output(kind, cfg, codes, data):
     n, k = codes.q_base.shape
     m = data.draw(st.integers(1, 33))
     x = act_matrix(data.draw, m, k)
     qx, sx, qxp, sxt = w4a4_inputs(x, None)
     w = prepare_mosaic(codes, DEVICE)
-    # Unsplit in-loop configs sum the same int32 partials per K step and add the scaled residual
-    # steps in the same K order: identical under the interpreter. Compiled, the compiler may
-    # contract a multiply-add into an FMA differently per config: 1e-6 of the largest output then.
-    outs = [mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=dict(c, SPLIT_K=1)).cpu() for c in INLOOP]
-    scale = float(outs[0].abs().max())
-    atol = 0.0 if not GPU else 1e-6 * scale
-    for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=0, atol=atol)
-    # Split-K (and the table's own choice) sums fp32 partials of whole K ranges, reslate and splitk
-    # add the residual to the folded base: a few fp32 roundings in another order, 1e-6 of the largest.
-    for c in [None] + ALL:
-        o = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=c).cpu()
-        torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6 * scale + 1e-30)
+    ref = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=dict(INLOOP[0], SPLIT_K=1)).cpu()
+    out = mosaic_w4a4_gemm(qxp, sxt, w, out_dtype=torch.float32, config=cfg).cpu()
+    scale = float(ref.abs().max())
+    if kind == "inloop-unsplit":
+        # Unsplit in-loop configs sum the same int32 partials per K step and add the scaled residual
+        # steps in the same K order: identical under the interpreter. Compiled, the compiler may
+        # contract a multiply-add into an FMA differently per config: 1e-6 of the largest output then.
+        torch.testing.assert_close(out, ref, rtol=0, atol=0.0 if not GPU else 1e-6 * scale)
+    else:
+        # Split-K (and the table's own choice) sums fp32 partials of whole K ranges, reslate and
+        # splitk add the residual to the folded base: a few fp32 roundings in another order.
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 * scale + 1e-30)
 
 
 def test_real_mosaic_quantize_layer_matches_reference():
