@@ -8,6 +8,7 @@ JSON. The saved run is edited to stand for a faster or slower past, so the outco
 the comparison, not by this machine's timing noise.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,10 @@ from shapes import DEFAULT_SHAPES, SHAPES, select_m, select_shapes  # noqa: E402
 
 def pytest_perf(*args, timeout=300):
     cmd = [sys.executable, "-m", "pytest", "perf/", "-q", "-p", "no:cacheprovider", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    # a run of this file under pytest-xdist must not pass its worker's identity on: pytest-benchmark
+    # disables itself in a process that looks like an xdist worker
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _scale_saved_stats(storage: Path, factor: float):
