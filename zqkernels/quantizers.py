@@ -355,3 +355,117 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
         block=(bn, bk),
         group_size=group_size,
     )
+
+
+# ---------------------------------------------------------------- dequantization
+
+def dequantize(q, scale, group_size=None):
+    """`reference.dequantize` on the codes' device: `q * scale` (a scale per row [N] or per row
+    and group [N, ceil(K/g)]) in float64, one correctly rounded multiply per element, so equal to
+    the oracle bit for bit. q: an integer tensor; scale: a float tensor on q's device."""
+    if not isinstance(q, torch.Tensor) or q.ndim != 2 or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise ValueError(f"q must be an integer tensor of rank 2, got {getattr(q, 'dtype', type(q).__name__)}")
+    group_size = check_group_size("group_size", group_size)
+    n, k = q.shape
+    s = scale.to(device=q.device, dtype=F64)
+    want = (n,) if group_size is None else (n, n_groups(k, group_size))
+    if tuple(s.shape) != want:
+        raise ValueError(f"scale must have shape {want}, got {tuple(s.shape)}")
+    return q.to(F64) * _per_element(s, n, k, _group_width(k, group_size))
+
+
+def mosaic_dequantize(codes):
+    """`reference.mosaic_dequantize` of `MosaicCodesTorch`: `Δb * qb` plus each kept block's
+    `Δr * qr`, float64 [N, K] on the codes' device. Every element gets the same two roundings as
+    in the oracle (the product `q * s`, then at most one add, since kept blocks never overlap), so
+    the result is bit-equal. ValueError if the sum overflows float64 (the oracle refuses it too)."""
+    n, k = codes.shape
+    bn, bk = codes.block
+    base = dequantize(codes.q_base, codes.scale_base, codes.group_size)
+    if codes.block_index.shape[0] == 0:
+        return base
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=base.device)
+    padded[:n, :k] = base
+    view = padded.view(nbr, bn, nbc, bk)
+    rb, cb = codes.block_index[:, 0], codes.block_index[:, 1]
+    view[rb, :, cb, :] = view[rb, :, cb, :] + codes.q_res.to(F64) * codes.scale_res[:, :, None]
+    out = padded[:n, :k]
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        raise ValueError("codes (base plus residual blocks) overflow float64")
+    return out
+
+
+# ---------------------------------------------------------------- pattern-table statistics
+
+def pattern_lut_stats(q_high, group_size=4):
+    """`reference.lut_stats(reference.build_pattern_lut(q_high, group_size))` on q_high's device,
+    without building the table: every field is an integer count (or E/U, or a mean of counts,
+    each one correctly rounded division as in numpy), so the dict is equal to the oracle's, not
+    merely close. The table itself (dictionary and CSR of ids) is built only where it is used,
+    on the host, by the hybrid backend.
+
+    A (group, pattern) key is the group index and the g codes; where they fit one int64 (8 bits
+    per code: g <= 6 for any real K) they are packed into it and counted with `torch.unique`, else `torch.unique(dim=0)` over the
+    [E, g + 1] key rows. `pattern_bits` is 4 when every code of q_high lies in [-8, 7]: the
+    dictionary holds every nonzero group's codes, and the zero groups' codes (0) are in range."""
+    from reference.lut import MAX_GROUP_SIZE, uint_bytes
+
+    if not isinstance(q_high, torch.Tensor) or q_high.ndim != 2 or q_high.is_floating_point() or \
+            q_high.is_complex() or q_high.dtype == torch.bool:
+        raise ValueError(f"q_high must be an integer tensor of rank 2, got {getattr(q_high, 'dtype', type(q_high).__name__)}")
+    g = check_group_size("group_size", group_size)
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
+    n, k = q_high.shape
+    dev = q_high.device
+    if q_high.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q_high))
+        if lo < -128 or hi > 127:
+            raise ValueError(f"q_high holds codes outside [-128, 127] (min {lo}, max {hi})")
+    else:
+        lo = hi = 0
+    n_grp = -(-k // g)
+    if n_grp * g != k:
+        padded = torch.zeros((n, n_grp * g), dtype=q_high.dtype, device=dev)
+        padded[:, :k] = q_high
+    else:
+        padded = q_high
+    blocks = padded.reshape(n, n_grp, g)
+    nonzero = (blocks != 0).any(dim=2)  # [N, n_grp]
+    row_len = nonzero.sum(dim=1)
+    rows, groups = torch.nonzero(nonzero, as_tuple=True)
+    e = int(rows.numel())
+    if e:
+        pat = blocks[rows, groups].to(torch.int64) + 128  # [E, g] in [0, 255]
+        if n_grp * 256 ** g < 2 ** 63:  # (group, codes) fits one int64 key
+            key = groups.to(torch.int64)
+            for i in range(g):
+                key = key * 256 + pat[:, i]
+            uniq = torch.unique(key)
+            uniq_groups = torch.div(uniq, 256 ** g, rounding_mode="floor")
+        else:
+            uniq_groups = torch.unique(torch.cat([groups.to(torch.int64)[:, None], pat], dim=1), dim=0)[:, 0]
+        u = int(uniq_groups.numel())
+        per_group = torch.bincount(uniq_groups, minlength=n_grp)
+    else:
+        u = 0
+        per_group = torch.zeros(n_grp, dtype=torch.int64, device=dev)
+    row_max = int(row_len.max()) if n else 0
+    pattern_bits = 4 if u == 0 or (lo >= -8 and hi <= 7) else 8
+    index_bytes = n * uint_bytes(row_max) + e * uint_bytes(max(u - 1, 0))
+    pattern_bytes = -(-u * g * pattern_bits // 8) + u * uint_bytes(max(n_grp - 1, 0))
+    return {
+        "E": e,
+        "U": u,
+        "reuse": e / u if u else 0.0,
+        "group_size": g,
+        "index_bytes": int(index_bytes),
+        "pattern_bytes": int(pattern_bytes),
+        "pattern_bits": pattern_bits,
+        "id_bytes": uint_bytes(max(u - 1, 0)),
+        "oracle_index_bytes": int(8 * (n + 1) + 4 * e + 4 * e),  # int64 indptr, int32 ids and groups
+        "table_bytes_per_token": 4 * u,
+        "patterns_per_group_max": int(per_group.max()) if n_grp else 0,
+        "patterns_per_group_mean": float(int(per_group.sum())) / n_grp if n_grp else 0.0,
+    }
