@@ -1,8 +1,8 @@
 """The layers quantize on the weight's device through `zqkernels.quantizers`; the oracle path they
 replaced (numpy `reference` on the host) gives the same layer, bit for bit.
 
-`oracle_path` is that previous path written out: every quantizer, dequantizer and the table
-statistics computed by `reference` on a host float64 copy of the weight. Each test builds the same
+`zqkernels.quantizers.host_oracle()` is that previous path written out: every quantizer,
+dequantizer and the table statistics computed by `reference` on a host float64 copy of the weight. Each test builds the same
 layer (or quantizes the same tiny model) once through each and compares everything the layer
 keeps: the codes, scales and kept blocks (reference backend), the float32 weights the torch
 backend multiplies, the statistics (bits per weight, E, U, table bytes, density), and for a whole
@@ -14,7 +14,6 @@ import contextlib
 import copy
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,50 +30,10 @@ from zqkernels import nn as zqnn  # noqa: E402
 from zqkernels import quantizers as Q  # noqa: E402
 
 
-def _t(a, like):
-    return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
-
-
-def _np(t):
-    return t.cpu().numpy()
-
-
-def oracle_path():
-    """`zqkernels.quantizers`' interface computed by the numpy oracle on the host: how the layers
-    quantized before they ran on the weight's device."""
-
-    def quantize_weights(w, bits=4, group_size=None):
-        q, s = reference.quantize_weights(_np(w), bits=bits, group_size=group_size)
-        return _t(q, w), _t(s, w)
-
-    def zipper_quantize(w, outlier_ratio=0.01, high_bits=4):
-        c = reference.zipper_quantize(_np(w), outlier_ratio=outlier_ratio, high_bits=high_bits)
-        return Q.ZipperCodesTorch(_t(c.q_low, w), _t(c.q_high, w), _t(c.scale, w))
-
-    def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
-        c = reference.mosaic_quantize(_np(w), hdiag, density=density, block=block, group_size=group_size)
-        return Q.MosaicCodesTorch(_t(c.q_base, w), _t(c.scale_base, w), _t(c.block_index, w), _t(c.q_res, w),
-                                  _t(c.scale_res, w), c.block, c.group_size)
-
-    def dequantize(q, scale, group_size=None):
-        return _t(reference.dequantize(_np(q), _np(scale), group_size), q)
-
-    def mosaic_dequantize(codes):
-        return _t(reference.mosaic_dequantize(codes.to_reference()), codes.q_base)
-
-    def pattern_lut_stats(q_high, group_size=4):
-        return reference.lut_stats(reference.build_pattern_lut(_np(q_high), group_size=group_size))
-
-    return SimpleNamespace(quantize_weights=quantize_weights, zipper_quantize=zipper_quantize,
-                           mosaic_quantize=mosaic_quantize, dequantize=dequantize,
-                           mosaic_dequantize=mosaic_dequantize, pattern_lut_stats=pattern_lut_stats,
-                           ZipperCodesTorch=Q.ZipperCodesTorch, MosaicCodesTorch=Q.MosaicCodesTorch)
-
-
 @contextlib.contextmanager
 def through_the_oracle():
-    """The layers built inside quantize through `oracle_path()` instead of `zqkernels.quantizers`."""
-    zqnn.quantizers = oracle_path()
+    """The layers built inside quantize through `quantizers.host_oracle()` instead."""
+    zqnn.quantizers = Q.host_oracle()
     try:
         yield
     finally:

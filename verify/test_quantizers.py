@@ -286,6 +286,8 @@ BAD_ARGUMENTS = [
     (lambda: Q.mosaic_quantize(W, np.ones(6), block=(0, 4)), "block must be a pair"),
     (lambda: Q.mosaic_quantize(W, np.ones(6), block=64), "block must be a pair"),
     (lambda: Q.mosaic_quantize(W, np.ones(6), group_size=-1), "group_size must be None"),
+    (lambda: Q.mosaic_quantize(np.array([[1e200, 3.3e199, -5.1e199, 2.2e199]]), np.ones(4), 0.5, (1, 4)),
+     "overflows float64 in the block scores"),  # the oracle refuses the same weight
     (lambda: Q.smooth_scales(np.ones(3), np.ones(4)), "does not match weight_absmax"),
     (lambda: Q.smooth_scales(-np.ones(3), np.ones(3)), "must be non-negative"),
     (lambda: Q.smooth_scales(np.ones(3), np.ones(3), alpha=2.0), "alpha must lie in"),

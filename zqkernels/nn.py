@@ -10,19 +10,22 @@ hybrid backends the GPU they run on), in float64, through `zqkernels.quantizers`
 scales and block lists equal the oracle's on the same float64 input (verify/test_quantizers.py,
 tests/test_device_quantize.py). `W' = W * s` is one correctly rounded multiply on both sides, and
 `s` itself comes from `reference.smooth_scales` on the host (K numbers), so no code can differ.
-Per method:
 
-| method / step                                     | runs through                                  | where          |
-| ------------------------------------------------- | --------------------------------------------- | -------------- |
-| RTN, w4a16, SmoothQuant (`W4A4Linear`)            | `quantizers.quantize_weights`                 | layer's device |
-| ZipperQuant per-row grid and split                | `quantizers.zipper_quantize`                  | layer's device |
-| ZipperQuant table statistics (E, U, bytes)        | `quantizers.pattern_lut_stats`                | layer's device |
-| ZipperQuant pattern table (hybrid backend only)   | `reference.build_pattern_lut`                 | host, by design|
-| ZipperQuant channel-structured (`channel_fraction`)| `reference.select_outlier_channels`, `zipper_quantize_channels` | host |
-| MosaicQuant base, residual, scores, kept blocks   | `quantizers.mosaic_quantize` (ranking of the B scores: `np.lexsort`) | layer's device |
-| torch backend's dequantized weights               | `quantizers.dequantize`, `mosaic_dequantize`  | layer's device |
-| Hadamard RTN, wide RTN, activation floor (`zqkernels.rotation`) | `reference` (`block_hadamard`, `quantize_weights`) | host |
-| packing into `zqkernels.layouts` (triton, hybrid) | `reference.pack_int4` inside `from_codes`     | host (int8 codes copied down, never the float weight) |
+| step                                       | through                                      | where      |
+| ------------------------------------------ | -------------------------------------------- | ---------- |
+| RTN, w4a16, SmoothQuant codes              | `quantizers.quantize_weights`                | device     |
+| ZipperQuant per-row grid and split         | `quantizers.zipper_quantize`                 | device     |
+| ZipperQuant table statistics (E, U, bytes) | `quantizers.pattern_lut_stats`               | device     |
+| MosaicQuant base, residual, block scores   | `quantizers.mosaic_quantize`                 | device (1) |
+| torch backend's dequantized weights        | `quantizers.dequantize`, `mosaic_dequantize` | device     |
+| ZipperQuant pattern table (hybrid backend) | `reference.build_pattern_lut`                | host (2)   |
+| ZipperQuant channel-structured grid        | `reference.zipper_quantize_channels`         | host       |
+| Hadamard RTN, wide RTN, activation floor   | `reference` (`zqkernels.rotation`)           | host       |
+| packing into `zqkernels.layouts`           | `reference.pack_int4` in `from_codes`        | host (3)   |
+
+(1) the B block scores (a few thousand numbers) are ranked on the host by the oracle's
+`np.lexsort`, so equal scores keep the lower block index exactly as there. (2) the CPU kernel's
+table, host-side by design. (3) the int8 codes are copied down, never the float weight.
 
 The host rows read the smoothed weight as float64 numpy (`QuantLinear.w_smoothed`); the others
 never copy the float weight to the host.
@@ -53,6 +56,7 @@ the same IEEE float32 multiply as the GPU quantizer, and the weights become `W' 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -269,6 +273,30 @@ class QuantLinear(nn.Module):
         return x2.contiguous()
 
 
+def _one_cpu_thread(init):
+    """Run a layer's constructor (its quantization and packing) on one torch thread when the
+    weight is quantized on the CPU. The quantizers are a chain of short element-wise passes; on a
+    shared 2-core CPU each pass's hand-off to a second thread cost more than the pass (a
+    SmolLM2-135M Mosaic quantization: 114 s on two threads, 39 s through the single-threaded numpy
+    oracle; reports/results/cpu-2core/quantize_time/). The codes do not depend on the thread
+    count: every reduction is exact or in a fixed order."""
+
+    @functools.wraps(init)
+    def wrapped(self, linear, *args, **kwargs):
+        on_cpu = isinstance(linear, nn.Linear) and linear.weight.device.type == "cpu" and \
+            kwargs.get("backend", "torch") in ("torch", "reference")
+        threads = torch.get_num_threads()
+        if not on_cpu or threads == 1:
+            return init(self, linear, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return init(self, linear, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
 def _scale_bits(scale):
     """fp16 storage of the scales, per weight."""
     return 16.0 * (scale.numel() if isinstance(scale, torch.Tensor) else np.asarray(scale).size)
@@ -280,7 +308,8 @@ def _host(t):
 
 def _upload32_t(w64):
     """float64 [N, K] on the device -> the float32 [K, N] a torch-backend matmul reads."""
-    return w64.T.to(torch.float32).contiguous()
+    out = torch.empty((w64.shape[1], w64.shape[0]), dtype=torch.float32, device=w64.device)
+    return out.copy_(w64.T)  # one pass: the cast (round to nearest even) and the transpose together
 
 
 class W4A4Linear(QuantLinear):
@@ -292,6 +321,7 @@ class W4A4Linear(QuantLinear):
 
     method = "rtn-w4a4"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, smooth=None, group_size=None, act_bits=4, act_group_size=None, backend="torch"):
         if smooth is not None and type(self) is W4A4Linear:
             self.method = "smoothquant-w4a4"
@@ -362,6 +392,7 @@ class ZipperLinear(QuantLinear):
 
     method = "zipper"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, smooth=None, outlier_ratio=0.01, high_bits=4, act_bits=4, act_group_size=None,
                  backend="torch", lut_group_size=4, channel_fraction=None, channel_score="absmax", hdiag=None):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
@@ -455,6 +486,7 @@ class MosaicLinear(QuantLinear):
 
     method = "mosaic"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, hdiag, smooth=None, density=0.05, block=(64, 64), group_size=None, act_bits=4,
                  act_group_size=None, backend="torch"):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
