@@ -29,6 +29,11 @@ from strategies import matrices  # noqa: E402
 from zqkernels import nn as zqnn  # noqa: E402
 from zqkernels import quantizers as Q  # noqa: E402
 
+# The layers quantize on the linear's device: the CPU always, a CUDA GPU too where there is one
+# (there the triton backend's packed layouts are compared as well).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the triton backend needs one")
+
 
 @contextlib.contextmanager
 def through_the_oracle():
@@ -40,11 +45,26 @@ def through_the_oracle():
         zqnn.quantizers = Q
 
 
-def _linear(w, bias):
+def _linear(w, bias, device="cpu"):
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias)
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(w.astype(np.float32)))
-    return lin
+    return lin.to(device)
+
+
+def _layout_codes(layer):
+    """The codes a triton layer's packed layouts hold, as numpy (`to_codes` of each layout)."""
+    out = []
+    for name in ("weight_layout", "low_layout", "high_layout"):
+        lay = getattr(layer, name, None)
+        if lay is None:
+            continue
+        codes = lay.to_codes()
+        if isinstance(codes, tuple):
+            out.extend(codes)
+        else:
+            out.extend(getattr(codes, f) for f in ("q_base", "scale_base", "block_index", "q_res", "scale_res"))
+    return out
 
 
 def _assert_same_layer(a, b):
@@ -118,6 +138,7 @@ params = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @settings(max_examples=25)
@@ -126,19 +147,43 @@ params = st.fixed_dictionaries({
 @example(w=np.array([[0.5, 1.5, 2.5, -3.5, 7.0, 0.0]]), p={"group_size": None, "act_group": None,
          "outlier_ratio": 0.2, "high_bits": 4, "lut_group": 4, "channel_fraction": 0.5, "density": 1.0,
          "block": (1, 3)}, seed=0, smooth_kind="none", bias=False)  # every RTN code a tie
-def test_a_layer_quantized_on_its_device_is_the_oracle_paths_layer(backend, kind, w, p, seed,
+def test_a_layer_quantized_on_its_device_is_the_oracle_paths_layer(device, backend, kind, w, p, seed,
                                                                     smooth_kind, bias):
     rng = np.random.default_rng(seed)
     k = w.shape[1]
     smooth = _smooth(rng, k, "random" if kind in ("smoothquant",) and smooth_kind == "none" else smooth_kind)
     hdiag = _hdiag(rng, k)
-    lin = _linear(w, bias)
+    lin = _linear(w, bias, device)
     ours = _build(kind, lin, smooth, hdiag, backend, p)
     with through_the_oracle():
         oracle = _build(kind, lin, smooth, hdiag, backend, p)
     _assert_same_layer(ours, oracle)
-    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32)).to(device)
     assert torch.equal(ours(x), oracle(x))
+
+
+TRITON_KINDS = {"w4a16": dict(group_size=None), "rtn": dict(group_size=None, act_group=32),
+                "zipper": dict(outlier_ratio=0.05, high_bits=4, lut_group=4),
+                "mosaic": dict(density=0.3, block=(64, 64), group_size=64)}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kind", sorted(TRITON_KINDS))
+@settings(max_examples=10)
+@given(w=matrices(shape=(128, 256)), seed=st.integers(0, 2**32 - 1))
+def test_a_triton_layer_packs_the_oracle_paths_codes(kind, w, seed):
+    rng = np.random.default_rng(seed)
+    p = {"act_group": None, **TRITON_KINDS[kind]}
+    lin = _linear(w, False, "cuda")
+    smooth = None if kind in ("w4a16", "rtn") else _smooth(rng, 256, "random")
+    hdiag = _hdiag(rng, 256)
+    ours = _build(kind, lin, smooth, hdiag, "triton", p)
+    with through_the_oracle():
+        oracle = _build(kind, lin, smooth, hdiag, "triton", p)
+    assert ours.stats == oracle.stats
+    for a, b in zip(_layout_codes(ours), _layout_codes(oracle), strict=True):
+        np.testing.assert_array_equal(a, b)  # exact: packed codes, float32 scales, block lists
 
 
 def test_the_layer_codes_are_the_oracles_on_the_smoothed_weight():
