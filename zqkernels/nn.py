@@ -276,10 +276,10 @@ class QuantLinear(nn.Module):
 def _one_cpu_thread(init):
     """Run a layer's constructor (its quantization and packing) on one torch thread when the
     weight is quantized on the CPU. The quantizers are a chain of short element-wise passes; on a
-    shared 2-core CPU each pass's hand-off to a second thread cost more than the pass (a
-    SmolLM2-135M Mosaic quantization: 114 s on two threads, 39 s through the single-threaded numpy
-    oracle; reports/results/cpu-2core/quantize_time/). The codes do not depend on the thread
-    count: every reduction is exact or in a fixed order."""
+    loaded 2-core CPU each pass's hand-off to a second thread cost more than the pass itself, and
+    a small model's quantization ran slower than through the single-threaded numpy oracle it
+    replaced (one thread: reports/results/cpu-2core/quantize_time/). The codes do not depend on
+    the thread count: every reduction is exact or in a fixed order."""
 
     @functools.wraps(init)
     def wrapped(self, linear, *args, **kwargs):
