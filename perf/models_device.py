@@ -21,6 +21,15 @@ Writes --out/models_<model>.json after every method: {"meta": {...}, "records": 
 records as `zq bench` writes them (`zq report --accuracy` reads the file); a method not started
 because the budget ran out is listed under meta.skipped_for_time. Ends with the speed table.
 `--dry` checks this script's plumbing on a CPU (a 1-layer model, the torch backend, no graphs).
+
+`--time-quantize` times quantization alone: every quantized method of METHODS (default; the peers
+are skipped) quantizes the model (all layers unless --layers), the weights on the GPU
+(`zqkernels.quantizers` inside the layers), with a progress bar per method, and no speed is
+measured; writes --out/quantize_time_<model>.json with the seconds per method (`quantize_s`: a
+fresh model built from the seed, then every decoder linear quantized and packed for --backend)
+after every method:
+
+    PYTHONUNBUFFERED=1 python perf/models_device.py --model llama3-8b --time-quantize --out $OUT
 """
 from __future__ import annotations
 
@@ -79,13 +88,18 @@ def main():
                     help="start no new method after this many seconds (a 10-minute command must end in time)")
     ap.add_argument("--out", default=".", help="output folder")
     ap.add_argument("--dry", action="store_true", help="CPU check of the plumbing: 1 layer, torch backend, eager")
+    ap.add_argument("--time-quantize", action="store_true",
+                    help="time quantization only (seconds per method, progress bars), no speed measurement")
     args = ap.parse_args()
 
     from zqkernels.pipeline import Experiment, Settings
     from zqkernels.pipeline.results import speed_table
 
+    from zqkernels.pipeline.peers import PEER_METHODS
+
     labels = [m[0] for m in METHODS]
-    chosen = labels if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    default = [m[0] for m in METHODS if not (args.time_quantize and m[1] in PEER_METHODS + ("fp16",))]
+    chosen = default if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(labels))
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(labels)}")
@@ -93,7 +107,7 @@ def main():
         ap.error("no CUDA GPU here: the measurement needs one (--dry checks the plumbing on a CPU)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"models_{args.model}.json"
+    out_path = out_dir / (f"quantize_time_{args.model}.json" if args.time_quantize else f"models_{args.model}.json")
     t_start = time.monotonic()
     settings = Settings(model=args.model, layers=1 if args.dry else args.layers,
                         backend="torch" if args.dry else "triton", device="cpu" if args.dry else "cuda",
@@ -101,7 +115,7 @@ def main():
                         calib_tokens=512 if args.dry else args.calib_tokens,
                         prefill_tokens=16 if args.dry else args.prefill, decode_tokens=4 if args.dry else args.decode,
                         speed_repeats=1 if args.dry else args.repeats, batches=args.batch, measure_ppl=False,
-                        measure_speed=True, progress=False, graph_errors="record")
+                        measure_speed=not args.time_quantize, progress=args.time_quantize, graph_errors="record")
     import transformers
     import triton
 
@@ -128,6 +142,9 @@ def main():
         rec["wall_s"] = time.monotonic() - t0
         records.append(rec)
         out_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=float) + "\n")
+        if args.time_quantize:
+            print(f"{label:12s} quantize {rec.get('quantize_s', float('nan')):7.1f} s  {rec.get('error', '')}", flush=True)
+            continue
         sp = rec.get("speed", {})
         print(f"{label:12s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s  decode "
               f"{sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s ({sp.get('decode_mode', '-')}), eager "
@@ -135,7 +152,11 @@ def main():
               f"  ({rec['wall_s']:.0f} s)", flush=True)
     meta["wall_s"] = time.monotonic() - t_start
     out_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=float) + "\n")
-    print(speed_table([r for r in records if "error" not in r]))
+    if args.time_quantize:
+        for r in records:
+            print(f"{r['label']:12s} {r.get('quantize_s', float('nan')):7.1f} s  {r.get('error', '')}")
+    else:
+        print(speed_table([r for r in records if "error" not in r]))
     print(f"results: {out_path}")
     return 0
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import reference as R
 from reference.mosaic import _blocked
+from strategies import codes as code_matrices
 from strategies import group_sizes, matrices
 from zqkernels import quantizers as Q
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
@@ -154,6 +155,55 @@ def test_equal_block_scores_keep_the_lower_block_index(device, seed, tiles, bloc
     assert_equal(codes, R.mosaic_quantize(w, h, density=density, block=block), "block_index", "q_res", "scale_res")
 
 
+# ------------------------------------------------------------------ dequantization, table statistics
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=150)
+@given(w=matrices(max_rows=12, max_cols=70), bits=st.integers(2, 8), group_size=group_sizes)
+def test_dequantize_equals_the_oracle(device, w, bits, group_size):
+    q, s = R.quantize_weights(w, bits=bits, group_size=group_size)
+    ours = Q.dequantize(torch.from_numpy(q).to(device), torch.from_numpy(s).to(device), group_size)
+    assert ours.device.type == device and ours.dtype == torch.float64
+    np.testing.assert_array_equal(ours.cpu().numpy(), R.dequantize(q, s, group_size))  # exact: one multiply
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=150)
+@given(data=st.data(), w=matrices(max_rows=40, max_cols=70), density=densities, block=mosaic_blocks,
+       group_size=group_sizes)
+def test_mosaic_dequantize_equals_the_oracle(device, data, w, density, block, group_size):
+    h = data.draw(hdiags(w.shape[1]))
+    codes = Q.mosaic_quantize(torch.from_numpy(w).to(device), h, density=density, block=block, group_size=group_size)
+    ours = Q.mosaic_dequantize(codes)
+    assert ours.device.type == device
+    np.testing.assert_array_equal(ours.cpu().numpy(), R.mosaic_dequantize(codes.to_reference()))  # exact
+
+
+@st.composite
+def high_parts(draw):
+    """q_high as ZipperQuant makes it (sparse, a few nonzero codes up to +-Q) or any int8 codes,
+    K not a multiple of the table's group."""
+    kind = draw(st.sampled_from(["zipper", "codes", "nibble"]))
+    if kind == "zipper":
+        w = draw(matrices(max_rows=16, max_cols=70))
+        return R.zipper_quantize(w, outlier_ratio=draw(st.sampled_from([0.0, 0.05, 0.3, 1.0])),
+                                 high_bits=draw(st.sampled_from([2, 4, 8]))).q_high
+    lo, hi = (-128, 127) if kind == "codes" else (-8, 7)
+    return draw(code_matrices(lo, hi, max_rows=16, max_cols=70)).astype(np.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=300)
+@given(q_high=high_parts(), group_size=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 256]))
+@example(q_high=np.zeros((3, 5), dtype=np.int8), group_size=4)  # an empty table
+@example(q_high=np.array([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=np.int8), group_size=4)  # a pattern without a 0
+@example(q_high=np.zeros((2, 0), dtype=np.int8), group_size=4)  # K = 0
+def test_pattern_lut_stats_equal_the_oracles_table_statistics(device, q_high, group_size):
+    ours = Q.pattern_lut_stats(torch.from_numpy(q_high).to(device), group_size=group_size)
+    oracle = R.lut_stats(R.build_pattern_lut(q_high, group_size=group_size))
+    assert ours == oracle  # integer counts and bytes; E/U and the mean are the same one division
+
+
 # ------------------------------------------------------------------ smoothing
 
 @st.composite
@@ -236,11 +286,18 @@ BAD_ARGUMENTS = [
     (lambda: Q.mosaic_quantize(W, np.ones(6), block=(0, 4)), "block must be a pair"),
     (lambda: Q.mosaic_quantize(W, np.ones(6), block=64), "block must be a pair"),
     (lambda: Q.mosaic_quantize(W, np.ones(6), group_size=-1), "group_size must be None"),
+    (lambda: Q.mosaic_quantize(np.array([[1e200, 3.3e199, -5.1e199, 2.2e199]]), np.ones(4), 0.5, (1, 4)),
+     "overflows float64 in the block scores"),  # the oracle refuses the same weight
     (lambda: Q.smooth_scales(np.ones(3), np.ones(4)), "does not match weight_absmax"),
     (lambda: Q.smooth_scales(-np.ones(3), np.ones(3)), "must be non-negative"),
     (lambda: Q.smooth_scales(np.ones(3), np.ones(3), alpha=2.0), "alpha must lie in"),
     (lambda: Q.smooth_scales(np.ones(3), np.ones(3), eps=0.0), "eps must be a positive finite number"),
     (lambda: Q.smooth_scales(np.ones((3, 1)), np.ones(3)), "must have rank 1"),
+    (lambda: Q.pattern_lut_stats(torch.ones(2, 4)), "q_high must be an integer tensor"),
+    (lambda: Q.pattern_lut_stats(torch.ones(2, 4, dtype=torch.int16) * 300), "q_high holds codes outside"),
+    (lambda: Q.pattern_lut_stats(torch.ones(2, 4, dtype=torch.int8), group_size=257), "group_size must be an integer"),
+    (lambda: Q.dequantize(torch.ones(2, 4), torch.ones(2)), "q must be an integer tensor"),
+    (lambda: Q.dequantize(torch.ones(2, 4, dtype=torch.int8), torch.ones(3)), "scale must have shape"),
 ]
 
 

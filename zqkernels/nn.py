@@ -2,8 +2,33 @@
 
 Every layer is built from a float `nn.Linear` plus calibration statistics (the smoothing vector
 `s` shared by layers that read the same input, and for Mosaic the Hessian diagonal of the input),
-and quantizes its weight ONCE through the numpy oracle (`reference`): the codes are the definition,
-every backend executes the same codes.
+and quantizes its weight ONCE; every backend executes the same codes, and the codes are the
+oracle's (`reference`), bit for bit.
+
+Where a weight is quantized: on the layer's device (the weight's own device; for the triton and
+hybrid backends the GPU they run on), in float64, through `zqkernels.quantizers`, whose codes,
+scales and block lists equal the oracle's on the same float64 input (verify/test_quantizers.py,
+tests/test_device_quantize.py). `W' = W * s` is one correctly rounded multiply on both sides, and
+`s` itself comes from `reference.smooth_scales` on the host (K numbers), so no code can differ.
+
+| step                                       | through                                      | where      |
+| ------------------------------------------ | -------------------------------------------- | ---------- |
+| RTN, w4a16, SmoothQuant codes              | `quantizers.quantize_weights`                | device     |
+| ZipperQuant per-row grid and split         | `quantizers.zipper_quantize`                 | device     |
+| ZipperQuant table statistics (E, U, bytes) | `quantizers.pattern_lut_stats`               | device     |
+| MosaicQuant base, residual, block scores   | `quantizers.mosaic_quantize`                 | device (1) |
+| torch backend's dequantized weights        | `quantizers.dequantize`, `mosaic_dequantize` | device     |
+| ZipperQuant pattern table (hybrid backend) | `reference.build_pattern_lut`                | host (2)   |
+| ZipperQuant channel-structured grid        | `reference.zipper_quantize_channels`         | host       |
+| Hadamard RTN, wide RTN, activation floor   | `reference` (`zqkernels.rotation`)           | host       |
+| packing into `zqkernels.layouts`           | `reference.pack_int4` in `from_codes`        | host (3)   |
+
+(1) the B block scores (a few thousand numbers) are ranked on the host by the oracle's
+`np.lexsort`, so equal scores keep the lower block index exactly as there. (2) the CPU kernel's
+table, host-side by design. (3) the int8 codes are copied down, never the float weight.
+
+The host rows read the smoothed weight as float64 numpy (`QuantLinear.w_smoothed`); the others
+never copy the float weight to the host.
 
 Backends (`backend=`):
 - "reference": the oracle's product (`reference.w4a4_matmul`, `zipper_matmul`, `mosaic_matmul`,
@@ -31,6 +56,7 @@ the same IEEE float32 multiply as the GPU quantizer, and the weights become `W' 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -39,7 +65,7 @@ from torch import nn
 
 import reference
 from reference.validation import as_float_matrix
-from zqkernels import ops
+from zqkernels import ops, quantizers
 from zqkernels.gpu import limits
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
 
@@ -185,14 +211,21 @@ class QuantLinear(nn.Module):
         else:
             self.smooth = None
             self.inv_smooth = None
-        w = linear.weight.detach().to("cpu", torch.float64).numpy()
-        self.w_smoothed = w * self.smooth[None, :] if self.smooth is not None else w
+        # W' in float64 on the layer's device; `W * s` rounds once, as the oracle's numpy multiply
+        w = linear.weight.detach().to(device, torch.float64)
+        self._w_dev = w * torch.as_tensor(self.smooth, device=device)[None, :] if self.smooth is not None else w
         if linear.bias is not None:
             self.register_buffer("bias", linear.bias.detach().to(device, torch.float32).clone())
         else:
             self.bias = None
         self.stats = {}
         self._forward = getattr(self, f"_forward_{backend}")
+
+    @property
+    def w_smoothed(self):
+        """The smoothed weight `W'` as float64 numpy on the host: the input of the layers that
+        quantize through the oracle (the host rows of the module docstring's table)."""
+        return self._w_dev.cpu().numpy()
 
     # -- shared helpers ---------------------------------------------------------------------
     def _smoothed(self, x2):
@@ -207,7 +240,7 @@ class QuantLinear(nn.Module):
     def _finish_build(self, effective_bits):
         self.stats["effective_bits"] = effective_bits
         self.stats["smooth_bits"] = 0.0 if self.smooth is None else 16.0 / self.out_features
-        self.w_smoothed = None  # only needed while building
+        self._w_dev = None  # only needed while building
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
@@ -240,9 +273,43 @@ class QuantLinear(nn.Module):
         return x2.contiguous()
 
 
+def _one_cpu_thread(init):
+    """Run a layer's constructor (its quantization and packing) on one torch thread when the
+    weight is quantized on the CPU. The quantizers are a chain of short element-wise passes; on a
+    loaded 2-core CPU each pass's hand-off to a second thread cost more than the pass itself, and
+    a small model's quantization ran slower than through the single-threaded numpy oracle it
+    replaced (one thread: reports/results/cpu-2core/quantize_time/). The codes do not depend on
+    the thread count: every reduction is exact or in a fixed order."""
+
+    @functools.wraps(init)
+    def wrapped(self, linear, *args, **kwargs):
+        on_cpu = isinstance(linear, nn.Linear) and linear.weight.device.type == "cpu" and \
+            kwargs.get("backend", "torch") in ("torch", "reference")
+        threads = torch.get_num_threads()
+        if not on_cpu or threads == 1:
+            return init(self, linear, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return init(self, linear, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
 def _scale_bits(scale):
     """fp16 storage of the scales, per weight."""
-    return 16.0 * np.asarray(scale).size
+    return 16.0 * (scale.numel() if isinstance(scale, torch.Tensor) else np.asarray(scale).size)
+
+
+def _host(t):
+    return t.cpu().numpy()
+
+
+def _upload32_t(w64):
+    """float64 [N, K] on the device -> the float32 [K, N] a torch-backend matmul reads."""
+    out = torch.empty((w64.shape[1], w64.shape[0]), dtype=torch.float32, device=w64.device)
+    return out.copy_(w64.T)  # one pass: the cast (round to nearest even) and the transpose together
 
 
 class W4A4Linear(QuantLinear):
@@ -254,23 +321,23 @@ class W4A4Linear(QuantLinear):
 
     method = "rtn-w4a4"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, smooth=None, group_size=None, act_bits=4, act_group_size=None, backend="torch"):
         if smooth is not None and type(self) is W4A4Linear:
             self.method = "smoothquant-w4a4"
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
         self.group_size = _check_group("group_size", group_size)
-        q, s = reference.quantize_weights(self.w_smoothed, bits=4, group_size=self.group_size)
+        q, s = quantizers.quantize_weights(self._w_dev, bits=4, group_size=self.group_size)
         n, k = q.shape
         getattr(self, f"_pack_{backend}")(q, s)
         self._finish_build({"low": 4.0, "high": 0.0, "index": 0.0, "scale": _scale_bits(s) / (n * k),
                             "total": 4.0 + _scale_bits(s) / (n * k)})
 
     def _pack_reference(self, q, s):
-        self.codes = (q, s)
+        self.codes = (_host(q), _host(s))
 
     def _pack_torch(self, q, s):
-        w_deq = reference.dequantize(q, s, self.group_size)
-        self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+        self.register_buffer("w_deq_t", _upload32_t(quantizers.dequantize(q, s, self.group_size)))
 
     def _pack_triton(self, q, s):
         limits.check_k(self.in_features, "in_features")
@@ -283,7 +350,7 @@ class W4A4Linear(QuantLinear):
             from zqkernels.gpu.w4a4 import act_layouts
 
             self._act_layouts = act_layouts(self.act_group_size, self._device)
-        self.weight_layout = DenseInt4.from_codes(q, s, self.group_size, self._device)
+        self.weight_layout = DenseInt4.from_codes(_host(q), _host(s), self.group_size, self._device)
 
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
@@ -325,24 +392,31 @@ class ZipperLinear(QuantLinear):
 
     method = "zipper"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, smooth=None, outlier_ratio=0.01, high_bits=4, act_bits=4, act_group_size=None,
                  backend="torch", lut_group_size=4, channel_fraction=None, channel_score="absmax", hdiag=None):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
-        if channel_fraction is None:  # per-row outliers (DESIGN.md §2.2)
-            codes = reference.zipper_quantize(self.w_smoothed, outlier_ratio=outlier_ratio, high_bits=high_bits)
-        else:  # channel-structured: the high part only in the chosen input channels (§2.7)
+        if channel_fraction is None:  # per-row outliers (DESIGN.md §2.2), on the layer's device
+            codes = quantizers.zipper_quantize(self._w_dev, outlier_ratio=outlier_ratio, high_bits=high_bits)
+        else:  # channel-structured: the high part only in the chosen input channels (§2.7), on the host
             h = None
             if hdiag is not None:
                 h = np.asarray(hdiag, dtype=np.float64)
                 h = h / self.smooth**2 if self.smooth is not None else h
             channels = reference.select_outlier_channels(self.w_smoothed, channel_fraction=channel_fraction,
                                                          score=channel_score, hdiag=h)
-            codes = reference.zipper_quantize_channels(self.w_smoothed, channels, high_bits=high_bits)
+            host = reference.zipper_quantize_channels(self.w_smoothed, channels, high_bits=high_bits)
+            codes = quantizers.ZipperCodesTorch(*(torch.from_numpy(a).to(self._device)
+                                                  for a in (host.q_low, host.q_high, host.scale)))
             self.stats["outlier_channels"] = int(len(channels))
-        self._lut = reference.build_pattern_lut(codes.q_high, group_size=lut_group_size)
+        self._lut = None
+        if backend == "hybrid":  # the CPU kernel's table, built on the host (DESIGN §2.5)
+            self._lut = reference.build_pattern_lut(_host(codes.q_high), group_size=lut_group_size)
+            table = reference.lut_stats(self._lut)
+        else:  # the same statistics without the table, on the device
+            table = quantizers.pattern_lut_stats(codes.q_high, group_size=lut_group_size)
         n, k = codes.q_low.shape
-        table = reference.lut_stats(self._lut)
-        nnz = int(np.count_nonzero(codes.q_high))
+        nnz = int(torch.count_nonzero(codes.q_high))
         self.stats.update({f"lut_{key}": val for key, val in table.items()})
         self.stats["high_nonzeros"] = nnz
         self.stats["high_density"] = nnz / max(1, n * k)
@@ -358,27 +432,27 @@ class ZipperLinear(QuantLinear):
                             "total": 4.0 + high + index + scale_b})
 
     def _pack_reference(self, codes):
-        self.codes = codes
+        self.codes = codes.to_reference()
 
     def _pack_torch(self, codes):
         scale = codes.scale[:, None]
-        self.register_buffer("w_low_t", torch.from_numpy((codes.q_low * scale).T.astype(np.float32))
-                             .contiguous().to(self._device))
-        self.register_buffer("w_high_t", torch.from_numpy((16.0 * codes.q_high * scale).T.astype(np.float32))
-                             .contiguous().to(self._device))
+        self.register_buffer("w_low_t", _upload32_t(codes.q_low.to(torch.float64) * scale))
+        # (16 * q_high) * Δ: the oracle's order; 16 * q_high is exact
+        self.register_buffer("w_high_t", _upload32_t((16.0 * codes.q_high.to(torch.float64)) * scale))
 
     def _pack_triton(self, codes):
         limits.check_k(self.in_features, "in_features")
         limits.check_act_group(self.act_group_size)
-        self.low_layout = DenseInt4.from_codes(codes.q_low, codes.scale, None, self._device)
-        self.high_layout = ZipperHighGPU.from_codes(codes.q_high, codes.scale, self._device)
+        q_low, q_high, scale = _host(codes.q_low), _host(codes.q_high), _host(codes.scale)
+        self.low_layout = DenseInt4.from_codes(q_low, scale, None, self._device)
+        self.high_layout = ZipperHighGPU.from_codes(q_high, scale, self._device)
 
     def _pack_hybrid(self, codes):
         from zqkernels.hybrid import ZipperWeights
 
         limits.check_k(self.in_features, "in_features")
         limits.check_act_group(self.act_group_size)
-        self.zipper_weights = ZipperWeights.prepare(codes, smooth=self.smooth, device=self._device,
+        self.zipper_weights = ZipperWeights.prepare(codes.to_reference(), smooth=self.smooth, device=self._device,
                                                     act_group_size=self.act_group_size, lut=self._lut)
 
     def _forward_torch(self, x2):
@@ -412,6 +486,7 @@ class MosaicLinear(QuantLinear):
 
     method = "mosaic"
 
+    @_one_cpu_thread
     def __init__(self, linear, *, hdiag, smooth=None, density=0.05, block=(64, 64), group_size=None, act_bits=4,
                  act_group_size=None, backend="torch"):
         super().__init__(linear, smooth=smooth, act_bits=act_bits, act_group_size=act_group_size, backend=backend)
@@ -425,8 +500,8 @@ class MosaicLinear(QuantLinear):
             limits.check_k(self.in_features, "in_features")
             limits.check_mosaic_groups(self.act_group_size, self.group_size)
             limits.check_mosaic_block(block)
-        codes = reference.mosaic_quantize(self.w_smoothed, h, density=density, block=tuple(block),
-                                          group_size=self.group_size)
+        codes = quantizers.mosaic_quantize(self._w_dev, h, density=density, block=tuple(block),
+                                           group_size=self.group_size)
         n, k = codes.q_base.shape
         bn, bk = codes.block
         n_blocks = math.ceil(n / bn) * math.ceil(k / bk)
@@ -444,14 +519,13 @@ class MosaicLinear(QuantLinear):
                             "total": 4.0 + res + index + base_scale + res_scale})
 
     def _pack_reference(self, codes):
-        self.codes = codes
+        self.codes = codes.to_reference()
 
     def _pack_torch(self, codes):
-        w_deq = reference.mosaic_dequantize(codes)
-        self.register_buffer("w_deq_t", torch.from_numpy(w_deq.T.astype(np.float32)).contiguous().to(self._device))
+        self.register_buffer("w_deq_t", _upload32_t(quantizers.mosaic_dequantize(codes)))
 
     def _pack_triton(self, codes):
-        self.weight_layout = MosaicBlocks.from_codes(codes, self._device)
+        self.weight_layout = MosaicBlocks.from_codes(codes.to_reference(), self._device)
         self._mosaic_args = ops.mosaic_args(self.weight_layout)
 
     def _forward_torch(self, x2):

@@ -6,12 +6,17 @@ CUDA GPU, or the CPU), so a model need not travel to the host to be quantized. I
 torch tensors or numpy arrays; everything runs in float64 on the device of the weight `w` (numpy
 inputs: the CPU). Results are torch tensors on that device; `to_reference()` turns the code
 objects into `reference.ZipperCodes` / `reference.MosaicCodes` (numpy), the input of
-`zqkernels.layouts`.
+`zqkernels.layouts`. The layers of `zqkernels.nn` quantize through this module on their device
+(its docstring lists the steps that stay on the host); `host_oracle()` is the same interface
+computed by `reference` on the host, the layers' previous path, kept to compare and time against.
 
 Equality with the oracle (verify/test_quantizers.py):
 
 - `quantize_weights`, `zipper_quantize`, `mosaic_quantize`: every integer code, every scale and
-  the kept block list are bit-for-bit the oracle's, on the same float64 input. Ties at rounding
+  the kept block list are bit-for-bit the oracle's, on the same float64 input; `dequantize` and
+  `mosaic_dequantize` give the oracle's float64 weights bit for bit (one multiply, at most one
+  add per element), and `pattern_lut_stats` the oracle's table statistics exactly (integer
+  counts; E/U and the mean are the same single division). Ties at rounding
   boundaries included: both round half to even (`np.rint`, `torch.round`), so there is no tie
   rule to state, and the test asserts plain equality. What makes this hold on a GPU as well
   (the same tests run on CUDA where it is present):
@@ -139,14 +144,25 @@ def _rtn(w, bits, group_size):
     # as the oracle: K = 0 is one empty group, a group wider than the row is one group of K
     g = _group_width(k, group_size)
     ng = n_groups(k, group_size)
-    padded = torch.zeros((n, ng * g), dtype=F64, device=w.device)
-    padded[:, :k] = w.abs()
-    absmax = padded.reshape(n, ng, g).amax(dim=2) if g else torch.zeros((n, ng), dtype=F64, device=w.device)
+    if k and ng * g == k:  # whole groups: work on the [N, G, g] view, no padded copy
+        absmax = w.abs().reshape(n, ng, g).amax(dim=2)
+    elif g:
+        padded = torch.zeros((n, ng * g), dtype=F64, device=w.device)
+        padded[:, :k] = w.abs()
+        absmax = padded.reshape(n, ng, g).amax(dim=2)
+        del padded
+    else:
+        absmax = torch.zeros((n, ng), dtype=F64, device=w.device)
     scale = _div(absmax, qmax)
+    if k and ng * g == k:
+        safe = torch.where(scale > 0, scale, torch.ones((), dtype=F64, device=w.device))
+        ratio = torch.div(w.reshape(n, ng, g), safe[:, :, None]).reshape(n, k)  # the same IEEE quotients
+    else:
+        ratio = _safe_div(w, _per_element(scale if group_size is not None else scale[:, 0], n, k, g))
     if group_size is None:
         scale = scale[:, 0]
-    ratio = _safe_div(w, _per_element(scale, n, k, g))
-    q = torch.clamp(torch.round(ratio), -qmax - 1, qmax).to(torch.int8)
+    # in place: the rounding is the same, the allocations (page faults on a CPU) are not
+    q = torch.round(ratio, out=ratio).clamp_(-qmax - 1, qmax).to(torch.int8)
     return q, scale
 
 
@@ -321,8 +337,16 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     q_base, scale_base = _rtn(w, 4, group_size)
     g = _group_width(k, group_size)
     nbr, nbc = -(-n // bn), -(-k // bk)
-    padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=dev)
-    padded[:n, :k] = w - q_base.to(F64) * _per_element(scale_base, n, k, g)
+    # R = W' - Δb * qb. The element-wise steps below run in place where they can: each is the
+    # same IEEE operation as the oracle's, only the buffers differ (fewer allocations).
+    residual = q_base.to(F64).mul_(_per_element(scale_base, n, k, g))
+    torch.sub(w, residual, out=residual)
+    if nbr * bn == n and nbc * bk == k:
+        padded = residual
+    else:
+        padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=dev)
+        padded[:n, :k] = residual
+        del residual
     blocks = padded.view(nbr, bn, nbc, bk)  # axes (row-block, row, col-block, col)
     del padded
     hp = torch.zeros(nbc * bk, dtype=F64, device=dev)
@@ -330,12 +354,15 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
     weight = hp.view(1, 1, nbc, bk)
 
     row_scale = _div(blocks.abs().amax(dim=3), 7.0)  # [nbr, bn, nbc]
-    q_res_all = torch.clamp(torch.round(_safe_div(blocks, row_scale[..., None])), -8, 7)
-    before = _numpy_block_sum(weight * (blocks * blocks))
-    err_after = blocks - row_scale[..., None] * q_res_all
-    after = _numpy_block_sum(weight * (err_after * err_after))
+    q_res_all = torch.round(_safe_div(blocks, row_scale[..., None])).clamp_(-8, 7)
+    before = _numpy_block_sum(torch.mul(blocks, blocks).mul_(weight))
+    err_after = torch.mul(q_res_all, row_scale[..., None])
+    torch.sub(blocks, err_after, out=err_after)
+    after = _numpy_block_sum(err_after.mul_(err_after).mul_(weight))
     del err_after
     score = (before - after).cpu().numpy()
+    if not np.all(np.isfinite(score)):  # as the oracle
+        raise ValueError("hdiag * w**2 overflows float64 in the block scores: hdiag or w too large")
 
     n_blocks = nbr * nbc
     # As the oracle: 1e-9 keeps 0.05 * 100 = 5.000000000000001 from rounding up to 6 blocks.
@@ -355,3 +382,160 @@ def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
         block=(bn, bk),
         group_size=group_size,
     )
+
+
+# ---------------------------------------------------------------- dequantization
+
+def dequantize(q, scale, group_size=None):
+    """`reference.dequantize` on the codes' device: `q * scale` (a scale per row [N] or per row
+    and group [N, ceil(K/g)]) in float64, one correctly rounded multiply per element, so equal to
+    the oracle bit for bit. q: an integer tensor; scale: a float tensor on q's device."""
+    if not isinstance(q, torch.Tensor) or q.ndim != 2 or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise ValueError(f"q must be an integer tensor of rank 2, got {getattr(q, 'dtype', type(q).__name__)}")
+    group_size = check_group_size("group_size", group_size)
+    n, k = q.shape
+    s = scale.to(device=q.device, dtype=F64)
+    want = (n,) if group_size is None else (n, n_groups(k, group_size))
+    if tuple(s.shape) != want:
+        raise ValueError(f"scale must have shape {want}, got {tuple(s.shape)}")
+    return q.to(F64).mul_(_per_element(s, n, k, _group_width(k, group_size)))  # in place: one buffer
+
+
+def mosaic_dequantize(codes):
+    """`reference.mosaic_dequantize` of `MosaicCodesTorch`: `Δb * qb` plus each kept block's
+    `Δr * qr`, float64 [N, K] on the codes' device. Every element gets the same two roundings as
+    in the oracle (the product `q * s`, then at most one add, since kept blocks never overlap), so
+    the result is bit-equal. ValueError if the sum overflows float64 (the oracle refuses it too)."""
+    n, k = codes.shape
+    bn, bk = codes.block
+    base = dequantize(codes.q_base, codes.scale_base, codes.group_size)
+    if codes.block_index.shape[0] == 0:
+        return base
+    nbr, nbc = -(-n // bn), -(-k // bk)
+    padded = torch.zeros((nbr * bn, nbc * bk), dtype=F64, device=base.device)
+    padded[:n, :k] = base
+    view = padded.view(nbr, bn, nbc, bk)
+    rb, cb = codes.block_index[:, 0], codes.block_index[:, 1]
+    view[rb, :, cb, :] = view[rb, :, cb, :] + codes.q_res.to(F64) * codes.scale_res[:, :, None]
+    out = padded[:n, :k]
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        raise ValueError("codes (base plus residual blocks) overflow float64")
+    return out
+
+
+# ---------------------------------------------------------------- pattern-table statistics
+
+def pattern_lut_stats(q_high, group_size=4):
+    """`reference.lut_stats(reference.build_pattern_lut(q_high, group_size))` on q_high's device,
+    without building the table: every field is an integer count (or E/U, or a mean of counts,
+    each one correctly rounded division as in numpy), so the dict is equal to the oracle's, not
+    merely close. The table itself (dictionary and CSR of ids) is built only where it is used,
+    on the host, by the hybrid backend.
+
+    A (group, pattern) key is the group index and the g codes; where they fit one int64 (8 bits
+    per code: g <= 6 for any real K) they are packed into it and counted with `torch.unique`, else `torch.unique(dim=0)` over the
+    [E, g + 1] key rows. `pattern_bits` is 4 when every code of q_high lies in [-8, 7]: the
+    dictionary holds every nonzero group's codes, and the zero groups' codes (0) are in range."""
+    from reference.lut import MAX_GROUP_SIZE, uint_bytes
+
+    if not isinstance(q_high, torch.Tensor) or q_high.ndim != 2 or q_high.is_floating_point() or \
+            q_high.is_complex() or q_high.dtype == torch.bool:
+        raise ValueError(f"q_high must be an integer tensor of rank 2, got {getattr(q_high, 'dtype', type(q_high).__name__)}")
+    g = check_group_size("group_size", group_size)
+    if g is None or g > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
+    n, k = q_high.shape
+    dev = q_high.device
+    if q_high.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q_high))
+        if lo < -128 or hi > 127:
+            raise ValueError(f"q_high holds codes outside [-128, 127] (min {lo}, max {hi})")
+    else:
+        lo = hi = 0
+    n_grp = -(-k // g)
+    if n_grp * g != k:
+        padded = torch.zeros((n, n_grp * g), dtype=q_high.dtype, device=dev)
+        padded[:, :k] = q_high
+    else:
+        padded = q_high
+    blocks = padded.reshape(n, n_grp, g)
+    nonzero = (blocks != 0).any(dim=2)  # [N, n_grp]
+    row_len = nonzero.sum(dim=1)
+    rows, groups = torch.nonzero(nonzero, as_tuple=True)
+    e = int(rows.numel())
+    if e:
+        pat = blocks[rows, groups].to(torch.int64) + 128  # [E, g] in [0, 255]
+        if n_grp * 256 ** g < 2 ** 63:  # (group, codes) fits one int64 key
+            key = groups.to(torch.int64)
+            for i in range(g):
+                key = key * 256 + pat[:, i]
+            uniq = torch.unique(key)
+            uniq_groups = torch.div(uniq, 256 ** g, rounding_mode="floor")
+        else:
+            uniq_groups = torch.unique(torch.cat([groups.to(torch.int64)[:, None], pat], dim=1), dim=0)[:, 0]
+        u = int(uniq_groups.numel())
+        per_group = torch.bincount(uniq_groups, minlength=n_grp)
+    else:
+        u = 0
+        per_group = torch.zeros(n_grp, dtype=torch.int64, device=dev)
+    row_max = int(row_len.max()) if n else 0
+    pattern_bits = 4 if u == 0 or (lo >= -8 and hi <= 7) else 8
+    index_bytes = n * uint_bytes(row_max) + e * uint_bytes(max(u - 1, 0))
+    pattern_bytes = -(-u * g * pattern_bits // 8) + u * uint_bytes(max(n_grp - 1, 0))
+    return {
+        "E": e,
+        "U": u,
+        "reuse": e / u if u else 0.0,
+        "group_size": g,
+        "index_bytes": int(index_bytes),
+        "pattern_bytes": int(pattern_bytes),
+        "pattern_bits": pattern_bits,
+        "id_bytes": uint_bytes(max(u - 1, 0)),
+        "oracle_index_bytes": int(8 * (n + 1) + 4 * e + 4 * e),  # int64 indptr, int32 ids and groups
+        "table_bytes_per_token": 4 * u,
+        "patterns_per_group_max": int(per_group.max()) if n_grp else 0,
+        "patterns_per_group_mean": float(int(per_group.sum())) / n_grp if n_grp else 0.0,
+    }
+
+
+# ---------------------------------------------------------------- the host oracle, same interface
+
+def host_oracle():
+    """This module's interface (the functions `zqkernels.nn` calls) computed by the numpy oracle
+    on a host float64 copy of the weight, results moved back to the weight's device: how the
+    layers quantized before they ran on the weight's device. For comparing against and timing
+    (tests/test_device_quantize.py, perf/time_quantizers.py --what layers), never a fallback."""
+    from types import SimpleNamespace
+
+    def to_dev(a, like):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
+
+    def host(t):
+        return t.detach().cpu().numpy()
+
+    def quantize_weights(w, bits=4, group_size=None):
+        q, s = reference.quantize_weights(host(w), bits=bits, group_size=group_size)
+        return to_dev(q, w), to_dev(s, w)
+
+    def zipper_quantize(w_smoothed, outlier_ratio=0.01, high_bits=4):
+        c = reference.zipper_quantize(host(w_smoothed), outlier_ratio=outlier_ratio, high_bits=high_bits)
+        return ZipperCodesTorch(to_dev(c.q_low, w_smoothed), to_dev(c.q_high, w_smoothed), to_dev(c.scale, w_smoothed))
+
+    def mosaic_quantize(w, hdiag, density=0.05, block=(64, 64), group_size=None):
+        c = reference.mosaic_quantize(host(w), hdiag, density=density, block=block, group_size=group_size)
+        return MosaicCodesTorch(to_dev(c.q_base, w), to_dev(c.scale_base, w), to_dev(c.block_index, w),
+                                to_dev(c.q_res, w), to_dev(c.scale_res, w), c.block, c.group_size)
+
+    def dequantize_(q, scale, group_size=None):
+        return to_dev(reference.dequantize(host(q), host(scale), group_size), q)
+
+    def mosaic_dequantize_(codes):
+        return to_dev(reference.mosaic_dequantize(codes.to_reference()), codes.q_base)
+
+    def pattern_lut_stats_(q_high, group_size=4):
+        return reference.lut_stats(reference.build_pattern_lut(host(q_high), group_size=group_size))
+
+    return SimpleNamespace(quantize_weights=quantize_weights, zipper_quantize=zipper_quantize,
+                           mosaic_quantize=mosaic_quantize, dequantize=dequantize_,
+                           mosaic_dequantize=mosaic_dequantize_, pattern_lut_stats=pattern_lut_stats_,
+                           ZipperCodesTorch=ZipperCodesTorch, MosaicCodesTorch=MosaicCodesTorch)

@@ -17,7 +17,9 @@ neighbours of ZipperQuant and MosaicQuant.
 `act_bits` (4, 8 or None = 16) and `act_group_size` choose the activation format of every
 quantized method, which is how the W4A16 / W4A8 / W4A4 ablation is run.
 Linears that read one input (q/k/v, gate/up) share one smoothing vector, built from the shared
-activation absmax and the column absmax over all of their weights.
+activation absmax and the column absmax over all of their weights (K numbers, on the host, by
+`reference.smooth_scales`); each layer then quantizes its weight where the model is (on the GPU
+for a CUDA model, `zqkernels.nn`), one progress-bar step per linear.
 """
 from __future__ import annotations
 
