@@ -26,6 +26,10 @@ def perf_module(name, needed_for):
     spec = importlib.util.spec_from_file_location(key, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[key] = module  # before executing it: its dataclasses look their module up there
+    # perf/'s modules import their siblings (`timing`) by plain name, as perf/conftest.py arranges
+    added = str(PERF_DIR) not in sys.path
+    if added:
+        sys.path.insert(0, str(PERF_DIR))
     try:
         spec.loader.exec_module(module)
     except ImportError as exc:
@@ -35,4 +39,7 @@ def perf_module(name, needed_for):
     except BaseException:
         del sys.modules[key]
         raise
+    finally:
+        if added:
+            sys.path.remove(str(PERF_DIR))
     return module
