@@ -84,18 +84,39 @@ def choose_split_k(cfg, tiles_mn, k_steps, device):
 
 
 _WORKSPACES = {}
+# Workspaces replaced by larger ones stay alive: a CUDA graph captured before the replacement
+# still launches kernels that point at them.
+_RETIRED = []
 
 
 def splitk_workspace(device, dtype, n_partial, n_tiles):
     """(partials buffer of `dtype` with >= n_partial elements, int32 counters >= n_tiles, all zero).
 
     One 32-bit buffer per device serves int32 and float32 partials (a view), so the families share
-    it; the counters start at zero and every launch leaves them at zero."""
+    it; the counters start at zero and every launch leaves them at zero. Growing it while a CUDA
+    graph is being captured is refused (RuntimeError): the counters' zeroing would be recorded in
+    the graph, not run, and calls outside the graph would find them unset. Run each shape once
+    before capture, as `torch.cuda.graph` asks anyway."""
     key = (device.type, device.index)
     ws, cnt = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.numel() < n_partial:
-        ws = torch.empty(max(n_partial, 1 << 16), dtype=torch.int32, device=device)
-    if cnt is None or cnt.numel() < n_tiles:
-        cnt = torch.zeros(max(n_tiles, 1 << 12), dtype=torch.int32, device=device)
+    grow_ws = ws is None or ws.numel() < n_partial
+    grow_cnt = cnt is None or cnt.numel() < n_tiles
+    if not (grow_ws or grow_cnt):
+        return (ws if dtype == torch.int32 else ws.view(dtype)), cnt
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"the split-K workspace on {device} must grow to {n_partial} partials / {n_tiles} "
+                           "counters while a CUDA graph is being captured; run this layer once at this shape "
+                           "before capturing")
+    if grow_ws:
+        if ws is not None:
+            _RETIRED.append(ws)
+        # at least double, so the retired buffers add up to less than the live one
+        ws = torch.empty(max(n_partial, 1 << 16, 2 * (ws.numel() if ws is not None else 0)), dtype=torch.int32,
+                         device=device)
+    if grow_cnt:
+        if cnt is not None:
+            _RETIRED.append(cnt)
+        cnt = torch.zeros(max(n_tiles, 1 << 12, 2 * (cnt.numel() if cnt is not None else 0)), dtype=torch.int32,
+                          device=device)
     _WORKSPACES[key] = (ws, cnt)
     return (ws if dtype == torch.int32 else ws.view(dtype)), cnt
