@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
+from zqkernels.gpu.tiling import tile_ids
 
 
 @triton.jit
@@ -35,14 +36,7 @@ def _probe_kernel(a_ptr, w_ptr, out_ptr, M, N, K, stride_a, stride_w,
                   A_FMT: tl.constexpr, W_FMT: tl.constexpr, SWAP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # A_FMT / W_FMT: 0 packed int4 (x16 unpack in registers), 1 int8 bytes, 2 e4m3 bytes.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % size_m)
-    pid_n = (pid % per_group) // size_m
+    _, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     BKH: tl.constexpr = BLOCK_K // 2
@@ -89,14 +83,7 @@ def _probe_tma_kernel(a_desc, w_desc, a_ptr, w_ptr, out_ptr, M, N, K, stride_a, 
                       HALVES: tl.constexpr, TMA: tl.constexpr, USE_ASM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # a: int8 codes [M, K]; w: packed int4 [N, K/2] (natural order, or tile halves with HALVES).
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % size_m)
-    pid_n = (pid % per_group) // size_m
+    _, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     BKH: tl.constexpr = BLOCK_K // 2

@@ -206,24 +206,37 @@ def test_fused_int32_accumulators_equal_integer_products(codes, m, seed, cfg):
 # Float outputs against reference.mosaic_matmul
 
 
+def _float_case(codes, draw, act_group_size, max_m):
+    """A drawn M (1 among the draws) and activations for `codes`: (m, n, packed activations, their
+    scales, the prepared weights, the oracle's product, the magnitude `assert_close` scales by)."""
+    n, k = codes.q_base.shape
+    m = draw(st.sampled_from([1, draw(st.integers(1, max_m))]))
+    x = act_matrix(draw, m, k)
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    return m, n, qxp, sxt, w, ref, mag
+
+
+def _into_poisoned(fn, m, n, out_dtype, *args, **kwargs):
+    """fn(*args, out_dtype=..., out=<NaN-filled [m, n]>, **kwargs), checked to return that buffer."""
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = fn(*args, out_dtype=out_dtype, out=out, **kwargs)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
 @pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
 @settings(max_examples=examples(6))
 @given(codes=mosaic_codes(group_sizes=(None, None, 64, 128)), data=st.data(),
        act_group_size=st.sampled_from([None, None, 64, 128]),
        out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_dtype, cfg):
-    n, k = codes.q_base.shape
-    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
-    x = act_matrix(data.draw, m, k)
-    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
-    w = prepare_mosaic(codes, DEVICE)
-    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
-    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    m, n, qxp, sxt, w, ref, mag = _float_case(codes, data.draw, act_group_size, 20)
     if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
         return  # beyond fp16's range: the product itself is not representable
-    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
-    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
-    assert y.data_ptr() == out.data_ptr()
+    y = _into_poisoned(mosaic_w4a4_gemm, m, n, out_dtype, qxp, sxt, w, act_group_size=act_group_size, config=cfg)
     assert_close(y, ref, mag, out_dtype, "fused")
 
 
@@ -235,21 +248,13 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
 def test_wide_base_step_matches_reference(codes, data, act_group_size, out_dtype, cfg, unfused):
     """BLOCK_K > bk (reslate and splitk, the large-M and decode paths): K not a multiple of
     BLOCK_K, groups of 256."""
-    n, k = codes.q_base.shape
-    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
-    x = act_matrix(data.draw, m, k)
-    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
-    w = prepare_mosaic(codes, DEVICE)
-    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
-    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    m, n, qxp, sxt, w, ref, mag = _float_case(codes, data.draw, act_group_size, 40)
     if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
         return
     if unfused:  # the baseline adds its residual to the stored output: fp32 (no double rounding)
         out_dtype = torch.float32
-    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
     fn = mosaic_w4a4_gemm_unfused if unfused else mosaic_w4a4_gemm
-    y = fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
-    assert y.data_ptr() == out.data_ptr()
+    y = _into_poisoned(fn, m, n, out_dtype, qxp, sxt, w, act_group_size=act_group_size, config=cfg)
     assert_close(y, ref, mag, out_dtype, "wide-K " + cfg["variant"])
 
 
@@ -268,24 +273,15 @@ def test_groups_of_32_match_reference(data, groups, out_dtype, cfg):
     up to 200) rarely a multiple of 32 or 64, M = 1, all-zero rows among the drawn activations."""
     w_group, act_group_size = groups
     codes = data.draw(mosaic_codes(max_n=100, max_k=200, group_sizes=(w_group,)))
-    n, k = codes.q_base.shape
-    m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
-    x = act_matrix(data.draw, m, k)
-    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
-    w = prepare_mosaic(codes, DEVICE)
-    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
-    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    m, n, qxp, sxt, w, ref, mag = _float_case(codes, data.draw, act_group_size, 20)
     if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
         return  # beyond fp16's range: the product itself is not representable
-    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
-    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=act_group_size, out_dtype=out_dtype, out=out, config=cfg)
-    assert y.data_ptr() == out.data_ptr()
+    y = _into_poisoned(mosaic_w4a4_gemm, m, n, out_dtype, qxp, sxt, w, act_group_size=act_group_size, config=cfg)
     assert_close(y, ref, mag, out_dtype, "fused, groups " + str(groups))
     # The unfused baseline adds its residual to the stored output: fp32 (no double rounding).
-    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out,
-                             config=cfg)
-    assert_close(out, ref, mag, torch.float32, "unfused, groups " + str(groups))
+    y = _into_poisoned(mosaic_w4a4_gemm_unfused, m, n, torch.float32, qxp, sxt, w, act_group_size=act_group_size,
+                       config=cfg)
+    assert_close(y, ref, mag, torch.float32, "unfused, groups " + str(groups))
 
 
 # One M in each bucket of the launch table: the interpreter's, and (compiled) the GPU's; see below.
