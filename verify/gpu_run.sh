@@ -36,7 +36,7 @@ for s in $steps; do
         memcheck) step memcheck "${ZQ_T_MEMCHECK:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
             python -m pytest verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py verify/test_w4a4.py \
             verify/test_w4a16.py -m gpu -q -p no:cacheprovider ;;
-        # racecheck costs ~10-20 s per LLaMA-sized launch: every kernel family and variant once
+        # racecheck costs 1-24 s per LLaMA-sized test (sanitizer_racecheck_cut*.times): every kernel family and variant once
         # (W4A4 / W4A16 split-K at M = 1, 16 and the tiled GEMM at 100; Mosaic's three fused
         # variants; Zipper's high part; the activation quantizer's one- and two-pass rows)
         racecheck) step racecheck "${ZQ_T_RACECHECK:-240}" compute-sanitizer --tool racecheck --error-exitcode 3 \
