@@ -73,12 +73,14 @@ def test_w4a4_gemm_op(group, out_dtype, layout):
 
 @pytest.mark.parametrize("group", [None, 32])
 def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
-    """For an M in each bucket of the launch table the layer quantizes in that bucket's act_layout
-    (the tables hold both; the interpreter's alternates them) and the output equals the launcher's
-    on packed codes, exactly."""
+    """For an M in each bucket of this device's launch table the layer quantizes in that bucket's
+    act_layout, and the output equals the launcher's on packed codes, exactly. The same walk with
+    the buckets' layouts alternating int4 / int8 runs both layouts on every device, whichever
+    one its table names (the GPU tables name int4 throughout; the interpreter's alternates)."""
     w = _dense(40, 96)
     inv = torch.rand(96, device=DEVICE) + 0.5
-    buckets = configs.table_for(torch.device(DEVICE))["w4a4"]["per_token" if group is None else "group"]
+    scales = "per_token" if group is None else "group"
+    buckets = configs.table_for(torch.device(DEVICE))["w4a4"][scales]
     seen = []
     real = torch.ops.zq.quantize_activations
 
@@ -88,14 +90,22 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
 
     monkeypatch.setattr(torch.ops.zq, "quantize_activations", spy)
     keys = sorted(int(k) for k in buckets)
-    for m in [keys[0]] + [k + 1 for k in keys[:-1]]:  # one M in each bucket
-        x = _x(m, 96)
-        y = zqnn.w4a4_triton_product(x, inv, w, group, torch.float32, act_layouts(group, x.device))
-        want = configs.launch_config("w4a4", "per_token" if group is None else "group", m, x.device)["act_layout"]
-        assert seen[-1] == want, (m, seen)
-        qx, sx = quantize_activations(x, inv, group)
-        assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32))  # exact
-    assert set(seen) == {"int4", "int8"} and len({c["act_layout"] for c in buckets.values()}) == 2
+    assert len(keys) >= 2, "the walk needs two buckets to alternate layouts"
+    ms = [keys[0]] + [k + 1 for k in keys[:-1]]  # ms[j] falls in bucket j
+    table_steps = act_layouts(group, torch.device(DEVICE))
+    alternating = tuple((key, ("int4", "int8")[j % 2]) for j, key in enumerate(keys))
+    for steps in (table_steps, alternating):
+        for j, m in enumerate(ms):
+            x = _x(m, 96)
+            y = zqnn.w4a4_triton_product(x, inv, w, group, torch.float32, steps)
+            want = (configs.launch_config("w4a4", scales, m, x.device)["act_layout"] if steps is table_steps
+                    else alternating[j][1])
+            assert seen[-1] == want, (m, seen)
+            qx, sx = quantize_activations(x, inv, group)
+            assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32))  # exact
+    assert seen[:len(ms)] == [configs.launch_config("w4a4", scales, m, torch.device(DEVICE))["act_layout"]
+                              for m in ms]
+    assert set(seen[len(ms):]) == {"int4", "int8"}
 
 
 def test_w4a4_layer_product_traces_as_one_graph():
