@@ -1,6 +1,6 @@
-"""Where a decode step's GPU time goes: the kernels of one greedy token of a named configuration
-(seeded random weights), per method, grouped by what they do, beside the CUDA-graph replay time
-of the same step.
+"""Where a decode step's and a prefill's GPU time goes: the kernels of one greedy token and of one
+prompt forward of a named configuration (seeded random weights), per method, grouped by what they
+do, beside the CUDA-graph replay time of the same step.
 
     PYTHONUNBUFFERED=1 python perf/profile_decode.py --model llama3-8b --layers 4 --methods fp16,rtn-w4a4 --out $OUT
 
@@ -11,8 +11,14 @@ torch.profiler; every CUDA kernel's duration is read from the profiler's trace a
 kernel name and per group (`GROUPS`: the first pattern a kernel's name matches). The step is then
 captured in a CUDA graph and replayed --steps times between CUDA events: `graph_step_us` is the
 whole step as decode runs it, `kernel_us_per_step` the sum of its kernels' durations, so the
-difference is the gaps between kernels. Per layer = (per step - the head's and embedding's
-kernels) / layers; the head is the one kernel on the [1, vocab] output (group "head").
+difference is the gaps between kernels. `prefill`: the kernels of one eager forward of the
+[--batch, --prefill] prompt (last position's logits), summed the same way, and its time between
+CUDA events.
+
+`--fused-attention-too` profiles the first method a second time with the decode step's attention
+done by torch's fused `scaled_dot_product_attention` on the same packed query heads (what
+`zqkernels.pipeline.decode.decode_sdpa` did before it became two batched products), labelled
+"<method> fused-sdpa-step".
 
 Writes --out/profile_decode_<model>.json. `--dry` runs the plumbing on a CPU (1 layer, torch
 backend, no kernels or graphs: the CPU ops are listed instead).
@@ -106,6 +112,45 @@ def summarize(kernels, steps):
     }
 
 
+def fused_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The one-token step's attention as one fused SDPA call on the packed query heads."""
+    b, h, q_len, d = query.shape
+    kv = key.shape[1]
+    packed = query.reshape(b, kv, h // kv, d)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, h, d), None
+
+
+def profile_prefill(lm, prompt, cuda):
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        lm(input_ids=prompt, use_cache=False, logits_to_keep=1)  # compiles this M's kernels outside the profile
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            lm(input_ids=prompt, use_cache=False, logits_to_keep=1)
+            end.record()
+            torch.cuda.synchronize()
+            elapsed_us = start.elapsed_time(end) * 1000.0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            lm(input_ids=prompt, use_cache=False, logits_to_keep=1)
+            if cuda:
+                torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        kernels = kernels_from_trace(trace) if cuda else cpu_ops_from_trace(trace)
+    out = summarize(kernels, 1)
+    out["tokens"] = int(prompt.numel())
+    if cuda:
+        out["forward_us"] = elapsed_us
+        out["tokens_per_s"] = prompt.numel() * 1e6 / elapsed_us
+    return out
+
+
 def graph_step_us(decoder, steps):
     from zqkernels.pipeline.decode import GraphDecoder
 
@@ -134,6 +179,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled, and replayed for the graph time")
     ap.add_argument("--out", default=".")
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: 1 layer, torch backend")
+    ap.add_argument("--fused-attention-too", action="store_true",
+                    help="profile the first method again with a fused-SDPA decode-step attention")
     args = ap.parse_args()
     labels = {m[0]: m for m in METHODS}
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -144,6 +191,7 @@ def main():
     if cuda and not torch.cuda.is_available():
         ap.error("no CUDA GPU here (--dry checks the plumbing on a CPU)")
     from zqkernels.pipeline import Experiment, Settings
+    from zqkernels.pipeline import decode
     from zqkernels.pipeline.decode import StaticDecoder
 
     layers = 1 if args.dry else args.layers
@@ -160,14 +208,22 @@ def main():
             "device": torch.cuda.get_device_name() if cuda else "cpu (--dry)", "torch": torch.__version__,
             "command": "python perf/profile_decode.py " + " ".join(sys.argv[1:]), "groups": GROUPS}
     records = []
-    for label in chosen:
+    runs = [(label, False) for label in chosen]
+    if args.fused_attention_too:
+        runs.insert(1, (chosen[0], True))
+    shipped_attention = decode.decode_sdpa
+    for label, fused in runs:
         _, method, params = labels[label]
         t0 = time.monotonic()
-        rec = {"label": label}
+        rec = {"label": label + (" fused-sdpa-step" if fused else ""), "step_attention": "fused sdpa" if fused
+               else "decode_sdpa (two batched products)"}
+        decode.decode_sdpa = fused_decode_sdpa if fused else shipped_attention  # read when a step runs
         try:
             run = exp.run(_config(method, params), keep_model=True)
             lm = run.pop("_model")
-            prompt = exp.prompts[: args.batch]
+            prompt = exp.prompts[: args.batch].to(lm.get_input_embeddings().weight.device)
+            if not fused:
+                rec["prefill"] = profile_prefill(lm, prompt, cuda)
             decoder = StaticDecoder(lm, args.batch, prefill + 3 * args.steps + 8)
             decoder._last_prompt = prompt
             decoder.prefill(prompt)
@@ -185,10 +241,15 @@ def main():
 
             rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             rec["traceback"] = traceback.format_exc()[-3000:]
+        decode.decode_sdpa = shipped_attention
         rec["wall_s"] = time.monotonic() - t0
         records.append(rec)
         out_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
-        print(f"== {label}: {rec.get('error', '')}  graph step {rec.get('graph_step_us', float('nan')):.1f} us, "
+        pre = rec.get("prefill", {})
+        print(f"== {rec['label']}: {rec.get('error', '')}  prefill {pre.get('forward_us', float('nan')):.0f} us "
+              f"({pre.get('tokens_per_s', float('nan')):.0f} tok/s), kernels {pre.get('kernel_us_per_step', float('nan')):.0f} us:"
+              f" {', '.join(f'{g} {us:.0f}' for g, us in list(pre.get('groups_us_per_step', {}).items())[:6])}")
+        print(f"   decode:   graph step {rec.get('graph_step_us', float('nan')):.1f} us, "
               f"kernels {rec.get('kernel_us_per_step', float('nan')):.1f} us in {rec.get('kernels_per_step', 0):.0f}")
         for g, us in rec.get("groups_us_per_step", {}).items():
             print(f"   {g:30s} {us:9.1f} us")

@@ -216,6 +216,33 @@ def test_decode_sdpa_is_transformers_sdpa_without_repeating_the_kv_heads():
         assert torch.allclose(got, want, rtol=0, atol=1e-12)  # float64: the same sums in another order
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decode_sdpa_in_low_precision_and_with_a_boolean_mask(dtype):
+    """The scores leave the first product in the cache's dtype, then float32: in fp16 / bf16 the
+    output stays within that dtype's rounding of the float64 attention; a boolean mask (True:
+    attend) gives what the equivalent additive mask gives."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv, length, d = 8, 2, 37, 64
+    q = torch.randn(2, heads, 1, d, dtype=torch.float64, generator=g) * 2
+    k, v = (torch.randn(2, kv, length, d, dtype=torch.float64, generator=g) for _ in range(2))
+    keep = torch.ones(2, 1, 1, length, dtype=torch.bool)
+    keep[0, ..., 20:] = False
+    keep[1, ..., 1:] = False  # one key only
+    additive = torch.zeros(2, 1, 1, length, dtype=torch.float64).masked_fill(~keep, torch.finfo(dtype).min)
+    module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True, training=False)
+    want, _ = decode.decode_sdpa(module, q, k, v, additive, scaling=d ** -0.5)
+    low = [t.to(dtype) for t in (q, k, v)]
+    got, _ = decode.decode_sdpa(module, *low, additive.to(dtype), scaling=d ** -0.5)
+    got_bool, _ = decode.decode_sdpa(module, *low, keep, scaling=d ** -0.5)
+    assert got.dtype == got_bool.dtype == dtype
+    assert torch.equal(got, got_bool)
+    # inputs, scores, probabilities and output each rounded once to the dtype: a few of its epsilons
+    tol = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-5}[dtype]
+    assert (got.double() - want).abs().max().item() <= tol
+
+
 def test_the_step_of_an_sdpa_model_runs_decode_sdpa_and_restores_the_config():
     from transformers import AttentionInterface
 

@@ -12,11 +12,23 @@ a CUDA GPU is present, else `ci`):
 
 ZQ_TEST_TIMES=<file> appends one line per test phase as it finishes (seconds, phase, outcome,
 node id), so a run cut short by a time limit still says where its time went.
+
+Under pytest-xdist (`-n W`) each worker sizes torch's, Numba's and OpenMP's thread pools to its
+share of the host's cores (cores // W, at least 1; a variable already set is kept), so W workers
+do not each start a pool as large as the host and oversubscribe it.
 """
 import os
 
 import torch
 from hypothesis import HealthCheck, settings
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1 and "PYTEST_XDIST_WORKER" in os.environ:
+    # before any test module imports numba: NUMBA_NUM_THREADS is read once, at its import
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    for _var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_SHARE))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 GPU_AVAILABLE = torch.cuda.is_available()
 if not GPU_AVAILABLE:

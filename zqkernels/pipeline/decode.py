@@ -17,7 +17,13 @@ query head that shares it (`repeat_kv`): for LLaMA-3-8B at batch 1 that is 4x th
 written and read again each token, a cost of the attention code rather than of the linears being
 compared. The step of an SDPA model therefore runs `decode_sdpa`, which puts the query heads of
 each KV head along the query axis instead (as transformers' own `pack_gqa` does since), reading
-the cache once.
+the cache once, and computes the attention as two batched products around a float32 softmax
+rather than one fused kernel. A fused kernel walks the keys of each (sequence, KV head) pair in
+one thread block: at batch 1 that is 8 blocks for LLaMA-3-8B on a GPU of 132 SMs, and cuDNN's
+flash kernel took 46 us a layer on the H200 to read an 8.5 MB cache
+(reports/results/h200/profile_decode_llama3-8b.json). A batched product spreads the keys over the
+whole GPU. The scores [B, KV, G, L] come out of the first product in the cache's dtype (one
+rounding a fused kernel does not make), then are masked and normalized in float32 (float64 for a float64 model).
 
 transformers >= 5 is needed for the static path (its StaticCache keeps the write position on the
 device); an older one, or a cache of sliding-window layers, is refused with a ValueError.
@@ -54,19 +60,26 @@ DECODE_ATTENTION = "zq_decode_sdpa"
 
 def decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention interface for the one-token step: query [B, H, 1, D] against the
-    cache's key / value [B, KV, L, D] with the mask [B, 1, 1, L]; query head h reads KV head
-    h // (H / KV), as `repeat_kv` maps them. Returns [B, 1, H, D]. Any other call (a longer query,
-    one query head per KV head) goes to transformers' own SDPA attention."""
+    cache's key / value [B, KV, L, D] with the additive or boolean mask [B, 1, 1, L]; query head h
+    reads KV head h // (H / KV), as `repeat_kv` maps them. Returns [B, 1, H, D] (module docstring:
+    two batched products, float32 softmax). Any other call (a longer query, dropout) goes to
+    transformers' own SDPA attention."""
     b, h, q_len, d = query.shape
-    kv = key.shape[1]
-    if q_len != 1 or h == kv or dropout:
+    kv, length = key.shape[1], key.shape[2]
+    if q_len != 1 or h % kv or dropout:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    packed = query.reshape(b, kv, h // kv, d)  # [B, KV, G, D]: the G heads of one KV head as G queries
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, 1, h, d), None
+    scale = d ** -0.5 if scaling is None else scaling
+    packed = (query * scale).reshape(b, kv, h // kv, d)  # [B, KV, G, D]: the G heads of one KV head as G queries
+    wide = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for a float64 model
+    scores = torch.matmul(packed, key.transpose(-1, -2)).to(wide)  # [B, KV, G, L]
+    if attention_mask is not None:
+        mask = attention_mask[..., :length]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(wide)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, h, d), None
 
 
 def _register_decode_attention():
