@@ -82,13 +82,13 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     scales = "per_token" if group is None else "group"
     buckets = configs.table_for(torch.device(DEVICE))["w4a4"][scales]
     seen = []
-    real = torch.ops.zq.quantize_activations
+    real = ops._IMPLS["quantize_activations"]  # what ops.call runs outside torch.compile
 
     def spy(x, inv_smooth, group_size, layout="int4"):
         seen.append(layout)
         return real(x, inv_smooth, group_size, layout)
 
-    monkeypatch.setattr(torch.ops.zq, "quantize_activations", spy)
+    monkeypatch.setitem(ops._IMPLS, "quantize_activations", spy)
     keys = sorted(int(k) for k in buckets)
     assert len(keys) >= 2, "the walk needs two buckets to alternate layouts"
     ms = [keys[0]] + [k + 1 for k in keys[:-1]]  # ms[j] falls in bucket j
@@ -106,6 +106,34 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     assert seen[:len(ms)] == [configs.launch_config("w4a4", scales, m, torch.device(DEVICE))["act_layout"]
                               for m in ms]
     assert set(seen[len(ms):]) == {"int4", "int8"}
+
+
+def test_ops_call_runs_the_implementation_eagerly_and_the_op_under_compile(monkeypatch):
+    """Eagerly, `ops.call` runs the op's implementation without the custom-op dispatcher (a spy
+    on `torch.ops.zq` sees no call) and gives the op's output exactly; under torch.compile the
+    traced graph holds the op itself (a graph break at the Triton launch would fail fullgraph)."""
+    w = _dense(40, 96)
+    x = _x(5, 96)
+    via_op = torch.ops.zq.w4a4_gemm(*torch.ops.zq.quantize_activations(x, None, 0, "int4"), w.packed, w.scale, 0,
+                                    torch.float32)
+    dispatched = []
+    for name in ("quantize_activations", "w4a4_gemm"):
+        op = getattr(torch.ops.zq, name)
+        monkeypatch.setattr(torch.ops.zq, name, lambda *a, _op=op, _n=name: dispatched.append(_n) or _op(*a))
+    eager = zqnn.w4a4_triton_product(x, None, w, None, torch.float32, act_layouts(None, torch.device(DEVICE)))
+    assert dispatched == [] and torch.equal(eager, via_op)
+    monkeypatch.undo()
+    nodes = []
+
+    def backend(gm, _inputs):
+        nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    steps = act_layouts(None, torch.device(DEVICE))
+    compiled = torch.compile(lambda t: zqnn.w4a4_triton_product(t, None, w, None, torch.float32, steps),
+                             backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x), via_op)
+    assert any("quantize_activations" in n for n in nodes) and any("w4a4_gemm" in n for n in nodes), nodes
 
 
 def test_w4a4_layer_product_traces_as_one_graph():

@@ -168,8 +168,8 @@ def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_
     from zqkernels.gpu.w4a4 import pick_act_layout
 
     layout = pick_act_layout(x2.shape[0], act_layouts)
-    qx, sx = torch.ops.zq.quantize_activations(x2, inv_smooth, act_group_size or 0, layout)
-    return torch.ops.zq.w4a4_gemm(qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
+    qx, sx = ops.call("quantize_activations", x2, inv_smooth, act_group_size or 0, layout)
+    return ops.call("w4a4_gemm", qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
 
 
 class QuantLinear(nn.Module):
@@ -368,7 +368,7 @@ class W4A4Linear(QuantLinear):
         w = self.weight_layout
         if self.act_bits is None:
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
-            return torch.ops.zq.w4a16_gemm(xs, w.packed, w.scale, self.group_size or 0)
+            return ops.call("w4a16_gemm", xs, w.packed, w.scale, self.group_size or 0)
         return w4a4_triton_product(x2, self.inv_smooth, w, self.act_group_size, x2.dtype, self._act_layouts)
 
 
@@ -467,8 +467,8 @@ class ZipperLinear(QuantLinear):
 
     def _forward_triton(self, x2):
         low = self.low_layout
-        return torch.ops.zq.zipper_gpu_linear(self._cuda_input(x2), low.packed, low.scale, self.inv_smooth,
-                                              *ops.zipper_high_args(self.high_layout), self.act_group_size or 0)
+        return ops.call("zipper_gpu_linear", self._cuda_input(x2), low.packed, low.scale, self.inv_smooth,
+                        *ops.zipper_high_args(self.high_layout), self.act_group_size or 0)
 
     def _forward_hybrid(self, x2):
         from zqkernels.hybrid import zipper_linear
@@ -541,5 +541,5 @@ class MosaicLinear(QuantLinear):
 
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
             return mosaic_w4a16_gemm(xs.contiguous(), self.weight_layout, check_finite=False)
-        qx, sx = torch.ops.zq.quantize_activations(x2, self.inv_smooth, self.act_group_size or 0)
-        return torch.ops.zq.mosaic_w4a4_gemm(qx, sx, *self._mosaic_args, self.act_group_size or 0, x2.dtype)
+        qx, sx = ops.call("quantize_activations", x2, self.inv_smooth, self.act_group_size or 0)
+        return ops.call("mosaic_w4a4_gemm", qx, sx, *self._mosaic_args, self.act_group_size or 0, x2.dtype)

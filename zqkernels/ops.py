@@ -10,6 +10,12 @@ dtype), and a `layouts.MosaicBlocks` / `ZipperHighGPU` is passed as its tensors 
 `*_args` helpers below unpack a layout). The real implementations call the launchers of
 `zqkernels.gpu`, which validate their operands (values unchecked: `check_finite=False`, the
 per-token path has no host sync); the fakes only compute the outputs' shapes and dtypes.
+
+The layers call the ops through `call(name, *args)`: while torch.compile traces, that is
+`torch.ops.zq.<name>` (one graph node); otherwise it is the op's implementation itself, the same
+launcher call without the custom-op dispatcher's Python layers, which on a CPU cost about as much
+host time as the two launchers of a W4A4 product (reports/results/cpu-2core/host_path/). A CUDA
+graph records the same kernels either way.
 """
 from __future__ import annotations
 
@@ -23,7 +29,27 @@ def _group(g):
     return None if g == 0 else g
 
 
-@custom_op("zq::quantize_activations", mutates_args=())
+_IMPLS = {}
+
+
+def _op(name):
+    """`custom_op("zq::<name>")` over the decorated function, which `call` also runs directly."""
+    def register(fn):
+        _IMPLS[name] = fn
+        return custom_op(f"zq::{name}", mutates_args=())(fn)
+
+    return register
+
+
+def call(name, *args):
+    """Op `name` on `args`: `torch.ops.zq.<name>` under torch.compile, its implementation otherwise
+    (module docstring)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.zq, name)(*args)
+    return _IMPLS[name](*args)
+
+
+@_op("quantize_activations")
 def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None, group_size: int,
                          layout: str = "int4") -> tuple[torch.Tensor, torch.Tensor]:
     from zqkernels.gpu.actquant import quantize_activations as launch
@@ -44,7 +70,7 @@ def _(x, inv_smooth, group_size, layout="int4"):
 
 
 # qx is either activation layout: packed uint8 [M, K/2] or int8 codes [M, K] (its dtype says which).
-@custom_op("zq::w4a4_gemm", mutates_args=())
+@_op("w4a4_gemm")
 def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, act_group_size: int,
               out_dtype: torch.dtype) -> torch.Tensor:
     from zqkernels.gpu.w4a4 import w4a4_gemm as launch
@@ -57,7 +83,7 @@ def _(qx, sx, qw, sw, act_group_size, out_dtype):
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
 
 
-@custom_op("zq::w4a16_gemm", mutates_args=())
+@_op("w4a16_gemm")
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:
     from zqkernels.gpu.w4a16 import w4a16_gemm as launch
 
@@ -76,7 +102,7 @@ def _mosaic_layout(qb, sb, res, sres, indptr, kblock, block_index, n, k, bn, bk,
                         n_blocks=int(block_index.shape[0]), block_index=block_index.cpu().numpy())
 
 
-@custom_op("zq::mosaic_w4a4_gemm", mutates_args=())
+@_op("mosaic_w4a4_gemm")
 def mosaic_w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, res: torch.Tensor,
                      sres: torch.Tensor, indptr: torch.Tensor, kblock: torch.Tensor, block_index: torch.Tensor,
                      n: int, k: int, bn: int, bk: int, group_size: int, act_group_size: int,
@@ -105,7 +131,7 @@ def mosaic_args(w: MosaicBlocks):
             torch.from_numpy(w.block_index), n, k, bn, bk, w.group_size or 0)
 
 
-@custom_op("zq::zipper_gpu_linear", mutates_args=())
+@_op("zipper_gpu_linear")
 def zipper_gpu_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, inv_smooth: torch.Tensor | None,
                       high_index: torch.Tensor, high_values: torch.Tensor, high_row_scale: torch.Tensor,
                       n: int, k: int, method: str, width: int, nnz: int, act_group_size: int) -> torch.Tensor:
