@@ -40,26 +40,27 @@ sys.path.insert(0, str(ROOT / "perf"))
 
 import torch  # noqa: E402
 
-# (group, name pattern): the first match names a kernel's group. Triton kernels carry their
-# Python function's name; cuBLAS / CUTLASS ones their template's.
+# (group, name pattern): the first match names a kernel's group. The project's Triton kernels carry
+# their Python function's name (`_w4a4_splitk_kernel`, matched case-sensitively, so that cuBLAS's
+# "..._splitK_TNT" templates stay cuBLAS); cuBLAS / CUTLASS / cuDNN kernels their template's.
 GROUPS = [
-    ("zq w4a4 gemm", r"w4a4|_splitk_|int4_gemm"),
-    ("zq act quant", r"quantize_act|actquant|_quant_rows"),
-    ("zq w4a16", r"w4a16"),
-    ("zq mosaic", r"mosaic"),
-    ("zq zipper high", r"zipper|high_"),
-    ("fp8 cast / scaled_mm", r"fp8|e4m3|scaled_mm|sm90_xmma_gemm_e4m3|f8f8"),
-    ("int4 tinygemm", r"tinygemm|int4pack|_weight_int4"),
-    ("cublas gemm / gemv", r"gemm|gemv|cutlass|sm90_xmma|nvjet|splitKreduce"),
-    ("attention", r"flash|fmha|attention|efficient|sdpa|softmax"),
-    ("norm / rotary / elementwise", r"elementwise|vectorized|reduce|pow|rsqrt|mean|mul|add|cat|copy|index|fill|"
+    ("zq mosaic", r"^_mosaic_"),
+    ("zq zipper high", r"^_high_|^_zipper_"),
+    ("zq w4a16", r"^_w4a16_"),
+    ("zq w4a4 gemm", r"^_w4a4_"),
+    ("zq act quant", r"^_quantize_activations"),
+    ("fp8 cast", r"^_fp8_"),
+    ("int4 tinygemm", r"(?i)tinygemm"),
+    ("cublas gemm / gemv", r"(?i)gemm|gemv|cutlass|xmma|nvjet|splitKreduce"),
+    ("attention", r"(?i)flash|fmha|attention|sdpa|softmax"),
+    ("norm / rotary / elementwise", r"(?i)elementwise|vectorized|reduce|pow|rsqrt|mean|mul|add|cat|copy|index|fill|"
                                     r"unrolled|neg|silu|where|compare|arange|argmax"),
 ]
 
 
 def group_of(name):
     for group, pattern in GROUPS:
-        if re.search(pattern, name, re.IGNORECASE):
+        if re.search(pattern, name):
             return group
     return "other"
 
