@@ -19,6 +19,12 @@ the two layers are checked equal (buffers with `torch.equal`, statistics with `=
 --repeats builds per path, the two paths alternating; the 1-minute load average is recorded with
 each row (a shared CPU's other work slows both paths).
 
+`--what packing`: `layouts.DenseInt4.from_codes` for the seven linears of one LLaMA-3-8B decoder
+layer, the int8 codes and float64 scales on --device: copied to the host as numpy and packed by
+the oracle (`reference.pack_int4`, then uploaded), against given as tensors and packed where they
+are (`layouts.pack_tensor`); the two layouts are checked equal byte for byte. Synchronized wall
+clock, median of --repeats per path, the paths alternating.
+
 `--what model`: `pipeline.quantize_model` over a whole named configuration (--model, default
 smollm2-135m, the shape of `zq run`'s model) once per method, with the code of the checkout the
 script sits in; run from a checkout of an earlier commit, it times that commit's layers (the
@@ -149,16 +155,57 @@ def time_model(args, dev, sync):
     return out
 
 
+def time_packing(args, dev, sync):
+    """Seconds to build the dense 4-bit layouts of one decoder layer: host (numpy) vs tensor packing."""
+    import statistics
+
+    from zqkernels.layouts import DenseInt4
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    codes = []
+    for name in LAYERS:
+        s = SHAPES_BY_NAME[f"llama3-8b.{name}"]
+        q = torch.randint(-8, 8, (s.n, s.k), generator=gen, dtype=torch.int8)
+        codes.append((q.to(dev), (torch.rand(s.n, generator=gen, dtype=torch.float64) + 0.01).to(dev)))
+
+    def host():
+        return [DenseInt4.from_codes(q.cpu().numpy(), sc.cpu().numpy(), None, dev) for q, sc in codes]
+
+    def tensor():
+        return [DenseInt4.from_codes(q, sc, None, dev) for q, sc in codes]
+
+    for a, b in zip(host(), tensor()):  # warm-up, and the check
+        if not (torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale)):
+            raise AssertionError("tensor packing differs from the oracle's")
+    times = {"host_numpy_s": [], "tensor_s": []}
+    for _ in range(args.repeats):
+        for key, fn in (("host_numpy_s", host), ("tensor_s", tensor)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    out = {"what": "packing", "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "layers": [f"llama3-8b.{n}" for n in LAYERS], "timer": "wall clock, synchronized, per decoder layer",
+           "command": "python perf/time_quantizers.py " + " ".join(sys.argv[1:]),
+           "per_layer_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
+           "load_average_1min": os.getloadavg()[0]}
+    print(json.dumps(out["per_layer_s"]), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--what", choices=("quantizers", "layers", "model"), default="quantizers")
+    ap.add_argument("--what", choices=("quantizers", "layers", "model", "packing"),
+                    default="quantizers")
     ap.add_argument("--model", default="smollm2-135m", help="model: a named configuration")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--oracle", action="store_true", help="quantizers: time the numpy oracle too")
     ap.add_argument("--shapes", default="1024x1024,4096x4096", help="layers: comma-separated NxK")
     ap.add_argument("--backend", default="torch", choices=("torch", "reference", "triton"), help="layers")
-    ap.add_argument("--repeats", type=int, default=3, help="layers: builds per path (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="layers, packing: builds per path (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.threads is not None:
@@ -169,8 +216,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    if args.what in ("layers", "model"):
-        out = (time_layers if args.what == "layers" else time_model)(args, dev, sync)
+    if args.what in ("layers", "model", "packing"):
+        out = {"layers": time_layers, "model": time_model, "packing": time_packing}[args.what](args, dev, sync)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         return

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import reference as R
 from strategies import codes, examples, matrices
-from zqkernels.layouts import ZIPPER_HIGH_METHODS, DenseInt4, MosaicBlocks, ZipperHighGPU
+from zqkernels.layouts import ZIPPER_HIGH_METHODS, DenseInt4, MosaicBlocks, ZipperHighGPU, pack_tensor
 
 
 def f32(a):
@@ -100,3 +100,55 @@ def test_scales_beyond_float32_are_refused():
         ZipperHighGPU.from_codes(np.ones((2, 4), np.int8), np.array([1.0, 3e37]), "cpu")  # 16 * Δ overflows
     with pytest.raises(ValueError, match="real numeric"):
         DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.array(["a", "b"]), None, "cpu")
+
+
+@settings(max_examples=examples(40))
+@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]),
+       dtype=st.sampled_from(["int8", "int16", "int32", "int64"]))
+def test_dense_int4_from_tensors_equals_from_numpy(data, group, dtype):
+    """Codes and scales given as torch tensors are checked and packed where they are
+    (`layouts.pack_tensor`); the layout equals the one the oracle's host packing builds, byte for
+    byte, whatever the codes' integer dtype."""
+    import torch
+
+    n = data.draw(st.integers(1, 40))
+    k = 2 * data.draw(st.integers(1, 100))
+    q = data.draw(codes(-8, 7, shape=(n, k))).astype(np.int8)
+    g = 1 if group is None else -(-k // group)
+    scale = np.abs(data.draw(matrices(shape=(n, g), kinds=("normal", "outlier", "zero_rows"))))
+    scale = scale[:, 0] if group is None else scale
+    want = DenseInt4.from_codes(q, scale, group, "cpu")
+    got = DenseInt4.from_codes(torch.from_numpy(q.astype(dtype)), torch.from_numpy(scale), group, "cpu")
+    assert got.packed.dtype == torch.uint8 and torch.equal(got.packed, want.packed)  # exact
+    assert got.scale.dtype == torch.float32 and torch.equal(got.scale, want.scale)
+    assert got.shape == want.shape and got.group_size == want.group_size
+    np.testing.assert_array_equal(R.pack_int4(q), pack_tensor(torch.from_numpy(q.astype(dtype))).numpy())
+
+
+def test_bad_code_tensors_are_refused_by_name():
+    import torch
+
+    ones = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"q holds codes outside \[-8, 7\] \(min -9"):
+        DenseInt4.from_codes(torch.tensor([[-9, 0, 0, 0], [0, 0, 0, 7]]), ones, None, "cpu")
+    with pytest.raises(ValueError, match="q holds codes outside"):
+        DenseInt4.from_codes(torch.full((2, 4), 8, dtype=torch.int8), ones, None, "cpu")
+    with pytest.raises(ValueError, match="q must hold integer codes"):
+        DenseInt4.from_codes(torch.full((2, 4), 1.0), ones, None, "cpu")
+    with pytest.raises(ValueError, match="odd K"):
+        DenseInt4.from_codes(torch.zeros(2, 3, dtype=torch.int8), ones, None, "cpu")
+    with pytest.raises(ValueError, match="rank 2"):
+        DenseInt4.from_codes(torch.zeros(4, dtype=torch.int8), ones, None, "cpu")
+    with pytest.raises(ValueError, match="scale must be a torch tensor"):
+        DenseInt4.from_codes(torch.zeros(2, 4, dtype=torch.int8), np.ones(2), None, "cpu")
+    with pytest.raises(ValueError, match="scale holds NaN"):
+        DenseInt4.from_codes(torch.zeros(2, 4, dtype=torch.int8), torch.tensor([1.0, float("nan")]), None, "cpu")
+    with pytest.raises(ValueError, match="float32 range"):
+        DenseInt4.from_codes(torch.zeros(2, 4, dtype=torch.int8), torch.tensor([1.0, 1e300], dtype=torch.float64),
+                             None, "cpu")
+    with pytest.raises(ValueError, match="scale must have shape"):
+        DenseInt4.from_codes(torch.zeros(2, 4, dtype=torch.int8), torch.ones(3), None, "cpu")
+    with pytest.raises(ValueError, match="real numeric"):
+        DenseInt4.from_codes(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, dtype=torch.bool), None, "cpu")
+    with pytest.raises(ValueError, match="odd|even"):
+        pack_tensor(torch.zeros(3, dtype=torch.int8))

@@ -35,8 +35,49 @@ def _device(device):
 
 def pack_to_device(q, device):
     """int codes [..., K] in [-8, 7] -> uint8 [..., K/2] on `device`: the oracle's own packing
-    (`reference.pack_int4`), the one definition of the format."""
+    (`reference.pack_int4`, the one definition of the format) for numpy codes; for a torch tensor
+    the same nibble arithmetic where the tensor is (`pack_tensor`), so codes quantized on a GPU
+    are packed there instead of being copied to the host as int64."""
+    if isinstance(q, torch.Tensor):
+        return pack_tensor(q).to(device)
     return torch.from_numpy(np.ascontiguousarray(reference.pack_int4(q))).to(device)
+
+
+def pack_tensor(q):
+    """Integer codes tensor [..., K] in [-8, 7], K even -> uint8 [..., K/2] on q's device, equal to
+    `reference.pack_int4` of the same codes: byte j holds code 2j in its low nibble and code 2j+1
+    in its high one, each as its two's-complement low four bits. The checks are the oracle's (an
+    integer dtype, the range, an even K); the range check is one host synchronization."""
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a torch tensor, got {type(q).__name__}")
+    if q.dim() < 1:
+        raise ValueError(f"q must have rank >= 1, got shape {tuple(q.shape)}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"q's last dimension K must be even to pack two codes per byte, got K={q.shape[-1]}")
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise ValueError(f"q must hold integer codes, got dtype {q.dtype}")
+    if q.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q))
+        if lo < -8 or hi > 7:
+            raise ValueError(f"q holds codes outside [-8, 7] (min {lo}, max {hi})")
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous()
+
+
+def _scales32_tensor(name, s, shape):
+    """`_scales32` for a scale tensor, on its device: shape, finite, within float32's range."""
+    if s.dtype.is_complex or s.dtype == torch.bool:
+        raise ValueError(f"{name} must be a real numeric tensor, got dtype {s.dtype}")
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(s.shape)}")
+    s64 = s.to(torch.float64)
+    out = s64.to(torch.float32)
+    finite64, finite32 = (bool(v) for v in torch.stack([torch.isfinite(s64).all(), torch.isfinite(out).all()]))
+    if not finite64:
+        raise ValueError(f"{name} holds NaN or Inf")
+    if not finite32:
+        raise ValueError(f"{name} holds values beyond the float32 range of the kernels")
+    return out
 
 
 def _scales32(name, s, shape, factor=1.0):
@@ -65,13 +106,26 @@ class DenseInt4:
 
     @classmethod
     def from_codes(cls, q, scale, group_size=None, device="cpu"):
+        """Codes `q` [N, K] and scales as numpy arrays (packed by the oracle on the host), or both
+        as torch tensors (checked and packed where they are, then moved to `device`)."""
+        g = reference.validation.check_group_size("group_size", group_size)
+        dev = _device(device)
+        if isinstance(q, torch.Tensor):
+            if q.dim() != 2:
+                raise ValueError(f"q must have rank 2, got shape {tuple(q.shape)}")
+            if not isinstance(scale, torch.Tensor):
+                raise ValueError(f"scale must be a torch tensor when q is one, got {type(scale).__name__}")
+            n, k = q.shape
+            if k % 2:
+                raise ValueError(f"q has odd K={k}; int4 packing needs an even K")
+            want = (n,) if g is None else (n, -(-k // g))
+            return cls(packed=pack_to_device(q, dev), scale=_scales32_tensor("scale", scale, want).to(dev),
+                       group_size=g, shape=(n, k))
         q = as_int_codes("q", q, -8, 7, rank=2)
         n, k = q.shape
         if k % 2:
             raise ValueError(f"q has odd K={k}; int4 packing needs an even K")
-        g = reference.validation.check_group_size("group_size", group_size)
         want = (n,) if g is None else (n, -(-k // g))
-        dev = _device(device)
         return cls(packed=pack_to_device(q, dev), scale=torch.from_numpy(_scales32("scale", scale, want)).to(dev),
                    group_size=g, shape=(n, k))
 

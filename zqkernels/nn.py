@@ -21,7 +21,8 @@ tests/test_device_quantize.py). `W' = W * s` is one correctly rounded multiply o
 | ZipperQuant pattern table (hybrid backend) | `reference.build_pattern_lut`                | host (2)   |
 | ZipperQuant channel-structured grid        | `reference.zipper_quantize_channels`         | host       |
 | Hadamard RTN, wide RTN, activation floor   | `reference` (`zqkernels.rotation`)           | host       |
-| packing into `zqkernels.layouts`           | `reference.pack_int4` in `from_codes`        | host (3)   |
+| packing the dense 4-bit weights            | `layouts.pack_tensor` in `DenseInt4`         | device     |
+| packing Mosaic's blocks, Zipper's high part | `reference.pack_int4` in `from_codes`       | host (3)   |
 
 (1) the B block scores (a few thousand numbers) are ranked on the host by the oracle's
 `np.lexsort`, so equal scores keep the lower block index exactly as there. (2) the CPU kernel's
@@ -350,7 +351,7 @@ class W4A4Linear(QuantLinear):
             from zqkernels.gpu.w4a4 import act_layouts
 
             self._act_layouts = act_layouts(self.act_group_size, self._device)
-        self.weight_layout = DenseInt4.from_codes(_host(q), _host(s), self.group_size, self._device)
+        self.weight_layout = DenseInt4.from_codes(q, s, self.group_size, self._device)
 
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
@@ -443,9 +444,8 @@ class ZipperLinear(QuantLinear):
     def _pack_triton(self, codes):
         limits.check_k(self.in_features, "in_features")
         limits.check_act_group(self.act_group_size)
-        q_low, q_high, scale = _host(codes.q_low), _host(codes.q_high), _host(codes.scale)
-        self.low_layout = DenseInt4.from_codes(q_low, scale, None, self._device)
-        self.high_layout = ZipperHighGPU.from_codes(q_high, scale, self._device)
+        self.low_layout = DenseInt4.from_codes(codes.q_low, codes.scale, None, self._device)
+        self.high_layout = ZipperHighGPU.from_codes(_host(codes.q_high), _host(codes.scale), self._device)
 
     def _pack_hybrid(self, codes):
         from zqkernels.hybrid import ZipperWeights
