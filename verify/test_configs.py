@@ -58,7 +58,8 @@ def test_every_bucket_names_a_launchable_variant(path):
         assert "variant" not in cfg and all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     for method in ("ell", "columns"):
         for cfg in table["zipper_high"][method].values():
-            assert _pow2(cfg["BLOCK_M"]) and _pow2(cfg["BLOCK_N"]) and _pow2(cfg["BLOCK_N_WIDE_N"])
+            assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_N_WIDE_N"))
+            assert cfg["BLOCK_E"] >= 1 and cfg["BLOCK_E"] & (cfg["BLOCK_E"] - 1) == 0, (path.name, cfg)
     assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK"}
     assert table["actquant"]["ROW_CHUNK"] <= table["actquant"]["ONE_PASS_MAX_K"]
 

@@ -19,11 +19,12 @@ if str(PERF) not in sys.path:
     sys.path.insert(0, str(PERF))
 
 
-@pytest.mark.parametrize("script, family", [("tune_w4a4", "w4a4"), ("tune_w4a16", "w4a16"), ("tune_mosaic", "mosaic")])
+@pytest.mark.parametrize("script, family", [("tune_w4a4", "w4a4"), ("tune_w4a16", "w4a16"), ("tune_mosaic", "mosaic"),
+                                            ("tune_zipper_high", "zipper_high")])
 def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_path, monkeypatch):
     import tuning
 
-    from zqkernels.gpu import configs, mosaic, w4a4, w4a16
+    from zqkernels.gpu import configs, mosaic, w4a4, w4a16, zipper_high
 
     import timing
 
@@ -62,11 +63,17 @@ def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_
     assert record["replay"]["max_calls"] == 2 and "back-to-back" in record["timer"]
     assert not [r for r in record["rows"] if r.get("verified") is False], "a candidate failed verification"
     table = json.loads((tmp_path / "smoke.json").read_text())
-    variants = {"w4a4": w4a4.VARIANTS, "w4a16": w4a16.VARIANTS, "mosaic": mosaic.VARIANTS}[family]
     sections = table[family] if family != "mosaic" else {"w4a4": table["mosaic"]["w4a4"]}
     for scales, winners in record["winners"].items():
         assert set(winners) == {"1", "40"}
         for m, cfg in sections[scales].items():
-            if m in winners:
-                assert cfg["variant"] in variants and "us" not in cfg
+            if m not in winners:
+                continue
+            assert "us" not in cfg
+            if family == "zipper_high":  # one kernel per layout (the section's key), tiles only
+                assert scales in zipper_high.VARIANTS
+                assert set(cfg) == {"BLOCK_M", "BLOCK_N", "BLOCK_N_WIDE_N", "WIDE_N", "BLOCK_E"}, cfg
+            else:
+                variants = {"w4a4": w4a4.VARIANTS, "w4a16": w4a16.VARIANTS, "mosaic": mosaic.VARIANTS}[family]
+                assert cfg["variant"] in variants
     assert table["_tuned_by"][family]["command"]

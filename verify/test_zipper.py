@@ -9,6 +9,8 @@ Laws:
   the result equals the oracle exactly, for both layouts.
 - both layouts ("columns", "ell") compute the same function; an all-zero high part leaves `out`
   untouched; bad arguments raise ValueError.
+- every tile, BLOCK_E (slots / columns summed a step: 1, or several with the last step partly
+  past the end) included, gives the same: the launch table's, and tiles drawn explicitly.
 Shapes: M = 1, K odd and tiny, rows with no outlier and rows with many, codes up to ±127.
 """
 import numpy as np
@@ -26,6 +28,9 @@ from zqkernels.layouts import ZipperHighGPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEVICE == "cuda"
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (BLOCK_M, BLOCK_N, BLOCK_E): None is the launch table's; the others reach one slot a step,
+# several (a last step past E / C), a one-row tile and a tile wider than N
+BLOCKS = [None, (16, 16, 1), (4, 16, 8), (1, 32, 2), (2, 128, 16)]
 
 
 @st.composite
@@ -65,8 +70,9 @@ def to_dev(a, dtype):
 
 
 @settings(max_examples=examples(40))
-@given(codes=high_codes(), data=st.data(), x_dtype=st.sampled_from(X_DTYPES), method=st.sampled_from(METHODS))
-def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, method):
+@given(codes=high_codes(), data=st.data(), x_dtype=st.sampled_from(X_DTYPES), method=st.sampled_from(METHODS),
+       block=st.sampled_from(BLOCKS))
+def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, method, block):
     n, k = codes.q_high.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
     x = data.draw(matrices(shape=(m, k)))
@@ -77,7 +83,7 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
     before = np.random.default_rng(m).standard_normal((m, n)).astype(np.float32)
     out = to_dev(before.copy(), torch.float32)  # a copy: on the CPU the tensor would alias `before`
     high = prepare(codes, method)
-    y = zipper_high_gpu(xt, high, out)
+    y = zipper_high_gpu(xt, high, out, block=block)
     assert y.data_ptr() == out.data_ptr()
     ref = R.zipper_matmul(x_used, high_only(codes))  # the low part is zero: the high part alone
     mag = 16.0 * codes.scale[None, :] * (np.abs(x_used) @ np.abs(codes.q_high.astype(np.float64)).T)
@@ -89,14 +95,15 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
 
 
 @settings(max_examples=examples(40))
+@pytest.mark.parametrize("block", BLOCKS)
 @given(codes=high_codes(), data=st.data(), method=st.sampled_from(METHODS))
-def test_integer_activations_give_the_exact_sparse_product(codes, data, method):
+def test_integer_activations_give_the_exact_sparse_product(codes, data, method, block):
     n, k = codes.q_high.shape
     m = data.draw(st.integers(1, 20))
     x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(-20, 21, size=(m, k)).astype(np.float64)
     unit = R.ZipperCodes(q_low=codes.q_low, q_high=codes.q_high, scale=np.full(n, 1.0 / 16.0))
     out = torch.full((m, n), 0.0, dtype=torch.float32, device=DEVICE)
-    zipper_high_gpu(to_dev(x, torch.float32), prepare(unit, method), out)
+    zipper_high_gpu(to_dev(x, torch.float32), prepare(unit, method), out, block=block)
     # |sum| <= 20 * 128 * K < 2**24: every partial sum is an exact float32 integer.
     np.testing.assert_array_equal(out.cpu().double().numpy(), R.sparse_matmul(x, codes.q_high))
 
@@ -154,6 +161,9 @@ def test_bad_arguments_raise_value_error():
         (lambda: zipper_high_gpu(x, high, out[:1]), "shape"),
         (lambda: zipper_high_gpu(x, high, torch.zeros((6, 2), device=DEVICE).t()), "contiguous"),
         (lambda: zipper_high_gpu(x, "high", out), "ZipperHighGPU"),
+        (lambda: zipper_high_gpu(x, high, out, block=(16, 16)), r"\(BLOCK_M, BLOCK_N, BLOCK_E\)"),
+        (lambda: zipper_high_gpu(x, high, out, block=(16, 16, 3)), "BLOCK_E=3 must be a power of two"),
+        (lambda: zipper_high_gpu(x, high, out, block=(0, 16, 1)), "BLOCK_M=0"),
         (lambda: prepare(codes, method="dense"), "method"),
         (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.float32), codes.scale)), "integer"),
         (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high, codes.scale[:-1])), "scale"),

@@ -11,7 +11,8 @@ multiply-adds may be cheaper there. The layout (`layouts.ZipperHighGPU`, built o
 Both read X' in float32 and multiply in IEEE float32 (no TF32: the high part carries the outliers,
 whose error a 10-bit mantissa would amplify). `out` is float32 [M, N] and is accumulated in place
 (the low GEMM's output), one program per tile, so no atomics are needed. Tile shapes come from
-the launch table (`zipper_high` family, by M; wide-N layers take BLOCK_N_WIDE_N past WIDE_N).
+the launch table (`zipper_high` family, by M; wide-N layers take BLOCK_N_WIDE_N past WIDE_N;
+BLOCK_E entries summed a step, 1 in every GPU table until timed against more).
 """
 import torch
 import triton
@@ -24,7 +25,7 @@ from zqkernels.layouts import ZipperHighGPU
 
 @triton.jit
 def _high_columns_kernel(x_ptr, cols_ptr, h_ptr, rs_ptr, out_ptr, M, N, C, stride_xm,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -32,11 +33,25 @@ def _high_columns_kernel(x_ptr, cols_ptr, h_ptr, rs_ptr, out_ptr, M, N, C, strid
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, C):  # rank-1 updates in IEEE fp32 FMAs: C is small by construction
-        col = tl.load(cols_ptr + c)
-        xv = tl.load(x_ptr + rm * stride_xm + col, mask=m_ok, other=0.0).to(tl.float32)
-        hv = tl.load(h_ptr + c * N + rn, mask=n_ok, other=0.0)
-        acc += xv[:, None] * hv[None, :]
+    # IEEE fp32 FMAs, C small by construction. BLOCK_E == 1: one rank-1 update a column (2-D
+    # tiles only); more: BLOCK_E gathered columns a step, their loads independent of each other and
+    # in flight together, summed over the step (see the ell kernel)
+    if BLOCK_E == 1:
+        for c in range(0, C):
+            col = tl.load(cols_ptr + c)
+            xv = tl.load(x_ptr + rm * stride_xm + col, mask=m_ok, other=0.0).to(tl.float32)
+            hv = tl.load(h_ptr + c * N + rn, mask=n_ok, other=0.0)
+            acc += xv[:, None] * hv[None, :]
+    else:
+        for c0 in range(0, C, BLOCK_E):
+            rc = c0 + tl.arange(0, BLOCK_E)
+            c_ok = rc < C
+            col = tl.load(cols_ptr + rc, mask=c_ok, other=0)
+            xv = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)  # [BM, BE]
+            hv = tl.load(h_ptr + rc[:, None] * N + rn[None, :], mask=c_ok[:, None] & n_ok[None, :],
+                         other=0.0)  # [BE, BN]
+            acc += tl.sum(xv[:, :, None] * hv[None, :, :], axis=1)
     rs = tl.load(rs_ptr + rn, mask=n_ok, other=0.0)
     o_ptrs = out_ptr + rm[:, None] * N + rn[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
@@ -45,7 +60,7 @@ def _high_columns_kernel(x_ptr, cols_ptr, h_ptr, rs_ptr, out_ptr, M, N, C, strid
 
 @triton.jit
 def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride_xm,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,11 +68,25 @@ def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for e in range(0, E):
-        col = tl.load(ecol_ptr + e * N + rn, mask=n_ok, other=0)
-        val = tl.load(eval_ptr + e * N + rn, mask=n_ok, other=0.0)
-        xg = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += xg.to(tl.float32) * val[None, :]
+    # Each slot's (column, value) load and then its gather of X' are two dependent memory round
+    # trips. BLOCK_E == 1: one slot a step (2-D tiles only), latency-bound at few tokens; more:
+    # BLOCK_E slots a step, independent of each other and in flight together, summed over the step
+    if BLOCK_E == 1:
+        for e in range(0, E):
+            col = tl.load(ecol_ptr + e * N + rn, mask=n_ok, other=0)
+            val = tl.load(eval_ptr + e * N + rn, mask=n_ok, other=0.0)
+            xg = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            acc += xg.to(tl.float32) * val[None, :]
+    else:
+        for e0 in range(0, E, BLOCK_E):
+            re = e0 + tl.arange(0, BLOCK_E)
+            en_ok = (re[:, None] < E) & n_ok[None, :]
+            col = tl.load(ecol_ptr + re[:, None] * N + rn[None, :], mask=en_ok, other=0)  # [BE, BN]
+            val = tl.load(eval_ptr + re[:, None] * N + rn[None, :], mask=en_ok, other=0.0)
+            xg = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :],
+                         mask=m_ok[:, None, None] & en_ok[None, :, :], other=0.0)  # [BM, BE, BN]
+            acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=1)
     rs = tl.load(rs_ptr + rn, mask=n_ok, other=0.0)
     o_ptrs = out_ptr + rm[:, None] * N + rn[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
@@ -67,12 +96,25 @@ def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride
 VARIANTS = {"columns": _high_columns_kernel, "ell": _high_ell_kernel}  # one kernel per layout
 
 
+def check_block(block):
+    """(BLOCK_M, BLOCK_N, BLOCK_E): three powers of two (Triton's block sizes), or ValueError."""
+    try:
+        bm, bn, be = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be (BLOCK_M, BLOCK_N, BLOCK_E), got {block!r}") from None
+    for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_E", be)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"block: {name}={v} must be a power of two")
+    return bm, bn, be
+
+
 def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     """`out += 16 * Δ_n * (x_smoothed @ q_high.T)` in place and return `out`.
 
     x_smoothed: fp16/bf16/fp32 [M, K] (X', already smoothed), rows contiguous; high: a
     `layouts.ZipperHighGPU`; out: float32 [M, N] contiguous on the same device.
-    `block=(BLOCK_M, BLOCK_N)` overrides the launch table's tiles (tests and tuning).
+    `block=(BLOCK_M, BLOCK_N, BLOCK_E)` overrides the launch table's tiles (tests and tuning;
+    BLOCK_E: ELL slots or gathered columns summed a step).
     check_finite: refuse NaN / Inf in x_smoothed or out (False on the layers' per-token path).
     """
     if not isinstance(high, ZipperHighGPU):
@@ -98,11 +140,11 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     if block is None:
         cfg = launch_config("zipper_high", high.method, m, out.device)
         bn = cfg["BLOCK_N_WIDE_N"] if n > cfg["WIDE_N"] else cfg["BLOCK_N"]
-        block = (cfg["BLOCK_M"], bn)
-    bm, bn = block
+        block = (cfg["BLOCK_M"], bn, cfg["BLOCK_E"])
+    bm, bn, be = check_block(block)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     VARIANTS[high.method][grid](x_smoothed, high.index, high.values, high.row_scale, out, m, n, high.width,
-                                x_smoothed.stride(0), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                                x_smoothed.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, num_warps=4)
     return out
 
 
