@@ -29,11 +29,11 @@ import torch
 import triton.language as tl
 
 import reference as R
-from conftest import KERNEL_DEVICE
 from zqkernels.gpu import actquant, configs, mosaic, w4a4, w4a16, zipper_high
 from zqkernels.layouts import MosaicBlocks, ZipperHighGPU
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TABLES = ("h200.json", "h100.json", "default.json")
 MODULES = (actquant, w4a4, w4a16, mosaic, zipper_high)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
