@@ -20,15 +20,20 @@ def f32(a):
     return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
-@settings(max_examples=examples(40))
-@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]))
-def test_dense_int4_round_trip(data, group):
+def dense_case(data, group):
+    """(q int8 [N, K] at its extremes, scales [N] or [N, ceil(K/group)] with zero rows and outliers, N, K)."""
     n = data.draw(st.integers(1, 40))
     k = 2 * data.draw(st.integers(1, 100))
     q = data.draw(codes(-8, 7, shape=(n, k))).astype(np.int8)
     g = 1 if group is None else -(-k // group)
     scale = np.abs(data.draw(matrices(shape=(n, g), kinds=("normal", "outlier", "zero_rows"))))
-    scale = scale[:, 0] if group is None else scale
+    return q, (scale[:, 0] if group is None else scale), n, k
+
+
+@settings(max_examples=examples(40))
+@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]))
+def test_dense_int4_round_trip(data, group):
+    q, scale, n, k = dense_case(data, group)
     layout = DenseInt4.from_codes(q, scale, group, "cpu")
     q2, s2 = layout.to_codes()
     np.testing.assert_array_equal(q2, q)  # exact
@@ -111,12 +116,7 @@ def test_dense_int4_from_tensors_equals_from_numpy(data, group, dtype):
     byte, whatever the codes' integer dtype."""
     import torch
 
-    n = data.draw(st.integers(1, 40))
-    k = 2 * data.draw(st.integers(1, 100))
-    q = data.draw(codes(-8, 7, shape=(n, k))).astype(np.int8)
-    g = 1 if group is None else -(-k // group)
-    scale = np.abs(data.draw(matrices(shape=(n, g), kinds=("normal", "outlier", "zero_rows"))))
-    scale = scale[:, 0] if group is None else scale
+    q, scale, _, _ = dense_case(data, group)
     want = DenseInt4.from_codes(q, scale, group, "cpu")
     got = DenseInt4.from_codes(torch.from_numpy(q.astype(dtype)), torch.from_numpy(scale), group, "cpu")
     assert got.packed.dtype == torch.uint8 and torch.equal(got.packed, want.packed)  # exact

@@ -64,22 +64,6 @@ def pack_tensor(q):
     return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous()
 
 
-def _scales32_tensor(name, s, shape):
-    """`_scales32` for a scale tensor, on its device: shape, finite, within float32's range."""
-    if s.dtype.is_complex or s.dtype == torch.bool:
-        raise ValueError(f"{name} must be a real numeric tensor, got dtype {s.dtype}")
-    if tuple(s.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(s.shape)}")
-    s64 = s.to(torch.float64)
-    out = s64.to(torch.float32)
-    finite64, finite32 = (bool(v) for v in torch.stack([torch.isfinite(s64).all(), torch.isfinite(out).all()]))
-    if not finite64:
-        raise ValueError(f"{name} holds NaN or Inf")
-    if not finite32:
-        raise ValueError(f"{name} holds values beyond the float32 range of the kernels")
-    return out
-
-
 def _scales32(name, s, shape, factor=1.0):
     """The oracle's scale check (`reference.validation.as_scales`), then the float32 the kernels
     read: a finite float64 scale (times `factor`) beyond the float32 range is refused too."""
@@ -107,7 +91,8 @@ class DenseInt4:
     @classmethod
     def from_codes(cls, q, scale, group_size=None, device="cpu"):
         """Codes `q` [N, K] and scales as numpy arrays (packed by the oracle on the host), or both
-        as torch tensors (checked and packed where they are, then moved to `device`)."""
+        as torch tensors: the codes checked and packed where they are, the scales (N or N x G
+        numbers) checked on the host as for numpy ones, both then moved to `device`."""
         g = reference.validation.check_group_size("group_size", group_size)
         dev = _device(device)
         if isinstance(q, torch.Tensor):
@@ -119,8 +104,10 @@ class DenseInt4:
             if k % 2:
                 raise ValueError(f"q has odd K={k}; int4 packing needs an even K")
             want = (n,) if g is None else (n, -(-k // g))
-            return cls(packed=pack_to_device(q, dev), scale=_scales32_tensor("scale", scale, want).to(dev),
-                       group_size=g, shape=(n, k))
+            # the scales are N (or N x G) numbers: checked on the host by the oracle's rule
+            scale32 = _scales32("scale", scale.detach().cpu().numpy(), want)
+            return cls(packed=pack_to_device(q, dev), scale=torch.from_numpy(scale32).to(dev), group_size=g,
+                       shape=(n, k))
         q = as_int_codes("q", q, -8, 7, rank=2)
         n, k = q.shape
         if k % 2:
