@@ -15,11 +15,6 @@ difference is the gaps between kernels. `prefill`: the kernels of one eager forw
 [--batch, --prefill] prompt (last position's logits), summed the same way, and its time between
 CUDA events.
 
-`--fused-attention-too` profiles the first method a second time with the decode step's attention
-done by torch's fused `scaled_dot_product_attention` on the same packed query heads (what
-`zqkernels.pipeline.decode.decode_sdpa` did before it became two batched products), labelled
-"<method> fused-sdpa-step".
-
 Writes --out/profile_decode_<model>.json. `--dry` runs the plumbing on a CPU (1 layer, torch
 backend, no kernels or graphs: the CPU ops are listed instead).
 """
@@ -113,15 +108,6 @@ def summarize(kernels, steps):
     }
 
 
-def fused_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The one-token step's attention as one fused SDPA call on the packed query heads."""
-    b, h, q_len, d = query.shape
-    kv = key.shape[1]
-    packed = query.reshape(b, kv, h // kv, d)
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, 1, h, d), None
-
-
 def profile_prefill(lm, prompt, cuda):
     from torch.profiler import ProfilerActivity, profile
 
@@ -152,11 +138,11 @@ def profile_prefill(lm, prompt, cuda):
     return out
 
 
-def graph_step_us(decoder, steps):
+def graph_step_us(decoder, prompt, steps):
     from zqkernels.pipeline.decode import GraphDecoder
 
     g = GraphDecoder(decoder)
-    decoder.prefill(decoder._last_prompt)
+    decoder.prefill(prompt)  # the capture's warm-up steps advanced the cache
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     g.replay()  # first replay uploads the graph
     torch.cuda.synchronize()
@@ -180,8 +166,6 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled, and replayed for the graph time")
     ap.add_argument("--out", default=".")
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: 1 layer, torch backend")
-    ap.add_argument("--fused-attention-too", action="store_true",
-                    help="profile the first method again with a fused-SDPA decode-step attention")
     args = ap.parse_args()
     labels = {m[0]: m for m in METHODS}
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -192,7 +176,6 @@ def main():
     if cuda and not torch.cuda.is_available():
         ap.error("no CUDA GPU here (--dry checks the plumbing on a CPU)")
     from zqkernels.pipeline import Experiment, Settings
-    from zqkernels.pipeline import decode
     from zqkernels.pipeline.decode import StaticDecoder
 
     layers = 1 if args.dry else args.layers
@@ -209,30 +192,22 @@ def main():
             "device": torch.cuda.get_device_name() if cuda else "cpu (--dry)", "torch": torch.__version__,
             "command": "python perf/profile_decode.py " + " ".join(sys.argv[1:]), "groups": GROUPS}
     records = []
-    runs = [(label, False) for label in chosen]
-    if args.fused_attention_too:
-        runs.insert(1, (chosen[0], True))
-    shipped_attention = decode.decode_sdpa
-    for label, fused in runs:
+    for label in chosen:
         _, method, params = labels[label]
         t0 = time.monotonic()
-        rec = {"label": label + (" fused-sdpa-step" if fused else ""), "step_attention": "fused sdpa" if fused
-               else "decode_sdpa (two batched products)"}
-        decode.decode_sdpa = fused_decode_sdpa if fused else shipped_attention  # read when a step runs
+        rec = {"label": label}
         try:
             run = exp.run(_config(method, params), keep_model=True)
             lm = run.pop("_model")
             prompt = exp.prompts[: args.batch].to(lm.get_input_embeddings().weight.device)
-            if not fused:
-                rec["prefill"] = profile_prefill(lm, prompt, cuda)
+            rec["prefill"] = profile_prefill(lm, prompt, cuda)
             decoder = StaticDecoder(lm, args.batch, prefill + 3 * args.steps + 8)
-            decoder._last_prompt = prompt
             decoder.prefill(prompt)
             decoder.step()  # compiles / settles outside the profile
             kernels = profile_steps(decoder, args.steps, cuda)
             rec.update(summarize(kernels, args.steps))
             if cuda:
-                rec["graph_step_us"] = graph_step_us(decoder, args.steps)
+                rec["graph_step_us"] = graph_step_us(decoder, prompt, args.steps)
                 rec["graph_tokens_per_s"] = args.batch * 1e6 / rec["graph_step_us"]
             del lm, decoder
             if cuda:
@@ -242,7 +217,6 @@ def main():
 
             rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             rec["traceback"] = traceback.format_exc()[-3000:]
-        decode.decode_sdpa = shipped_attention
         rec["wall_s"] = time.monotonic() - t0
         records.append(rec)
         out_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
