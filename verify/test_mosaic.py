@@ -284,6 +284,26 @@ def test_groups_of_32_match_reference(data, groups, out_dtype, cfg):
     assert_close(y, ref, mag, torch.float32, "unfused, groups " + str(groups))
 
 
+def _table_config_laws(codes, x, act_group_size, m, label):
+    """At the launch table's own config for M: the fused and unfused W4A4 products (fp32 out) and
+    the W4A16 one (on x in bf16: no outlier overflows) against the oracle, each into a poisoned
+    buffer. Returns (the activation codes, the prepared weights)."""
+    n = codes.q_base.shape[0]
+    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
+    w = prepare_mosaic(codes, DEVICE)
+    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
+    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
+        y = _into_poisoned(fn, m, n, torch.float32, qxp, sxt, w, act_group_size=act_group_size)
+        assert_close(y, ref, mag, torch.float32, f"{fn.__name__} {label}")
+    xt = torch.from_numpy(x).to(torch.bfloat16)
+    x_used = xt.double().numpy()
+    y = _into_poisoned(mosaic_w4a16_gemm, m, n, torch.float32, xt.to(DEVICE), w)
+    mag16 = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
+    assert_close(y, R.mosaic_matmul(x_used, codes, act_bits=None), mag16, torch.float32, "w4a16 " + label)
+    return qx, w
+
+
 # One M in each bucket of the launch table: the interpreter's, and (compiled) the GPU's; see below.
 TABLE_M = [1, 8, 16, 40] + ([100, 300] if GPU else [])
 
@@ -302,22 +322,8 @@ def test_launch_table_sends_groups_of_32_through_every_variant():
 def test_launch_table_groups_of_32_match_reference(codes, data, act_group_size, m):
     """The launch table's own variant at each M with base-weight groups of 32 (and activation
     groups of 32, 64 or per token): fused, unfused and W4A16 against the oracle."""
-    n, k = codes.q_base.shape
-    x = act_matrix(data.draw, m, k)
-    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
-    w = prepare_mosaic(codes, DEVICE)
-    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
-    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
-    for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
-        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-        fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
-        assert_close(out, ref, mag, torch.float32, fn.__name__ + " default config, groups of 32")
-    xt = torch.from_numpy(x).to(torch.bfloat16)  # bf16: no outlier overflows
-    x_used = xt.double().numpy()
-    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
-    mag16 = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
-    assert_close(out, R.mosaic_matmul(x_used, codes, act_bits=None), mag16, torch.float32, "w4a16, groups of 32")
+    _table_config_laws(codes, act_matrix(data.draw, m, codes.q_base.shape[1]), act_group_size, m,
+                       "default config, groups of 32")
 
 
 # Every bucket of the launch table: the interpreter's (splitk <= 8 < inloop <= 16 < reslate), and compiled the
@@ -330,16 +336,8 @@ def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_g
     """The launch table's own choice at each M (under the interpreter its table sends M <= 8 to
     splitk, M <= 16 to inloop and larger M to reslate), BLOCK_K shrunk to divide a 64-group, for
     the fused, unfused, int32 and W4A16 entry points."""
-    n, k = codes.q_base.shape
-    x = act_matrix(data.draw, m, k)
-    qx, sx, qxp, sxt = w4a4_inputs(x, act_group_size)
-    w = prepare_mosaic(codes, DEVICE)
-    ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
-    mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
-    for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
-        out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-        fn(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out)
-        assert_close(out, ref, mag, torch.float32, fn.__name__ + " default config")
+    qx, w = _table_config_laws(codes, act_matrix(data.draw, m, codes.q_base.shape[1]), act_group_size, m,
+                               "default config")
     if codes.group_size is None:
         b, r = mosaic_w4a4_gemm_int32(dev(R.pack_int4(qx)), w)
         q64 = qx.astype(np.int64)
@@ -347,13 +345,6 @@ def test_default_configs_at_small_and_large_m_match_reference(codes, data, act_g
         want_total = q64.astype(np.float64) @ R.mosaic_dequantize(unit_scales(codes)).T
         np.testing.assert_array_equal((b.cpu().numpy().astype(np.int64) + r.cpu().numpy()).astype(np.float64),
                                       want_total)
-    xt = torch.from_numpy(x).to(torch.bfloat16)  # bf16: no outlier overflows
-    x_used = xt.double().numpy()
-    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    y = mosaic_w4a16_gemm(xt.to(DEVICE), w, out_dtype=torch.float32, out=out)
-    ref16 = R.mosaic_matmul(x_used, codes, act_bits=None)
-    mag16 = np.abs(x_used) @ R.mosaic_dequantize(abs_codes(codes)).T
-    assert_close(y, ref16, mag16, torch.float32, "w4a16 default config")
 
 
 @pytest.mark.parametrize("cfg", [None] + K64, ids=_ids([None] + K64))
