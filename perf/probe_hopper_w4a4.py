@@ -166,19 +166,26 @@ def run_tma_set(results, sname, M, N, K, ca, cw, exact, out, budget_end):
                 launch = lambda: _probe_tma_kernel[grid](a_desc, w_desc, ca, w_t, out, M, N, K, ca.stride(0),
                                                          w_t.stride(0), HALVES=halves, TMA=tma, USE_ASM=True, **meta,
                                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-                out.fill_(float("nan"))
-                h = launch()
-                torch.cuda.synchronize()
-                ok = bool(torch.equal(out / 16.0, exact))
-                info = {}
-                try:
-                    info = dict(n_regs=h.n_regs, n_spills=h.n_spills, shared=h.metadata.shared,
-                                wgmma="wgmma" in h.asm.get("ptx", ""))
-                except Exception:  # noqa: BLE001
-                    pass
-                row(variant=vname, config=cfg, us=bench(launch), exact=ok, **info)
+                time_probe(row, vname, cfg, launch, out, exact, 16.0)
             except Exception as exc:  # noqa: BLE001
                 row(variant=vname, config=cfg, error=repr(exc)[:300])
+
+
+def time_probe(row, vname, cfg, launch, out, exact, scale):
+    """One probe kernel: run into a NaN-filled `out`, check `out / scale` equals the int32 product
+    exactly, record its registers / spills / shared memory / wgmma use where Triton reports them,
+    and its time."""
+    out.fill_(float("nan"))
+    h = launch()
+    torch.cuda.synchronize()
+    ok = bool(torch.equal(out / scale, exact))
+    info = {}
+    try:
+        info = dict(n_regs=h.n_regs, n_spills=h.n_spills, shared=h.metadata.shared,
+                    wgmma="wgmma" in h.asm.get("ptx", ""))
+    except Exception:  # noqa: BLE001 - a Triton version without these fields
+        pass
+    row(variant=vname, config=cfg, us=bench(launch), exact=ok, **info)
 
 
 def bench(fn, graph=True):
@@ -287,17 +294,7 @@ def main():
                     launch = lambda: _probe_kernel[grid](a_t, w_t, out, M, N, K, a_t.stride(0), w_t.stride(0),
                                                          A_FMT=afmt, W_FMT=wfmt, SWAP=swap, **meta,
                                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-                    out.fill_(float("nan"))
-                    h = launch()
-                    torch.cuda.synchronize()
-                    ok = bool(torch.equal(out / scale, exact))
-                    info = {}
-                    try:
-                        info = dict(n_regs=h.n_regs, n_spills=h.n_spills, shared=h.metadata.shared,
-                                    wgmma="wgmma" in h.asm.get("ptx", ""))
-                    except Exception:  # noqa: BLE001
-                        pass
-                    row(variant=vname, config=cfg, us=bench(launch), exact=ok, **info)
+                    time_probe(row, vname, cfg, launch, out, exact, scale)
                 except Exception as exc:  # noqa: BLE001
                     row(variant=vname, config=cfg, error=repr(exc)[:300])
         del ca, cw, exact, pa, pw, a8, w8, af8, wf8, x16, w16
