@@ -93,6 +93,13 @@ class Experiment:
         return synthetic.build(s.model, layers=s.layers, dtype=dtype or _DTYPES[s.dtype], device=s.device,
                                seed=s.seed, device_map=s.device_map)
 
+    def _run_meta(self, load_s, calibrate_s):
+        """The meta fields every prepared experiment records the same way."""
+        s = self.settings
+        return {"calib_tokens": int(self.calib_windows.numel()), "calib_context": s.calib_context,
+                "context": s.context, "backend": s.backend, "device": s.device, "dtype": s.dtype,
+                "load_s": load_s, "calibrate_s": calibrate_s}
+
     def _prepare_synthetic(self):
         s = self.settings
         if s.measure_ppl:
@@ -124,15 +131,8 @@ class Experiment:
             "eval_text": None,
             "eval_split": None,
             "texts": {"calibration": calib_desc},
-            "calib_tokens": int(self.calib_windows.numel()),
-            "calib_context": s.calib_context,
             "eval_tokens": None,
-            "context": s.context,
-            "backend": s.backend,
-            "device": s.device,
-            "dtype": s.dtype,
-            "load_s": t1 - t0,
-            "calibrate_s": t2 - t1,
+            **self._run_meta(t1 - t0, t2 - t1),
         }
         return self
 
@@ -165,15 +165,8 @@ class Experiment:
             "eval_text": eval_desc,
             "eval_split": s.eval_split,
             "texts": {**text.text_names(), "calibration": calib_desc, s.eval_split: eval_desc},
-            "calib_tokens": int(self.calib_windows.numel()),
-            "calib_context": s.calib_context,
             "eval_tokens": int(self.eval_windows.numel()),
-            "context": s.context,
-            "backend": s.backend,
-            "device": s.device,
-            "dtype": s.dtype,
-            "load_s": t1 - t0,
-            "calibrate_s": t2 - t1,
+            **self._run_meta(t1 - t0, t2 - t1),
         }
         return self
 
