@@ -44,19 +44,22 @@ def _gemm_bytes(m, n, k, act_scale_count):
     return m * k // 2 + 4 * act_scale_count + n * k // 2 + 4 * n + 2 * m * n
 
 
-@pytest.mark.gpu
-def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
-    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
-    acts = _packed_acts(m, shape.k, None)
-
+def _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, acts, method, bytes_moved, **extra):
+    """`w4a4_gemm` on per-token activation codes `acts` (either layout) against copy i of the weights."""
     def make_fn(i):
         qx, sx = clone_operands(acts) if i else acts
         qw, sw = _weights(weight_cache, shape, i)
         return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False)
 
-    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4", role="ours", shape=shape,
-                 m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
-                 bytes_moved=_gemm_bytes(m, shape.n, shape.k, m))
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method=method, role="ours", shape=shape, m=m,
+                 flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=bytes_moved, **extra)
+
+
+@pytest.mark.gpu
+def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
+    w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
+    _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, _packed_acts(m, shape.k, None), "zq_w4a4",
+                     _gemm_bytes(m, shape.n, shape.k, m))
 
 
 @pytest.mark.gpu
@@ -64,16 +67,9 @@ def test_zq_w4a4_i8(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     acts = (torch.randint(-8, 8, (m, shape.k), device="cuda", dtype=torch.int8),
             torch.rand(m, device="cuda") * 0.1 + 0.01)
-
-    def make_fn(i):
-        qx, sx = clone_operands(acts) if i else acts
-        qw, sw = _weights(weight_cache, shape, i)
-        return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False)
-
-    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_i8", role="ours", shape=shape,
-                 m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
-                 bytes_moved=_gemm_bytes(m, shape.n, shape.k, m) + m * shape.k // 2,
-                 notes=["activation codes as int8 bytes [M, K]"])
+    _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, acts, "zq_w4a4_i8",
+                     _gemm_bytes(m, shape.n, shape.k, m) + m * shape.k // 2,
+                     notes=["activation codes as int8 bytes [M, K]"])
 
 
 @pytest.mark.gpu

@@ -82,14 +82,19 @@ def table_rows(records):
     return rows
 
 
-def format_table(records):
-    """Fixed-width text table: perplexity, ratio to fp16, bits per weight, layer error, table stats."""
-    rows = [list(COLUMNS)] + table_rows(records)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def _fixed_width(columns, body):
+    """Header, a rule, then the rows: the first column left-aligned, the others right-aligned."""
+    rows = [list(columns)] + body
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_table(records):
+    """Fixed-width text table: perplexity, ratio to fp16, bits per weight, layer error, table stats."""
+    return _fixed_width(COLUMNS, table_rows(records))
 
 
 def speed_entries(rec):
@@ -122,12 +127,7 @@ def speed_table(records):
     """Fixed-width text table of every timed batch size: prefill and decode tokens/s (the decode
     mode that `decode t/s` is, the eager decode beside it), whether the CUDA graph's tokens equal
     the same step run eagerly, peak GPU memory, bits per weight and quantization time."""
-    rows = [list(SPEED_COLUMNS)] + speed_rows(records)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SPEED_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return _fixed_width(SPEED_COLUMNS, speed_rows(records))
 
 
 def _md_table(header, rows):
