@@ -1,5 +1,17 @@
-"""Fixtures shared by the pipeline's tests."""
+"""Fixtures shared by the pipeline's tests.
+
+Without a CUDA GPU, Triton kernels run under its CPU interpreter: TRITON_INTERPRET=1 is set here,
+before any test module imports a module that decorates a kernel (Triton fixes interpreted or
+compiled at decoration), as verify/conftest.py does for verify/. Set per test module instead, a
+module collected earlier in the same process could import `perf/bench_baselines.py` compiled.
+"""
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
