@@ -6,7 +6,9 @@
 - zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales, packed activations.
 - zq_w4a4_aq:   what a layer runs: fp16 X -> `quantize_activations` (fused smoothing) -> GEMM,
                 in the activation layout the launch table names for this M (`w4a4.act_layout`),
-                the fair figure beside cuBLAS FP16, which takes fp16 X too.
+                the fair figure beside cuBLAS FP16, which takes fp16 X too ("fused" buckets
+                excepted: those run zq_w4a4_fused's one launch).
+- zq_w4a4_fused: fp16 X -> `w4a4_gemv_quant` (the quantizer inside the gemv GEMV), M <= 4.
 Integer math on Hopper's INT8 tensor cores (no INT4 MMA): rates are TOPS. Each benchmark hands
 the harness a factory of calls over copies of its operands (perf/conftest.py: back-to-back timing).
 
@@ -93,6 +95,8 @@ def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     quantize_activations = zq_kernel("zqkernels.gpu.actquant", "quantize_activations")
     act_layout = zq_kernel("zqkernels.gpu.w4a4", "act_layout")(m, None, torch.device("cuda"))
+    if act_layout == "fused":
+        act_layout = "int4"  # the two launches a fused bucket saves, timed as the gemv would take them
     inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)
 
     def make_fn(i):
@@ -113,6 +117,32 @@ def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
                  flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved, act_layout=act_layout,
                  notes=[f"activation quantization (smoothing, per-token scales, {act_layout} codes) + GEMM, "
                         "two launches"])
+
+
+@pytest.mark.gpu
+def test_zq_w4a4_fused(zq_bench, weight_cache, zq_kernel, shape, m):
+    """The layer's product in one launch, `w4a4_gemv_quant` (quantizer in the GEMV's prologue), on
+    the M = 1 bucket's gemv tiles: beside `zq_w4a4_aq` it says whether a gemv bucket should be
+    "fused". At M > 4 the gemv variant loses to splitk by 3-7x (DESIGN.md): not timed there."""
+    if m > 4:
+        pytest.skip("the fused GEMV is for M <= 4")
+    from zqkernels.gpu.configs import launch_config
+
+    gemv_quant = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemv_quant")
+    cfg = launch_config("w4a4", "per_token", 1, torch.device("cuda"))
+    if cfg["variant"] != "gemv":
+        pytest.skip(f"this GPU's M = 1 bucket is {cfg['variant']}, not gemv")
+    inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)
+
+    def make_fn(i):
+        x, inv_s = clone_operands(inputs) if i else inputs
+        qw, sw = _weights(weight_cache, shape, i)
+        return lambda: gemv_quant(x, inv_s, qw, sw, config=cfg, check_finite=False)
+
+    moved = 2 * m * shape.k + 4 * shape.k + shape.n * shape.k // 2 + 4 * shape.n + 2 * m * shape.n
+    zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_fused", role="ours", shape=shape, m=m,
+                 flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=moved,
+                 notes=["smoothing + per-token quantization inside the gemv GEMV, one launch"])
 
 
 # The oracle on the CPU: tiny, fixed layer (not the --shapes grid), so it runs anywhere in seconds.

@@ -22,12 +22,23 @@ def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
                 num_stages=S, **kw)
 
 
+def gemv(m):
+    """CUDA-core candidates for a few tokens (M <= 4; BLOCK_M rows of tokens per program). At
+    M = 16 the best, BLOCK_M 8, was 3.3-7.4x slower than splitk (tune_w4a4_small_m_group.json):
+    each weight word is multiplied once per token, on the CUDA cores."""
+    return [dict(variant="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k, num_warps=w, num_stages=s, SPLIT_K=0,
+                 SPLIT_TARGET_CTAS=t)
+            for bm in (1, 2, 4) if m <= 4 and bm <= m < 2 * bm
+            for bn, k in ((32, 512), (64, 256), (64, 512), (128, 256)) for w in (4, 8) for s in (1, 3)
+            for t in (528,)]
+
+
 def tiles(m, group):
     bk = 128 if group else 256
     if m <= 16:
-        return [C("splitk", 16, bn, k, W=4, S=s, GM=1, SPLIT_K=0, SWAP_AB=True, SPLIT_TARGET_CTAS=t)
-                for bn in (64, 128) for k in (bk, 2 * bk) for s in (3, 4) for t in (264, 396)
-                if not (group and k > group)]
+        return gemv(m) + [C("splitk", 16, bn, k, W=4, S=s, GM=1, SPLIT_K=0, SWAP_AB=True, SPLIT_TARGET_CTAS=t)
+                          for bn in (64, 128) for k in (bk, 2 * bk) for s in (3, 4) for t in (264, 396)
+                          if not (group and k > group)]
     if m <= 256:
         return [C("splitk", 64, bn, bk, W=4, S=4, SPLIT_K=0) for bn in (64, 128)] + \
                [C("gemm", bm, bn, bk, W=w, S=s) for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 4),
@@ -38,8 +49,11 @@ def tiles(m, group):
 
 
 def candidates(m, group):
-    """Every tile config once per activation layout, the two side by side."""
-    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in ACT_LAYOUTS]
+    """Every tile config once per activation layout, the two side by side; at M <= 16 packed int4
+    only (a few KB of activations: the int8 codes save nothing there and were equal to 12 % slower
+    in reports/results/h200/perf_w4a4_b2b.json)."""
+    layouts = ("int4",) if m <= 16 else ACT_LAYOUTS
+    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in layouts]
 
 
 def rand_packed(rows, k, gen):
@@ -57,7 +71,9 @@ def in_layout(p, layout):
 
 
 def main():
-    args = parser(__doc__).parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--scales", default="per_token,group", help="the table sections to tune (comma-separated)")
+    args = ap.parse_args()
     sweep = Sweep("w4a4", args)
     sweep.record["timed"] = "w4a4_gemm alone, activations in the candidate's act_layout"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -95,6 +111,8 @@ def main():
         return err < 1e-5, f"max rel error {err:.2e} (fp32 accumulation of rescaled int32 partials)"
 
     for group, scales in ((None, "per_token"), (128, "group")):
+        if scales not in args.scales.split(","):
+            continue
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
                 qx, sx, qw, sw = operands(shape, m, group)

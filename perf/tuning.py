@@ -13,7 +13,8 @@ bytes the call touches (its operands and its output: `timing.operand_bytes`), `-
 (a smoke run under the interpreter) there is no L2 to span: one call per replay.
 The winner of a bucket has the lowest geometric mean of time / best time over the shapes.
 Winners are written into the family's section of `zqkernels/gpu/configs/<gpu>.json` (the file is
-created from default.json when the GPU has none, its other families kept as they are), and every
+created from default.json when the GPU has none, its other families kept as they are; a bucket the
+run tuned replaces the table's bucket of that M, the others stay as they were), and every
 timing into the results JSON named on the command line, so a table's numbers can be traced.
 """
 from __future__ import annotations
@@ -165,8 +166,10 @@ class Sweep:
         table = json.loads(path.read_text() if path.exists() else (CONFIG_DIR / "default.json").read_text())
         key = section_key or self.family
         for scales, buckets in self.record["winners"].items():
-            table.setdefault(key, {})[scales] = {m: {k: v for k, v in cfg.items() if k != "us"}
-                                                 for m, cfg in sorted(buckets.items(), key=lambda kv: int(kv[0]))}
+            # the buckets this run tuned replace theirs; the section's other buckets stay
+            merged = dict(table.setdefault(key, {}).get(scales, {}))
+            merged.update({m: {k: v for k, v in cfg.items() if k != "us"} for m, cfg in buckets.items()})
+            table[key][scales] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
         table.setdefault("match", [device_name()])
         table.setdefault("_tuned_by", {})[key] = {"command": self.record["command"],
                                                   "results": Path(self.args.out).name}

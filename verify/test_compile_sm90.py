@@ -166,6 +166,12 @@ def _drive_w4a4(table):
             for qx in (torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=gen),
                        torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen)):
                 w4a4.w4a4_gemm(qx.to(KERNEL_DEVICE), sx, qw, sw, group, torch.float16, check_finite=False)
+            x = torch.randn(m, k).half().to(KERNEL_DEVICE)
+            w4a4.w4a4_linear(x, None, qw, sw, group, torch.float16)  # the layers' path: a "fused" bucket's GEMV
+            cfg = configs.launch_config("w4a4", scales, m, KERNEL_DEVICE)
+            if cfg["variant"] == "gemv":  # any gemv bucket may be made "fused": its tiles compile that way too
+                inv = torch.rand(k).to(KERNEL_DEVICE) + 0.5
+                w4a4.w4a4_gemv_quant(x, inv, qw, sw, group, torch.float16, config=cfg, check_finite=False)
     for scales, group in (("per_channel", None), ("group", 128)):
         swg = (torch.rand(n) if group is None else torch.rand(n, -(-k // group))).to(KERNEL_DEVICE) + 0.1
         for m in _ms(table["w4a16"][scales]):

@@ -3,7 +3,8 @@
 - Every bucket of every table names a variant its family ships and tile parameters that variant
   can launch (power-of-two tiles, swap-AB tiles with BLOCK_N >= 64: the MMA's M side; int8 planes
   with BLOCK_K >= 64: an int8 dot is >= 32 deep), and every w4a4 bucket an activation layout
-  (`act_layout`, required); the interpreter's table sends both layouts through both variants.
+  (`act_layout`, required: int4, int8, or "fused" in a gemv bucket); the interpreter's table sends
+  both layouts through every variant and has a fused bucket in each scale section.
 - The loader matches a GPU's name to its table, picks the smallest bucket >= M, and falls back
   to default.json only with a warning.
 """
@@ -36,9 +37,14 @@ def test_every_bucket_names_a_launchable_variant(path):
             for cfg in buckets.values():
                 assert cfg["variant"] in variants, (path.name, family, cfg)
                 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-                    assert _pow2(cfg[key]), (path.name, family, cfg)
+                    if cfg["variant"] == "gemv" and key == "BLOCK_M":  # tokens on the CUDA cores: 1, 2, 4, ...
+                        assert cfg[key] >= 1 and cfg[key] & (cfg[key] - 1) == 0, (path.name, cfg)
+                    else:
+                        assert _pow2(cfg[key]), (path.name, family, cfg)
                 assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] >= 1
-                if cfg["variant"] == "splitk":
+                if cfg["variant"] == "gemv":
+                    assert cfg["BLOCK_K"] >= 32 and cfg["SPLIT_K"] >= 0 and "PLANES" not in cfg, (path.name, cfg)
+                elif cfg["variant"] == "splitk":
                     assert cfg["SPLIT_K"] >= 0
                 else:
                     assert "SPLIT_K" not in cfg and "SWAP_AB" not in cfg, (path.name, cfg)
@@ -47,7 +53,8 @@ def test_every_bucket_names_a_launchable_variant(path):
                 if cfg.get("PLANES") and family == "w4a4":
                     assert cfg["BLOCK_K"] >= 64
                 if family == "w4a4":
-                    assert cfg["act_layout"] in w4a4.ACT_LAYOUTS, (path.name, scales, cfg)
+                    assert cfg["act_layout"] in w4a4.TABLE_ACT_LAYOUTS, (path.name, scales, cfg)
+                    assert cfg["act_layout"] != "fused" or cfg["variant"] == "gemv", (path.name, scales, cfg)
                 else:
                     assert "act_layout" not in cfg, (path.name, family, cfg)
     for cfg in table["mosaic"]["w4a4"].values():
@@ -79,9 +86,9 @@ def test_every_shipped_variant_appears_in_some_table():
 def test_the_interpreter_table_sends_both_layouts_through_both_variants():
     table = json.loads((configs.CONFIG_DIR / "interpreter.json").read_text())
     pairs = {(c["variant"], c["act_layout"]) for b in table["w4a4"].values() for c in b.values()}
-    assert pairs == {(v, a) for v in w4a4.VARIANTS for a in w4a4.ACT_LAYOUTS}
+    assert pairs == {(v, a) for v in w4a4.VARIANTS for a in w4a4.ACT_LAYOUTS} | {("gemv", "fused")}
     for buckets in table["w4a4"].values():
-        assert {c["act_layout"] for c in buckets.values()} == set(w4a4.ACT_LAYOUTS)
+        assert {c["act_layout"] for c in buckets.values()} == set(w4a4.TABLE_ACT_LAYOUTS)
 
 
 def test_act_layout_reads_the_bucket_and_refuses_a_bucket_without_one(monkeypatch):
@@ -142,4 +149,4 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
             assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
     assert "M>1024: gemm" in text
     layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
-    assert layouts and all(l.count(" act int") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout
+    assert layouts and all(l.count(" act ") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout

@@ -20,7 +20,7 @@ from zqkernels import ops
 from zqkernels.gpu import configs
 from zqkernels.gpu.actquant import quantize_activations
 from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
-from zqkernels.gpu.w4a4 import act_layouts, w4a4_gemm
+from zqkernels.gpu.w4a4 import act_layouts, w4a4_gemm, w4a4_gemv_quant
 from zqkernels.gpu.w4a16 import w4a16_gemm
 from zqkernels.gpu.zipper_high import zipper_gpu_linear
 from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
@@ -71,24 +71,47 @@ def test_w4a4_gemm_op(group, out_dtype, layout):
     assert torch.equal(torch.ops.zq.w4a4_gemm(*args), w4a4_gemm(qx, sx, w.packed, w.scale, group or None, out_dtype))
 
 
+@pytest.mark.parametrize("group, out_dtype", [(0, torch.float16), (32, torch.float32)])
+def test_w4a4_gemv_quant_op(group, out_dtype):
+    w = _dense(40, 96)
+    x, inv = _x(1, 96), torch.rand(96, device=DEVICE) + 0.5
+    args = (x, inv, w.packed, w.scale, group, out_dtype)
+    torch.library.opcheck(torch.ops.zq.w4a4_gemv_quant, args, test_utils=CHECKS)
+    assert torch.equal(torch.ops.zq.w4a4_gemv_quant(*args),
+                       w4a4_gemv_quant(x, inv, w.packed, w.scale, group or None, out_dtype, config=_gemv_config(group)))
+
+
+def _gemv_config(group):
+    """The table's gemv bucket of this scale section (the interpreter's has one, the GPU tables
+    name gemv at M = 1)."""
+    scales = "per_token" if not group else "group"
+    buckets = configs.table_for(torch.device(DEVICE))["w4a4"][scales]
+    return next(dict(c) for c in buckets.values() if c["variant"] == "gemv")
+
+
 @pytest.mark.parametrize("group", [None, 32])
 def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     """For an M in each bucket of this device's launch table the layer quantizes in that bucket's
-    act_layout, and the output equals the launcher's on packed codes, exactly. The same walk with
-    the buckets' layouts alternating int4 / int8 runs both layouts on every device, whichever
-    one its table names (the GPU tables name int4 throughout; the interpreter's alternates)."""
+    act_layout, or for a "fused" bucket runs the GEMV that quantizes inside itself, and the output
+    equals the launcher's on packed codes, exactly. The same walk with the buckets' layouts
+    alternating int4 / int8 runs both layouts on every device, whichever one its table names."""
     w = _dense(40, 96)
     inv = torch.rand(96, device=DEVICE) + 0.5
     scales = "per_token" if group is None else "group"
     buckets = configs.table_for(torch.device(DEVICE))["w4a4"][scales]
     seen = []
-    real = ops._IMPLS["quantize_activations"]  # what ops.call runs outside torch.compile
+    real_q, real_f = ops._IMPLS["quantize_activations"], ops._IMPLS["w4a4_gemv_quant"]  # what ops.call runs eagerly
 
-    def spy(x, inv_smooth, group_size, layout="int4"):
+    def spy_q(x, inv_smooth, group_size, layout="int4"):
         seen.append(layout)
-        return real(x, inv_smooth, group_size, layout)
+        return real_q(x, inv_smooth, group_size, layout)
 
-    monkeypatch.setitem(ops._IMPLS, "quantize_activations", spy)
+    def spy_f(*args):
+        seen.append("fused")
+        return real_f(*args)
+
+    monkeypatch.setitem(ops._IMPLS, "quantize_activations", spy_q)
+    monkeypatch.setitem(ops._IMPLS, "w4a4_gemv_quant", spy_f)
     keys = sorted(int(k) for k in buckets)
     assert len(keys) >= 2, "the walk needs two buckets to alternate layouts"
     ms = [keys[0]] + [k + 1 for k in keys[:-1]]  # ms[j] falls in bucket j

@@ -15,12 +15,13 @@ Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from strategies import codes, examples
-from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
+from strategies import codes, examples, matrices
+from zqkernels.gpu.actquant import quantize_activations
+from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32, w4a4_gemv_quant
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}
@@ -44,7 +45,10 @@ CONFIGS = [
     dict(variant="splitk", BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, GROUP_M=1, PLANES=False, SWAP_AB=True,
          num_warps=4, num_stages=1),
     dict(variant="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, PLANES=True, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
 ]
+GEMV_SPLIT, GEMV_WIDE = CONFIGS[-2], CONFIGS[-1]
 
 
 def dev(a, dtype=None):
@@ -164,12 +168,167 @@ def test_llama_shapes_int32_exact_compiled(m, n, k, layout):
         assert err < 1e-3, err  # fp16 output rounding (2**-11 relative per element)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4002)])
+def test_llama_shapes_gemv_quant_compiled(m, n, k):
+    """The fused GEMV on the M = 1 bucket's tiles (K = 4002: rows of 2001 bytes, the byte path),
+    against the quantizer + gemv product: per-token exactly, groups of 128 too (same K tiles)."""
+    from zqkernels.gpu.configs import launch_config
+
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").half()
+    x[0, 7] = 300.0  # one outlier channel
+    inv = torch.rand(k, generator=gen, device="cuda") + 0.5
+    pw = torch.randint(0, 256, (n, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+    sw = torch.rand(n, generator=gen, device="cuda") * 0.1 + 1e-3
+    for group, scales in ((None, "per_token"), (128, "group")):
+        cfg = launch_config("w4a4", scales, 1, torch.device("cuda"))
+        assert cfg["variant"] == "gemv" and cfg["BLOCK_K"] >= 128, cfg
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        fused = w4a4_gemv_quant(x, inv, pw, sw, group, out=out, config=cfg)
+        qx, sx = quantize_activations(x, inv, group)
+        assert torch.equal(fused, w4a4_gemm(qx, sx, pw, sw, group, config=cfg))  # exact
+
+
+def _misaligned(t):
+    """The same values at a data pointer 1 byte past a 4-byte boundary (still contiguous)."""
+    buf = torch.empty(t.numel() + 4, dtype=t.dtype, device=t.device)
+    start = (4 - buf.data_ptr() % 4) % 4 + 1
+    out = buf[start:start + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 4 == 1
+    return out
+
+
+# The gemv variant's load paths, each deterministically: int32 words (K a multiple of 8, rows
+# 4-byte aligned) or bytes assembled into words (K not a multiple of 8, or a misaligned pointer);
+# per-token int32, and group scales with several groups per K tile (BLOCK_K 64, groups of 32) and
+# one group over several tiles (BLOCK_K 32, groups of 64).
+@pytest.mark.parametrize("layout", ACT_LAYOUTS)
+@pytest.mark.parametrize("k, misalign", [(256, False), (136, False), (130, False), (256, True)])
+def test_gemv_load_paths_equal_the_oracle(k, misalign, layout):
+    from zqkernels.gpu import w4a4
+
+    rng = np.random.default_rng(k + misalign)
+    m, n = 3, 37
+    qx = rng.integers(-8, 8, (m, k)).astype(np.int8)
+    qw = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    qx[1] = -8
+    qw[0] = -8  # the largest magnitude: products of +64
+    px, pw = acts(qx, layout), dev(R.pack_int4(qw))
+    if misalign:
+        px, pw = _misaligned(px), _misaligned(pw)
+    words = pw.shape[1] % 4 == 0 and px.data_ptr() % 4 == 0 and pw.data_ptr() % 4 == 0
+    assert words == (k % 8 == 0 and not misalign)  # the path this case is for
+    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    for cfg in (GEMV_SPLIT, GEMV_WIDE):
+        out = torch.full((m, n), POISON_I32, dtype=torch.int32, device=DEVICE)
+        np.testing.assert_array_equal(w4a4.w4a4_gemm_int32(px, pw, out=out, config=cfg).cpu().numpy(), exact)
+        for group in (32, 64):
+            g = -(-k // group)
+            sx = rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32)
+            sw = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
+            y = w4a4.w4a4_gemm(px, dev(sx), pw, dev(sw), act_group_size=group, out_dtype=torch.float32, config=cfg)
+            ref = R.w4a4_matmul(qx, sx.astype(np.float64), qw, sw.astype(np.float64), act_group_size=group)
+            mag = R.w4a4_matmul(np.abs(qx), sx.astype(np.float64), np.abs(qw), sw.astype(np.float64),
+                                act_group_size=group)
+            # fp32 accumulation of the rescaled int32 group sums (module docstring)
+            np.testing.assert_array_less(np.abs(y.double().cpu().numpy() - ref), 2.0**-22 * np.abs(ref) + 2.0**-20 * mag)
+
+
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FINITE_MAX = {"float16": 6e4, "bfloat16": 3e38, "float32": 3e38}
+
+
+@st.composite
+def float_acts(draw):
+    """x [M, K] (K even) of an adversarial kind (ties, an outlier, zero rows, ...) in a float dtype,
+    the weights' codes, and an optional smoothing vector."""
+    dtype = draw(st.sampled_from(sorted(FLOAT_DTYPES)))
+    x = draw(matrices(max_rows=3, max_cols=200, min_cols=2, even_cols=True))
+    x = np.clip(x, -FINITE_MAX[dtype], FINITE_MAX[dtype])
+    n = draw(st.integers(1, 40))
+    qw = draw(codes(-8, 7, shape=(n, x.shape[1])))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    inv = rng.uniform(0.05, 20.0, x.shape[1]).astype(np.float32) if draw(st.booleans()) else None
+    return dtype, x, qw.astype(np.int8), inv
+
+
+def _fused_and_two_step(dtype, x, qw, inv, group, cfg, out_dtype=torch.float32):
+    xt = dev(x).to(FLOAT_DTYPES[dtype])
+    inv_t = None if inv is None else dev(inv)
+    pw = dev(R.pack_int4(qw))
+    sw = dev(np.random.default_rng(0).uniform(1e-3, 1e-1, qw.shape[0]).astype(np.float32))
+    out = torch.full((x.shape[0], qw.shape[0]), float("nan"), dtype=out_dtype, device=DEVICE)
+    fused = w4a4_gemv_quant(xt, inv_t, pw, sw, group, out_dtype, out=out, config=cfg, check_finite=False)
+    assert fused.data_ptr() == out.data_ptr()
+    qx, sx = quantize_activations(xt, inv_t, group, check_finite=False)
+    return fused, w4a4_gemm(qx, sx, pw, sw, group, out_dtype, config=cfg, check_finite=False)
+
+
+# The GEMV with the quantizer in its prologue gives the quantizer's codes and scales bit for bit:
+# per-token its output is the two-step product's exactly; with groups too where both take the
+# same K tiles (BLOCK_K >= group: the same fp32 order of the group sums).
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, GEMV_WIDE], ids=["split", "wide"])
+@settings(max_examples=examples(5))
+@given(case=float_acts(), group=st.sampled_from([None, 32]))
+@example(case=("float32", np.array([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5]]), np.ones((3, 6), np.int8), None), group=None)
+@example(case=("float16", np.zeros((2, 8)), np.full((5, 8), -8, np.int8), None), group=32)  # all-zero rows
+def test_gemv_quant_equals_quantizer_then_gemv(case, group, cfg):
+    dtype, x, qw, inv = case
+    fused, two_step = _fused_and_two_step(dtype, x, qw, inv, group, cfg)
+    assert torch.equal(fused, two_step)  # exact
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemv_quant_output_dtypes_and_a_non_finite_row(out_dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 128))
+    x[1, 5] = np.inf  # its token's outputs are NaN, the others finite and exact
+    qw = rng.integers(-8, 8, (24, 128)).astype(np.int8)
+    for group in (None, 32):  # BLOCK_K 32: the same K tiles in both (see above)
+        fused, two_step = _fused_and_two_step("float32", x, qw, None, group, GEMV_SPLIT, out_dtype)
+        assert fused.dtype == out_dtype
+        assert torch.isnan(fused[1]).all() and torch.isfinite(fused[[0, 2]]).all()
+        assert torch.equal(fused[[0, 2]], two_step[[0, 2]])  # exact
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: w4a4_gemv_quant(_c(1, 16), None, _p(3), _s(3)), "x dtype must be"),
+        (lambda: w4a4_gemv_quant(_f(1, 15), None, _p(3), _s(3)), "K must be even"),
+        (lambda: w4a4_gemv_quant(_f(1, 32), None, _p(3), _s(3)), "qw_packed has K/2=8"),
+        (lambda: w4a4_gemv_quant(_f(1, 16), None, _p(3), _s(4)), "w_scale"),
+        (lambda: w4a4_gemv_quant(_f(1, 16), _s(8), _p(3), _s(3)), "inv_smooth"),
+        (lambda: w4a4_gemv_quant(_f(1, 16), None, _p(3), _s(3), act_group_size=48), "group_size"),
+        (lambda: w4a4_gemv_quant(_f(1, 16), None, _p(3), _s(3), config=CONFIGS[1]), "gemv variant"),
+        (lambda: w4a4_gemv_quant(_f(1, 16) * float("nan"), None, _p(3), _s(3)), "x holds NaN or Inf"),
+    ],
+)
+def test_gemv_quant_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_gemv_refuses_a_block_k_below_four_words():
+    qx, qw = _p(1, 8), _p(3, 8)
+    with pytest.raises(ValueError, match="gemv config BLOCK_K must be a power of two >= 32"):
+        w4a4_gemm_int32(qx, qw, config=dict(GEMV_SPLIT, BLOCK_K=16))
+
+
 def _p(r=4, c=8):
     return torch.zeros(r, c, dtype=torch.uint8, device=DEVICE)
 
 
 def _c(r=4, k=16):
     return torch.zeros(r, k, dtype=torch.int8, device=DEVICE)
+
+
+def _f(r, k):
+    return torch.ones(r, k, dtype=torch.float16, device=DEVICE)
 
 
 def _s(*shape):

@@ -304,13 +304,12 @@ def smooth_host(x_host, inv_smooth_host, out32):
 
 
 def gpu_low_part(x, weights):
-    """Low part on the GPU: fused smooth + quantize, W4A4 GEMM, float32 [M, N], current stream."""
-    from zqkernels.gpu.actquant import quantize_activations
-    from zqkernels.gpu.w4a4 import w4a4_gemm
+    """Low part on the GPU: smooth + quantize + W4A4 GEMM as the launch table says for this M
+    (`w4a4.w4a4_linear`), float32 [M, N], current stream."""
+    from zqkernels.gpu.w4a4 import w4a4_linear
 
-    qx, sx = quantize_activations(x, weights.inv_smooth, group_size=weights.act_group_size, check_finite=False)
-    return w4a4_gemm(qx, sx, weights.qw_packed, weights.w_scale, act_group_size=weights.act_group_size, check_finite=False,
-                     out_dtype=torch.float32)
+    return w4a4_linear(x, weights.inv_smooth, weights.qw_packed, weights.w_scale, weights.act_group_size,
+                       torch.float32)
 
 
 def reference_gpu_part(x, weights):

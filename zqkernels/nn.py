@@ -165,10 +165,13 @@ def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_
     """The triton W4A4 layers' product of x2 [M, K] with a `DenseInt4` (per-channel scales): fused
     smooth + quantize in the activation layout of this M's launch-table bucket (`act_layouts`, from
     `zqkernels.gpu.w4a4.act_layouts` at build time), then the GEMM, which reads the layout from the
-    codes' dtype."""
+    codes' dtype; or, where the bucket names "fused", `w4a4_gemv_quant` alone (the same codes)."""
     from zqkernels.gpu.w4a4 import pick_act_layout
 
     layout = pick_act_layout(x2.shape[0], act_layouts)
+    if layout == "fused":  # a gemv bucket that quantizes inside the GEMV: one launch
+        return ops.call("w4a4_gemv_quant", x2, inv_smooth, weights.packed, weights.scale, act_group_size or 0,
+                        out_dtype)
     qx, sx = ops.call("quantize_activations", x2, inv_smooth, act_group_size or 0, layout)
     return ops.call("w4a4_gemm", qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
 

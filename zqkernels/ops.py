@@ -83,6 +83,20 @@ def _(qx, sx, qw, sw, act_group_size, out_dtype):
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
 
 
+@_op("w4a4_gemv_quant")
+def w4a4_gemv_quant(x: torch.Tensor, inv_smooth: torch.Tensor | None, qw: torch.Tensor, sw: torch.Tensor,
+                    act_group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    from zqkernels.gpu.w4a4 import w4a4_gemv_quant as launch
+
+    return launch(x, inv_smooth, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype,
+                  check_finite=False)
+
+
+@w4a4_gemv_quant.register_fake
+def _(x, inv_smooth, qw, sw, act_group_size, out_dtype):
+    return x.new_empty((x.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
 @_op("w4a16_gemm")
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:
     from zqkernels.gpu.w4a16 import w4a16_gemm as launch

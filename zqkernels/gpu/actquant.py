@@ -76,7 +76,8 @@ def _load_tile(x_ptr, inv_ptr, row_off, k0, K, NG: tl.constexpr, HALF: tl.conste
 
 
 @triton.jit
-def _max_propagating_nan(a, b):
+def max_nan(a, b):
+    """max, NaN when either is NaN (the combine of every absmax reduction here and in the GEMV)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -85,26 +86,32 @@ def _absmax(x):
     """Per group max |x|, NaN when any element is NaN (max.NaN: no instruction more than a plain
     max, so flagging non-finite input costs the memory-bound kernel nothing) and Inf for an Inf."""
     a = tl.abs(x)
-    return tl.reduce(tl.reduce(a, 2, _max_propagating_nan), 1, _max_propagating_nan)
+    return tl.reduce(tl.reduce(a, 2, max_nan), 1, max_nan)
 
 
 @triton.jit
-def _scale_of(amax):
+def scale_of(amax):
     """scale = div_rn(absmax, 7); NaN for a group holding NaN or Inf."""
     seven = tl.full(amax.shape, 7.0, tl.float32)
     return tl.where(amax < float("inf"), div_rn(amax, seven), float("nan"))  # NaN < inf is false
 
 
 @triton.jit
-def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
+def codes_of(x, scale):
+    """int32 codes clip(rint(div_rn(x, scale)), -8, 7) of float32 x, `scale` broadcast against it;
+    0 where the scale is 0 (a zero group) or NaN (a non-finite group emits no code)."""
     safe = tl.where(scale == 0.0, 1.0, scale)
-    v = div_rn(x, safe[:, None, None])
+    v = div_rn(x, safe)
     # clip before rounding: the same as rounding then clipping (the bounds are integers), and
     # keeps |v| small enough for rint_f32; inf (tiny nonzero scale) clips like numpy's clip.
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
     codes = rint_f32(v).to(tl.int32)
-    # a zero group has codes 0; a non-finite group (scale NaN) emits no code either
-    codes = tl.where(((scale == 0.0) | (scale != scale))[:, None, None], 0, codes)
+    return tl.where((scale == 0.0) | (scale != scale), 0, codes)
+
+
+@triton.jit
+def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
+    codes = codes_of(x, scale[:, None, None])
     j = tl.arange(0, 2)[None, None, :]
     if INT8:  # one code per byte, natural order: channel k at byte k of the row
         kk3 = k0 + tl.arange(0, NG)[:, None, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :, None] + j
@@ -132,7 +139,7 @@ def _quantize_activations_kernel(
     if N_CHUNKS == 1:
         k0 = pid_k * BLOCK_K
         x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, HALF, HAS_INV)
-        scale = _scale_of(_absmax(x))
+        scale = scale_of(_absmax(x))
         _store_codes(x, scale, q_ptr, q_row, k0, K, NG, HALF, INT8)
         gi = pid_k * NG + tl.arange(0, NG)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + gi, scale, mask=gi * GROUP < K)
@@ -140,8 +147,8 @@ def _quantize_activations_kernel(
         amax = tl.zeros((NG,), tl.float32)
         for c in range(N_CHUNKS):
             x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, HALF, HAS_INV)
-            amax = _max_propagating_nan(amax, _absmax(x))
-        scale = _scale_of(amax)
+            amax = max_nan(amax, _absmax(x))
+        scale = scale_of(amax)
         for c in range(N_CHUNKS):
             x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, HALF, HAS_INV)
             _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, HALF, INT8)

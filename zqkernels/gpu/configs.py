@@ -7,7 +7,8 @@ which M is a measured, per-GPU decision, so it is data too. `scales` names the s
 config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
 `per_channel` / `group` weight scales for W4A16). Every `w4a4` bucket also names the activation
 layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per byte) or `"int8"`
-(one code per byte, no unpack in the GEMM; `w4a4.act_layout`); the key is required (no default).
+(one code per byte, no unpack in the GEMM; `w4a4.act_layout`), or, in a `gemv` bucket, `"fused"`
+(the layers run `w4a4.w4a4_gemv_quant`, which quantizes inside the GEMV); the key is required.
 In h100.json, h200.json and default.json it is set by hand from the H200 probe (DESIGN.md,
 "Leads"): int8 in the buckets of M >= 256, int4 below, until `perf/tune_w4a4.py`, whose
 candidates carry both, re-tunes a table. A table names the GPUs it is for in `"match"` (substrings of

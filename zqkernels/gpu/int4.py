@@ -64,3 +64,55 @@ def pack_lo_hi(lo, hi):
     """int32 code tiles in [-8, 7] (elements 2i, 2i+1) -> uint8 tile of packed bytes."""
     return ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
 
+
+
+# Word-wise helpers for kernels that multiply on the CUDA cores (no MMA), e.g. a GEMV at M = 1:
+# one int32 word holds four packed bytes, i.e. eight codes.
+NIBBLE_TOPS = tl.constexpr(-252645136)  # 0xF0F0F0F0 as an int32
+
+
+@triton.jit
+def unpack_words_x16(w):
+    """int32 words of packed bytes -> (lo, hi) int32 words whose four int8 bytes are 16 * the codes
+    of the even / odd elements (byte j of lo: element 2j; of hi: element 2j + 1). Plain 32-bit
+    ops: one shift + AND and one AND per eight codes."""
+    return (w << 4) & NIBBLE_TOPS, w & NIBBLE_TOPS
+
+
+@triton.jit
+def even_odd_bytes(a0, a1, USE_ASM: tl.constexpr):
+    """Two int32 words of int8 codes (elements 0-3, 4-7) -> (even, odd): words of elements 0, 2, 4, 6
+    and 1, 3, 5, 7, the bytes that meet a packed weight word's lo / hi planes (one PTX byte permute each)."""
+    if USE_ASM:
+        even, odd = tl.inline_asm_elementwise(
+            asm="prmt.b32 $0, $2, $3, 0x6420; prmt.b32 $1, $2, $3, 0x7531;",
+            constraints="=r,=r,r,r",
+            args=[a0, a1],
+            dtype=(tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        even = (a0 & 0xFF) | ((a0 >> 8) & 0xFF00) | ((a1 & 0xFF) << 16) | (((a1 >> 16) & 0xFF) << 24)
+        odd = ((a0 >> 8) & 0xFF) | ((a0 >> 16) & 0xFF00) | (((a1 >> 8) & 0xFF) << 16) | (((a1 >> 24) & 0xFF) << 24)
+    return even, odd
+
+
+@triton.jit
+def dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + the dot of the four signed bytes of int32 words a and b (PTX dp4a.s32.s32, one
+    instruction); exact in int32 for the accumulations the kernels make (see their K limits)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="dp4a.s32.s32 $0, $1, $2, $3;",
+            constraints="=r,r,r,r",
+            args=[a, b, c],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        acc = c
+        for j in tl.static_range(4):
+            acc += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return acc

@@ -27,6 +27,22 @@ Variants (the launch table, `configs.py`, names one per M bucket):
   exact in int32 for per-token scales). SWAP_AB computes the tile transposed, weights on the MMA's
   M side (>= 64 rows) and the few tokens on its N side.
 - `gemm` (large M): one program per [BLOCK_M, BLOCK_N] tile in grouped order for L2 reuse.
+- `gemv` (M of 1 to a few): no MMA. An MMA tile is at least 16 tokens deep, so at M = 1 it
+  computes 15 rows of padding and moves the weights through shared memory; here each program
+  streams its weight rows as int32 words (eight codes), unpacks them x16 with two 32-bit ops and
+  multiplies on the CUDA cores with dp4a (four int8 products per instruction) against the
+  activation words, unpacked the same way (int8 codes: their even and odd bytes permuted into
+  words, `int4.even_odd_bytes`). K is split as in `splitk`, with the same reduction. Rows that
+  are not 4-byte aligned (K not a multiple of 8, or an offset pointer) are loaded as bytes and
+  assembled into the same words.
+
+The layers' entry point is `w4a4_linear` (float activations in): the launch table's bucket for M
+says how, by its `act_layout`: quantize into "int4" or "int8" codes then `w4a4_gemm`, or, in a
+gemv bucket, "fused": `w4a4_gemv_quant`, the gemv kernel with the activation quantizer in its
+prologue (one launch instead of two; at M = 1 the quantizer's own launch is a single program per
+token, latency-bound). Each of its programs takes the row's absmax itself (the whole row, from
+L2 after the first program) and quantizes the channels of its own K tiles with the quantizer's
+float32 arithmetic (`actquant.codes_of`), so codes and scales are the quantizer's bit for bit.
 
 Requirements (ValueError otherwise): activations uint8 packed [M, K/2] or int8 codes [M, K],
 weights uint8 packed [N, K/2], contiguous, on one device (CUDA, or the CPU under
@@ -39,14 +55,18 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu import limits
+from zqkernels.gpu.actquant import codes_of, max_nan, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, use_asm
-from zqkernels.gpu.int4 import unpack_lo_hi_x16
+from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
 from zqkernels.gpu.operands import (
     check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
 )
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
-ACT_LAYOUTS = ("int4", "int8")  # the `act_layout` of a launch-table bucket; the quantizer's `layout`
+ACT_LAYOUTS = ("int4", "int8")  # the quantizer's `layout`: the activation codes a launch takes
+# The `act_layout` a launch-table bucket may name: one of those, or "fused" (a gemv bucket only):
+# the layer calls `w4a4_gemv_quant`, which quantizes inside the GEMV, instead of quantizer + GEMM.
+TABLE_ACT_LAYOUTS = ACT_LAYOUTS + ("fused",)
 
 
 @triton.jit
@@ -134,14 +154,24 @@ def _code_product(total, A_INT8: tl.constexpr):
 @triton.jit
 def _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
                    ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr, A_INT8: tl.constexpr):
-    # `total` is [BLOCK_M, BLOCK_N]: 256x the code product with packed activations, 16x with int8.
+    if ACT_GROUP == 0 and not OUT_INT32:
+        sa = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
+    else:
+        sa = None
+    _w4a4_store(total, sa, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
+
+
+@triton.jit
+def _w4a4_store(total, sa, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
+                ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr, A_INT8: tl.constexpr):
+    # `total` is [BLOCK_M, BLOCK_N]: 256x the code product with packed activations, 16x with int8;
+    # `sa` the per-token activation scales [BLOCK_M] (per-token float output only).
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if OUT_INT32:
         val = _code_product(total, A_INT8)
     else:
         sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
         if ACT_GROUP == 0:
-            sa = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
             val = _code_product(total, A_INT8).to(tl.float32) * sa[:, None] * sw[None, :]
         elif A_INT8:
             val = total * (sw * 0.0625)[None, :]  # 1/16: a power of two, exact
@@ -200,6 +230,198 @@ def _w4a4_splitk_kernel(
         _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
 
 
+@triton.jit
+def _load_words(ptr, row_off, word, nwords, nbytes, WORDS: tl.constexpr):
+    """int32 words `word` (any shape; row starts `row_off` broadcast against it) of rows holding
+    `nwords` words: loaded as words (WORDS: the rows are 4-byte aligned, offsets in words), else
+    as their four bytes, assembled little-endian (offsets in bytes; `nbytes` bytes per row, the
+    bytes past it zero). Out-of-row words are 0, i.e. codes 0."""
+    if WORDS:
+        return tl.load(ptr + row_off + word, mask=word < nwords, other=0)
+    else:
+        j = tl.arange(0, 4)
+        byte = tl.expand_dims(word * 4, len(word.shape)) + j
+        b = tl.load(ptr + tl.expand_dims(row_off, len(word.shape)) + byte, mask=byte < nbytes, other=0)
+        return tl.sum((b.to(tl.int32) & 0xFF) << (8 * j), axis=len(word.shape))
+
+
+@triton.jit
+def _gemv_products(w, a_lo, a_hi, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N, BW] + the dp4a products of weight words w [1, BLOCK_N, BW] (packed,
+    unpacked x16 here) with activation words a_lo / a_hi [BLOCK_M, 1, BW] (already x16 or int8)."""
+    w_lo, w_hi = unpack_words_x16(w)
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, BW)
+    acc = dp4a(tl.broadcast_to(w_lo, shape), tl.broadcast_to(a_lo, shape), acc, USE_ASM)
+    return dp4a(tl.broadcast_to(w_hi, shape), tl.broadcast_to(a_hi, shape), acc, USE_ASM)
+
+
+@triton.jit
+def _gemv_group_sums(part, sa, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N]: the int32 products `part` [BLOCK_M, BLOCK_N, NG * GW] summed per
+    activation group of GW words, each sum times its group's scale sa [BLOCK_M, NG], added up."""
+    g_sum = tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_N, NG, GW)), axis=3)
+    return tl.sum(g_sum.to(tl.float32) * sa[:, None, :], axis=2)
+
+
+@triton.jit
+def _load_x(x_ptr, inv_ptr, row_off, kk, K, HAS_INV: tl.constexpr):
+    """float32 x (* inv_smooth) at channels kk (row starts row_off broadcast against them), 0 past K:
+    the quantizer's own arithmetic (`actquant`), so the codes are the same bits."""
+    x = tl.load(x_ptr + row_off + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if HAS_INV:
+        x = x * tl.load(inv_ptr + kk, mask=kk < K, other=0.0)
+    return x
+
+
+@triton.jit
+def _words_x16(codes, BLOCK_M: tl.constexpr, BW: tl.constexpr):
+    """int32 codes [BLOCK_M, BW, 8] (eight consecutive elements per word) -> (lo, hi) [BLOCK_M, BW]
+    words laid out as `int4.unpack_words_x16` gives them for a packed word: byte j of lo is 16 x the
+    code of element 2j, of hi of element 2j + 1."""
+    even, odd = tl.split(tl.reshape(codes, (BLOCK_M, BW, 4, 2)))
+    j = tl.arange(0, 4)[None, None, :] * 8
+    # the four bytes do not overlap: their sum is their OR (int32 wrap-around in the top byte)
+    return tl.sum(((even << 4) & 0xFF) << j, axis=2), tl.sum(((odd << 4) & 0xFF) << j, axis=2)
+
+
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a4_gemv_kernel(
+    qx_ptr, sx_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KH, stride_xm, stride_wn, stride_om, stride_sxm, SPLIT_K,
+    ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, A_INT8: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K] weight codes as int32
+    words (eight codes each), unpacks them x16 in place and multiplies with dp4a, a [BLOCK_M,
+    BLOCK_N, BLOCK_K / 8] int32 accumulator (per-token) or its per-group sums rescaled into fp32.
+    K is split over SPLIT_K programs as in `splitk`. Strides are in words when WORDS, else in bytes."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    nw_w = tl.cdiv(KH, 4)  # weight words per row (the last one partial unless WORDS)
+    k_tiles = tl.cdiv(nw_w, BW)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
+    a_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
+    if ACT_GROUP == 0:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32)
+    else:
+        GW: tl.constexpr = ACT_GROUP // 8  # words per activation group
+        NG: tl.constexpr = BW // GW if BW >= GW else 1  # groups per K tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t0, t1):
+        word = t * BW + offs_w
+        w = _load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
+        if A_INT8:  # two words of int8 codes per weight word: elements 8i..8i+3, 8i+4..8i+7
+            word2 = 2 * word[None, None, :, None] + tl.arange(0, 2)[None, None, None, :]
+            a0, a1 = tl.split(_load_words(qx_ptr, a_row[:, :, :, None], word2, 2 * KH // 4, 2 * KH, WORDS))
+            a_lo, a_hi = even_odd_bytes(a0, a1, USE_ASM)
+        else:
+            a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_row, word[None, None, :], nw_w, KH, WORDS))
+        if ACT_GROUP == 0:
+            acc3 = _gemv_products(w, a_lo, a_hi, acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
+        else:
+            part = _gemv_products(w, a_lo, a_hi, tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32), BLOCK_M, BLOCK_N,
+                                  BW, USE_ASM)
+            if BW >= GW:  # NG whole groups in this tile
+                g = t * NG + tl.arange(0, NG)
+                sa = tl.load(sx_ptr + rm[:, None] * stride_sxm + g[None, :], mask=g[None, :] * ACT_GROUP < 2 * KH,
+                             other=0.0)
+                acc += _gemv_group_sums(part, sa, BLOCK_M, BLOCK_N, NG, GW)
+            else:  # the tile lies inside one group
+                sa = tl.load(sx_ptr + rm * stride_sxm + (t * BW) // GW)
+                acc += _gemv_group_sums(part, sa[:, None], BLOCK_M, BLOCK_N, 1, BW)
+    if ACT_GROUP == 0:
+        acc = tl.sum(acc3, axis=2)
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
+            _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32,
+                           A_INT8)
+    else:
+        _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
+
+
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a4_gemv_quant_kernel(
+    x_ptr, inv_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, SPLIT_K,
+    ACT_GROUP: tl.constexpr, HAS_INV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, AMAX_CHUNKS: tl.constexpr,
+    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """`_w4a4_gemv_kernel` with the activation quantizer in its prologue: float activations x [M, K]
+    in, each program quantizing the channels of its own K tiles as `actquant` does. A per-token
+    scale needs the whole row's absmax first: every program reads the row (AMAX_CHUNKS unrolled
+    loads of AMAX_BLOCK channels, from L2 after the first) before its K loop; a group's absmax is
+    taken on the tile itself (BLOCK_K is a multiple of the group). Weight strides in words when
+    WORDS, else in bytes."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    BW: tl.constexpr = BLOCK_K // 8
+    KH = K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    nw_w = tl.cdiv(KH, 4)
+    k_tiles = tl.cdiv(nw_w, BW)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    w_row = (rn * stride_wn)[None, :, None]
+    x_row = rm * stride_xm
+    if ACT_GROUP == 0:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in tl.static_range(AMAX_CHUNKS):
+            ka = c * AMAX_BLOCK + tl.arange(0, AMAX_BLOCK)
+            amax = max_nan(amax, tl.reduce(tl.abs(_load_x(x_ptr, inv_ptr, x_row[:, None], ka[None, :], K, HAS_INV)),
+                                           1, max_nan))
+        scale = scale_of(amax)  # [BLOCK_M], the quantizer's scale bit for bit
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32)
+    else:
+        GW: tl.constexpr = ACT_GROUP // 8
+        NG: tl.constexpr = BW // GW  # the launcher makes BLOCK_K a multiple of the group
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t0, t1):
+        w = _load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
+        kk = (t * BW + offs_w)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8] channels
+        xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
+        if ACT_GROUP == 0:
+            a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None]), BLOCK_M, BW)
+            acc3 = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :], acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
+        else:
+            xg = tl.reshape(xs, (BLOCK_M, NG, GW * 8))
+            sg = scale_of(tl.reduce(tl.abs(xg), 2, max_nan))  # [BLOCK_M, NG]
+            a_lo, a_hi = _words_x16(tl.reshape(codes_of(xg, sg[:, :, None]), (BLOCK_M, BW, 8)), BLOCK_M, BW)
+            part = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :],
+                                  tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32), BLOCK_M, BLOCK_N, BW, USE_ASM)
+            acc += _gemv_group_sums(part, sg, BLOCK_M, BLOCK_N, NG, GW)
+    if ACT_GROUP == 0:
+        acc = tl.sum(acc3, axis=2)
+    else:
+        scale = None
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
+            _w4a4_store(total, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, False, False)
+    else:
+        _w4a4_store(acc, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, False, False)
+
+
 def _tile_params(cfg, act_group, KH):
     """BLOCK_K clamped to the activation group; PLANES only where each plane is >= 32 deep."""
     block_k = cfg["BLOCK_K"]
@@ -243,7 +465,90 @@ def _launch_splitk(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     )
 
 
-VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk}
+def _gemv_words(a, qw):
+    """True when the gemv kernels may load int32 words: K/2 a multiple of 4, both rows 4-byte aligned."""
+    return qw.shape[1] % 4 == 0 and a.data_ptr() % 4 == 0 and qw.data_ptr() % 4 == 0
+
+
+def _gemv_block_k(cfg, act_group):
+    block_k = cfg["BLOCK_K"]
+    if block_k < 32 or block_k & (block_k - 1):
+        raise ValueError(f"gemv config BLOCK_K must be a power of two >= 32 (four words), got {block_k}")
+    return max(block_k, act_group)  # the fused prologue takes a group's absmax inside one tile
+
+
+def _gemv_split(cfg, M, N, KH, block_k, act_group, device):
+    """(tiles_mn, split, workspace, counters) of a gemv launch: K split as in `splitk`."""
+    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    split = choose_split_k(cfg, tiles_mn, triton.cdiv(triton.cdiv(KH, 4), block_k // 8), device)
+    if split * M * N >= 2**31:
+        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
+    ws, cnt = splitk_workspace(device, torch.int32 if act_group == 0 else torch.float32,
+                               split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
+    return tiles_mn, split, ws, cnt
+
+
+def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *, out=None,
+                    config=None, check_finite=True):
+    """The W4A4 layer's product at a few tokens in one launch: x [M, K] fp16|bf16|fp32 (K even),
+    inv_smooth fp32 [K] or None, qw_packed uint8 [N, K/2], w_scale fp32 [N] -> out_dtype [M, N].
+
+    Equals `quantize_activations(x, inv_smooth, act_group_size)` then `w4a4_gemm` with the gemv
+    variant: the codes and scales are the quantizer's bit for bit (the same float32 arithmetic),
+    so per-token outputs are identical and per-group ones differ only by the fp32 order of the
+    group sums. `config`: a gemv config (default: the launch table's bucket for M, which must name
+    the gemv variant). check_finite: refuse NaN / Inf in x (after smoothing) and w_scale (one host
+    sync; False on the layers' per-token path: a non-finite row then gives NaN outputs)."""
+    from zqkernels.gpu.actquant import _check as check_acts
+
+    act_group = check_acts(x, inv_smooth, act_group_size, "int4") or 0
+    check_packed("qw_packed", qw_packed)
+    check_same_device("qw_packed", qw_packed, x.device, "x")
+    M, K = x.shape
+    N, KH = qw_packed.shape
+    if 2 * KH != K:
+        raise ValueError(f"qw_packed has K/2={KH} (K={2 * KH}), x has K={K}")
+    limits.check_k(K, "x: K")
+    check_out_dtype(out_dtype)
+    check_scale("w_scale", w_scale, (N,), x.device)
+    if check_finite:
+        refuse_non_finite(x=x if inv_smooth is None else x.float() * inv_smooth, w_scale=w_scale)
+    out = check_out(out, (M, N), out_dtype, x.device)
+    scales = "per_token" if act_group == 0 else "group"
+    cfg = dict(config) if config is not None else launch_config("w4a4", scales, M, x.device)
+    if cfg.get("variant") != "gemv":
+        raise ValueError(f"w4a4_gemv_quant runs the gemv variant's tiles; its config names {cfg.get('variant')!r}")
+    block_k = _gemv_block_k(cfg, act_group)
+    words = _gemv_words(x, qw_packed)
+    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, x.device)
+    amax_block = min(2048, triton.next_power_of_2(K))
+    _w4a4_gemv_quant_kernel[(tiles_mn, split)](
+        x, inv_smooth if inv_smooth is not None else x, qw_packed.view(torch.int32) if words else qw_packed,
+        w_scale, out, ws, cnt, M, N, K, x.stride(0), qw_packed.stride(0) // (4 if words else 1), out.stride(0), split,
+        ACT_GROUP=act_group, HAS_INV=inv_smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=block_k, AMAX_BLOCK=amax_block, AMAX_CHUNKS=triton.cdiv(K, amax_block), WORDS=words,
+        USE_SPLIT=split > 1, USE_ASM=use_asm(x.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32):
+    M = qx.shape[0]
+    N, KH = qw.shape
+    block_k = _gemv_block_k(cfg, 0)  # group scales: a tile may span groups, or lie inside one
+    # Words straight from memory where every row starts 4-byte aligned; else bytes assembled.
+    words = _gemv_words(qx, qw)
+    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, qx.device)
+    a, w, unit = (qx.view(torch.int32), qw.view(torch.int32), 4) if words else (qx, qw, 1)
+    _w4a4_gemv_kernel[(tiles_mn, split)](
+        a, sx, w, sw, out, ws, cnt,
+        M, N, KH, qx.stride(0) // unit, qw.stride(0) // unit, out.stride(0), sx.stride(0) if sx.dim() == 2 else 1,
+        split, ACT_GROUP=act_group, OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=block_k, WORDS=words, USE_SPLIT=split > 1, A_INT8=qx.dtype == torch.int8,
+        USE_ASM=use_asm(qx.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv}
 
 
 def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
@@ -252,8 +557,8 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
     cfg = dict(config) if config is not None else launch_config("w4a4", scales, qx.shape[0], qx.device)
     # The operand's dtype decides the activation load; a config's act_layout is the quantizer's choice.
     layout = cfg.pop("act_layout", "int4")
-    if layout not in ACT_LAYOUTS:
-        raise ValueError(f"config act_layout must be one of {ACT_LAYOUTS}, got {layout!r}")
+    if layout not in TABLE_ACT_LAYOUTS:
+        raise ValueError(f"config act_layout must be one of {TABLE_ACT_LAYOUTS}, got {layout!r}")
     variant = cfg.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -262,17 +567,21 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
 
 
 def act_layouts(act_group_size, device):
-    """((M bucket, act_layout), ...) in M order: the activation layout ("int4" | "int8") each w4a4
+    """((M bucket, act_layout), ...) in M order: the activation layout ("int4" | "int8" | "fused") each w4a4
     bucket of the launch table names (`act_layout`, required in every bucket), for `pick_act_layout`.
     A layer reads it once when built, so its forward picks the layout from a tuple of constants
     (no table read per call, and `torch.compile` traces it)."""
     scales = "per_token" if not act_group_size else "group"
     steps = []
     for key in sorted(int(k) for k in table_for(device)["w4a4"][scales]):
-        layout = launch_config("w4a4", scales, key, device).get("act_layout")
-        if layout not in ACT_LAYOUTS:
-            raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout must be one of {ACT_LAYOUTS}, "
-                             f"got {layout!r}")
+        cfg = launch_config("w4a4", scales, key, device)
+        layout = cfg.get("act_layout")
+        if layout not in TABLE_ACT_LAYOUTS:
+            raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout must be one of "
+                             f"{TABLE_ACT_LAYOUTS}, got {layout!r}")
+        if layout == "fused" and cfg.get("variant") != "gemv":
+            raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout 'fused' needs the gemv variant, "
+                             f"got {cfg.get('variant')!r}")
         steps.append((key, layout))
     return tuple(steps)
 
@@ -345,3 +654,20 @@ def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None):
     out = check_out(out, (M, N), torch.int32, qx_packed.device)
     dummy = torch.empty(1, dtype=torch.float32, device=qx_packed.device)
     return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config)
+
+
+def w4a4_linear(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *, steps=None):
+    """A W4A4 layer's product on float activations x [M, K], as the launch table says for this M:
+    quantize in the bucket's `act_layout` then `w4a4_gemm`, or, for a "fused" bucket, one
+    `w4a4_gemv_quant` launch. `steps` (from `act_layouts`, read once by a layer) saves the
+    table lookup. Unchecked values (`check_finite=False`): the per-token path of the layers."""
+    from zqkernels.gpu.actquant import quantize_activations
+
+    if steps is None:
+        steps = act_layouts(act_group_size, x.device)
+    layout = pick_act_layout(x.shape[0], steps)
+    if layout == "fused":
+        return w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size, out_dtype, check_finite=False)
+    qx, sx = quantize_activations(x, inv_smooth, act_group_size, layout=layout, check_finite=False)
+    return w4a4_gemm(qx, sx, qw_packed, w_scale, act_group_size, out_dtype, check_finite=False)
+

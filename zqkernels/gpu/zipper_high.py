@@ -149,22 +149,18 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
 
 
 def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
-    """The whole ZipperQuant product on the GPU, float32 [M, N]: the low part (fused smooth +
-    quantize in the launch table's activation layout for this M, `w4a4_gemm` into float32) and the
+    """The whole ZipperQuant product on the GPU, float32 [M, N]: the low part (`w4a4.w4a4_linear`:
+    smooth + quantize + GEMM as the launch table says for this M, into float32) and the
     high part added in place, on X' = float32(x) * 1/s.
 
     x: fp16|bf16|fp32 [M, K] contiguous; low: `layouts.DenseInt4` of q_low (per-channel Δ_n);
     high: `layouts.ZipperHighGPU`; inv_smooth: float32 [K] or None. A non-finite activation makes
     its token's output NaN (the quantizer's NaN scale), never a finite wrong number.
     """
-    from zqkernels.gpu.actquant import quantize_activations
-    from zqkernels.gpu.w4a4 import act_layout, w4a4_gemm
+    from zqkernels.gpu.w4a4 import w4a4_linear
 
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))  # before x.shape is read
-    qx, sx = quantize_activations(x, inv_smooth, group_size=act_group_size, check_finite=False,
-                                  layout=act_layout(x.shape[0], act_group_size, x.device))
-    y = w4a4_gemm(qx, sx, low.packed, low.scale, act_group_size=act_group_size, out_dtype=torch.float32,
-                  check_finite=False)
+    y = w4a4_linear(x, inv_smooth, low.packed, low.scale, act_group_size, torch.float32)
     xs = x.to(torch.float32)
     if inv_smooth is not None:
         xs = xs * inv_smooth
