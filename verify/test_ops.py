@@ -125,7 +125,11 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
                     else alternating[j][1])
             assert seen[-1] == want, (m, seen)
             qx, sx = quantize_activations(x, inv, group)
-            assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32))  # exact
+            two_step = w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32)
+            if want == "fused" and group:  # the same codes; the fp32 order of the group sums is the compiler's
+                torch.testing.assert_close(y, two_step, rtol=2.0**-18, atol=2.0**-18 * float(two_step.abs().max()))
+            else:
+                assert torch.equal(y, two_step)  # exact
     assert seen[:len(ms)] == [configs.launch_config("w4a4", scales, m, torch.device(DEVICE))["act_layout"]
                               for m in ms]
     assert set(seen[len(ms):]) == {"int4", "int8"}

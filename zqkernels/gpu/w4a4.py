@@ -397,19 +397,31 @@ def _w4a4_gemv_quant_kernel(
         NG: tl.constexpr = BW // GW  # the launcher makes BLOCK_K a multiple of the group
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
-        w = _load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
-        kk = (t * BW + offs_w)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8] channels
-        xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
         if ACT_GROUP == 0:
+            w = _load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
+            kk = (t * BW + offs_w)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8] channels
+            xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
             a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None]), BLOCK_M, BW)
             acc3 = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :], acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
         else:
-            xg = tl.reshape(xs, (BLOCK_M, NG, GW * 8))
-            sg = scale_of(tl.reduce(tl.abs(xg), 2, max_nan))  # [BLOCK_M, NG]
-            a_lo, a_hi = _words_x16(tl.reshape(codes_of(xg, sg[:, :, None]), (BLOCK_M, BW, 8)), BLOCK_M, BW)
-            part = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :],
-                                  tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32), BLOCK_M, BLOCK_N, BW, USE_ASM)
-            acc += _gemv_group_sums(part, sg, BLOCK_M, BLOCK_N, NG, GW)
+            # Everything indexed [.., group, word in group, ..] from the loads on: no reshape merges
+            # the group axes (a merging reshape reordered elements in compiled code on the H200).
+            wg = t * BW + tl.arange(0, NG)[:, None] * GW + tl.arange(0, GW)[None, :]  # [NG, GW] word ids
+            w = _load_words(qw_ptr, w_row[:, :, :, None], wg[None, None, :, :], nw_w, KH, WORDS)  # [1, BN, NG, GW]
+            kk = wg[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [NG, GW, 8] channels
+            xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None, None], kk[None, :, :, :], K, HAS_INV)
+            sg = scale_of(tl.reduce(tl.reduce(tl.abs(xs), 3, max_nan), 2, max_nan))  # [BLOCK_M, NG]
+            codes = codes_of(xs, sg[:, :, None, None])  # [BLOCK_M, NG, GW, 8]
+            even, odd = tl.split(tl.reshape(codes, (BLOCK_M, NG, GW, 4, 2)))
+            j = tl.arange(0, 4)[None, None, None, :] * 8
+            a_lo = tl.sum(((even << 4) & 0xFF) << j, axis=3)[:, None, :, :]  # [BLOCK_M, 1, NG, GW]
+            a_hi = tl.sum(((odd << 4) & 0xFF) << j, axis=3)[:, None, :, :]
+            w_lo, w_hi = unpack_words_x16(w)
+            shape: tl.constexpr = (BLOCK_M, BLOCK_N, NG, GW)
+            part = dp4a(tl.broadcast_to(w_lo, shape), tl.broadcast_to(a_lo, shape),
+                        tl.zeros(shape, dtype=tl.int32), USE_ASM)
+            part = dp4a(tl.broadcast_to(w_hi, shape), tl.broadcast_to(a_hi, shape), part, USE_ASM)
+            acc += tl.sum(tl.sum(part, axis=3).to(tl.float32) * sg[:, None, :], axis=2)
     if ACT_GROUP == 0:
         acc = tl.sum(acc3, axis=2)
     else:

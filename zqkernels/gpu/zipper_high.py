@@ -33,25 +33,18 @@ def _high_columns_kernel(x_ptr, cols_ptr, h_ptr, rs_ptr, out_ptr, M, N, C, strid
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # IEEE fp32 FMAs, C small by construction. BLOCK_E == 1: one rank-1 update a column (2-D
-    # tiles only); more: BLOCK_E gathered columns a step, their loads independent of each other and
-    # in flight together, summed over the step (see the ell kernel)
-    if BLOCK_E == 1:
-        for c in range(0, C):
-            col = tl.load(cols_ptr + c)
-            xv = tl.load(x_ptr + rm * stride_xm + col, mask=m_ok, other=0.0).to(tl.float32)
-            hv = tl.load(h_ptr + c * N + rn, mask=n_ok, other=0.0)
+    # IEEE fp32 FMAs, C small by construction: one rank-1 update a column. BLOCK_E columns a step,
+    # unrolled, so their loads are independent of each other and in flight together. Not written
+    # as sum(x[:, :, None] * h[None, :, :], axis=1): the compiler turns that broadcast-multiply-
+    # reduce into a tensor-core dot at TF32 (on the H200 errors up to 1.0 at BLOCK_M >= 16,
+    # reports/results/h200/zipper_high_block_e_probe.log), and this part carries the outliers.
+    for c0 in range(0, C, BLOCK_E):
+        for j in tl.static_range(BLOCK_E):
+            c = c0 + j
+            col = tl.load(cols_ptr + tl.minimum(c, C - 1))  # past C: a valid column, its terms masked to 0
+            xv = tl.load(x_ptr + rm * stride_xm + col, mask=m_ok & (rm * 0 + c < C), other=0.0).to(tl.float32)
+            hv = tl.load(h_ptr + c * N + rn, mask=n_ok & (rn * 0 + c < C), other=0.0)
             acc += xv[:, None] * hv[None, :]
-    else:
-        for c0 in range(0, C, BLOCK_E):
-            rc = c0 + tl.arange(0, BLOCK_E)
-            c_ok = rc < C
-            col = tl.load(cols_ptr + rc, mask=c_ok, other=0)
-            xv = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & c_ok[None, :],
-                         other=0.0).to(tl.float32)  # [BM, BE]
-            hv = tl.load(h_ptr + rc[:, None] * N + rn[None, :], mask=c_ok[:, None] & n_ok[None, :],
-                         other=0.0)  # [BE, BN]
-            acc += tl.sum(xv[:, :, None] * hv[None, :, :], axis=1)
     rs = tl.load(rs_ptr + rn, mask=n_ok, other=0.0)
     o_ptrs = out_ptr + rm[:, None] * N + rn[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
