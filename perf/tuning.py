@@ -159,11 +159,24 @@ class Sweep:
     def save(self):
         Path(self.args.out).write_text(json.dumps(self.record, indent=1))
 
+    def _table(self):
+        path = CONFIG_DIR / (self.args.table or default_table_name())
+        return path, json.loads(path.read_text() if path.exists() else (CONFIG_DIR / "default.json").read_text())
+
+    def write_entry(self, value):
+        """`value` as the family's whole entry of configs/<gpu>.json (a family with one config for
+        every M, e.g. actquant); returns the path written."""
+        path, table = self._table()
+        table[self.family] = value
+        table.setdefault("match", [device_name()])
+        table.setdefault("_tuned_by", {})[self.family] = {"command": self.record["command"],
+                                                          "results": Path(self.args.out).name}
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        return path
+
     def write_table(self, section_key=None):
         """Winners into configs/<gpu>.json's family section; returns the path written."""
-        name = self.args.table or default_table_name()
-        path = CONFIG_DIR / name
-        table = json.loads(path.read_text() if path.exists() else (CONFIG_DIR / "default.json").read_text())
+        path, table = self._table()
         key = section_key or self.family
         for scales, buckets in self.record["winners"].items():
             # the buckets this run tuned replace theirs; the section's other buckets stay

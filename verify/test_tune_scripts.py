@@ -77,3 +77,30 @@ def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_
                 variants = {"w4a4": w4a4.VARIANTS, "w4a16": w4a16.VARIANTS, "mosaic": mosaic.VARIANTS}[family]
                 assert cfg["variant"] in variants
     assert table["_tuned_by"][family]["command"]
+
+
+def test_tune_actquant_verifies_candidates_and_writes_one_entry(tmp_path, monkeypatch):
+    """The quantizer's tune script: candidates verified bit for bit on one- and two-pass rows, and
+    the one overall winner (best over every timed cell) written as the table's actquant entry."""
+    import tune_actquant
+    import tuning
+
+    from zqkernels.gpu import configs
+
+    times = iter(range(1000))
+    monkeypatch.setattr(tuning, "graph_median_ms", lambda fns: 1.0 + 0.01 * next(times))
+    monkeypatch.setattr(tuning, "replay_l2_bytes", lambda: 2**40)
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    shutil.copy(configs.CONFIG_DIR / "default.json", tmp_path / "default.json")
+    out = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", ["tune_actquant", "--out", str(out), "--table", "smoke.json", "--shapes",
+                                      "smollm2-135m.o", "--m", "1,40", "--max-candidates", "2",
+                                      "--max-calls-per-replay", "2"])
+    tune_actquant.main()
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert len(rows) == 8 and all(r["verified"] for r in rows), [r.get("verify_detail") for r in rows]
+    assert record["overall"]["config"] == tune_actquant.candidates()[0]  # the fake times rise: the first wins
+    table = json.loads((tmp_path / "smoke.json").read_text())
+    assert table["actquant"] == record["overall"]["config"] and table["_tuned_by"]["actquant"]["command"]
+    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK"}
