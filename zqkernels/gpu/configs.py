@@ -9,9 +9,10 @@ config was tuned for (`per_token` / `group` activation scales for the W4A4 famil
 layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per byte) or `"int8"`
 (one code per byte, no unpack in the GEMM; `w4a4.act_layout`), or, in a `gemv` bucket, `"fused"`
 (the layers run `w4a4.w4a4_gemv_quant`, which quantizes inside the GEMV); the key is required.
-In h100.json, h200.json and default.json it is set by hand from the H200 probe (DESIGN.md,
-"Leads"): int8 in the buckets of M >= 256, int4 below, until `perf/tune_w4a4.py`, whose
-candidates carry both, re-tunes a table. A table names the GPUs it is for in `"match"` (substrings of
+In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
+the configs tuned for packed ones, DESIGN.md "Leads"), except h200.json's per-token M = 1 bucket,
+"fused" (measured against the two launches); `perf/tune_w4a4.py`'s candidates carry both code
+layouts. A table names the GPUs it is for in `"match"` (substrings of
 `torch.cuda.get_device_name()`); a GPU no table matches runs `default.json`, the untuned
 starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
