@@ -29,8 +29,8 @@ def gemv(m):
     return [dict(variant="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k, num_warps=w, num_stages=s, SPLIT_K=0,
                  SPLIT_TARGET_CTAS=t)
             for bm in (1, 2, 4) if m <= 4 and bm <= m < 2 * bm
-            for bn, k in ((32, 512), (64, 256), (64, 512), (128, 256)) for w in (4, 8) for s in (1, 3)
-            for t in (528,)]
+            for bn, k in ((32, 512), (64, 256), (64, 512), (128, 256), (16, 1024)) for w in (4, 8) for s in (1, 3)
+            for t in (264, 528)]
 
 
 def tiles(m, group):
