@@ -158,7 +158,8 @@ def _quantize_activations_kernel(
 LAYOUTS = ("int4", "int8")
 
 
-def _check(x, inv_smooth, group_size, layout):
+def check_inputs(x, inv_smooth, group_size, layout):
+    """The quantizer's inputs checked (also by the GEMV that quantizes in its prologue); the group as an int or None."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -186,7 +187,7 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     raise ValueError when x (times inv_smooth) holds NaN or Inf (one host sync; skipped while a CUDA
     graph is being captured); with False such a group gets scale NaN and codes 0 (module docstring). `config` overrides the table's
     dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=...) (tests and tuning)."""
-    group_size = _check(x, inv_smooth, group_size, layout)
+    group_size = check_inputs(x, inv_smooth, group_size, layout)
     cfg = dict(table_for(x.device)["actquant"])
     cfg.update(config or {})
     M, K = x.shape

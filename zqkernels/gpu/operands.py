@@ -117,3 +117,18 @@ def check_out(out, shape, dtype, device, name="out"):
     if out.device != device or not out.is_contiguous():
         raise ValueError(f"{name} must be contiguous on {device}")
     return out
+
+
+def check_float_x_packed_w(x, qw_packed):
+    """Float activations x [M, K] (already checked) against packed weights [N, K/2]: K even, the
+    weights packed on x's device, the same K. Returns (M, N, K)."""
+    if x.shape[1] % 2 != 0:
+        raise ValueError(f"x: K must be even (int4 weights pack two codes per byte), got K={x.shape[1]}")
+    check_packed("qw_packed", qw_packed)
+    check_same_device("qw_packed", qw_packed, x.device, "x")
+    M, K = x.shape
+    N, KH = qw_packed.shape
+    if 2 * KH != K:
+        raise ValueError(f"qw_packed has K/2={KH} (K={2 * KH}), x has K={K}")
+    return M, N, K
+

@@ -21,7 +21,7 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, use_asm
 from zqkernels.gpu.int4 import unpack_lo_hi_x16
 from zqkernels.gpu.operands import (
-    check_float_acts, check_out, check_packed, check_same_device, check_scale, refuse_non_finite,
+    check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
@@ -201,14 +201,7 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None,
     tuning) replaces the launch table's entry: a dict with "variant" and its tile parameters.
     check_finite: refuse NaN / Inf in x or w_scale (False on the layers' per-token path)."""
     check_float_acts("x", x)
-    if x.shape[1] % 2 != 0:
-        raise ValueError(f"x: K must be even (int4 weights pack two codes per byte), got K={x.shape[1]}")
-    check_packed("qw_packed", qw_packed)
-    check_same_device("qw_packed", qw_packed, x.device, "x")
-    M, K = x.shape
-    N, KH = qw_packed.shape
-    if 2 * KH != K:
-        raise ValueError(f"qw_packed has K/2={KH}, x has K={K}")
+    M, N, K = check_float_x_packed_w(x, qw_packed)
     group_size = limits.check_w4a16_group(group_size)
     sw_shape = (N,) if group_size is None else (N, triton.cdiv(K, group_size))
     check_scale("w_scale", w_scale, sw_shape, x.device)

@@ -59,7 +59,8 @@ from zqkernels.gpu.actquant import codes_of, max_nan, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, use_asm
 from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
 from zqkernels.gpu.operands import (
-    check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
+    check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
+    refuse_non_finite,
 )
 from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
 
@@ -181,6 +182,21 @@ def _w4a4_store(total, sa, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
     tl.store(ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _splitk_epilogue(acc, ws_ptr, cnt_ptr, pid, pid_k, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
+                     SPLIT_K, ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr, A_INT8: tl.constexpr,
+                     USE_SPLIT: tl.constexpr):
+    """The end of a K-split program: with USE_SPLIT its partial is reduced (`tiling.splitk_reduce`)
+    and the last program to arrive stores the tile; else this program stores it."""
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
+            _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32,
+                           A_INT8)
+    else:
+        _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
+
+
 # M is a plain runtime int: M == 1 (decode) would otherwise compile another kernel.
 @triton.jit(do_not_specialize=["M"])
 def _w4a4_gemm_kernel(
@@ -221,13 +237,8 @@ def _w4a4_splitk_kernel(
     # Trailing splits left without K tiles by the ceil division still store zeros and arrive.
     acc = _w4a4_k_loop(qx_ptr, qw_ptr, sx_ptr, offs_m % M, offs_n % N, KH, stride_xm, stride_wn, stride_sxm,
                        t0, t1, ACT_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PLANES, EVEN_K, SWAP_AB, A_INT8, USE_ASM)
-    if USE_SPLIT:
-        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
-        if is_last:
-            _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32,
-                           A_INT8)
-    else:
-        _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
+    _splitk_epilogue(acc, ws_ptr, cnt_ptr, pid, pid_k, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
+                     SPLIT_K, ACT_GROUP, OUT_INT32, A_INT8, USE_SPLIT)
 
 
 @triton.jit
@@ -343,13 +354,8 @@ def _w4a4_gemv_kernel(
                 acc += _gemv_group_sums(part, sa[:, None], BLOCK_M, BLOCK_N, 1, BW)
     if ACT_GROUP == 0:
         acc = tl.sum(acc3, axis=2)
-    if USE_SPLIT:
-        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
-        if is_last:
-            _w4a4_epilogue(total, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32,
-                           A_INT8)
-    else:
-        _w4a4_epilogue(acc, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, OUT_INT32, A_INT8)
+    _splitk_epilogue(acc, ws_ptr, cnt_ptr, pid, pid_k, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
+                     SPLIT_K, ACT_GROUP, OUT_INT32, A_INT8, USE_SPLIT)
 
 
 # M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
@@ -513,15 +519,11 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
     group sums. `config`: a gemv config (default: the launch table's bucket for M, which must name
     the gemv variant). check_finite: refuse NaN / Inf in x (after smoothing) and w_scale (one host
     sync; False on the layers' per-token path: a non-finite row then gives NaN outputs)."""
-    from zqkernels.gpu.actquant import _check as check_acts
+    from zqkernels.gpu.actquant import check_inputs
 
-    act_group = check_acts(x, inv_smooth, act_group_size, "int4") or 0
-    check_packed("qw_packed", qw_packed)
-    check_same_device("qw_packed", qw_packed, x.device, "x")
-    M, K = x.shape
-    N, KH = qw_packed.shape
-    if 2 * KH != K:
-        raise ValueError(f"qw_packed has K/2={KH} (K={2 * KH}), x has K={K}")
+    act_group = check_inputs(x, inv_smooth, act_group_size, "int4") or 0
+    M, N, K = check_float_x_packed_w(x, qw_packed)
+    KH = K // 2
     limits.check_k(K, "x: K")
     check_out_dtype(out_dtype)
     check_scale("w_scale", w_scale, (N,), x.device)
