@@ -27,8 +27,8 @@ GROUP = 128
 
 
 def candidates():
-    return [dict(ONE_PASS_MAX_K=one, ROW_CHUNK=chunk, GROUP_BLOCK=gb)
-            for one in (8192, 16384) for chunk in (2048, 4096) for gb in (512, 1024, 2048) if chunk <= one]
+    return [dict(ONE_PASS_MAX_K=one, ROW_CHUNK=2048, GROUP_BLOCK=gb, ELEMS_PER_THREAD=ept)
+            for one in (8192, 16384) for gb in (1024, 2048) for ept in (8, 16, 32)]
 
 
 def verify(cfg, group):

@@ -100,6 +100,42 @@ def test_group_ties_round_half_to_even(m, group, n_groups, e, seed):
     check_equal(torch.from_numpy(x).to(torch.float16).to(DEVICE), None, group)
 
 
+def boundary_rows(rng, m, k, group, exps):
+    """float32 rows whose every element sits within a few ulps of a rounding boundary
+    ((j + 0.5) * scale, j in -7..6) of its own group's scale, with that group's absmax 7 * 2**e *
+    (1 + f) for a random significand (all ones now and then) and e drawn from `exps`."""
+    g = k if group is None else group
+    x = np.empty((m, k), dtype=np.float32)
+    for r in range(m):
+        for g0 in range(0, k, g):
+            n = min(g, k - g0)
+            frac = np.float32(1.0) - np.float32(2.0**-23) if rng.random() < 0.3 else np.float32(1 + rng.random())
+            amax = np.float32(7.0 * 2.0 ** int(rng.choice(exps))) * frac
+            scale = amax / np.float32(7.0)  # the oracle's float32 scale
+            j = rng.integers(-7, 7, n) + 0.5
+            v = (j * scale).astype(np.float32)
+            v = (v.view(np.int32) + rng.integers(-3, 4, n).astype(np.int32)).view(np.float32)
+            v = np.clip(v, -amax, amax)
+            v[0] = amax * rng.choice([-1, 1])
+            x[r, g0:g0 + n] = v
+    return x
+
+
+@pytest.mark.parametrize("group", [None, 32, 128])
+@pytest.mark.parametrize("exps", [(-99, -20, 0, 3, 60, 100), (-126, -110, -101)],
+                         ids=["reciprocal_path", "division_path"])
+@settings(max_examples=examples(8))
+@given(m=st.integers(1, 3), k=st.integers(2, 300), seed=st.integers(0, 2**32 - 1))
+def test_quotients_at_rounding_boundaries_equal_oracle(group, exps, m, k, seed):
+    """Codes of elements a few ulps from a half-integer quotient, on scales whose significand may
+    be all ones: the kernel's reciprocal path (every scale of a program >= FAST_MIN_SCALE: one
+    multiply and two FMAs an element) and its division path (a tiny scale: div_rn an element)
+    both give the oracle's IEEE-division codes, bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = boundary_rows(rng, m, k, group, exps)
+    check_equal(torch.from_numpy(x).to(DEVICE), None, group)
+
+
 # Every path of the kernel, reached deterministically: (config, activation groups, min K). A
 # per-token row longer than ONE_PASS_MAX_K takes the two-pass path; per-group programs take one or
 # several groups each.

@@ -67,8 +67,10 @@ def test_every_bucket_names_a_launchable_variant(path):
         for cfg in table["zipper_high"][method].values():
             assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_N_WIDE_N"))
             assert cfg["BLOCK_E"] >= 1 and cfg["BLOCK_E"] & (cfg["BLOCK_E"] - 1) == 0, (path.name, cfg)
-    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK"}
+    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK", "ELEMS_PER_THREAD"}
     assert table["actquant"]["ROW_CHUNK"] <= table["actquant"]["ONE_PASS_MAX_K"]
+    ept = table["actquant"]["ELEMS_PER_THREAD"]
+    assert ept >= 1 and ept & (ept - 1) == 0, (path.name, ept)
 
 
 def test_every_shipped_variant_appears_in_some_table():

@@ -103,4 +103,4 @@ def test_tune_actquant_verifies_candidates_and_writes_one_entry(tmp_path, monkey
     assert record["overall"]["config"] == tune_actquant.candidates()[0]  # the fake times rise: the first wins
     table = json.loads((tmp_path / "smoke.json").read_text())
     assert table["actquant"] == record["overall"]["config"] and table["_tuned_by"]["actquant"]["command"]
-    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK"}
+    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK", "ELEMS_PER_THREAD"}

@@ -55,38 +55,19 @@ else:  # pragma: no cover - depends on the installed Triton
         return _libdevice.div_rn(x, y)
 
 
-@triton.jit
-def rint_f32(v):
-    """Round half to even for |v| < 2**22 (codes are clipped to [-8, 7] first): adding then
-    subtracting 1.5 * 2**23 leaves an integer rounded by the FPU's own round-to-nearest-even, the
-    rule of numpy's `rint`; two separate IEEE adds (Triton enables no fast-math reassociation)."""
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _load_tile(x_ptr, inv_ptr, row_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr, HAS_INV: tl.constexpr):
-    """float32 tile [NG, HALF, 2] of x (* inv_smooth) at channels k0 .. k0 + NG*2*HALF: one
-    contiguous load (wide vector loads), then viewed as [groups, pairs, 2]."""
-    k1 = k0 + tl.arange(0, NG * HALF * 2)
-    m1 = k1 < K
-    x = tl.load(x_ptr + row_off + k1, mask=m1, other=0.0).to(tl.float32)
-    if HAS_INV:
-        x = x * tl.load(inv_ptr + k1, mask=m1, other=0.0)
-    return tl.reshape(x, (NG, HALF, 2))
+# 1.5 * 2**23: v + MAGIC rounds v to an integer (the FPU's round-to-nearest-even, numpy's `rint`)
+# for |v| < 2**22 and leaves it in the low mantissa bits: bits(v + MAGIC) = MAGIC_BITS + rint(v).
+MAGIC = tl.constexpr(12582912.0)
+MAGIC_BITS = tl.constexpr(0x4B400000)
+# Smallest scale the reciprocal path takes: it keeps 1/scale and the residual x - scale * q of
+# every element near a rounding boundary (|x / scale| >= 1/4) in the normal float32 range.
+FAST_MIN_SCALE = tl.constexpr(2.0**-100)
 
 
 @triton.jit
 def max_nan(a, b):
     """max, NaN when either is NaN (the combine of every absmax reduction here and in the GEMV)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _absmax(x):
-    """Per group max |x|, NaN when any element is NaN (max.NaN: no instruction more than a plain
-    max, so flagging non-finite input costs the memory-bound kernel nothing) and Inf for an Inf."""
-    a = tl.abs(x)
-    return tl.reduce(tl.reduce(a, 2, max_nan), 1, max_nan)
 
 
 @triton.jit
@@ -97,30 +78,68 @@ def scale_of(amax):
 
 
 @triton.jit
-def codes_of(x, scale):
-    """int32 codes clip(rint(div_rn(x, scale)), -8, 7) of float32 x, `scale` broadcast against it;
-    0 where the scale is 0 (a zero group) or NaN (a non-finite group emits no code)."""
-    safe = tl.where(scale == 0.0, 1.0, scale)
-    v = div_rn(x, safe)
-    # clip before rounding: the same as rounding then clipping (the bounds are integers), and
-    # keeps |v| small enough for rint_f32; inf (tiny nonzero scale) clips like numpy's clip.
-    v = tl.minimum(tl.maximum(v, -8.0), 7.0)
-    codes = rint_f32(v).to(tl.int32)
-    return tl.where((scale == 0.0) | (scale != scale), 0, codes)
+def recip_of(scale):
+    """(d, y) per group: the divisor d (the scale; 1 for a zero or NaN scale) and y = div_rn(1, d),
+    computed once a group so that each element's quotient costs one multiply and two FMAs."""
+    d = tl.where((scale == 0.0) | (scale != scale), 1.0, scale)
+    return d, div_rn(tl.full(d.shape, 1.0, tl.float32), d)
 
 
 @triton.jit
-def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
-    codes = codes_of(x, scale[:, None, None])
-    j = tl.arange(0, 2)[None, None, :]
-    if INT8:  # one code per byte, natural order: channel k at byte k of the row
-        kk3 = k0 + tl.arange(0, NG)[:, None, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :, None] + j
-        tl.store(q_ptr + qrow_off + kk3, codes.to(tl.int8), mask=kk3 < K)
+def codes_of(x, scale, d, y):
+    """int32 codes clip(rint(div_rn(x, scale)), -8, 7) of float32 x; `scale` and its `recip_of`
+    (d, y) broadcast against x, which lies within its group's absmax (so |x / scale| <= 7 * (1 + 2**-23):
+    the clip never binds and rint lands in [-7, 7]); 0 where the scale is 0 or NaN.
+
+    Where every scale of the tile is finite and >= FAST_MIN_SCALE (or 0), the quotient is
+    Markstein's: q0 = x * y, r = fma(-d, q0, x) (exact), q = fma(r, y, q0), which equals
+    div_rn(x, d) when y = RN(1 / d) and nothing under- or overflows (docs/DESIGN.md §1) -- 3
+    instructions an element where div_rn takes 10 with its range check and branch. Any other tile
+    (a NaN scale, or a tiny one) takes div_rn itself; the test is one per program, uniform."""
+    ok = (scale == 0.0) | (scale >= FAST_MIN_SCALE)  # false for NaN; a scale is never +inf
+    if tl.min(ok.to(tl.int32)) == 1:
+        q0 = x * y
+        q = tl.fma(tl.fma(-d, q0, x), y, q0)
+        codes = (q + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
     else:
-        lo = tl.sum(tl.where(j == 0, codes, 0), axis=2)  # [NG, HALF]: the pair of each packed byte
-        hi = tl.sum(tl.where(j == 1, codes, 0), axis=2)
-        kk = k0 + tl.arange(0, NG)[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :]
-        tl.store(q_ptr + qrow_off + kk // 2, pack_lo_hi(lo, hi), mask=kk < K)
+        v = div_rn(x, d)
+        v = tl.minimum(tl.maximum(v, -8.0), 7.0)  # clip before rounding (inf from a tiny scale clips)
+        codes = (v + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+        codes = tl.where((scale == 0.0) | (scale != scale), 0, codes)
+    return codes
+
+
+@triton.jit
+def _load_tile(x_ptr, inv_ptr, row_off, k0, K, NG: tl.constexpr, GROUP: tl.constexpr, HAS_INV: tl.constexpr):
+    """float32 tile [NG, GROUP] of x (* inv_smooth) at channels k0 .. k0 + NG*GROUP: one
+    contiguous load (wide vector loads), viewed as [groups, channels]."""
+    k1 = k0 + tl.arange(0, NG * GROUP)
+    m1 = k1 < K
+    x = tl.load(x_ptr + row_off + k1, mask=m1, other=0.0).to(tl.float32)
+    if HAS_INV:
+        x = x * tl.load(inv_ptr + k1, mask=m1, other=0.0)
+    return tl.reshape(x, (NG, GROUP))
+
+
+@triton.jit
+def _absmax(x):
+    """Per group max |x| of a [NG, GROUP] tile, NaN when any element is NaN (max.NaN: no
+    instruction more than a plain max, so flagging non-finite input costs the memory-bound kernel
+    nothing) and Inf for an Inf."""
+    return tl.reduce(tl.abs(x), 1, max_nan)
+
+
+@triton.jit
+def _store_codes(x, scale, q_ptr, qrow_off, k0, K, NG: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr):
+    d, y = recip_of(scale)
+    codes = codes_of(x, scale[:, None], d[:, None], y[:, None])  # [NG, GROUP]
+    if INT8:  # one code per byte, natural order: channel k at byte k of the row
+        kk = k0 + tl.arange(0, NG * GROUP)
+        tl.store(q_ptr + qrow_off + kk, tl.reshape(codes, (NG * GROUP,)).to(tl.int8), mask=kk < K)
+    else:  # the pair of each packed byte: even channel in the low nibble, odd in the high
+        lo, hi = tl.split(tl.reshape(codes, (NG * GROUP // 2, 2)))
+        kh = k0 // 2 + tl.arange(0, NG * GROUP // 2)
+        tl.store(q_ptr + qrow_off + kh, pack_lo_hi(lo, hi), mask=kh < K // 2)
 
 
 @triton.jit
@@ -133,25 +152,24 @@ def _quantize_activations_kernel(
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
-    HALF: tl.constexpr = GROUP // 2
     x_row = pid_m.to(tl.int64) * stride_xm
     q_row = pid_m.to(tl.int64) * stride_qm
     if N_CHUNKS == 1:
         k0 = pid_k * BLOCK_K
-        x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, HALF, HAS_INV)
+        x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, GROUP, HAS_INV)
         scale = scale_of(_absmax(x))
-        _store_codes(x, scale, q_ptr, q_row, k0, K, NG, HALF, INT8)
+        _store_codes(x, scale, q_ptr, q_row, k0, K, NG, GROUP, INT8)
         gi = pid_k * NG + tl.arange(0, NG)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + gi, scale, mask=gi * GROUP < K)
     else:  # per-token over a long row (NG == 1): absmax pass, then codes pass
         amax = tl.zeros((NG,), tl.float32)
         for c in range(N_CHUNKS):
-            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, HALF, HAS_INV)
+            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV)
             amax = max_nan(amax, _absmax(x))
         scale = scale_of(amax)
         for c in range(N_CHUNKS):
-            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, HALF, HAS_INV)
-            _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, HALF, INT8)
+            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV)
+            _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, GROUP, INT8)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + tl.arange(0, NG), scale)
 
 
@@ -186,7 +204,7 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     the layout's dtype and shape. check_finite:
     raise ValueError when x (times inv_smooth) holds NaN or Inf (one host sync; skipped while a CUDA
     graph is being captured); with False such a group gets scale NaN and codes 0 (module docstring). `config` overrides the table's
-    dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=...) (tests and tuning)."""
+    dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=..., ELEMS_PER_THREAD=...) (tests and tuning)."""
     group_size = check_inputs(x, inv_smooth, group_size, layout)
     cfg = dict(table_for(x.device)["actquant"])
     cfg.update(config or {})
@@ -207,7 +225,9 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
         n_groups = triton.cdiv(K, group)
         scales = check_out(out_scales, (M, n_groups), torch.float32, x.device, "out_scales")
         stride_sm = n_groups
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    # ELEMS_PER_THREAD channels a thread: each program's reductions and two scalar divisions are
+    # a fixed cost that more channels a thread amortize, at fewer warps to hide the loads with.
+    num_warps = max(1, min(16, block_k // (32 * cfg["ELEMS_PER_THREAD"])))
     grid = (M, 1 if n_chunks > 1 else triton.cdiv(K, block_k))
     _quantize_activations_kernel[grid](
         x, inv_smooth if inv_smooth is not None else x, q, scales,

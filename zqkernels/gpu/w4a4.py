@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.actquant import codes_of, max_nan, scale_of
+from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, use_asm
 from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
 from zqkernels.gpu.operands import (
@@ -397,6 +397,7 @@ def _w4a4_gemv_quant_kernel(
             amax = max_nan(amax, tl.reduce(tl.abs(_load_x(x_ptr, inv_ptr, x_row[:, None], ka[None, :], K, HAS_INV)),
                                            1, max_nan))
         scale = scale_of(amax)  # [BLOCK_M], the quantizer's scale bit for bit
+        d, y = recip_of(scale)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32)
     else:
         GW: tl.constexpr = ACT_GROUP // 8
@@ -407,7 +408,7 @@ def _w4a4_gemv_quant_kernel(
             w = _load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
             kk = (t * BW + offs_w)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8] channels
             xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
-            a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None]), BLOCK_M, BW)
+            a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None], d[:, None, None], y[:, None, None]), BLOCK_M, BW)
             acc3 = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :], acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
         else:
             # Everything indexed [.., group, word in group, ..] from the loads on. A form that
@@ -419,7 +420,8 @@ def _w4a4_gemv_quant_kernel(
             kk = wg[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [NG, GW, 8] channels
             xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None, None], kk[None, :, :, :], K, HAS_INV)
             sg = scale_of(tl.reduce(tl.reduce(tl.abs(xs), 3, max_nan), 2, max_nan))  # [BLOCK_M, NG]
-            codes = codes_of(xs, sg[:, :, None, None])  # [BLOCK_M, NG, GW, 8]
+            dg, yg = recip_of(sg)
+            codes = codes_of(xs, sg[:, :, None, None], dg[:, :, None, None], yg[:, :, None, None])  # [BLOCK_M, NG, GW, 8]
             even, odd = tl.split(tl.reshape(codes, (BLOCK_M, NG, GW, 4, 2)))
             j = tl.arange(0, 4)[None, None, None, :] * 8
             a_lo = tl.sum(((even << 4) & 0xFF) << j, axis=3)[:, None, :, :]  # [BLOCK_M, 1, NG, GW]
