@@ -1,19 +1,18 @@
-"""Tune the activation quantizer's limits on this GPU (the launch table's `actquant` entry: one
-dict for every M, not per bucket): every candidate verified bit for bit against the oracle's codes
+"""Tune the activation quantizer's limits on this GPU (the launch table's `actquant` family: one
+config per scales and M bucket): every candidate verified bit for bit against the oracle's codes
 and scales, on rows that take its one-pass and its two-pass path, then timed per (scales, M) on
 the input widths of the layer shapes.
 
     PYTHONUNBUFFERED=1 python perf/tune_actquant.py --out $OUT/tune_actquant.json [--budget-s 200] [--m 1,16,256,4096]
 
-ONE_PASS_MAX_K: the longest per-token row one program quantizes in one pass (longer rows take
-two passes over ROW_CHUNK chunks: at M = 1 a single program walks the row, so this limit sets the
-decode-time cost at K = 14,336); GROUP_BLOCK: the channels a program takes with group scales.
-The winner is the candidate with the lowest geometric mean of time / best time over every
-(scales, M, shape) it was timed at, among those timed at all of them; it is written into
-zqkernels/gpu/configs/<gpu>.json's `actquant` entry, every timing into --out.
+Per token: ONE_PASS_MAX_K, the longest row one program quantizes in one pass (longer rows take two
+passes over ROW_CHUNK chunks: at M = 1 a single program walks the row, so this limit sets the
+decode-time cost at K = 14,336); with groups: GROUP_BLOCK, the channels a program takes; both:
+ELEMS_PER_THREAD, the channels a thread (which sets the warps a program). Each (scales, M) bucket
+gets the candidate with the lowest geometric mean of time / best time over the shapes, written
+into zqkernels/gpu/configs/<gpu>.json's `actquant` section (buckets not tuned stay); every
+timing into --out.
 """
-import json
-import math
 
 import numpy as np
 import torch
@@ -26,15 +25,22 @@ from zqkernels.gpu.actquant import quantize_activations
 GROUP = 128
 
 
-def candidates():
-    return [dict(ONE_PASS_MAX_K=one, ROW_CHUNK=2048, GROUP_BLOCK=gb, ELEMS_PER_THREAD=ept)
-            for one in (8192, 16384) for gb in (1024, 2048) for ept in (8, 16, 32)]
+def candidates(scales):
+    if scales == "per_token":
+        return [dict(ONE_PASS_MAX_K=one, ROW_CHUNK=chunk, ELEMS_PER_THREAD=ept)
+                for one in (8192, 16384) for chunk in (2048, 4096) for ept in (8, 16, 32)]
+    return [dict(GROUP_BLOCK=gb, ELEMS_PER_THREAD=ept) for gb in (512, 1024, 2048) for ept in (8, 16, 32)]
 
 
 def verify(cfg, group):
-    """Codes and scales equal to the oracle's on rows shorter and longer than ONE_PASS_MAX_K."""
+    """Codes and scales equal to the oracle's on rows shorter and longer than ONE_PASS_MAX_K (per
+    token), or than one program's GROUP_BLOCK, ending in a short group (groups)."""
     rng = np.random.default_rng(0)
-    for k in (cfg["ONE_PASS_MAX_K"] // 2 + 2, cfg["ONE_PASS_MAX_K"] + 2 * cfg["ROW_CHUNK"] + 6):
+    if group is None:
+        lengths = (cfg["ONE_PASS_MAX_K"] // 2 + 2, cfg["ONE_PASS_MAX_K"] + 2 * cfg["ROW_CHUNK"] + 6)
+    else:
+        lengths = (cfg["GROUP_BLOCK"] // 2 + 2, 3 * cfg["GROUP_BLOCK"] + group // 2 + 6)
+    for k in lengths:
         x = rng.standard_normal((3, k)).astype(np.float32)
         x[1, 5] = 300.0  # an outlier channel
         inv = rng.uniform(0.5, 2.0, k).astype(np.float32)
@@ -44,7 +50,7 @@ def verify(cfg, group):
         qr, sr = reference.quantize_activations(xs.astype(np.float64), group_size=group)
         if not (np.array_equal(q.cpu().numpy(), qr) and np.array_equal(s.cpu().numpy().astype(np.float64), sr)):
             return False, f"codes or scales differ from the oracle at K={k}"
-    return True, "codes and scales equal to the oracle's (one- and two-pass rows)"
+    return True, "codes and scales equal to the oracle's (rows on every path of the candidate)"
 
 
 def main():
@@ -65,27 +71,12 @@ def main():
 
     for group, scales in ((None, "per_token"), (GROUP, "group")):
         for m in sweep.ms:
-            win = sweep.run(scales, m, candidates(), lambda cfg, m, group=group: verify(cfg, group),
+            win = sweep.run(scales, m, candidates(scales), lambda cfg, m, group=group: verify(cfg, group),
                             lambda cfg, shape, m, group=group: call(cfg, shape, m, group))
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
-    # one entry for every M: the candidate best over every (scales, M, shape) it was timed at
-    timed = [r for r in sweep.record["rows"] if "us" in r]
-    cells = {(r["scales"], r["M"], s) for r in timed for s in r["us"]}
-    best = {c: min(r["us"][c[2]] for r in timed if (r["scales"], r["M"]) == c[:2] and c[2] in r["us"]) for c in cells}
-    scores = {}
-    for r in timed:
-        for s, us in r["us"].items():
-            scores.setdefault(json.dumps(r["config"], sort_keys=True), {})[(r["scales"], r["M"], s)] = us
-    complete = {c: v for c, v in scores.items() if set(v) == cells}
-    if not complete:
-        raise SystemExit("no candidate was timed at every (scales, M, shape): raise --budget-s")
-    geo = {c: math.exp(sum(math.log(v[cell] / best[cell]) for cell in cells) / len(cells)) for c, v in complete.items()}
-    winner = json.loads(min(geo, key=geo.get))
-    sweep.record["overall"] = {"config": winner, "geomean_vs_best": geo[json.dumps(winner, sort_keys=True)],
-                               "cells": len(cells)}
-    sweep.save()
-    print("overall", winner, "table written:", sweep.write_entry(winner))
-
+    if not sweep.record["winners"]:
+        raise SystemExit("no candidate was timed: raise --budget-s")
+    print("table written:", sweep.write_table())
 
 if __name__ == "__main__":
     main()

@@ -163,17 +163,6 @@ class Sweep:
         path = CONFIG_DIR / (self.args.table or default_table_name())
         return path, json.loads(path.read_text() if path.exists() else (CONFIG_DIR / "default.json").read_text())
 
-    def write_entry(self, value):
-        """`value` as the family's whole entry of configs/<gpu>.json (a family with one config for
-        every M, e.g. actquant); returns the path written."""
-        path, table = self._table()
-        table[self.family] = value
-        table.setdefault("match", [device_name()])
-        table.setdefault("_tuned_by", {})[self.family] = {"command": self.record["command"],
-                                                          "results": Path(self.args.out).name}
-        path.write_text(json.dumps(table, indent=1) + "\n")
-        return path
-
     def write_table(self, section_key=None):
         """Winners into configs/<gpu>.json's family section; returns the path written."""
         path, table = self._table()

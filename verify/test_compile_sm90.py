@@ -202,15 +202,19 @@ def _drive_mosaic(table):
 
 
 def _drive_actquant(table):
-    for k in (512, 2 * table["actquant"]["ONE_PASS_MAX_K"]):  # one pass, and the long-row path
-        inv = torch.rand(k).to(KERNEL_DEVICE) + 0.5
-        x = torch.randn(3, k).half().to(KERNEL_DEVICE)
-        for group in (None, 32, 128):
-            for layout in ("int4", "int8"):
-                for smooth in (None, inv):
-                    actquant.quantize_activations(x, smooth, group, layout=layout, check_finite=False)
-        for dtype in (torch.bfloat16, torch.float32):  # the other input types, once each
-            actquant.quantize_activations(x.to(dtype), inv, None, check_finite=False)
+    for scales, group_sizes in (("per_token", (None,)), ("group", (32, 128))):
+        for m in _ms(table["actquant"][scales]):
+            cfg = configs.launch_config("actquant", scales, m, KERNEL_DEVICE)
+            # one pass, and (per token) the long-row path; values unread: the kernels are recorded
+            for k in (512, 2 * cfg.get("ONE_PASS_MAX_K", 512)):
+                inv = torch.rand(k).to(KERNEL_DEVICE) + 0.5
+                x = torch.empty(m, k, dtype=torch.float16, device=KERNEL_DEVICE)
+                for group in group_sizes:
+                    for layout in ("int4", "int8"):
+                        for smooth in (None, inv):
+                            actquant.quantize_activations(x, smooth, group, layout=layout, check_finite=False)
+                    for dtype in (torch.bfloat16, torch.float32):  # the other input types, once each
+                        actquant.quantize_activations(x.to(dtype), inv, group, check_finite=False)
 
 
 def _drive_zipper(table):

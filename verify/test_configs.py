@@ -67,10 +67,14 @@ def test_every_bucket_names_a_launchable_variant(path):
         for cfg in table["zipper_high"][method].values():
             assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_N_WIDE_N"))
             assert cfg["BLOCK_E"] >= 1 and cfg["BLOCK_E"] & (cfg["BLOCK_E"] - 1) == 0, (path.name, cfg)
-    assert set(table["actquant"]) == {"ONE_PASS_MAX_K", "ROW_CHUNK", "GROUP_BLOCK", "ELEMS_PER_THREAD"}
-    assert table["actquant"]["ROW_CHUNK"] <= table["actquant"]["ONE_PASS_MAX_K"]
-    ept = table["actquant"]["ELEMS_PER_THREAD"]
-    assert ept >= 1 and ept & (ept - 1) == 0, (path.name, ept)
+    assert set(table["actquant"]) == {"per_token", "group"}, path.name
+    keys = {"per_token": {"ONE_PASS_MAX_K", "ROW_CHUNK", "ELEMS_PER_THREAD"}, "group": {"GROUP_BLOCK", "ELEMS_PER_THREAD"}}
+    for scales, buckets in table["actquant"].items():
+        assert buckets and all(int(m) >= 1 for m in buckets), (path.name, scales)
+        for cfg in buckets.values():
+            assert set(cfg) == keys[scales], (path.name, scales, cfg)
+            assert all(v >= 1 and v & (v - 1) == 0 for v in cfg.values()), (path.name, scales, cfg)
+            assert scales == "group" or cfg["ROW_CHUNK"] <= cfg["ONE_PASS_MAX_K"], (path.name, cfg)
 
 
 def test_every_shipped_variant_appears_in_some_table():

@@ -20,19 +20,20 @@ the layers pass `check_finite=False` to keep the per-token path free of a host s
 
 One program quantizes BLOCK_K channels of one token; a per-token row longer than ONE_PASS_MAX_K
 is quantized in two passes over chunks of ROW_CHUNK (absmax, then codes; the second read hits
-L1/L2), because a whole long row does not fit one program's registers. Those two limits and
-GROUP_BLOCK (channels a program takes with per-group scales) are the `actquant` entry of the
-launch table (`configs.py`); the interpreter's table sets them small, so CPU-sized rows reach the
-two-pass path too. The tile is viewed as
-[groups, g/2, 2] so the even/odd pair of each packed byte sits in the last axis and packing is a
-reduction over it (the int8 store writes the same tile element by element).
+L1/L2), because a whole long row does not fit one program's registers. Those two limits,
+GROUP_BLOCK (channels a program takes with per-group scales) and ELEMS_PER_THREAD (channels a
+thread, which sets the warps) are the launch table's `actquant` family, per scales and M bucket
+(`configs.py`): at one token a single program walks the row, at thousands the programs fill the
+GPU, so the best limits differ. The interpreter's table sets them small, so CPU-sized rows reach
+the two-pass path too. The tile is [groups, channels]; the packed store splits it into the even
+and odd channel of each byte (the int8 store writes it element by element).
 """
 import torch
 import triton
 import triton.language as tl
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import table_for
+from zqkernels.gpu.configs import launch_config
 from zqkernels.gpu.int4 import pack_lo_hi
 from zqkernels.gpu.operands import check_float_acts, check_out, check_same_device
 
@@ -204,11 +205,12 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     the layout's dtype and shape. check_finite:
     raise ValueError when x (times inv_smooth) holds NaN or Inf (one host sync; skipped while a CUDA
     graph is being captured); with False such a group gets scale NaN and codes 0 (module docstring). `config` overrides the table's
-    dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., GROUP_BLOCK=..., ELEMS_PER_THREAD=...) (tests and tuning)."""
+    bucket's dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., ELEMS_PER_THREAD=...) (per token) or
+    dict(GROUP_BLOCK=..., ELEMS_PER_THREAD=...) (groups), key by key (tests and tuning)."""
     group_size = check_inputs(x, inv_smooth, group_size, layout)
-    cfg = dict(table_for(x.device)["actquant"])
-    cfg.update(config or {})
     M, K = x.shape
+    cfg = launch_config("actquant", "per_token" if group_size is None else "group", M, x.device)
+    cfg.update(config or {})
     int8 = layout == "int8"
     q = check_out(out, (M, K) if int8 else (M, K // 2), torch.int8 if int8 else torch.uint8, x.device)
     n_chunks = 1

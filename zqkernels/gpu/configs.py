@@ -10,14 +10,14 @@ layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per b
 (one code per byte, no unpack in the GEMM; `w4a4.act_layout`), or, in a `gemv` bucket, `"fused"`
 (the layers run `w4a4.w4a4_gemv_quant`, which quantizes inside the GEMV); the key is required.
 In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
-the configs tuned for packed ones, DESIGN.md "Leads"), except h200.json's per-token M = 1 bucket,
-"fused" (measured against the two launches); `perf/tune_w4a4.py`'s candidates carry both code
-layouts. A table names the GPUs it is for in `"match"` (substrings of
+the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
+the H200's M = 1 tiles); `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it is for in `"match"` (substrings of
 `torch.cuda.get_device_name()`); a GPU no table matches runs `default.json`, the untuned
 starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
 alternates between buckets, so the layers' table-driven path runs both layouts).
-Each table's `"_about"` names the results JSON and the command its numbers came from.
+The activation quantizer's limits are the `actquant` family, sectioned the same way (`per_token`
+/ `group`, by M). Each table's `"_about"` names the results JSON and the command its numbers came from.
 """
 import json
 import os
@@ -87,12 +87,14 @@ def describe(name):
     """One screen: which variant runs for each (family, scales, M bucket) in table `name`."""
     table = _load(name)
     lines = [f"{name}: {', '.join(table.get('match', [])) or '(no GPU match)'}"]
-    for family in ("w4a4", "w4a16", "mosaic", "zipper_high"):
+    for family in ("w4a4", "w4a16", "mosaic", "zipper_high", "actquant"):
         for scales, buckets in table.get(family, {}).items():
             row = []
             ordered = sorted(buckets.items(), key=lambda kv: int(kv[0]))
             for i, (m, cfg) in enumerate(ordered):
                 tiles = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+                if family == "actquant":  # the quantizer's limits: no tiles
+                    tiles = ", ".join(f"{k} {v}" for k, v in cfg.items())
                 span = f"M<={m}" if i < len(ordered) - 1 else (f"M>{ordered[i - 1][0]}" if i else "any M")
                 act = f" act {cfg['act_layout']}" if "act_layout" in cfg else ""
                 row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
