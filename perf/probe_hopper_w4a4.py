@@ -10,12 +10,14 @@ LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the
   registers, in both orientations (`dot(x, w.T)` and the swapped `dot(w, x.T)`, where the unpacked
   weights are the MMA's A operand);
 - both operands packed int4 (the shipped data path) at more tile shapes;
+- (`--set ceiling`) Triton's persistent TMA GEMM (one program per SM, descriptor loads) on int8
+  and e4m3 operands in memory: the most a kernel that must also unpack can hope for;
 - (`--set tma`) int8 activation codes x packed int4 weights, the weights packed either in natural
   order (byte j holds codes 2j, 2j+1: the unpacked halves must be interleaved back, a register
   shuffle) or in tile halves (byte j of each BLOCK_K tile holds codes j and j + BLOCK_K/2: the two
   unpacked planes are the two contiguous halves of the tile, each dotted with its half of the
   activation tile, no shuffle), with plain pointer loads or TMA tensor descriptors.
-Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma]`.
+Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma|ceiling]`.
 """
 from __future__ import annotations
 
@@ -121,6 +123,77 @@ def _probe_tma_kernel(a_desc, w_desc, a_ptr, w_ptr, out_ptr, M, N, K, stride_a, 
     on = off_n + tl.arange(0, BLOCK_N)
     mask = (om[:, None] < M) & (on[None, :] < N)
     tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _ceiling_kernel(a_desc, b_desc, out_ptr, M, N, K, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                    FLATTEN: tl.constexpr):
+    # Triton's best 8-bit GEMM on operands already in MMA form: persistent tile loop (one program
+    # per SM), TMA descriptor loads, grouped tile order; int8 x int8 (int32 accumulate) or
+    # e4m3 x e4m3 (fp32, the default fast accumulation).
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    in_group = GROUP_M * num_pid_n
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        group = tile // in_group
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % size_m)
+        pid_n = (tile % in_group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            if FP8:
+                acc = tl.dot(a, b.T, acc)
+            else:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        om = off_m + tl.arange(0, BLOCK_M)
+        on = off_n + tl.arange(0, BLOCK_N)
+        mask = (om[:, None] < M) & (on[None, :] < N)
+        tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc.to(tl.float32), mask=mask)
+
+
+CEILING_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+]
+
+
+def run_ceiling_set(results, sname, M, N, K, a8, w8, af8, wf8, exact, out, budget_end):
+    """Triton's persistent TMA 8-bit GEMM, int8 and e4m3 operands in memory (no unpack), each
+    config with and without the flattened tile loop: the ceiling a W4A4 kernel with in-register
+    unpacking works under, beside cuBLASLt FP8 in the same run."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    row = lambda **kw: results["rows"].append(dict(shape=sname, N=N, K=K, **kw))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for cfg in CEILING_CONFIGS:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        for fp8, (a_t, w_t, scale) in ((False, (a8, w8, 256.0)), (True, (af8, wf8, 1.0))):
+            for flatten in (True, False):
+                vname = f"ceiling_{'f8' if fp8 else 'i8'}_tma_persistent{'_flat' if flatten else ''}"
+                if time.time() > budget_end:
+                    row(variant=vname, config=cfg, skipped="time budget")
+                    continue
+                try:
+                    a_desc = TensorDescriptor.from_tensor(a_t, [bm, bk])
+                    w_desc = TensorDescriptor.from_tensor(w_t, [bn, bk])
+                    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+                    launch = lambda: _ceiling_kernel[grid](a_desc, w_desc, out, M, N, K, FP8=fp8, BLOCK_M=bm,
+                                                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                                                           NUM_SMS=sms, FLATTEN=flatten,
+                                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    time_probe(row, vname, cfg, launch, out, exact, scale)
+                except Exception as exc:  # noqa: BLE001
+                    row(variant=vname, config=cfg, error=repr(exc)[:300])
 
 
 def pack_halves(codes, block_k):
@@ -231,9 +304,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--set", choices=("data-path", "tma"), default="data-path",
+    ap.add_argument("--set", choices=("data-path", "tma", "ceiling"), default="data-path",
                     help="data-path: the formats and orientations above; tma: int8 activations x packed "
-                         "weights, natural or tile-halves order, pointer or TMA loads")
+                         "weights, natural or tile-halves order, pointer or TMA loads; ceiling: Triton's "
+                         "persistent TMA GEMM on int8 / e4m3 operands in memory")
     args = ap.parse_args()
     t_start = time.time()
     from zqkernels.gpu.w4a4 import w4a4_gemm
@@ -280,11 +354,15 @@ def main():
                 A_FMT=1, W_FMT=1, SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                 num_warps=8, num_stages=3)))
             run_tma_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
-        for vname, afmt, wfmt, swap in (VARIANTS if args.set == "data-path" else []):
+        if args.set == "ceiling":
+            run_ceiling_set(results, sname, M, N, K, a8, w8, af8, wf8, exact, out, t_start + args.budget_s)
+        # the ceiling set times the pointer-load 8-bit kernels beside its persistent ones
+        variants = {"data-path": VARIANTS, "tma": [], "ceiling": VARIANTS[:2]}[args.set]
+        for vname, afmt, wfmt, swap in variants:
             a_t = pa if afmt == 0 else (a8 if afmt == 1 else af8)
             w_t = pw if wfmt == 0 else (w8 if wfmt == 1 else wf8)
             scale = 1.0 if (afmt == 2) else (256.0 if (afmt != 2 and wfmt != 2) else 16.0)
-            for cfg in CONFIGS:
+            for cfg in (CONFIGS if args.set == "data-path" else CONFIGS[:2]):
                 if time.time() - t_start > args.budget_s:
                     row(variant=vname, config=cfg, skipped="time budget")
                     continue
