@@ -59,9 +59,19 @@ def _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, acts, method, 
 
 @pytest.mark.gpu
 def test_zq_w4a4(zq_bench, weight_cache, zq_kernel, shape, m):
+    """The GEMM as the layers run it: activation codes in the launch table's layout for this M
+    (packed; int8 codes where the bucket names them, e.g. for the tma variant)."""
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
-    _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, _packed_acts(m, shape.k, None), "zq_w4a4",
-                     _gemm_bytes(m, shape.n, shape.k, m))
+    layout = zq_kernel("zqkernels.gpu.w4a4", "act_layout")(m, None, torch.device("cuda"))
+    if layout == "int8":
+        acts = (torch.randint(-8, 8, (m, shape.k), device="cuda", dtype=torch.int8),
+                torch.rand(m, device="cuda") * 0.1 + 0.01)
+        _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, acts, "zq_w4a4",
+                         _gemm_bytes(m, shape.n, shape.k, m) + m * shape.k // 2, act_layout=layout,
+                         notes=["activation codes as int8 bytes [M, K], as the table's bucket names"])
+    else:
+        _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, _packed_acts(m, shape.k, None), "zq_w4a4",
+                         _gemm_bytes(m, shape.n, shape.k, m), act_layout="int4")
 
 
 @pytest.mark.gpu

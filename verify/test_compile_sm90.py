@@ -90,6 +90,8 @@ def _signature(kernel, args, kwargs):
             sig[name], constexprs[name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name] = _PTR[v.dtype]
+        elif type(v).__name__ == "TensorDescriptor":  # a host TMA descriptor: its dtype and box
+            sig[name] = f"tensordesc<{_PTR[v.base.dtype][1:]}[{', '.join(str(b) for b in v.block_shape)}]>"
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
@@ -163,12 +165,14 @@ def _drive_w4a4(table):
     for scales, group in (("per_token", None), ("group", 128)):
         for m in _ms(table["w4a4"][scales]):
             sx = (torch.rand(m) if group is None else torch.rand(m, -(-k // group))).to(KERNEL_DEVICE)
+            cfg = configs.launch_config("w4a4", scales, m, KERNEL_DEVICE)
             for qx in (torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=gen),
                        torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen)):
+                if cfg["variant"] == "tma" and qx.dtype != torch.int8:
+                    continue  # the tma variant takes int8 codes only (its launcher refuses packed ones)
                 w4a4.w4a4_gemm(qx.to(KERNEL_DEVICE), sx, qw, sw, group, torch.float16, check_finite=False)
             x = torch.randn(m, k).half().to(KERNEL_DEVICE)
             w4a4.w4a4_linear(x, None, qw, sw, group, torch.float16)  # the layers' path: a "fused" bucket's GEMV
-            cfg = configs.launch_config("w4a4", scales, m, KERNEL_DEVICE)
             if cfg["variant"] == "gemv":  # any gemv bucket may be made "fused": its tiles compile that way too
                 inv = torch.rand(k).to(KERNEL_DEVICE) + 0.5
                 w4a4.w4a4_gemv_quant(x, inv, qw, sw, group, torch.float16, config=cfg, check_finite=False)

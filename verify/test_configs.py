@@ -92,7 +92,11 @@ def test_every_shipped_variant_appears_in_some_table():
 def test_the_interpreter_table_sends_both_layouts_through_both_variants():
     table = json.loads((configs.CONFIG_DIR / "interpreter.json").read_text())
     pairs = {(c["variant"], c["act_layout"]) for b in table["w4a4"].values() for c in b.values()}
-    assert pairs == {(v, a) for v in w4a4.VARIANTS for a in w4a4.ACT_LAYOUTS} | {("gemv", "fused")}
+    # tma takes int8 codes with K a multiple of 32 only, which not every CPU test's layer has: the
+    # interpreter's buckets (they serve every shape) leave it out, and its laws run on explicit
+    # configs (test_w4a4.TMA_CONFIGS).
+    general = set(w4a4.VARIANTS) - {"tma"}
+    assert pairs == {(v, a) for v in general for a in w4a4.ACT_LAYOUTS} | {("gemv", "fused")}
     for buckets in table["w4a4"].values():
         assert {c["act_layout"] for c in buckets.values()} == set(w4a4.TABLE_ACT_LAYOUTS)
 

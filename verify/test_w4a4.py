@@ -49,6 +49,11 @@ CONFIGS = [
     dict(variant="gemv", BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
 ]
 GEMV_SPLIT, GEMV_WIDE = CONFIGS[-2], CONFIGS[-1]
+# The tma variant takes int8 activation codes and K a multiple of 32 only (its own laws below).
+TMA_CONFIGS = [
+    dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2),
+    dict(variant="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
+]
 
 
 def dev(a, dtype=None):
@@ -87,7 +92,68 @@ def operands(draw, max_m=20, max_n=40, max_k=300):
 def test_every_variant_has_an_explicit_config():
     from zqkernels.gpu.w4a4 import VARIANTS
 
-    assert {c["variant"] for c in CONFIGS if c} == set(VARIANTS)
+    assert {c["variant"] for c in CONFIGS + TMA_CONFIGS if c} == set(VARIANTS)
+
+
+@st.composite
+def tma_operands(draw):
+    """Operands the tma variant takes: K a multiple of 32; M and N any (its boxes past them are zero-filled)."""
+    qx, qw = draw(operands(max_k=320))
+    k = 32 * draw(st.integers(1, 10))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    grow = lambda a: np.concatenate([a, rng.integers(-8, 8, (a.shape[0], k)).astype(np.int8)], axis=1)[:, :k]
+    return grow(qx), grow(qw)
+
+
+@pytest.mark.parametrize("ci", range(len(TMA_CONFIGS)))
+@settings(max_examples=examples(6))
+@given(ops=tma_operands())
+def test_tma_int32_accumulators_equal_int64_product(ops, ci):
+    qx, qw = ops
+    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    np.testing.assert_array_equal(int32_product(qx, qw, TMA_CONFIGS[ci], "int8").astype(np.int64), exact)  # exact
+
+
+@pytest.mark.parametrize("ci", range(len(TMA_CONFIGS)))
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@settings(max_examples=examples(3))
+@given(ops=tma_operands(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
+def test_tma_scaled_output_equals_the_gemm_variant(ops, group, out_dtype, ci, seed):
+    """The tma variant's scaled output equals the gemm variant's on the same int8 codes, bit for
+    bit: the same int32 tile dots, the same per-group rescale order, the same epilogue."""
+    qx, qw = ops
+    m, k = qx.shape
+    n = qw.shape[0]
+    rng = np.random.default_rng(seed)
+    g = 1 if group is None else -(-k // group)
+    sx = rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32)
+    sw = dev(rng.uniform(1e-3, 1e-1, n).astype(np.float32))
+    sx_t = dev(sx[:, 0] if group is None else sx)
+    cfg = TMA_CONFIGS[ci]
+    ref_cfg = dict(variant="gemm", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                   GROUP_M=cfg["GROUP_M"], PLANES=False, num_warps=4, num_stages=1)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = w4a4_gemm(acts(qx, "int8"), sx_t, dev(R.pack_int4(qw)), sw, act_group_size=group, out_dtype=out_dtype,
+                  out=out, config=cfg)
+    assert y.data_ptr() == out.data_ptr()
+    ref = w4a4_gemm(acts(qx, "int8"), sx_t, dev(R.pack_int4(qw)), sw, act_group_size=group, out_dtype=out_dtype,
+                    config=ref_cfg)
+    assert torch.equal(y, ref)  # exact
+
+
+@pytest.mark.parametrize("what", ["packed", "k", "offset"])
+def test_tma_refuses_what_a_descriptor_cannot_take(what):
+    cfg = TMA_CONFIGS[0]
+    k = 48 if what == "k" else 64
+    qx = torch.zeros(4 * k + 1, dtype=torch.int8, device=DEVICE)[1:].view(4, k)  # contiguous, base 1 byte off
+    if what != "offset":
+        qx = torch.zeros(4, k, dtype=torch.int8, device=DEVICE)
+    if what == "packed":
+        qx = torch.zeros(4, k // 2, dtype=torch.uint8, device=DEVICE)
+    qw = torch.zeros(8, k // 2, dtype=torch.uint8, device=DEVICE)
+    match = {"packed": "int8 activation codes", "k": "multiple of 32", "offset": "16-byte aligned"}[what]
+    with pytest.raises(ValueError, match=match):
+        w4a4_gemm_int32(qx, qw, config=cfg)
 
 
 @pytest.mark.parametrize("layout", ACT_LAYOUTS)
@@ -140,6 +206,27 @@ def test_split_k_counters_reset_between_calls():
     exact = qx.astype(np.int64) @ qw.astype(np.int64).T
     for i in range(10):
         np.testing.assert_array_equal(int32_product(qx, qw, CONFIGS[1], ACT_LAYOUTS[i % 2]), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("m", [300, 2100])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
+def test_tma_llama_shapes_compiled(m, n, k):
+    """The tma variant at the H200 table's tiles, compiled, on LLaMA-sized layers (M, N not tile
+    multiples): int32 exact, and with groups of 128 equal to the gemm variant bit for bit."""
+    cfg = dict(variant="tma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    qx = torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    pw = dev(R.pack_int4(qw.cpu().numpy()))
+    out = torch.full((m, n), POISON_I32, dtype=torch.int32, device="cuda")
+    assert torch.equal(w4a4_gemm_int32(qx, pw, out=out, config=cfg).double(), qx.double() @ qw.double().T)
+    sx = torch.rand(m, k // 128, generator=gen, device="cuda") * 0.1 + 1e-3
+    sw = torch.rand(n, generator=gen, device="cuda") * 0.1 + 1e-3
+    ref_cfg = dict(cfg, variant="gemm", PLANES=False, num_warps=8, num_stages=3)
+    y = w4a4_gemm(qx, sx, pw, sw, act_group_size=128, out_dtype=torch.float32, config=cfg)
+    assert torch.equal(y, w4a4_gemm(qx, sx, pw, sw, act_group_size=128, out_dtype=torch.float32, config=ref_cfg))
 
 
 @pytest.mark.gpu
