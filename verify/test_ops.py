@@ -116,7 +116,9 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     assert len(keys) >= 2, "the walk needs two buckets to alternate layouts"
     ms = [keys[0]] + [k + 1 for k in keys[:-1]]  # ms[j] falls in bucket j
     table_steps = act_layouts(group, torch.device(DEVICE))
-    alternating = tuple((key, ("int4", "int8")[j % 2]) for j, key in enumerate(keys))
+    # a tma bucket takes int8 codes only: it keeps them in the alternating walk too
+    tma = {key for key in keys if buckets[str(key)]["variant"] == "tma"}
+    alternating = tuple((key, "int8" if key in tma else ("int4", "int8")[j % 2]) for j, key in enumerate(keys))
     for steps in (table_steps, alternating):
         for j, m in enumerate(ms):
             x = _x(m, 96)
@@ -124,7 +126,7 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
             want = (configs.launch_config("w4a4", scales, m, x.device)["act_layout"] if steps is table_steps
                     else alternating[j][1])
             assert seen[-1] == want, (m, seen)
-            qx, sx = quantize_activations(x, inv, group)
+            qx, sx = quantize_activations(x, inv, group, layout="int8" if keys[j] in tma else "int4")
             two_step = w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float32)
             if want == "fused" and group:  # the same codes; the fp32 order of the group sums is the compiler's
                 torch.testing.assert_close(y, two_step, rtol=2.0**-18, atol=2.0**-18 * float(two_step.abs().max()))

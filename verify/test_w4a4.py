@@ -222,7 +222,7 @@ def test_tma_llama_shapes_compiled(m, n, k):
     pw = dev(R.pack_int4(qw.cpu().numpy()))
     out = torch.full((m, n), POISON_I32, dtype=torch.int32, device="cuda")
     assert torch.equal(w4a4_gemm_int32(qx, pw, out=out, config=cfg).double(), qx.double() @ qw.double().T)
-    sx = torch.rand(m, k // 128, generator=gen, device="cuda") * 0.1 + 1e-3
+    sx = torch.rand(m, -(-k // 128), generator=gen, device="cuda") * 0.1 + 1e-3
     sw = torch.rand(n, generator=gen, device="cuda") * 0.1 + 1e-3
     ref_cfg = dict(cfg, variant="gemm", PLANES=False, num_warps=8, num_stages=3)
     y = w4a4_gemm(qx, sx, pw, sw, act_group_size=128, out_dtype=torch.float32, config=cfg)
