@@ -43,17 +43,20 @@ def tiles(m, group):
         return [C("splitk", 64, bn, bk, W=4, S=4, SPLIT_K=0) for bn in (64, 128)] + \
                [C("gemm", bm, bn, bk, W=w, S=s) for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 4),
                                                                       (128, 128, 8, 3), (128, 128, 4, 4))]
+    tma = [dict(variant="tma", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
+           for bm, bn, w, s in ((128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3))]
     return [C("gemm", bm, bn, k, W=w, S=s, PLANES=p) for bm, bn, k, w, s in
             ((128, 128, bk, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
-             (128, 256, 64, 8, 4)) for p in (True, False) if not (group and k > group)]
+             (128, 256, 64, 8, 4)) for p in (True, False) if not (group and k > group)] + tma
 
 
 def candidates(m, group):
-    """Every tile config once per activation layout, the two side by side; at M <= 16 packed int4
+    """Every tile config once per activation layout (tma: int8 only), side by side; at M <= 16 packed int4
     only (a few KB of activations: the int8 codes save nothing there and were equal to 12 % slower
     in reports/results/h200/perf_w4a4_b2b.json)."""
     layouts = ("int4",) if m <= 16 else ACT_LAYOUTS
-    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in layouts]
+    return [dict(cfg, act_layout=layout) for cfg in tiles(m, group) for layout in layouts
+            if cfg["variant"] != "tma" or layout == "int8"]  # tma takes int8 codes only
 
 
 def rand_packed(rows, k, gen):

@@ -136,6 +136,22 @@ def test_quotients_at_rounding_boundaries_equal_oracle(group, exps, m, k, seed):
     check_equal(torch.from_numpy(x).to(DEVICE), None, group)
 
 
+@settings(max_examples=examples(3))
+@given(seed=st.integers(0, 2**32 - 1), it=st.integers(0, 2))
+def test_the_reciprocal_quotient_is_ieee_division(seed, it):
+    """The arithmetic of the reciprocal path alone, on 200,000 pairs a draw at rounding boundaries
+    (perf/check_markstein_quotient.py; its committed run covers 3e8): fma-corrected x * (1 / d)
+    equals numpy's float32 x / d wherever the code can depend on it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "check_markstein_quotient.py"
+    spec = importlib.util.spec_from_file_location("check_markstein_quotient", path)
+    M = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(M)
+    assert M.one_round(np.random.default_rng(seed), it, 200_000) == 0
+
+
 # Every path of the kernel, reached deterministically: (config, activation groups, min K). A
 # per-token row longer than ONE_PASS_MAX_K takes the two-pass path; per-group programs take one or
 # several groups each.

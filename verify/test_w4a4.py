@@ -74,6 +74,12 @@ def int32_product(qx, qw, config=None, layout="int4"):
     return y.cpu().numpy()
 
 
+def random_scales(rng, m, n, k, group):
+    """float32 activation scales [M, ceil(K / group)] ([M, 1] per token) and weight scales [N]."""
+    g = 1 if group is None else -(-k // group)
+    return (rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32), rng.uniform(1e-3, 1e-1, n).astype(np.float32))
+
+
 @st.composite
 def operands(draw, max_m=20, max_n=40, max_k=300):
     k = draw(st.integers(1, max_k // 2)) * 2
@@ -124,10 +130,8 @@ def test_tma_scaled_output_equals_the_gemm_variant(ops, group, out_dtype, ci, se
     qx, qw = ops
     m, k = qx.shape
     n = qw.shape[0]
-    rng = np.random.default_rng(seed)
-    g = 1 if group is None else -(-k // group)
-    sx = rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32)
-    sw = dev(rng.uniform(1e-3, 1e-1, n).astype(np.float32))
+    sx, sw = random_scales(np.random.default_rng(seed), m, n, k, group)
+    sw = dev(sw)
     sx_t = dev(sx[:, 0] if group is None else sx)
     cfg = TMA_CONFIGS[ci]
     ref_cfg = dict(variant="gemm", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -174,11 +178,8 @@ def test_scaled_output_matches_oracle(ops, group, out_dtype, ci, seed):
     qx, qw = ops
     m, k = qx.shape
     n = qw.shape[0]
-    rng = np.random.default_rng(seed)
-    g = 1 if group is None else -(-k // group)
-    sx = rng.uniform(1e-3, 1e-1, (m, g)).astype(np.float32)
+    sx, sw = random_scales(np.random.default_rng(seed), m, n, k, group)
     sx[qx.reshape(m, -1).any(axis=1) == 0] = 0.0  # a zero row has a zero scale, as quantization gives
-    sw = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
     sx_t = dev(sx[:, 0] if group is None else sx)
     ys = {}
     for layout in ACT_LAYOUTS:

@@ -11,9 +11,10 @@ layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per b
 (the layers run `w4a4.w4a4_gemv_quant`, which quantizes inside the GEMV); the key is required.
 In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
 the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
-the H200's M = 1 tiles); `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it is for in `"match"` (substrings of
-`torch.cuda.get_device_name()`); a GPU no table matches runs `default.json`, the untuned
-starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
+the H200's M = 1 tiles), except h200.json's per-token M > 1024 bucket, whose `tma` variant takes
+int8 codes; `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
+is for in `"match"` (substrings of `torch.cuda.get_device_name()`); a GPU no table matches runs
+`default.json`, the untuned starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
 alternates between buckets, so the layers' table-driven path runs both layouts).
 The activation quantizer's limits are the `actquant` family, sectioned the same way (`per_token`

@@ -59,6 +59,7 @@ TRITON_INTERPRET=1); float32 scales of the documented shapes; act_group_size in
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
@@ -533,8 +534,6 @@ def _launch_splitk(cfg, qx, sx, qw, sw, out, act_group, out_int32):
 
 
 def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     M = qx.shape[0]
     N, KH = qw.shape
     if qx.dtype != torch.int8:
