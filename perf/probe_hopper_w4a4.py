@@ -16,7 +16,15 @@ LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the
   order (byte j holds codes 2j, 2j+1: the unpacked halves must be interleaved back, a register
   shuffle) or in tile halves (byte j of each BLOCK_K tile holds codes j and j + BLOCK_K/2: the two
   unpacked planes are the two contiguous halves of the tile, each dotted with its half of the
-  activation tile, no shuffle), with plain pointer loads or TMA tensor descriptors.
+  activation tile, no shuffle), with plain pointer loads or TMA tensor descriptors;
+- (`--set e4m3`) e4m3 activation codes x packed int4 weights on the FP8 tensor cores. A nibble u in
+  0..15 in the low four bits of a byte (the rest zero) *is* the e4m3 value u * 2^-9 (exponent field
+  0 or 1: the subnormals and the first binade are one linear scale), so the weights unpack with one
+  AND + XOR (offset binary, u = code + 8) per four bytes, like the int8 x16 unpack; the dot is then
+  2^-9 (sum a u) = 2^-9 (sum a code + 8 sum a), fixed in the epilogue with the activation row sums.
+  Exactness needs the tensor cores to keep the subnormals and the partial sums: tried with Triton's
+  default fast accumulation and with promotion to fp32 every 32 / 64 / BLOCK_K products
+  (`max_num_imprecise_acc`), one tile per program and persistent, both MMA orientations.
 Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma|ceiling]`.
 """
 from __future__ import annotations
@@ -196,6 +204,124 @@ def run_ceiling_set(results, sname, M, N, K, a8, w8, af8, wf8, exact, out, budge
                     row(variant=vname, config=cfg, error=repr(exc)[:300])
 
 
+@triton.jit
+def _unpack_e4m3_offset(packed):
+    """uint8 tile of packed codes -> (lo, hi) e4m3 tiles of (code + 8) * 2^-9: the nibble, xor 8,
+    in the low bits of its byte (one AND + XOR, and a shift for hi, per four bytes)."""
+    lo, hi = tl.inline_asm_elementwise(
+        asm="{ .reg .b32 t; and.b32 t, $2, 0x0F0F0F0F; xor.b32 $0, t, 0x08080808; "
+            "shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 $1, t, 0x08080808; }",
+        constraints="=r,=r,r", args=[packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _probe_e4m3_kernel(a_desc, w_desc, rs_ptr, out_ptr, M, N, K, IMPRECISE: tl.constexpr, SWAP: tl.constexpr,
+                       PERSIST: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # a: e4m3 codes [M, K] via TMA; w: packed int4 [N, K/2] via TMA; rs: fp32 row sums of the codes.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    in_group = GROUP_M * num_pid_n
+    BKH: tl.constexpr = BLOCK_K // 2
+    if PERSIST:
+        start = tl.program_id(0)
+        step = NUM_SMS
+    else:
+        start = tl.program_id(0)
+        step = num_tiles
+    for tile in tl.range(start, num_tiles, step):
+        first_m = (tile // in_group) * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % in_group) % size_m)
+        pid_n = (tile % in_group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, t * BLOCK_K])
+            w_lo, w_hi = _unpack_e4m3_offset(w_desc.load([off_n, t * BKH]))
+            w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc, max_num_imprecise_acc=IMPRECISE)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, max_num_imprecise_acc=IMPRECISE)
+        if SWAP:
+            acc = tl.trans(acc)
+        om = off_m + tl.arange(0, BLOCK_M)
+        on = off_n + tl.arange(0, BLOCK_N)
+        rs = tl.load(rs_ptr + om, mask=om < M, other=0.0)
+        acc = acc * 512.0 - 8.0 * rs[:, None]
+        mask = (om[:, None] < M) & (on[None, :] < N)
+        tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc, mask=mask)
+
+
+E4M3_CONFIGS = [
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+]
+
+
+def run_e4m3_set(results, sname, M, N, K, ca, cw, exact, out, budget_end):
+    """The FP8 tensor-core W4A4 path (module docstring), every config x accumulation x loop shape,
+    the adversarial case too: codes at the extremes (a = 7, code 7: every partial sum at its
+    largest), where truncated accumulation would show first."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    row = lambda **kw: results["rows"].append(dict(shape=sname, N=N, K=K, **kw))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pw = ((cw[:, 0::2] & 15) | ((cw[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+    af8 = ca.to(torch.float16).to(torch.float8_e4m3fn).contiguous()
+    rs = ca.float().sum(1).contiguous()
+    # extremes: a in {7, -7} by row halves and weight codes 7 / -8 by column halves
+    ca_x = torch.full_like(ca, 7)
+    ca_x[M // 2:] = -7
+    cw_x = torch.full_like(cw, 7)
+    cw_x[N // 2:] = -8
+    pw_x = ((cw_x[:, 0::2] & 15) | ((cw_x[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+    af8_x = ca_x.to(torch.float16).to(torch.float8_e4m3fn).contiguous()
+    rs_x = ca_x.float().sum(1).contiguous()
+    exact_x = ca_x.float() @ cw_x.float().T
+    for cfg in E4M3_CONFIGS:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        for imprecise in (bk, 32, None):
+            for persist in (True, False):
+                for swap in ((False, True) if cfg is E4M3_CONFIGS[1] else (False,)):
+                    vname = (f"e4m3_offset_{'persist' if persist else 'tiles'}{'_swap' if swap else ''}"
+                             f"_acc{imprecise or 'fast'}")
+                    if time.time() > budget_end:
+                        row(variant=vname, config=cfg, skipped="time budget")
+                        continue
+                    ntile = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+                    grid = (min(sms, ntile) if persist else ntile,)
+                    try:
+                        descs = {}
+                        for key, (a_t, w_t) in {"rand": (af8, pw), "ext": (af8_x, pw_x)}.items():
+                            descs[key] = (TensorDescriptor.from_tensor(a_t, [bm, bk]),
+                                          TensorDescriptor.from_tensor(w_t, [bn, bk // 2]))
+                        mk = lambda key, r: (lambda: _probe_e4m3_kernel[grid](
+                            descs[key][0], descs[key][1], r, out, M, N, K, IMPRECISE=imprecise, SWAP=swap,
+                            PERSIST=persist, NUM_SMS=sms, **meta, num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"]))
+                        out.fill_(float("nan"))
+                        mk("ext", rs_x)()
+                        torch.cuda.synchronize()
+                        ok_x = bool(torch.equal(out, exact_x))
+                        err_x = float((out - exact_x).abs().max())
+                        time_probe(row, vname, cfg, mk("rand", rs), out, exact, 1.0)
+                        results["rows"][-1].update(exact_extremes=ok_x, max_err_extremes=err_x)
+                    except Exception as exc:  # noqa: BLE001
+                        row(variant=vname, config=cfg, error=repr(exc)[:300])
+
+
 def pack_halves(codes, block_k):
     """[N, K] int8 codes -> [N, K/2] bytes, byte j of each block_k tile = code j | code (j + block_k/2) << 4."""
     n, k = codes.shape
@@ -304,10 +430,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--set", choices=("data-path", "tma", "ceiling"), default="data-path",
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--set", choices=("data-path", "tma", "ceiling", "e4m3"), default="data-path",
                     help="data-path: the formats and orientations above; tma: int8 activations x packed "
                          "weights, natural or tile-halves order, pointer or TMA loads; ceiling: Triton's "
-                         "persistent TMA GEMM on int8 / e4m3 operands in memory")
+                         "persistent TMA GEMM on int8 / e4m3 operands in memory; e4m3: e4m3 activation "
+                         "codes x packed weights on the FP8 tensor cores")
     args = ap.parse_args()
     t_start = time.time()
     from zqkernels.gpu.w4a4 import act_layout, w4a4_gemm
@@ -317,7 +445,8 @@ def main():
     M = args.m
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "M": M, "timer": "CUDA-graph replay, do_bench median (ms->us), L2 flushed", "rows": []}
-    for sname, (N, K) in SHAPES.items():
+    for sname in args.shapes.split(","):
+        N, K = SHAPES[sname]
         ca = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
         cw = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
         exact = (ca.float() @ cw.float().T)  # |sum| < 2**24 for K <= 14336 * 64: exact in fp32
@@ -355,10 +484,12 @@ def main():
                 A_FMT=1, W_FMT=1, SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                 num_warps=8, num_stages=3)))
             run_tma_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
+        if args.set == "e4m3":
+            run_e4m3_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
         if args.set == "ceiling":
             run_ceiling_set(results, sname, M, N, K, a8, w8, af8, wf8, exact, out, t_start + args.budget_s)
         # the ceiling set times the pointer-load 8-bit kernels beside its persistent ones
-        variants = {"data-path": VARIANTS, "tma": [], "ceiling": VARIANTS[:2]}[args.set]
+        variants = {"data-path": VARIANTS, "tma": [], "ceiling": VARIANTS[:2], "e4m3": []}[args.set]
         for vname, afmt, wfmt, swap in variants:
             a_t = pa if afmt == 0 else (a8 if afmt == 1 else af8)
             w_t = pw if wfmt == 0 else (w8 if wfmt == 1 else wf8)
