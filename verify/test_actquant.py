@@ -10,7 +10,7 @@ on LLaMA-sized rows too. Outputs are poisoned before each run.
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import reference as R
@@ -136,20 +136,74 @@ def test_quotients_at_rounding_boundaries_equal_oracle(group, exps, m, k, seed):
     check_equal(torch.from_numpy(x).to(DEVICE), None, group)
 
 
+def _markstein_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "check_markstein_quotient.py"
+    spec = importlib.util.spec_from_file_location("check_markstein_quotient", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _round_to_float32(fr):
+    """A Fraction rounded to the nearest float32 (ties to even), normal range: exact integer arithmetic."""
+    from fractions import Fraction
+
+    if fr == 0:
+        return np.float32(0.0)
+    sign, fr = (-1 if fr < 0 else 1), abs(fr)
+    e = fr.numerator.bit_length() - fr.denominator.bit_length()
+    if Fraction(2) ** e > fr:
+        e -= 1  # 2**e <= fr < 2**(e + 1)
+    scaled = fr / Fraction(2) ** (e - 23)  # in [2**23, 2**24)
+    q, r = divmod(scaled.numerator, scaled.denominator)
+    if 2 * r > scaled.denominator or (2 * r == scaled.denominator and q & 1):
+        q += 1
+    return np.float32(sign * q * 2.0 ** (e - 23))
+
+
+_f32 = st.floats(min_value=-2.0**40, max_value=2.0**40, allow_nan=False, allow_infinity=False, width=32).filter(
+    lambda v: v == 0 or abs(v) >= 2.0**-40)
+
+
+@settings(max_examples=examples(60))
+@given(a=_f32, b=_f32, c=_f32, cancel=st.sampled_from(["none", "product", "product_ulps"]),
+       ulps=st.integers(-3, 3))
+@example(a=1.0 + 2.0**-23, b=1.0 - 2.0**-23, c=-1.0, cancel="none", ulps=0)  # only the fused result is nonzero
+@example(a=3.0, b=1.0 / 3.0, c=-1.0, cancel="none", ulps=0)
+# 8390641 * 16773151 = 2**47 + 124463: a * b = 2**-24 + 124463 * 2**-71, so a * b + 1 lies just above
+# the float32 midpoint 1 + 2**-24; rounded to float64 first it would be the midpoint, then 1.0 (even)
+@example(a=8390641 * 2.0**-23, b=16773151 * 2.0**-48, c=1.0, cancel="none", ulps=0)
+@example(a=-8390641 * 2.0**-23, b=16773151 * 2.0**-48, c=-1.0, cancel="none", ulps=0)
+def test_the_emulated_fma_rounds_once(a, b, c, cancel, ulps):
+    """The check's float32 fma (float64 with rounding to odd) is the exact a * b + c rounded once
+    to the nearest float32, also where the sum cancels the product (c = -fl(a * b), +- a few ulps),
+    where a float64 sum rounded twice would be off."""
+    from fractions import Fraction
+
+    a, b, c = np.float32(a), np.float32(b), np.float32(c)
+    if cancel != "none":
+        c = -np.float32(np.float64(a) * np.float64(b))
+        if cancel == "product_ulps" and c != 0:
+            c = (np.array([c]).view(np.int32) + np.int32(ulps)).view(np.float32)[0]
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    assume(exact == 0 or 2.0**-126 <= abs(exact) < 2.0**127)  # the emulation's contract: normal results
+    got = _markstein_check().fma_fp32(np.array([a]), np.array([b]), np.array([c]))[0]
+    if exact == 0:
+        assert got == 0, (a, b, c)  # a Fraction has no signed zero; the codes do not see the sign
+    else:
+        assert got.view(np.int32) == _round_to_float32(exact).view(np.int32), (a, b, c)
+
+
 @settings(max_examples=examples(3))
 @given(seed=st.integers(0, 2**32 - 1), it=st.integers(0, 2))
 def test_the_reciprocal_quotient_is_ieee_division(seed, it):
     """The arithmetic of the reciprocal path alone, on 200,000 pairs a draw at rounding boundaries
     (perf/check_markstein_quotient.py; its committed run covers 3e8): fma-corrected x * (1 / d)
     equals numpy's float32 x / d wherever the code can depend on it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "perf" / "check_markstein_quotient.py"
-    spec = importlib.util.spec_from_file_location("check_markstein_quotient", path)
-    M = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(M)
-    assert M.one_round(np.random.default_rng(seed), it, 200_000) == 0
+    assert _markstein_check().one_round(np.random.default_rng(seed), it, 200_000) == 0
 
 
 # Every path of the kernel, reached deterministically: (config, activation groups, min K). A
