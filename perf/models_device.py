@@ -146,9 +146,11 @@ def main():
             print(f"{label:12s} quantize {rec.get('quantize_s', float('nan')):7.1f} s  {rec.get('error', '')}", flush=True)
             continue
         sp = rec.get("speed", {})
-        print(f"{label:12s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s  decode "
+        print(f"{label:12s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s "
+              f"({sp.get('prefill_mode', '-')}, eager {sp.get('prefill_tokens_per_s_eager', float('nan')):.1f})  decode "
               f"{sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s ({sp.get('decode_mode', '-')}), eager "
-              f"{sp.get('decode_tokens_per_s_eager', float('nan')):8.1f}  {rec.get('error', sp.get('graph_error', ''))}"
+              f"{sp.get('decode_tokens_per_s_eager', float('nan')):8.1f}  "
+              f"{rec.get('error', sp.get('graph_error', sp.get('prefill_graph_error', '')))}"
               f"  ({rec['wall_s']:.0f} s)", flush=True)
     meta["wall_s"] = time.monotonic() - t_start
     out_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=float) + "\n")

@@ -141,6 +141,7 @@ def test_speed_on_a_cpu_times_the_eager_decode_and_says_so():
     assert s["decode_mode"] == "eager" and "CUDA" in s["decode_mode_reason"]
     assert s["batch"] == 2 and s["prefill_tokens"] == 8 and s["decode_tokens"] == 3
     assert s["decode_tokens_per_s"] == s["decode_tokens_per_s_eager"] > 0
+    assert s["prefill_mode"] == "eager" and s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_eager"] > 0
     assert "peak_memory_bytes" not in s  # measured on GPUs only
     with pytest.raises(ValueError, match="batch=3"):
         speed(lm, prompts(2, 8), decode_tokens=1, repeats=1, batch=3)
@@ -170,11 +171,37 @@ class EagerStandIn:
         return self.decoder.greedy(ids, steps)
 
 
+class EagerPrefillStandIn:
+    """The interface of GraphPrefill with the forward run eagerly at each replay."""
+
+    def __init__(self, lm, ids, warmup=2):
+        self.lm, self.ids, self.calls = lm, ids, 0
+        self.eager_logits = self._forward()
+        self.released = False
+
+    def _forward(self):
+        with torch.no_grad():
+            return self.lm(input_ids=self.ids, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+
+    def replay(self):
+        self.calls += 1
+        self.logits = self._forward()
+
+    def release(self):
+        self.released = True
+
+
 def test_speeds_graph_branch_records_the_token_checks(monkeypatch):
     monkeypatch.setattr(evaluate, "_decode_mode", lambda requested, devices: ("cuda-graph", None))
     monkeypatch.setattr(decode, "GraphDecoder", EagerStandIn)
+    made = []
+    monkeypatch.setattr(decode, "GraphPrefill", lambda *a, **k: made.append(EagerPrefillStandIn(*a, **k)) or made[-1])
     lm = MODELS[("llama", "sdpa")]
     s = speed(lm, prompts(2, 6), decode_tokens=4, repeats=2, batch=2)
+    assert s["prefill_mode"] == "cuda-graph" and s["prefill_tokens_per_s"] > 0 and s["prefill_tokens_per_s_eager"] > 0
+    assert s["prefill_tokens_per_s"] != s["prefill_tokens_per_s_eager"]  # timed separately, not copied
+    assert made[0].calls == 2 and made[0].released  # one replay a repeat; the pool freed before the decode
+    assert s["graph_prefill_logits_equal_eager"] is True and s["graph_prefill_logits_rel_diff_eager"] == 0.0
     assert s["decode_mode"] == "cuda-graph" and s["decode_tokens_per_s"] > 0
     assert s["graph_tokens_equal_static_eager"] is True and s["graph_tokens_equal_dynamic_eager"] is True
     assert s["graph_first_divergence_from_dynamic_eager"] is None
@@ -189,12 +216,37 @@ def test_a_failed_graph_decode_is_raised_or_recorded(monkeypatch):
 
     monkeypatch.setattr(evaluate, "_decode_mode", lambda requested, devices: ("cuda-graph", None))
     monkeypatch.setattr(decode, "GraphDecoder", Broken)
+    monkeypatch.setattr(decode, "GraphPrefill", EagerPrefillStandIn)
     lm = MODELS[("llama", "sdpa")]
     with pytest.raises(RuntimeError, match="host sync"):
         speed(lm, prompts(1, 6)[0], decode_tokens=2, repeats=1)
     s = speed(lm, prompts(1, 6)[0], decode_tokens=2, repeats=1, graph_errors="record")
     assert s["decode_mode"] == "eager" and "host sync" in s["graph_error"] and "test_decode.py" in s["graph_traceback"]
     assert s["decode_tokens_per_s"] == s["decode_tokens_per_s_eager"]
+    assert s["prefill_mode"] == "cuda-graph"  # the prefill's graph worked
+
+
+def test_a_failed_graph_prefill_is_raised_or_recorded(monkeypatch):
+    class Broken:
+        def __init__(self, lm, ids, warmup=2):
+            raise RuntimeError("CUDA-graph capture of the prefill failed (a host sync)")
+
+    monkeypatch.setattr(evaluate, "_decode_mode", lambda requested, devices: ("cuda-graph", None))
+    monkeypatch.setattr(decode, "GraphDecoder", EagerStandIn)
+    monkeypatch.setattr(decode, "GraphPrefill", Broken)
+    lm = MODELS[("llama", "sdpa")]
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        speed(lm, prompts(1, 6)[0], decode_tokens=2, repeats=1)
+    s = speed(lm, prompts(1, 6)[0], decode_tokens=2, repeats=1, graph_errors="record")
+    assert s["prefill_mode"] == "eager" and "prefill failed" in s["prefill_graph_error"]
+    assert "test_decode.py" in s["prefill_graph_traceback"]
+    assert s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_eager"] > 0
+    assert s["decode_mode"] == "cuda-graph"  # the decode's graph still ran
+
+
+def test_graph_prefill_refuses_a_model_off_the_gpu():
+    with pytest.raises(ValueError, match="one CUDA device"):
+        decode.GraphPrefill(MODELS[("llama", "sdpa")], prompts(1, 6), warmup=1)
 
 
 def test_decode_sdpa_is_transformers_sdpa_without_repeating_the_kv_heads():

@@ -272,3 +272,45 @@ class GraphDecoder:
             first = self.logits.clone() if first is None else first
             tokens.append(d.ids.clone())
         return torch.cat(tokens, dim=1), first
+
+
+class GraphPrefill:
+    """The prefill forward of `ids [B, T]` without a cache (the products of a prefill, no KV
+    writes), last position's logits only, captured once in a CUDA graph; `replay()` runs it again
+    on the same ids and leaves the logits [B, V] in `self.logits`. `eager_logits` holds the same
+    forward run eagerly before the capture, for the check. Warm-up on a side stream first, as in
+    `GraphDecoder`. A host synchronization in the forward fails the capture; the error says so."""
+
+    def __init__(self, lm, ids, warmup=2):
+        devices = model_devices(lm)
+        if len(devices) != 1 or devices[0].type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on one CUDA device; it is on {', '.join(map(str, devices))}")
+        device = devices[0]
+        self.lm, self.ids = lm, ids.to(device).clone()  # the captured forward reads this tensor
+        with torch.no_grad():
+            self.eager_logits = self._forward().clone()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self._forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._forward()
+            except Exception as exc:
+                raise RuntimeError(f"CUDA-graph capture of the prefill failed ({type(exc).__name__}: {exc}); "
+                                   "something in the forward synchronizes with the host") from exc
+        torch.cuda.synchronize(device)
+
+    def _forward(self):
+        return self.lm(input_ids=self.ids, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+
+    def replay(self):
+        self.graph.replay()
+
+    def release(self):
+        """Free the graph and its memory pool."""
+        del self.graph, self.logits
+        torch.cuda.empty_cache()

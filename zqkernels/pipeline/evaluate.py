@@ -6,8 +6,15 @@ own tokens 2..context, so `eval_tokens` tokens score `windows * (context - 1)` p
 ppl = exp(mean negative log-likelihood over all predictions).
 
 Speed (`speed`), for a batch of B prompts of T tokens (one prompt repeated, or B distinct ones):
-- prefill = one forward of the [B, T] prompt on a new dynamic cache, computing the last
-  position's logits only, as generation does: B*T / seconds, median of `repeats`;
+- eager prefill = one forward of the [B, T] prompt on a new dynamic cache, computing the last
+  position's logits only, as generation does: B*T / seconds, median of `repeats`
+  (`prefill_tokens_per_s_eager`);
+- CUDA-graph prefill (on a GPU, the `prefill_tokens_per_s` figure, `prefill_mode` "cuda-graph"):
+  the same forward without a cache (the same products, no KV writes) captured once in a CUDA graph
+  and replayed, so the host's per-launch work is not timed: at batch 1 an eager prefill of a
+  quantized model is bound by it (reports/results/h200/models_llama3-8b_v4.json). Its logits are
+  checked against the same forward run eagerly (`graph_prefill_logits_equal_eager`); on a CPU, or
+  with the eager decode mode, `prefill_tokens_per_s` is the eager prefill;
 - eager decode = `decode_tokens` greedy single-token steps after it on transformers' dynamic cache,
   each a Python-driven forward (`decode_tokens_per_s_eager`: B*steps / seconds, median);
 - CUDA-graph decode (on a GPU, the `decode_tokens_per_s` figure, `decode_mode` "cuda-graph"): the
@@ -144,12 +151,37 @@ def _graph_decode(lm, ids, eager_tokens, eager_first, decode_tokens, repeats, de
     }
 
 
+def _graph_prefill(lm, ids, repeats, devices):
+    """The CUDA-graph prefill's rate and its check against the same forward run eagerly (module
+    docstring)."""
+    from .decode import GraphPrefill
+
+    b, t = ids.shape
+    graph = GraphPrefill(lm, ids, warmup=GRAPH_WARMUP)
+    rates = []
+    for _ in range(repeats):
+        _sync(devices)
+        t0 = time.perf_counter()
+        graph.replay()
+        _sync(devices)
+        rates.append(b * t / (time.perf_counter() - t0))
+    result = {
+        "prefill_tokens_per_s": statistics.median(rates),
+        "graph_prefill_logits_equal_eager": bool(torch.equal(graph.logits, graph.eager_logits)),
+        "graph_prefill_logits_rel_diff_eager": _rel_max_diff(graph.logits, graph.eager_logits),
+    }
+    graph.release()  # its memory pool goes before the decode is measured
+    return result
+
+
 def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, graph_errors="raise"):
     """Prefill and greedy-decode rates of `lm` on `prompt` (module docstring): a dict of
-    prefill_tokens_per_s, decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU: `decode_mode`
-    says which), decode_tokens_per_s_eager, peak memory and the graph's token check.
-    `graph_errors="record"` keeps the eager figures when the CUDA-graph decode fails, with
-    `graph_error` saying why and `decode_mode` "eager"; the default raises."""
+    prefill_tokens_per_s and decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU:
+    `prefill_mode` / `decode_mode` say which), their eager twins prefill_tokens_per_s_eager and
+    decode_tokens_per_s_eager, peak memory and the graphs' checks. `decode_mode="eager"` times
+    both eagerly. `graph_errors="record"` keeps the eager figures when a CUDA-graph measurement
+    fails, with `graph_error` / `prefill_graph_error` saying why and its mode "eager"; the default
+    raises."""
     from .decode import cache_keyword, dynamic_prefill, dynamic_step, model_devices
 
     if graph_errors not in ("raise", "record"):
@@ -192,7 +224,8 @@ def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, gr
         "prefill_tokens": int(t),
         "decode_tokens": int(decode_tokens),
         "batch": int(b),
-        "prefill_tokens_per_s": statistics.median(prefill),
+        "prefill_tokens_per_s_eager": statistics.median(prefill),
+        "prefill_mode": mode,
         "decode_mode": mode,
         "decode_tokens_per_s_eager": statistics.median(eager),
         "repeats": repeats,
@@ -201,6 +234,15 @@ def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, gr
     if reason:
         result["decode_mode_reason"] = reason
     if mode == "cuda-graph":
+        try:
+            result.update(_graph_prefill(lm, ids, repeats, devices))
+        except Exception as exc:
+            if graph_errors != "record":
+                raise
+            _settle(devices)
+            result["prefill_mode"] = "eager"
+            result["prefill_graph_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            result["prefill_graph_traceback"] = traceback.format_exc()[-4000:]
         try:
             result.update(_graph_decode(lm, ids, torch.cat(eager_tokens, dim=1), eager_first, decode_tokens, repeats,
                                         devices))
@@ -214,6 +256,8 @@ def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, gr
             result["decode_mode_reason"] = "the CUDA-graph decode failed (graph_error); the eager decode is timed"
     if mode == "eager":
         result["decode_tokens_per_s"] = result["decode_tokens_per_s_eager"]
+    if result["prefill_mode"] == "eager":
+        result["prefill_tokens_per_s"] = result["prefill_tokens_per_s_eager"]
     if gpus:
         result["memory_at_start_bytes"] = int(start_bytes)
         result["peak_memory_bytes"] = int(sum(torch.cuda.max_memory_allocated(d) for d in gpus))
