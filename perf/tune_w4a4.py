@@ -73,6 +73,20 @@ def in_layout(p, layout):
     return p if layout == "int4" else torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).to(p.device)
 
 
+def attach_packed(sweep, scales, m):
+    """A tma winner takes int8 codes only: its bucket also names the best packed-code candidate of
+    this run (least geometric mean over the shapes), for callers with packed activations."""
+    rows = [r for r in sweep.record["rows"] if r.get("scales") == scales and r.get("M") == m
+            and r.get("geomean_vs_best") is not None and r["config"]["act_layout"] == "int4"]
+    if not rows:
+        raise RuntimeError(f"{scales} M={m}: tma won but no packed-code candidate was timed; "
+                           "a tma bucket needs one (raise --budget-s)")
+    best = min(rows, key=lambda r: r["geomean_vs_best"])
+    packed = {k: v for k, v in best["config"].items() if k != "act_layout"}
+    sweep.record["winners"][scales][str(m)]["packed"] = packed
+    sweep.save()
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--scales", default="per_token,group", help="the table sections to tune (comma-separated)")
@@ -123,6 +137,8 @@ def main():
                 return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
+            if win is not None and win["config"]["variant"] == "tma":
+                attach_packed(sweep, scales, m)
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
     print("table written:", sweep.write_table())
 

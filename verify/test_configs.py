@@ -55,6 +55,12 @@ def test_every_bucket_names_a_launchable_variant(path):
                 if family == "w4a4":
                     assert cfg["act_layout"] in w4a4.TABLE_ACT_LAYOUTS, (path.name, scales, cfg)
                     assert cfg["act_layout"] != "fused" or cfg["variant"] == "gemv", (path.name, scales, cfg)
+                    # tma takes int8 codes only: its bucket names the config for packed ones
+                    assert (cfg["variant"] == "tma") == ("packed" in cfg), (path.name, scales, cfg)
+                    if "packed" in cfg:
+                        pk = cfg["packed"]
+                        assert pk["variant"] in variants - {"tma"} and "act_layout" not in pk, (path.name, cfg)
+                        assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
                 else:
                     assert "act_layout" not in cfg, (path.name, family, cfg)
     for cfg in table["mosaic"]["w4a4"].values():
@@ -110,6 +116,17 @@ def test_act_layout_reads_the_bucket_and_refuses_a_bucket_without_one(monkeypatc
     monkeypatch.setattr(w4a4, "launch_config", lambda *a: {"variant": "gemm"})
     with pytest.raises(ValueError, match="act_layout must be one of"):
         w4a4.act_layout(4, None, cpu)
+
+
+def test_act_layouts_refuse_a_tma_bucket_without_a_packed_config(monkeypatch):
+    cpu = torch.device("cpu")
+    tma = {"variant": "tma", "act_layout": "int8", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1,
+           "num_warps": 4, "num_stages": 2}
+    for bad in (None, {"variant": "tma"}, "gemm"):
+        cfg = dict(tma) if bad is None else dict(tma, packed=bad)
+        monkeypatch.setattr(w4a4, "launch_config", lambda *a, cfg=cfg: dict(cfg))
+        with pytest.raises(ValueError, match="a tma bucket needs a 'packed' config"):
+            w4a4.act_layouts(None, cpu)
 
 
 @pytest.fixture

@@ -145,6 +145,26 @@ def test_tma_scaled_output_equals_the_gemm_variant(ops, group, out_dtype, ci, se
     assert torch.equal(y, ref)  # exact
 
 
+@settings(max_examples=examples(6))
+@given(data=st.data())
+def test_a_tma_bucket_runs_packed_codes_on_its_packed_config(data):
+    """A launch-table bucket naming tma takes int8 codes through tma and packed codes through its
+    `packed` config: both give the int64 product of the codes exactly, and the packed path is the
+    packed config's own output bit for bit (not a tma launch, which refuses packed codes)."""
+    m, k = data.draw(st.integers(1, 40)), data.draw(st.sampled_from([64, 96, 128]))
+    n = data.draw(st.integers(1, 24))
+    qx, qw = data.draw(codes(-8, 7, shape=(m, k))), data.draw(codes(-8, 7, shape=(n, k)))
+    packed = dict(CONFIGS[1])
+    bucket = dict(TMA_CONFIGS[0], act_layout="int8", packed=packed)
+    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    pw = dev(R.pack_int4(qw))
+    for layout in ("int8", "int4"):
+        got = w4a4_gemm_int32(acts(qx, layout), pw, config=bucket).cpu().numpy()
+        np.testing.assert_array_equal(got.astype(np.int64), exact)  # exact
+    np.testing.assert_array_equal(w4a4_gemm_int32(acts(qx, "int4"), pw, config=bucket).cpu().numpy(),
+                                  w4a4_gemm_int32(acts(qx, "int4"), pw, config=packed).cpu().numpy())
+
+
 @pytest.mark.parametrize("what", ["packed", "k", "offset"])
 def test_tma_refuses_what_a_descriptor_cannot_take(what):
     cfg = TMA_CONFIGS[0]

@@ -11,8 +11,9 @@ layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per b
 (the layers run `w4a4.w4a4_gemv_quant`, which quantizes inside the GEMV); the key is required.
 In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
 the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
-the H200's M = 1 tiles), except h200.json's per-token M > 1024 bucket, whose `tma` variant takes
-int8 codes; `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
+the H200's M = 1 tiles), except h200.json's per-token M > 256 buckets, whose `tma` variant takes
+int8 codes; a tma bucket also names, under `"packed"`, the config for packed activations
+(`w4a4._launch`). `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
 is for in `"match"` (substrings of `torch.cuda.get_device_name()`); a GPU no table matches runs
 `default.json`, the untuned starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
@@ -98,6 +99,9 @@ def describe(name):
                     tiles = ", ".join(f"{k} {v}" for k, v in cfg.items())
                 span = f"M<={m}" if i < len(ordered) - 1 else (f"M>{ordered[i - 1][0]}" if i else "any M")
                 act = f" act {cfg['act_layout']}" if "act_layout" in cfg else ""
+                if "packed" in cfg:
+                    pk = cfg["packed"]
+                    act += f" (packed: {pk['variant']} " + "x".join(str(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + ")"
                 row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
             lines.append(f"  {family}/{scales}: " + "; ".join(row))
     return "\n".join(lines)

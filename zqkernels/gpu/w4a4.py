@@ -32,7 +32,9 @@ Variants (the launch table, `configs.py`, names one per M bucket):
   boxes of packed weights), no address arithmetic or load masks in the K loop (boxes past the
   tensor are zero-filled). Takes int8 activations only, K a multiple of 32 and 16-byte aligned
   operands (a descriptor's base and row stride); on the H200 at M = 4096 it ran 1.35-1.45x the
-  `gemm` variant (reports/results/h200/probe_tma_m4096.json).
+  `gemm` variant (reports/results/h200/probe_tma_m4096.json). A launch-table bucket that names
+  tma also names, under `"packed"`, the config that runs packed activations at its M (the best
+  packed-code candidate of the same tune), so `w4a4_gemm` takes both layouts at every M.
 - `gemv` (M of 1 to a few): no MMA. An MMA tile is at least 16 tokens deep, so at M = 1 it
   computes 15 rows of padding and moves the weights through shared memory; here each program
   streams its weight rows as int32 words (eight codes), unpacks them x16 with two 32-bit ops and
@@ -645,6 +647,10 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
     if layout not in TABLE_ACT_LAYOUTS:
         raise ValueError(f"config act_layout must be one of {TABLE_ACT_LAYOUTS}, got {layout!r}")
     variant = cfg.pop("variant")
+    packed = cfg.pop("packed", None)
+    if variant == "tma" and qx.dtype == torch.uint8 and packed is not None:
+        cfg = dict(packed)  # the bucket's config for packed codes (module docstring)
+        variant = cfg.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     VARIANTS[variant](cfg, qx, sx, qw, sw, out, act_group, out_int32)
@@ -667,6 +673,10 @@ def act_layouts(act_group_size, device):
         if layout == "fused" and cfg.get("variant") != "gemv":
             raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout 'fused' needs the gemv variant, "
                              f"got {cfg.get('variant')!r}")
+        packed = cfg.get("packed")
+        if cfg.get("variant") == "tma" and (not isinstance(packed, dict) or packed.get("variant") in (None, "tma")):
+            raise ValueError(f"launch table w4a4/{scales} bucket {key}: a tma bucket needs a 'packed' config of "
+                             f"another variant for packed activations, got {packed!r}")
         steps.append((key, layout))
     return tuple(steps)
 
