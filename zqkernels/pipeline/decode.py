@@ -275,11 +275,13 @@ class GraphDecoder:
 
 
 class GraphPrefill:
-    """The prefill forward of `ids [B, T]` without a cache (the products of a prefill, no KV
-    writes), last position's logits only, captured once in a CUDA graph; `replay()` runs it again
-    on the same ids and leaves the logits [B, V] in `self.logits`. `eager_logits` holds the same
-    forward run eagerly before the capture, for the check. Warm-up on a side stream first, as in
-    `GraphDecoder`. A host synchronization in the forward fails the capture; the error says so."""
+    """The eager prefill's forward (`dynamic_prefill`: `ids [B, T]` into a new dynamic cache, last
+    position's logits only) captured once in a CUDA graph; `replay()` runs its kernels again on the
+    same ids (the cache the capture made is rewritten in place) and leaves the logits [B, V] in
+    `self.logits`. `eager_logits` holds the same forward run eagerly before the capture, for the
+    check (DESIGN.md §6: on the H200 the two differ). Warm-up on a side stream
+    first, as in `GraphDecoder`. A host synchronization in the forward fails the capture; the
+    error says so."""
 
     def __init__(self, lm, ids, warmup=2):
         devices = model_devices(lm)
@@ -305,7 +307,7 @@ class GraphPrefill:
         torch.cuda.synchronize(device)
 
     def _forward(self):
-        return self.lm(input_ids=self.ids, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        return self.lm(input_ids=self.ids, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
     def replay(self):
         self.graph.replay()

@@ -7,8 +7,8 @@ A results file is a JSON list of records, one per (model, method configuration):
   layer_summary{rel_error_mean, rel_error_max, bits_low/high/index/scale, lut_E, lut_U, lut_reuse,
                 high_density (zipper), density_used (mosaic)},
   layer_stats[{name, N, K, rel_error, effective_bits{...}, lut_E, lut_U, lut_reuse, ... }],
-  speed{prefill_tokens_per_s, decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU:
-        prefill_mode, decode_mode), prefill_tokens_per_s_eager, decode_tokens_per_s_eager, batch,
+  speed{prefill_tokens_per_s, decode_tokens_per_s (CUDA-graph decode on a GPU, eager on a CPU:
+        decode_mode), decode_tokens_per_s_eager, prefill_tokens_per_s_graph (GPU), batch,
         prefill_tokens, decode_tokens, device,
         peak_memory_bytes, graph_tokens_equal_static_eager, ...} (when timed; evaluate.speed),
   speed_b<B>{...} (the same at each further batch size B of `zq bench --batch`),
@@ -105,14 +105,8 @@ def speed_entries(rec):
     return sorted(out, key=lambda e: e[0])
 
 
-SPEED_COLUMNS = ("method", "batch", "prefill t/s", "eager prefill t/s", "decode t/s", "mode", "eager decode t/s",
+SPEED_COLUMNS = ("method", "batch", "prefill t/s", "graph prefill t/s", "decode t/s", "decode", "eager decode t/s",
                  "graph = eager step", "peak GiB", "bits/w", "quantize s")
-
-
-def _mode(sp):
-    """"cuda-graph" / "eager" when prefill and decode ran alike, else "prefill P, decode D"."""
-    pre, dec = sp.get("prefill_mode", sp.get("decode_mode", "-")), sp.get("decode_mode", "-")
-    return dec if pre == dec else f"prefill {pre}, decode {dec}"
 
 
 def speed_rows(records):
@@ -122,8 +116,8 @@ def speed_rows(records):
             same = sp.get("graph_tokens_equal_static_eager")
             peak = sp.get("peak_memory_bytes")
             rows.append([r.get("label", r.get("method")), str(batch), _fmt(sp.get("prefill_tokens_per_s"), ".1f"),
-                         _fmt(sp.get("prefill_tokens_per_s_eager"), ".1f"),
-                         _fmt(sp.get("decode_tokens_per_s"), ".1f"), _mode(sp),
+                         _fmt(sp.get("prefill_tokens_per_s_graph"), ".1f"),
+                         _fmt(sp.get("decode_tokens_per_s"), ".1f"), sp.get("decode_mode", "-"),
                          _fmt(sp.get("decode_tokens_per_s_eager"), ".1f"),
                          "-" if same is None else ("yes" if same else "NO"),
                          _fmt(peak / 2**30 if peak is not None else None, ".2f"),
