@@ -24,7 +24,11 @@ LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the
   2^-9 (sum a u) = 2^-9 (sum a code + 8 sum a), fixed in the epilogue with the activation row sums.
   Exactness needs the tensor cores to keep the subnormals and the partial sums: tried with Triton's
   default fast accumulation and with promotion to fp32 every 32 / 64 / BLOCK_K products
-  (`max_num_imprecise_acc`), one tile per program and persistent, both MMA orientations.
+  (`max_num_imprecise_acc`), one tile per program and persistent, both MMA orientations;
+- (`--set group`) activation groups of 128 on the `tma` data path: each K tile's int32 product
+  rescaled into the fp32 accumulator as soon as its MMA returns (the shipped kernel's way) or one
+  iteration late, so the tile's MMA can overlap the previous tile's rescale; against the shipped
+  `w4a4_gemm` with the table's group bucket, each within a relative 1e-5 of the float64 product.
 Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma|ceiling]`.
 """
 from __future__ import annotations
@@ -322,6 +326,90 @@ def run_e4m3_set(results, sname, M, N, K, ca, cw, exact, out, budget_end):
                         row(variant=vname, config=cfg, error=repr(exc)[:300])
 
 
+@triton.jit
+def _probe_group_kernel(a_desc, w_desc, sx_ptr, out_ptr, M, N, K, G, DELAY: tl.constexpr, USE_ASM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # a: int8 codes [M, K]; w: packed [N, K/2]; sx: fp32 [M, G] scales of groups of BLOCK_K.
+    _, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    BKH: tl.constexpr = BLOCK_K // 2
+    rm = (off_m + tl.arange(0, BLOCK_M)) % M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    sa_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, t * BLOCK_K])
+        w_lo, w_hi = unpack_lo_hi_x16(w_desc.load([off_n, t * BKH]), USE_ASM)
+        w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+        part = tl.dot(a, tl.trans(w8), out_dtype=tl.int32)
+        sa = tl.load(sx_ptr + rm * G + t)
+        if DELAY:
+            acc += prev.to(tl.float32) * sa_prev[:, None]
+            prev = part
+            sa_prev = sa
+        else:
+            acc += part.to(tl.float32) * sa[:, None]
+    if DELAY:
+        acc += prev.to(tl.float32) * sa_prev[:, None]
+    om = off_m + tl.arange(0, BLOCK_M)
+    on = off_n + tl.arange(0, BLOCK_N)
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc * 0.0625, mask=mask)
+
+
+GROUP_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+
+
+def run_group_set(results, sname, M, N, K, ca, cw, out, budget_end):
+    """Groups of 128 (module docstring): rescale at once or one tile late, beside the shipped GEMM."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from zqkernels.gpu.w4a4 import act_layout, w4a4_gemm
+
+    row = lambda **kw: results["rows"].append(dict(shape=sname, N=N, K=K, **kw))
+    G = K // 128
+    sx = (torch.rand(M, G, device="cuda") + 0.01).contiguous()
+    ref = torch.zeros(M, N, device="cuda", dtype=torch.float64)
+    for g in range(G):
+        sl = slice(g * 128, (g + 1) * 128)
+        ref += (ca[:, sl].double() @ cw[:, sl].double().T) * sx[:, g:g + 1].double()
+    pw = ((cw[:, 0::2] & 15) | ((cw[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+    ones = torch.ones(N, device="cuda")
+    ok = lambda y: float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    layout = act_layout(M, 128, ca.device)
+    qx = ca if layout == "int8" else ((ca[:, 0::2] & 15) | ((ca[:, 1::2] & 15) << 4)).to(torch.uint8).contiguous()
+    y = w4a4_gemm(qx, sx, pw, ones, act_group_size=128, out_dtype=torch.float32)
+    row(variant=f"w4a4_gemm_shipped_g128_{layout}", exact=ok(y),
+        us=bench(lambda: w4a4_gemm(qx, sx, pw, ones, act_group_size=128, out_dtype=torch.float32)))
+    for cfg in GROUP_CONFIGS:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        a_desc = TensorDescriptor.from_tensor(ca, [bm, bk])
+        w_desc = TensorDescriptor.from_tensor(pw, [bn, bk // 2])
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        for delay in (False, True):
+            vname = f"tma_g128_{'delayed' if delay else 'at_once'}"
+            if time.time() > budget_end:
+                row(variant=vname, config=cfg, skipped="time budget")
+                continue
+            try:
+                launch = lambda: _probe_group_kernel[grid](a_desc, w_desc, sx, out, M, N, K, G, DELAY=delay, USE_ASM=True, **meta,
+                                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                out.fill_(float("nan"))
+                h = launch()
+                torch.cuda.synchronize()
+                row(variant=vname, config=cfg, exact=ok(out), us=bench(launch), n_regs=getattr(h, "n_regs", None),
+                    n_spills=getattr(h, "n_spills", None))
+            except Exception as exc:  # noqa: BLE001
+                row(variant=vname, config=cfg, error=repr(exc)[:300])
+
+
 def pack_halves(codes, block_k):
     """[N, K] int8 codes -> [N, K/2] bytes, byte j of each block_k tile = code j | code (j + block_k/2) << 4."""
     n, k = codes.shape
@@ -431,11 +519,12 @@ def main():
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
-    ap.add_argument("--set", choices=("data-path", "tma", "ceiling", "e4m3"), default="data-path",
+    ap.add_argument("--set", choices=("data-path", "tma", "ceiling", "e4m3", "group"), default="data-path",
                     help="data-path: the formats and orientations above; tma: int8 activations x packed "
                          "weights, natural or tile-halves order, pointer or TMA loads; ceiling: Triton's "
                          "persistent TMA GEMM on int8 / e4m3 operands in memory; e4m3: e4m3 activation "
-                         "codes x packed weights on the FP8 tensor cores")
+                         "codes x packed weights on the FP8 tensor cores; group: groups of 128, rescaled at once or "
+                         "one tile late")
     args = ap.parse_args()
     t_start = time.time()
     from zqkernels.gpu.w4a4 import act_layout, w4a4_gemm
@@ -484,12 +573,14 @@ def main():
                 A_FMT=1, W_FMT=1, SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                 num_warps=8, num_stages=3)))
             run_tma_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
+        if args.set == "group":
+            run_group_set(results, sname, M, N, K, ca, cw, out, t_start + args.budget_s)
         if args.set == "e4m3":
             run_e4m3_set(results, sname, M, N, K, ca, cw, exact, out, t_start + args.budget_s)
         if args.set == "ceiling":
             run_ceiling_set(results, sname, M, N, K, a8, w8, af8, wf8, exact, out, t_start + args.budget_s)
         # the ceiling set times the pointer-load 8-bit kernels beside its persistent ones
-        variants = {"data-path": VARIANTS, "tma": [], "ceiling": VARIANTS[:2], "e4m3": []}[args.set]
+        variants = {"data-path": VARIANTS, "tma": [], "ceiling": VARIANTS[:2], "e4m3": [], "group": []}[args.set]
         for vname, afmt, wfmt, swap in variants:
             a_t = pa if afmt == 0 else (a8 if afmt == 1 else af8)
             w_t = pw if wfmt == 0 else (w8 if wfmt == 1 else wf8)
