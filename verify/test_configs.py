@@ -174,6 +174,6 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
         for scales, buckets in table[family].items():
             line = next(l for l in text.splitlines() if l.strip().startswith(f"{family}/{scales}:"))
             assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
-    assert "M>1024: gemm" in text
+    assert "M>1024: gemm" in text and "M>1024: tma 128x128x128 act int8 (packed codes gemm 128x128x256)" in text
     layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
     assert layouts and all(l.count(" act ") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout

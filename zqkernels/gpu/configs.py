@@ -101,7 +101,8 @@ def describe(name):
                 act = f" act {cfg['act_layout']}" if "act_layout" in cfg else ""
                 if "packed" in cfg:
                     pk = cfg["packed"]
-                    act += f" (packed: {pk['variant']} " + "x".join(str(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + ")"
+                    pk_tiles = "x".join(str(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    act += f" (packed codes {pk['variant']} {pk_tiles})"
                 row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
             lines.append(f"  {family}/{scales}: " + "; ".join(row))
     return "\n".join(lines)
