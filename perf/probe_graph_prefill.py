@@ -71,15 +71,9 @@ def compare_modules(lm, ids, graph):
         eager_logits = rec.record(forward).clone()
         eager = rec.outputs
         if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                logits = rec.record(forward)
+            from zqkernels.pipeline.decode import capture_graph
+
+            g, logits = capture_graph(forward, lambda: rec.record(forward), ids.device, 2, "the prefill", "the forward")
             g.replay()
             torch.cuda.synchronize()
         else:
@@ -106,15 +100,10 @@ def _time_us(fn):
 
 def compare_op(name, op):
     """One op eager against captured: bit equality and one call's time both ways."""
+    from zqkernels.pipeline.decode import capture_graph
+
     eager = op().clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        op()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = op()
+    g, out = capture_graph(op, op, eager.device, 1, name, "the op")
     g.replay()
     torch.cuda.synchronize()
     return {"op": name, "equal": bool(torch.equal(out, eager)), "rel_diff": _rel(out, eager),

@@ -223,6 +223,29 @@ class StaticDecoder:
         return torch.cat(tokens, dim=1), first
 
 
+def capture_graph(warm, record, device, warmup, what, where):
+    """`warm()` run `warmup` times on a side stream, as `torch.cuda.graph` asks (the allocator and
+    cuBLAS settle, Triton kernels are compiled outside the capture; the recipe of perf/timing.py's
+    `capture_graph`), then one call of `record()` captured: (graph, its output). A host
+    synchronization in it fails the capture; the RuntimeError names `what` and `where`."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad():
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                warm()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = record()
+        except Exception as exc:
+            raise RuntimeError(f"CUDA-graph capture of {what} failed ({type(exc).__name__}: {exc}); "
+                               f"something on {where} synchronizes with the host") from exc
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
 class GraphDecoder:
     """`StaticDecoder.step` captured once in a CUDA graph; `replay()` decodes one token.
 
@@ -241,21 +264,9 @@ class GraphDecoder:
         if decoder.steps_left < warmup:
             raise ValueError(f"the cache has {decoder.steps_left} free positions, fewer than the {warmup} warm-up steps")
         self.decoder = decoder
-        device = decoder.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                decoder.step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.no_grad(), torch.cuda.graph(self.graph):
-                self.logits = decoder._step_kernels()  # recorded, not run: no step is counted
-        except Exception as exc:
-            raise RuntimeError(f"CUDA-graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
-                               "something on the per-token path synchronizes with the host") from exc
-        torch.cuda.synchronize(device)
+        # the warm-up counts its steps; the capture records the kernels, runs none, counts none
+        self.graph, self.logits = capture_graph(decoder.step, decoder._step_kernels, decoder.device, warmup,
+                                                "the decode step", "the per-token path")
 
     def replay(self):
         """One greedy token: `decoder.ids` / `pos` advance, `self.logits` holds its logits."""
@@ -291,20 +302,8 @@ class GraphPrefill:
         self.lm, self.ids = lm, ids.to(device).clone()  # the captured forward reads this tensor
         with torch.no_grad():
             self.eager_logits = self._forward().clone()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    self._forward()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph):
-                    self.logits = self._forward()
-            except Exception as exc:
-                raise RuntimeError(f"CUDA-graph capture of the prefill failed ({type(exc).__name__}: {exc}); "
-                                   "something in the forward synchronizes with the host") from exc
-        torch.cuda.synchronize(device)
+        self.graph, self.logits = capture_graph(self._forward, self._forward, device, warmup, "the prefill",
+                                                "the forward")
 
     def _forward(self):
         return self.lm(input_ids=self.ids, use_cache=True, logits_to_keep=1).logits[:, -1, :]
