@@ -74,16 +74,17 @@ def in_layout(p, layout):
 
 
 def attach_packed(sweep, scales, m):
-    """A tma winner takes int8 codes only: its bucket also names the best packed-code candidate of
-    this run (least geometric mean over the shapes), for callers with packed activations."""
+    """A tma winner takes int8 codes through TMA descriptors only: its bucket also names, as
+    `no_tma`, the best packed-code candidate of this run (least geometric mean over the shapes), a
+    pointer-load variant for the operands a descriptor cannot take (w4a4._launch)."""
     rows = [r for r in sweep.record["rows"] if r.get("scales") == scales and r.get("M") == m
             and r.get("geomean_vs_best") is not None and r["config"]["act_layout"] == "int4"]
     if not rows:
         raise RuntimeError(f"{scales} M={m}: tma won but no packed-code candidate was timed; "
-                           "a tma bucket needs one (raise --budget-s)")
+                           "a tma bucket needs one as its no_tma config (raise --budget-s)")
     best = min(rows, key=lambda r: r["geomean_vs_best"])
     packed = {k: v for k, v in best["config"].items() if k != "act_layout"}
-    sweep.record["winners"][scales][str(m)]["packed"] = packed
+    sweep.record["winners"][scales][str(m)]["no_tma"] = packed
     sweep.save()
 
 

@@ -168,7 +168,7 @@ def _drive_w4a4(table):
             cfg = configs.launch_config("w4a4", scales, m, KERNEL_DEVICE)
             for qx in (torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=gen),
                        torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen)):
-                # packed codes at a tma bucket run its "packed" config: that launch compiles too
+                # packed codes at a tma bucket run its "no_tma" config: that launch compiles too
                 w4a4.w4a4_gemm(qx.to(KERNEL_DEVICE), sx, qw, sw, group, torch.float16, check_finite=False)
             x = torch.randn(m, k).half().to(KERNEL_DEVICE)
             w4a4.w4a4_linear(x, None, qw, sw, group, torch.float16)  # the layers' path: a "fused" bucket's GEMV

@@ -55,10 +55,10 @@ def test_every_bucket_names_a_launchable_variant(path):
                 if family == "w4a4":
                     assert cfg["act_layout"] in w4a4.TABLE_ACT_LAYOUTS, (path.name, scales, cfg)
                     assert cfg["act_layout"] != "fused" or cfg["variant"] == "gemv", (path.name, scales, cfg)
-                    # tma takes int8 codes only: its bucket names the config for packed ones
-                    assert (cfg["variant"] == "tma") == ("packed" in cfg), (path.name, scales, cfg)
-                    if "packed" in cfg:
-                        pk = cfg["packed"]
+                    # tma takes int8 codes through descriptors only: its bucket names the config for the rest
+                    assert (cfg["variant"] == "tma") == ("no_tma" in cfg), (path.name, scales, cfg)
+                    if "no_tma" in cfg:
+                        pk = cfg["no_tma"]
                         assert pk["variant"] in variants - {"tma"} and "act_layout" not in pk, (path.name, cfg)
                         assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
                 else:
@@ -118,14 +118,14 @@ def test_act_layout_reads_the_bucket_and_refuses_a_bucket_without_one(monkeypatc
         w4a4.act_layout(4, None, cpu)
 
 
-def test_act_layouts_refuse_a_tma_bucket_without_a_packed_config(monkeypatch):
+def test_act_layouts_refuse_a_tma_bucket_without_a_no_tma_config(monkeypatch):
     cpu = torch.device("cpu")
     tma = {"variant": "tma", "act_layout": "int8", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1,
            "num_warps": 4, "num_stages": 2}
     for bad in (None, {"variant": "tma"}, "gemm"):
-        cfg = dict(tma) if bad is None else dict(tma, packed=bad)
+        cfg = dict(tma) if bad is None else dict(tma, no_tma=bad)
         monkeypatch.setattr(w4a4, "launch_config", lambda *a, cfg=cfg: dict(cfg))
-        with pytest.raises(ValueError, match="a tma bucket needs a 'packed' config"):
+        with pytest.raises(ValueError, match="a tma bucket needs a 'no_tma' config"):
             w4a4.act_layouts(None, cpu)
 
 
@@ -174,6 +174,6 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
         for scales, buckets in table[family].items():
             line = next(l for l in text.splitlines() if l.strip().startswith(f"{family}/{scales}:"))
             assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
-    assert "M>1024: gemm" in text and "M>1024: tma 128x128x128 act int8 (packed codes gemm 128x128x256)" in text
+    assert "M>1024: gemm" in text and "M>1024: tma 128x128x128 act int8 (else gemm 128x128x256)" in text
     layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
     assert layouts and all(l.count(" act ") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout

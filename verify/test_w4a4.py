@@ -147,22 +147,27 @@ def test_tma_scaled_output_equals_the_gemm_variant(ops, group, out_dtype, ci, se
 
 @settings(max_examples=examples(6))
 @given(data=st.data())
-def test_a_tma_bucket_runs_packed_codes_on_its_packed_config(data):
-    """A launch-table bucket naming tma takes int8 codes through tma and packed codes through its
-    `packed` config: both give the int64 product of the codes exactly, and the packed path is the
-    packed config's own output bit for bit (not a tma launch, which refuses packed codes)."""
-    m, k = data.draw(st.integers(1, 40)), data.draw(st.sampled_from([64, 96, 128]))
-    n = data.draw(st.integers(1, 24))
+def test_a_tma_bucket_runs_what_tma_cannot_take_on_its_no_tma_config(data):
+    """A launch-table bucket naming tma takes int8 codes through tma, and through its `no_tma`
+    config what a descriptor cannot take: packed codes, K not a multiple of 32, an offset (not
+    16-byte aligned) activation row. Every case gives the int64 product of the codes exactly, and
+    those three are the no_tma config's own output bit for bit (not a tma launch, which refuses them)."""
+    case = data.draw(st.sampled_from(["int8", "packed", "k", "offset"]))
+    m, n = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 24))
+    k = data.draw(st.sampled_from([48, 80, 100] if case == "k" else [64, 96, 128]))
     qx, qw = data.draw(codes(-8, 7, shape=(m, k))), data.draw(codes(-8, 7, shape=(n, k)))
-    packed = dict(CONFIGS[1])
-    bucket = dict(TMA_CONFIGS[0], act_layout="int8", packed=packed)
-    exact = qx.astype(np.int64) @ qw.astype(np.int64).T
+    no_tma = dict(CONFIGS[1])
+    bucket = dict(TMA_CONFIGS[0], act_layout="int8", no_tma=no_tma)
+    a = acts(qx, "int4" if case == "packed" else "int8")
+    if case == "offset":  # the same codes one byte into a buffer: contiguous, base not 16-byte aligned
+        a = torch.cat([torch.zeros(1, dtype=torch.int8, device=DEVICE), a.reshape(-1)])[1:].view(m, k)
     pw = dev(R.pack_int4(qw))
-    for layout in ("int8", "int4"):
-        got = w4a4_gemm_int32(acts(qx, layout), pw, config=bucket).cpu().numpy()
-        np.testing.assert_array_equal(got.astype(np.int64), exact)  # exact
-    np.testing.assert_array_equal(w4a4_gemm_int32(acts(qx, "int4"), pw, config=bucket).cpu().numpy(),
-                                  w4a4_gemm_int32(acts(qx, "int4"), pw, config=packed).cpu().numpy())
+    got = w4a4_gemm_int32(a, pw, config=bucket).cpu().numpy()
+    np.testing.assert_array_equal(got.astype(np.int64), qx.astype(np.int64) @ qw.astype(np.int64).T)  # exact
+    if case != "int8":
+        np.testing.assert_array_equal(got, w4a4_gemm_int32(a, pw, config=no_tma).cpu().numpy())
+        with pytest.raises(ValueError):  # what the bucket routes around
+            w4a4_gemm_int32(a, pw, config=TMA_CONFIGS[0])
 
 
 @pytest.mark.parametrize("what", ["packed", "k", "offset"])

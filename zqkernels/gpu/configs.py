@@ -12,8 +12,8 @@ layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per b
 In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
 the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
 the H200's M = 1 tiles), except h200.json's per-token M > 256 buckets, whose `tma` variant takes
-int8 codes; a tma bucket also names, under `"packed"`, the config for packed activations
-(`w4a4._launch`). `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
+int8 codes; a tma bucket also names, under `"no_tma"`, the config for the operands a TMA
+descriptor cannot take (packed codes, K not a multiple of 32, unaligned rows; `w4a4._launch`). `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
 is for in `"match"` (substrings of `torch.cuda.get_device_name()`); a GPU no table matches runs
 `default.json`, the untuned starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout
@@ -99,10 +99,10 @@ def describe(name):
                     tiles = ", ".join(f"{k} {v}" for k, v in cfg.items())
                 span = f"M<={m}" if i < len(ordered) - 1 else (f"M>{ordered[i - 1][0]}" if i else "any M")
                 act = f" act {cfg['act_layout']}" if "act_layout" in cfg else ""
-                if "packed" in cfg:
-                    pk = cfg["packed"]
+                if "no_tma" in cfg:
+                    pk = cfg["no_tma"]
                     pk_tiles = "x".join(str(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                    act += f" (packed codes {pk['variant']} {pk_tiles})"
+                    act += f" (else {pk['variant']} {pk_tiles})"
                 row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
             lines.append(f"  {family}/{scales}: " + "; ".join(row))
     return "\n".join(lines)

@@ -33,8 +33,11 @@ Variants (the launch table, `configs.py`, names one per M bucket):
   tensor are zero-filled). Takes int8 activations only, K a multiple of 32 and 16-byte aligned
   operands (a descriptor's base and row stride); on the H200 at M = 4096 it ran 1.35-1.45x the
   `gemm` variant (reports/results/h200/probe_tma_m4096.json). A launch-table bucket that names
-  tma also names, under `"packed"`, the config that runs packed activations at its M (the best
-  packed-code candidate of the same tune), so `w4a4_gemm` takes both layouts at every M.
+  tma also names, under `"no_tma"`, the config for the operands a descriptor cannot take at its
+  M: packed activation codes, K not a multiple of 32, rows not 16-byte aligned (the best
+  packed-code candidate of the same tune, a pointer-load variant that takes either code layout),
+  so `w4a4_gemm` takes every operand it accepts at every M. An explicit tma `config=` without
+  one refuses them.
 - `gemv` (M of 1 to a few): no MMA. An MMA tile is at least 16 tokens deep, so at M = 1 it
   computes 15 rows of padding and moves the weights through shared memory; here each program
   streams its weight rows as int32 words (eight codes), unpacks them x16 with two 32-bit ops and
@@ -535,6 +538,12 @@ def _launch_splitk(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     )
 
 
+def _tma_takes(qx, qw):
+    """True when the tma variant can take these operands: int8 codes, and TMA descriptors' 16-byte
+    aligned base and row stride (K a multiple of 32: K/2 weight bytes a row)."""
+    return qx.dtype == torch.int8 and qw.shape[1] % 16 == 0 and qx.data_ptr() % 16 == 0 and qw.data_ptr() % 16 == 0
+
+
 def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     M = qx.shape[0]
     N, KH = qw.shape
@@ -647,9 +656,9 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
     if layout not in TABLE_ACT_LAYOUTS:
         raise ValueError(f"config act_layout must be one of {TABLE_ACT_LAYOUTS}, got {layout!r}")
     variant = cfg.pop("variant")
-    packed = cfg.pop("packed", None)
-    if variant == "tma" and qx.dtype == torch.uint8 and packed is not None:
-        cfg = dict(packed)  # the bucket's config for packed codes (module docstring)
+    no_tma = cfg.pop("no_tma", None)
+    if variant == "tma" and no_tma is not None and not _tma_takes(qx, qw):
+        cfg = dict(no_tma)  # the bucket's config for what a descriptor cannot take (module docstring)
         variant = cfg.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -673,10 +682,10 @@ def act_layouts(act_group_size, device):
         if layout == "fused" and cfg.get("variant") != "gemv":
             raise ValueError(f"launch table w4a4/{scales} bucket {key}: act_layout 'fused' needs the gemv variant, "
                              f"got {cfg.get('variant')!r}")
-        packed = cfg.get("packed")
-        if cfg.get("variant") == "tma" and (not isinstance(packed, dict) or packed.get("variant") in (None, "tma")):
-            raise ValueError(f"launch table w4a4/{scales} bucket {key}: a tma bucket needs a 'packed' config of "
-                             f"another variant for packed activations, got {packed!r}")
+        no_tma = cfg.get("no_tma")
+        if cfg.get("variant") == "tma" and (not isinstance(no_tma, dict) or no_tma.get("variant") in (None, "tma")):
+            raise ValueError(f"launch table w4a4/{scales} bucket {key}: a tma bucket needs a 'no_tma' config of "
+                             f"another variant for the operands a descriptor cannot take, got {no_tma!r}")
         steps.append((key, layout))
     return tuple(steps)
 
