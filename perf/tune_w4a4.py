@@ -73,7 +73,7 @@ def in_layout(p, layout):
     return p if layout == "int4" else torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).to(p.device)
 
 
-def attach_packed(sweep, scales, m):
+def attach_no_tma(sweep, scales, m):
     """A tma winner takes int8 codes through TMA descriptors only: its bucket also names, as
     `no_tma`, the best packed-code candidate of this run (least geometric mean over the shapes), a
     pointer-load variant for the operands a descriptor cannot take (w4a4._launch)."""
@@ -83,8 +83,7 @@ def attach_packed(sweep, scales, m):
         raise RuntimeError(f"{scales} M={m}: tma won but no packed-code candidate was timed; "
                            "a tma bucket needs one as its no_tma config (raise --budget-s)")
     best = min(rows, key=lambda r: r["geomean_vs_best"])
-    packed = {k: v for k, v in best["config"].items() if k != "act_layout"}
-    sweep.record["winners"][scales][str(m)]["no_tma"] = packed
+    sweep.record["winners"][scales][str(m)]["no_tma"] = {k: v for k, v in best["config"].items() if k != "act_layout"}
     sweep.save()
 
 
@@ -139,7 +138,7 @@ def main():
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
             if win is not None and win["config"]["variant"] == "tma":
-                attach_packed(sweep, scales, m)
+                attach_no_tma(sweep, scales, m)
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
     print("table written:", sweep.write_table())
 

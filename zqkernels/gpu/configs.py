@@ -13,7 +13,8 @@ In h100.json, h200.json and default.json every bucket names int4 (int8 codes wer
 the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
 the H200's M = 1 tiles), except h200.json's per-token M > 256 buckets, whose `tma` variant takes
 int8 codes; a tma bucket also names, under `"no_tma"`, the config for the operands a TMA
-descriptor cannot take (packed codes, K not a multiple of 32, unaligned rows; `w4a4._launch`). `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
+descriptor cannot take (packed codes, K not a multiple of 32, unaligned rows; `w4a4._launch`).
+`perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
 is for in `"match"` (substrings of `torch.cuda.get_device_name()`); a GPU no table matches runs
 `default.json`, the untuned starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
 small tiles that keep the numpy emulation fast and still reach every code path (its act_layout

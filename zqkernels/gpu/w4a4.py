@@ -550,10 +550,9 @@ def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     if qx.dtype != torch.int8:
         raise ValueError("the tma variant takes int8 activation codes [M, K] (its bucket's act_layout 'int8'), "
                          f"got {qx.dtype}")
-    # A TMA descriptor needs a 16-byte aligned base and row stride: K a multiple of 32 (K/2 weight bytes).
-    if KH % 16 or qx.data_ptr() % 16 or qw.data_ptr() % 16:
+    if not _tma_takes(qx, qw):  # int8 codes by now: K or an operand's base is what a descriptor refuses
         raise ValueError(f"the tma variant needs K a multiple of 32 and 16-byte aligned operands, got K={2 * KH} "
-                         "(a launch-table bucket naming tma serves such layers only)")
+                         "(a launch-table bucket naming tma sends such operands to its no_tma config)")
     block_k, _, _ = _tile_params(cfg, act_group, KH)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
