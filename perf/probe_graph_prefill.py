@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from zqkernels.pipeline import decode  # noqa: E402
+
 
 def _rel(a, b):
     a, b = a.double(), b.double()
@@ -39,8 +41,17 @@ class Recorder:
     """Forward hooks keeping a copy of every module's first tensor output, in call order."""
 
     def __init__(self, model):
-        self.outputs, self.on = {}, False
+        self.outputs, self.masks, self.on = {}, {}, False
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules() if name]
+        self.handles += [m.register_forward_pre_hook(self._mask_hook(name), with_kwargs=True)
+                         for name, m in model.named_modules() if name.endswith("self_attn")]
+
+    def _mask_hook(self, name):
+        def hook(module, args, kwargs):
+            if self.on:  # what the attention layer was handed: a mask tensor, or None (SDPA's is_causal)
+                mask = kwargs.get("attention_mask")
+                self.masks[name] = None if mask is None else list(mask.shape)
+        return hook
 
     def _hook(self, name):
         def hook(module, args, out):
@@ -52,7 +63,7 @@ class Recorder:
         return hook
 
     def record(self, fn):
-        self.outputs, self.on = {}, True
+        self.outputs, self.masks, self.on = {}, {}, True
         try:
             return fn()
         finally:
@@ -63,28 +74,33 @@ class Recorder:
             h.remove()
 
 
-def compare_modules(lm, ids, graph):
-    """Each module's output, eager against captured-and-replayed (or eager again without `graph`)."""
+def compare_modules(lm, ids, graph, attention=None):
+    """Each module's output, eager against captured-and-replayed (or eager again without `graph`);
+    the other forward under the attention implementation `attention` if given (the eager one under
+    the model's own). Also the mask each attention layer was handed, both ways."""
+    from zqkernels.pipeline.decode import attention_implementation, capture_graph
+
     forward = lambda: lm(input_ids=ids, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     rec = Recorder(lm)
     with torch.no_grad():
         eager_logits = rec.record(forward).clone()
-        eager = rec.outputs
-        if graph:
-            from zqkernels.pipeline.decode import capture_graph
-
-            g, logits = capture_graph(forward, lambda: rec.record(forward), ids.device, 2, "the prefill", "the forward")
-            g.replay()
-            torch.cuda.synchronize()
-        else:
-            logits = rec.record(forward)
-        other = rec.outputs
+        eager, eager_masks = rec.outputs, rec.masks
+        with attention_implementation(lm.config, attention or lm.config._attn_implementation):
+            if graph:
+                g, logits = capture_graph(forward, lambda: rec.record(forward), ids.device, 2, "the prefill",
+                                          "the forward")
+                g.replay()
+                torch.cuda.synchronize()
+            else:
+                logits = rec.record(forward)
+        other, other_masks = rec.outputs, rec.masks
     rec.remove()
     rows = [{"module": name, "shape": list(t.shape), "equal": bool(torch.equal(t, other[name])),
              "rel_diff": _rel(other[name], t)} for name, t in eager.items() if name in other]
     first = next((r["module"] for r in rows if not r["equal"]), None)
-    return {"first_differing_module": first, "logits_equal": bool(torch.equal(logits, eager_logits)),
-            "logits_rel_diff": _rel(logits, eager_logits), "modules": rows}
+    return {"attention": attention or lm.config._attn_implementation, "first_differing_module": first,
+            "logits_equal": bool(torch.equal(logits, eager_logits)), "logits_rel_diff": _rel(logits, eager_logits),
+            "attention_masks_eager": eager_masks, "attention_masks_other": other_masks, "modules": rows}
 
 
 def _time_us(fn):
@@ -132,6 +148,10 @@ def main():
               "device": torch.cuda.get_device_name() if not args.dry else "cpu (--dry)",
               "command": "python perf/probe_graph_prefill.py " + " ".join(sys.argv[1:])}
     result["model_forward"] = compare_modules(lm, ids, graph=not args.dry)
+    # the captured forward as decode.GraphPrefill runs an SDPA model: under prefill_sdpa
+    decode._register_prefill_attention()
+    result["model_forward_prefill_sdpa"] = compare_modules(lm, ids, graph=not args.dry,
+                                                           attention=decode.PREFILL_ATTENTION)
     if not args.dry:
         ops = []
         cfg = lm.config
@@ -149,13 +169,23 @@ def main():
         v = torch.randn(1, heads, t, head_dim, device=device, dtype=torch.float16)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         ops.append(compare_op(f"sdpa causal [1, {heads}, {t}, {head_dim}]", lambda: sdpa(q, kk, v, is_causal=True)))
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        ops.append(compare_op(f"sdpa boolean causal mask [1, {heads}, {t}, {head_dim}]",
+                              lambda: sdpa(q, kk, v, attn_mask=causal)))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
+            eff = sdpa(q, kk, v, attn_mask=causal)
+        result["sdpa_mask_vs_is_causal_rel"] = _rel(sdpa(q, kk, v, attn_mask=causal), sdpa(q, kk, v, is_causal=True))
+        result["sdpa_efficient_vs_is_causal_rel"] = _rel(eff, sdpa(q, kk, v, is_causal=True))
         result["ops"] = ops
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    mf = result["model_forward"]
-    print(f"logits equal {mf['logits_equal']} (rel {mf['logits_rel_diff']:.3g}); first differing module: "
-          f"{mf['first_differing_module']}")
-    for r in [r for r in mf["modules"] if not r["equal"]][:12]:
-        print(f"  {r['module']:50s} rel {r['rel_diff']:.3g}")
+    for key in ("model_forward", "model_forward_prefill_sdpa"):
+        mf = result[key]
+        first_attn = next(iter(mf["attention_masks_other"].items()), None)
+        print(f"{key} ({mf['attention']}): logits equal {mf['logits_equal']} (rel {mf['logits_rel_diff']:.3g}); "
+              f"first differing module: {mf['first_differing_module']}; first attention's mask eager "
+              f"{next(iter(mf['attention_masks_eager'].values()), None)}, other {first_attn}")
+        for r in [r for r in mf["modules"] if not r["equal"]][:12]:
+            print(f"  {r['module']:50s} rel {r['rel_diff']:.3g}")
     for r in result.get("ops", []):
         print(f"  {r['op']:55s} equal {r['equal']}  rel {r['rel_diff']:.3g}  eager {r['eager_us']:.1f} us  "
               f"graph {r['graph_us']:.1f} us")

@@ -249,6 +249,63 @@ def test_graph_prefill_refuses_a_model_off_the_gpu():
         decode.GraphPrefill(MODELS[("llama", "sdpa")], prompts(1, 6), warmup=1)
 
 
+@given(batch=st.integers(1, 3), t=st.integers(1, 12), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_prefill_sdpa_is_the_eager_forwards_causal_attention(batch, t, seed):
+    """A model run with `prefill_sdpa` (and its no-mask function) gives the sdpa model's logits bit
+    for bit: the same causal SDPA call, no mask tensor built."""
+    decode._register_prefill_attention()
+    for kind in ("llama", "qwen3"):
+        lm, ids = MODELS[(kind, "sdpa")], prompts(batch, t, seed)
+        with torch.no_grad():
+            want = lm(input_ids=ids, use_cache=True).logits
+            with decode.attention_implementation(lm.config, decode.PREFILL_ATTENTION):
+                got = lm(input_ids=ids, use_cache=True).logits
+        assert torch.equal(got, want) and lm.config._attn_implementation == "sdpa"
+
+
+def test_prefill_sdpa_refuses_a_mask_and_a_nonempty_cache():
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="given a mask"):
+        decode.prefill_sdpa(module, q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="5 queries against 7 keys"):
+        decode.prefill_sdpa(module, q, torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), None)
+
+
+def test_attention_implementation_is_restored_after_an_exception():
+    lm = MODELS[("llama", "sdpa")]
+    with pytest.raises(RuntimeError, match="inside"):
+        with decode.attention_implementation(lm.config, decode.PREFILL_ATTENTION):
+            assert lm.config._attn_implementation == decode.PREFILL_ATTENTION
+            raise RuntimeError("inside")
+    assert lm.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_graph_prefill_captures_an_sdpa_model_with_prefill_sdpa(monkeypatch, attn):
+    """The capture (stood in for by one eager call of what it records) runs under `prefill_sdpa`
+    for an SDPA model and under the model's own attention otherwise; the config is restored and
+    the recorded logits are the eager forward's."""
+    lm, ids, seen = MODELS[("llama", attn)], prompts(1, 6), []
+
+    def capture(warm, record, device, warmup, what, where):
+        seen.append(lm.config._attn_implementation)
+        with torch.no_grad():
+            return None, record()
+
+    monkeypatch.setattr(decode, "capture_graph", capture)
+    prefill = decode.GraphPrefill.__new__(decode.GraphPrefill)
+    prefill.lm, prefill.ids = lm, ids
+    prefill._capture(torch.device("cpu"), 1)
+    assert seen == [decode.PREFILL_ATTENTION if attn == "sdpa" else "eager"]
+    assert lm.config._attn_implementation == attn
+    with torch.no_grad():
+        assert torch.equal(prefill.logits, prefill._forward())
+
+
 def test_decode_sdpa_is_transformers_sdpa_without_repeating_the_kv_heads():
     from types import SimpleNamespace
 

@@ -21,8 +21,14 @@ def test_the_dry_run_finds_eager_equal_to_eager(tiny_named, tmp_path, monkeypatc
     out = tmp_path / "p.json"
     monkeypatch.setattr("sys.argv", ["probe_graph_prefill.py", "--model", tiny_named, "--dry", "--out", str(out)])
     assert probe.main() == 0
-    mf = json.loads(out.read_text())["model_forward"]
+    result = json.loads(out.read_text())
+    mf = result["model_forward"]
     assert mf["logits_equal"] and mf["first_differing_module"] is None
+    assert set(mf["attention_masks_eager"]) == {"model.layers.0.self_attn"}
+    assert mf["attention_masks_eager"]["model.layers.0.self_attn"] is None  # an unpadded prompt: SDPA's is_causal
+    other = result["model_forward_prefill_sdpa"]
+    assert other["attention"] == "zq_prefill_sdpa" and other["logits_equal"]
+    assert other["attention_masks_other"]["model.layers.0.self_attn"] is None
     names = [r["module"] for r in mf["modules"]]
     assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.mlp.down_proj") < \
         names.index("lm_head")  # call order

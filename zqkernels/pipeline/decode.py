@@ -88,6 +88,57 @@ def _register_decode_attention():
     AttentionInterface.register(DECODE_ATTENTION, decode_sdpa)
 
 
+PREFILL_ATTENTION = "zq_prefill_sdpa"
+
+
+def prefill_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention interface for a captured prompt forward: the prompt on an empty
+    cache (query and keys of one length), unpadded, so the attention is SDPA's own causal one
+    (`is_causal`, no mask tensor), as the eager forward runs it. transformers builds a mask tensor
+    while a CUDA graph is being captured (its mask code takes a capture for tracing and keeps the
+    mask it would otherwise drop), which sends SDPA to another kernel than the eager forward's
+    (module docstring); under this implementation no mask is built (`_no_mask`). Anything else
+    (a mask, a query shorter than the keys) is refused rather than attended to wrongly."""
+    if attention_mask is not None:
+        raise ValueError("prefill_sdpa attends causally over an unpadded prompt; it was given a mask")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"prefill_sdpa attends over a prompt on an empty cache: {query.shape[2]} queries "
+                         f"against {key.shape[2]} keys")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def _register_prefill_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PREFILL_ATTENTION, prefill_sdpa)
+    AttentionMaskInterface.register(PREFILL_ATTENTION, _no_mask)
+
+
+class attention_implementation:
+    """`with attention_implementation(config, name):` the model's attention layers (which read
+    `config._attn_implementation` at each call) run `name`; the previous one is restored after,
+    also on an exception."""
+
+    def __init__(self, config, name):
+        self.config, self.name = config, name
+
+    def __enter__(self):
+        self.previous = self.config._attn_implementation
+        self.config._attn_implementation = self.name
+        return self
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.previous
+        return False
+
+
 def _next_token(logits):
     return logits[:, -1, :].argmax(-1, keepdim=True)
 
@@ -193,14 +244,10 @@ class StaticDecoder:
         # would give NaN for a row masked entirely).
         masked = (self.key_pos > self.pos.view(self.batch, 1, 1, 1)).to(self.dtype)
         mask = masked * torch.finfo(self.dtype).min
-        previous = self._config._attn_implementation
-        if self._step_attention:  # read by every attention layer at each call (module docstring)
-            self._config._attn_implementation = self._step_attention
-        try:
+        # read by every attention layer at each call (module docstring)
+        with attention_implementation(self._config, self._step_attention or self._config._attn_implementation):
             out = self.lm(input_ids=self.ids, position_ids=self.pos, attention_mask=mask, use_cache=True,
                           **{self.keyword: self.cache})
-        finally:
-            self._config._attn_implementation = previous
         logits = out.logits[:, -1, :]
         self.ids.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
@@ -290,9 +337,10 @@ class GraphPrefill:
     position's logits only) captured once in a CUDA graph; `replay()` runs its kernels again on the
     same ids (the cache the capture made is rewritten in place) and leaves the logits [B, V] in
     `self.logits`. `eager_logits` holds the same forward run eagerly before the capture, for the
-    check (DESIGN.md §6: on the H200 the two differ). Warm-up on a side stream
-    first, as in `GraphDecoder`. A host synchronization in the forward fails the capture; the
-    error says so."""
+    check. An SDPA model is captured with `prefill_sdpa` as its attention, the causal SDPA call the
+    eager forward makes (transformers would build a mask under capture and change the kernel).
+    Warm-up on a side stream first, as in `GraphDecoder`. A host synchronization in the forward
+    fails the capture; the error says so."""
 
     def __init__(self, lm, ids, warmup=2):
         devices = model_devices(lm)
@@ -302,8 +350,17 @@ class GraphPrefill:
         self.lm, self.ids = lm, ids.to(device).clone()  # the captured forward reads this tensor
         with torch.no_grad():
             self.eager_logits = self._forward().clone()
-        self.graph, self.logits = capture_graph(self._forward, self._forward, device, warmup, "the prefill",
-                                                "the forward")
+        self._capture(device, warmup)
+
+    def _capture(self, device, warmup):
+        config = self.lm.config
+        attention = config._attn_implementation
+        if attention == "sdpa":
+            _register_prefill_attention()
+            attention = PREFILL_ATTENTION
+        with attention_implementation(config, attention):
+            self.graph, self.logits = capture_graph(self._forward, self._forward, device, warmup, "the prefill",
+                                                    "the forward")
 
     def _forward(self):
         return self.lm(input_ids=self.ids, use_cache=True, logits_to_keep=1).logits[:, -1, :]
