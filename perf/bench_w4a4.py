@@ -3,7 +3,8 @@
 - zq_w4a4:      the GEMM alone, per-token activation scales (inputs already quantized), packed
                 int4 activations.
 - zq_w4a4_i8:   the same GEMM on activation codes held as int8 bytes (one code per byte).
-- zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales, packed activations.
+- zq_w4a4_g128: the GEMM alone, per-token-per-group-of-128 activation scales, activation codes in
+                the launch table's layout for this M.
 - zq_w4a4_aq:   what a layer runs: fp16 X -> `quantize_activations` (fused smoothing) -> GEMM,
                 in the activation layout the launch table names for this M (`w4a4.act_layout`),
                 the fair figure beside cuBLAS FP16, which takes fp16 X too ("fused" buckets
@@ -86,9 +87,15 @@ def test_zq_w4a4_i8(zq_bench, weight_cache, zq_kernel, shape, m):
 
 @pytest.mark.gpu
 def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
+    """Groups of 128, the activation codes in the launch table's layout for this M, as `zq_w4a4`."""
     w4a4_gemm = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemm")
     groups = -(-shape.k // GROUP)
+    layout = zq_kernel("zqkernels.gpu.w4a4", "act_layout")(m, GROUP, torch.device("cuda"))
     acts = _packed_acts(m, shape.k, groups)
+    moved = _gemm_bytes(m, shape.n, shape.k, m * groups)
+    if layout == "int8":
+        acts = (torch.randint(-8, 8, (m, shape.k), device="cuda", dtype=torch.int8), acts[1])
+        moved += m * shape.k // 2
 
     def make_fn(i):
         qx, sx = clone_operands(acts) if i else acts
@@ -97,7 +104,7 @@ def test_zq_w4a4_g128(zq_bench, weight_cache, zq_kernel, shape, m):
 
     zq_bench.gpu(make_fn=make_fn, family="w4a4", method="zq_w4a4_g128",
                  role="ours", shape=shape, m=m, flops=2 * m * shape.n * shape.k, ops_unit="TOPS",
-                 act_group_size=GROUP, bytes_moved=_gemm_bytes(m, shape.n, shape.k, m * groups))
+                 act_group_size=GROUP, bytes_moved=moved, act_layout=layout)
 
 
 @pytest.mark.gpu

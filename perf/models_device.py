@@ -147,7 +147,7 @@ def main():
             continue
         sp = rec.get("speed", {})
         print(f"{label:12s} prefill {sp.get('prefill_tokens_per_s', float('nan')):10.1f} tok/s "
-              f"(graph {sp.get('prefill_tokens_per_s_graph', float('nan')):.1f})  decode "
+              f"({sp.get('prefill_mode', '-')}), eager {sp.get('prefill_tokens_per_s_eager', float('nan')):.1f}  decode "
               f"{sp.get('decode_tokens_per_s', float('nan')):8.1f} tok/s ({sp.get('decode_mode', '-')}), eager "
               f"{sp.get('decode_tokens_per_s_eager', float('nan')):8.1f}  "
               f"{rec.get('error', sp.get('graph_error', sp.get('prefill_graph_error', '')))}"

@@ -26,9 +26,14 @@ LLaMA-3-8B o, gate_up and down shapes, each variant verified exactly against the
   default fast accumulation and with promotion to fp32 every 32 / 64 / BLOCK_K products
   (`max_num_imprecise_acc`), one tile per program and persistent, both MMA orientations;
 - (`--set group`) activation groups of 128 on the `tma` data path: each K tile's int32 product
-  rescaled into the fp32 accumulator as soon as its MMA returns (the shipped kernel's way) or one
-  iteration late, so the tile's MMA can overlap the previous tile's rescale; against the shipped
-  `w4a4_gemm` with the table's group bucket, each within a relative 1e-5 of the float64 product.
+  rescaled into the fp32 accumulator as soon as its MMA returns (the shipped kernel's way), with a
+  conversion instruction or with the int32 -> float32 conversion done as an integer add and a
+  float subtract (i + 0x4B400000 read as
+  a float is 1.5 * 2^23 + i exactly for |i| < 2^22; a tile's product of BLOCK_K <= 256 codes is at
+  most 256 * 64 = 16384), where a conversion instruction may run at a lower rate than the add,
+  on 64-row tiles (one tile late, and 128-row tiles, lost: reports/results/h200/probe_group_m4096.json);
+  against the shipped `w4a4_gemm` with the table's group bucket, each within a relative 1e-5 of
+  the float64 product.
 Run on the GPU machine: `python perf/probe_hopper_w4a4.py --out $OUT/probe.json [--set tma|ceiling]`.
 """
 from __future__ import annotations
@@ -327,8 +332,9 @@ def run_e4m3_set(results, sname, M, N, K, ca, cw, exact, out, budget_end):
 
 
 @triton.jit
-def _probe_group_kernel(a_desc, w_desc, sx_ptr, out_ptr, M, N, K, G, DELAY: tl.constexpr, USE_ASM: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _probe_group_kernel(a_desc, w_desc, sx_ptr, out_ptr, M, N, K, G, USE_ASM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        MAGIC: tl.constexpr):
     # a: int8 codes [M, K]; w: packed [N, K/2]; sx: fp32 [M, G] scales of groups of BLOCK_K.
     _, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
@@ -336,33 +342,30 @@ def _probe_group_kernel(a_desc, w_desc, sx_ptr, out_ptr, M, N, K, G, DELAY: tl.c
     BKH: tl.constexpr = BLOCK_K // 2
     rm = (off_m + tl.arange(0, BLOCK_M)) % M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    sa_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([off_m, t * BLOCK_K])
         w_lo, w_hi = unpack_lo_hi_x16(w_desc.load([off_n, t * BKH]), USE_ASM)
         w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
         part = tl.dot(a, tl.trans(w8), out_dtype=tl.int32)
         sa = tl.load(sx_ptr + rm * G + t)
-        if DELAY:
-            acc += prev.to(tl.float32) * sa_prev[:, None]
-            prev = part
-            sa_prev = sa
+        if MAGIC:
+            acc += ((part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * sa[:, None]
         else:
             acc += part.to(tl.float32) * sa[:, None]
-    if DELAY:
-        acc += prev.to(tl.float32) * sa_prev[:, None]
     om = off_m + tl.arange(0, BLOCK_M)
     on = off_n + tl.arange(0, BLOCK_N)
     mask = (om[:, None] < M) & (on[None, :] < N)
     tl.store(out_ptr + om.to(tl.int64)[:, None] * N + on[None, :], acc * 0.0625, mask=mask)
 
 
+# 128-row tiles (8 and 4 warps), and the rescale one tile late, lost to the 64-row tile on one
+# warpgroup rescaled at once in every shape (reports/results/h200/probe_group_m4096.json)
 GROUP_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=5),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
 ]
 
 
@@ -393,14 +396,14 @@ def run_group_set(results, sname, M, N, K, ca, cw, out, budget_end):
         a_desc = TensorDescriptor.from_tensor(ca, [bm, bk])
         w_desc = TensorDescriptor.from_tensor(pw, [bn, bk // 2])
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        for delay in (False, True):
-            vname = f"tma_g128_{'delayed' if delay else 'at_once'}"
+        for vname, magic in (("tma_g128_at_once", False), ("tma_g128_at_once_magic", True)):
             if time.time() > budget_end:
                 row(variant=vname, config=cfg, skipped="time budget")
                 continue
             try:
-                launch = lambda: _probe_group_kernel[grid](a_desc, w_desc, sx, out, M, N, K, G, DELAY=delay, USE_ASM=True, **meta,
-                                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                launch = lambda: _probe_group_kernel[grid](a_desc, w_desc, sx, out, M, N, K, G, USE_ASM=True,
+                                                           MAGIC=magic, **meta, num_warps=cfg["num_warps"],
+                                                           num_stages=cfg["num_stages"])
                 out.fill_(float("nan"))
                 h = launch()
                 torch.cuda.synchronize()

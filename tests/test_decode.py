@@ -141,7 +141,8 @@ def test_speed_on_a_cpu_times_the_eager_decode_and_says_so():
     assert s["decode_mode"] == "eager" and "CUDA" in s["decode_mode_reason"]
     assert s["batch"] == 2 and s["prefill_tokens"] == 8 and s["decode_tokens"] == 3
     assert s["decode_tokens_per_s"] == s["decode_tokens_per_s_eager"] > 0
-    assert s["prefill_tokens_per_s"] > 0 and "prefill_tokens_per_s_graph" not in s
+    assert s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_eager"] > 0 and "prefill_tokens_per_s_graph" not in s
+    assert s["prefill_mode"] == "eager" and "CUDA" in s["prefill_mode_reason"]
     assert "peak_memory_bytes" not in s  # measured on GPUs only
     with pytest.raises(ValueError, match="batch=3"):
         speed(lm, prompts(2, 8), decode_tokens=1, repeats=1, batch=3)
@@ -198,8 +199,9 @@ def test_speeds_graph_branch_records_the_token_checks(monkeypatch):
     monkeypatch.setattr(decode, "GraphPrefill", lambda *a, **k: made.append(EagerPrefillStandIn(*a, **k)) or made[-1])
     lm = MODELS[("llama", "sdpa")]
     s = speed(lm, prompts(2, 6), decode_tokens=4, repeats=2, batch=2)
-    assert s["prefill_tokens_per_s_graph"] > 0 and s["prefill_tokens_per_s"] > 0
-    assert s["prefill_tokens_per_s_graph"] != s["prefill_tokens_per_s"]  # timed separately, not copied
+    assert s["prefill_tokens_per_s_graph"] > 0 and s["prefill_tokens_per_s_eager"] > 0
+    assert s["prefill_tokens_per_s_graph"] != s["prefill_tokens_per_s_eager"]  # timed separately, not copied
+    assert s["prefill_mode"] == "cuda-graph" and s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_graph"]
     assert made[0].calls == 2 and made[0].released  # one replay a repeat; the pool freed before the decode
     assert s["graph_prefill_logits_equal_eager"] is True and s["graph_prefill_logits_rel_diff_eager"] == 0.0
     assert s["decode_mode"] == "cuda-graph" and s["decode_tokens_per_s"] > 0
@@ -207,6 +209,21 @@ def test_speeds_graph_branch_records_the_token_checks(monkeypatch):
     assert s["graph_first_divergence_from_dynamic_eager"] is None
     assert s["graph_first_step_logits_rel_diff_static_eager"] == 0.0
     assert s["graph_first_step_logits_rel_diff_dynamic_eager"] < 1e-12
+
+
+def test_a_graph_prefill_whose_logits_differ_is_not_the_headline(monkeypatch):
+    class Differs(EagerPrefillStandIn):
+        def replay(self):
+            super().replay()
+            self.logits = self.logits * (1 + 1e-3)
+
+    monkeypatch.setattr(evaluate, "_decode_mode", lambda requested, devices: ("cuda-graph", None))
+    monkeypatch.setattr(decode, "GraphDecoder", EagerStandIn)
+    monkeypatch.setattr(decode, "GraphPrefill", Differs)
+    s = speed(MODELS[("llama", "sdpa")], prompts(1, 6)[0], decode_tokens=2, repeats=1)
+    assert s["graph_prefill_logits_equal_eager"] is False and s["graph_prefill_logits_rel_diff_eager"] > 0
+    assert s["prefill_mode"] == "eager" and s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_eager"]
+    assert "differ" in s["prefill_mode_reason"] and s["prefill_tokens_per_s_graph"] > 0
 
 
 def test_a_failed_graph_decode_is_raised_or_recorded(monkeypatch):
@@ -240,7 +257,8 @@ def test_a_failed_graph_prefill_is_raised_or_recorded(monkeypatch):
     s = speed(lm, prompts(1, 6)[0], decode_tokens=2, repeats=1, graph_errors="record")
     assert "prefill failed" in s["prefill_graph_error"] and "prefill_tokens_per_s_graph" not in s
     assert "test_decode.py" in s["prefill_graph_traceback"]
-    assert s["prefill_tokens_per_s"] > 0
+    assert s["prefill_tokens_per_s"] == s["prefill_tokens_per_s_eager"] > 0
+    assert s["prefill_mode"] == "eager" and "CUDA-graph prefill failed" in s["prefill_mode_reason"]
     assert s["decode_mode"] == "cuda-graph"  # the decode's graph still ran
 
 

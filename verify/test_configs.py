@@ -174,6 +174,8 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
         for scales, buckets in table[family].items():
             line = next(l for l in text.splitlines() if l.strip().startswith(f"{family}/{scales}:"))
             assert line.count(":") - 1 == len(buckets)  # one "span: variant tiles" entry per bucket
-    assert "M>1024: gemm" in text and "M>1024: tma 128x128x128 act int8 (else gemm 128x128x256)" in text
+    line = {l.strip().split(":")[0]: l for l in text.splitlines() if l.strip().startswith("w4a4/")}
+    assert "M>1024: tma 128x128x128 act int8 (else gemm 128x128x256)" in line["w4a4/per_token"]
+    assert "M>1024: tma 64x128x128 act int8 (else gemm 128x128x128)" in line["w4a4/group"]
     layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
     assert layouts and all(l.count(" act ") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout

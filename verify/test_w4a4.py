@@ -238,10 +238,12 @@ def test_split_k_counters_reset_between_calls():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
 @pytest.mark.parametrize("m", [300, 2100])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
-def test_tma_llama_shapes_compiled(m, n, k):
-    """The tma variant at the H200 table's tiles, compiled, on LLaMA-sized layers (M, N not tile
-    multiples): int32 exact, and with groups of 128 equal to the gemm variant bit for bit."""
-    cfg = dict(variant="tma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+@pytest.mark.parametrize("block_m", [128, 64])
+def test_tma_llama_shapes_compiled(block_m, m, n, k):
+    """The tma variant at the H200 table's tiles (128 x 128 per token, 64 x 128 for groups),
+    compiled, on LLaMA-sized layers (M, N not tile multiples): int32 exact, and with groups of 128
+    equal to the gemm variant bit for bit."""
+    cfg = dict(variant="tma", BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     gen = torch.Generator(device="cuda").manual_seed(m + n + k)
     qx = torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8)
     qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)

@@ -97,7 +97,7 @@ def prefill_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     (`is_causal`, no mask tensor), as the eager forward runs it. transformers builds a mask tensor
     while a CUDA graph is being captured (its mask code takes a capture for tracing and keeps the
     mask it would otherwise drop), which sends SDPA to another kernel than the eager forward's
-    (module docstring); under this implementation no mask is built (`_no_mask`). Anything else
+    (DESIGN.md §6); under this implementation no mask is built (`_no_mask`). Anything else
     (a mask, a query shorter than the keys) is refused rather than attended to wrongly."""
     if attention_mask is not None:
         raise ValueError("prefill_sdpa attends causally over an unpadded prompt; it was given a mask")

@@ -6,16 +6,17 @@ own tokens 2..context, so `eval_tokens` tokens score `windows * (context - 1)` p
 ppl = exp(mean negative log-likelihood over all predictions).
 
 Speed (`speed`), for a batch of B prompts of T tokens (one prompt repeated, or B distinct ones):
-- prefill = one forward of the [B, T] prompt on a new dynamic cache, computing the last
+- eager prefill = one forward of the [B, T] prompt on a new dynamic cache, computing the last
   position's logits only, as generation does: B*T / seconds, median of `repeats`
-  (`prefill_tokens_per_s`);
-- CUDA-graph prefill, beside it on a GPU (`prefill_tokens_per_s_graph`): the same forward
-  captured once in a CUDA graph and replayed (`decode.GraphPrefill`), so the host's per-launch
-  work is not timed (at batch 1 the eager prefill of a quantized model is bound by it,
-  reports/results/h200/models_llama3-8b_v4.json). Its logits are compared with the same forward
-  run eagerly (`graph_prefill_logits_equal_eager`, `graph_prefill_logits_rel_diff_eager`). It is
-  not the headline figure: on the H200 the two differ (fp16 LLaMA-3-8B: 0.0052 relative, every
-  run), which the decode's graph does not show, and the cause is not isolated yet;
+  (`prefill_tokens_per_s_eager`);
+- CUDA-graph prefill on a GPU (`prefill_tokens_per_s_graph`): the same forward captured once in a
+  CUDA graph and replayed (`decode.GraphPrefill`), so the host's per-launch work is not timed (at
+  batch 1 the eager prefill of a quantized model is bound by it,
+  reports/results/h200/models_llama3-8b_v4.json). Its last-position logits are compared with the
+  same forward run eagerly (`graph_prefill_logits_equal_eager`, `graph_prefill_logits_rel_diff_eager`);
+- `prefill_tokens_per_s` is the graph figure when the graph ran and its logits equal the eager
+  forward's bit for bit (`prefill_mode` "cuda-graph"), else the eager one (`prefill_mode` "eager",
+  with `prefill_mode_reason`), as for the decode below;
 - eager decode = `decode_tokens` greedy single-token steps after it on transformers' dynamic cache,
   each a Python-driven forward (`decode_tokens_per_s_eager`: B*steps / seconds, median);
 - CUDA-graph decode (on a GPU, the `decode_tokens_per_s` figure, `decode_mode` "cuda-graph"): the
@@ -175,11 +176,27 @@ def _graph_prefill(lm, ids, repeats, devices):
     return result
 
 
+def _prefill_headline(result):
+    """prefill_tokens_per_s and prefill_mode from the eager and graph figures (module docstring)."""
+    if "prefill_tokens_per_s_graph" in result and result["graph_prefill_logits_equal_eager"]:
+        return {"prefill_tokens_per_s": result["prefill_tokens_per_s_graph"], "prefill_mode": "cuda-graph"}
+    if "prefill_graph_error" in result:
+        reason = "the CUDA-graph prefill failed (prefill_graph_error); the eager prefill is timed"
+    elif "prefill_tokens_per_s_graph" in result:
+        reason = (f"the CUDA-graph prefill's logits differ from the eager forward's (relative "
+                  f"{result['graph_prefill_logits_rel_diff_eager']:.3g}); the eager prefill is the figure")
+    else:
+        reason = result.get("decode_mode_reason", "no CUDA graph on this device")
+    return {"prefill_tokens_per_s": result["prefill_tokens_per_s_eager"], "prefill_mode": "eager",
+            "prefill_mode_reason": reason}
+
+
 def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, graph_errors="raise"):
     """Prefill and greedy-decode rates of `lm` on `prompt` (module docstring): a dict of
-    prefill_tokens_per_s, decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU: `decode_mode`
-    says which), decode_tokens_per_s_eager, on a GPU prefill_tokens_per_s_graph, peak memory and
-    the graphs' checks. `decode_mode="eager"` times no graph. `graph_errors="record"` keeps the
+    prefill_tokens_per_s and decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU:
+    `prefill_mode` / `decode_mode` say which), prefill_tokens_per_s_eager,
+    decode_tokens_per_s_eager, on a GPU prefill_tokens_per_s_graph, peak memory and the graphs'
+    checks. `decode_mode="eager"` times no graph. `graph_errors="record"` keeps the
     eager figures when a CUDA-graph measurement fails, with `graph_error` / `prefill_graph_error`
     saying why (and `decode_mode` "eager"); the default raises."""
     from .decode import cache_keyword, dynamic_prefill, dynamic_step, model_devices
@@ -224,7 +241,7 @@ def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, gr
         "prefill_tokens": int(t),
         "decode_tokens": int(decode_tokens),
         "batch": int(b),
-        "prefill_tokens_per_s": statistics.median(prefill),
+        "prefill_tokens_per_s_eager": statistics.median(prefill),
         "decode_mode": mode,
         "decode_tokens_per_s_eager": statistics.median(eager),
         "repeats": repeats,
@@ -254,6 +271,7 @@ def speed(lm, prompt, decode_tokens=32, repeats=3, batch=1, decode_mode=None, gr
             result["decode_mode_reason"] = "the CUDA-graph decode failed (graph_error); the eager decode is timed"
     if mode == "eager":
         result["decode_tokens_per_s"] = result["decode_tokens_per_s_eager"]
+    result.update(_prefill_headline(result))
     if gpus:
         result["memory_at_start_bytes"] = int(start_bytes)
         result["peak_memory_bytes"] = int(sum(torch.cuda.max_memory_allocated(d) for d in gpus))

@@ -7,8 +7,9 @@ A results file is a JSON list of records, one per (model, method configuration):
   layer_summary{rel_error_mean, rel_error_max, bits_low/high/index/scale, lut_E, lut_U, lut_reuse,
                 high_density (zipper), density_used (mosaic)},
   layer_stats[{name, N, K, rel_error, effective_bits{...}, lut_E, lut_U, lut_reuse, ... }],
-  speed{prefill_tokens_per_s, decode_tokens_per_s (CUDA-graph decode on a GPU, eager on a CPU:
-        decode_mode), decode_tokens_per_s_eager, prefill_tokens_per_s_graph (GPU), batch,
+  speed{prefill_tokens_per_s, decode_tokens_per_s (CUDA graphs on a GPU, eager on a CPU:
+        prefill_mode, decode_mode), prefill_tokens_per_s_eager, decode_tokens_per_s_eager,
+        prefill_tokens_per_s_graph (GPU), batch,
         prefill_tokens, decode_tokens, device,
         peak_memory_bytes, graph_tokens_equal_static_eager, ...} (when timed; evaluate.speed),
   speed_b<B>{...} (the same at each further batch size B of `zq bench --batch`),
@@ -105,8 +106,8 @@ def speed_entries(rec):
     return sorted(out, key=lambda e: e[0])
 
 
-SPEED_COLUMNS = ("method", "batch", "prefill t/s", "graph prefill t/s", "decode t/s", "decode", "eager decode t/s",
-                 "graph = eager step", "peak GiB", "bits/w", "quantize s")
+SPEED_COLUMNS = ("method", "batch", "prefill t/s", "prefill", "eager prefill t/s", "decode t/s", "decode",
+                 "eager decode t/s", "graph = eager step", "peak GiB", "bits/w", "quantize s")
 
 
 def speed_rows(records):
@@ -116,7 +117,7 @@ def speed_rows(records):
             same = sp.get("graph_tokens_equal_static_eager")
             peak = sp.get("peak_memory_bytes")
             rows.append([r.get("label", r.get("method")), str(batch), _fmt(sp.get("prefill_tokens_per_s"), ".1f"),
-                         _fmt(sp.get("prefill_tokens_per_s_graph"), ".1f"),
+                         sp.get("prefill_mode", "-"), _fmt(sp.get("prefill_tokens_per_s_eager"), ".1f"),
                          _fmt(sp.get("decode_tokens_per_s"), ".1f"), sp.get("decode_mode", "-"),
                          _fmt(sp.get("decode_tokens_per_s_eager"), ".1f"),
                          "-" if same is None else ("yes" if same else "NO"),
@@ -126,8 +127,8 @@ def speed_rows(records):
 
 
 def speed_table(records):
-    """Fixed-width text table of every timed batch size: prefill and decode tokens/s (the decode
-    mode that `decode t/s` is, the eager decode beside it), whether the CUDA graph's tokens equal
+    """Fixed-width text table of every timed batch size: prefill and decode tokens/s (the mode each
+    figure is, the eager one beside it), whether the CUDA graph's tokens equal
     the same step run eagerly, peak GPU memory, bits per weight and quantization time."""
     return _fixed_width(SPEED_COLUMNS, speed_rows(records))
 
