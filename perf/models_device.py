@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no new method after this many seconds (a 10-minute command must end in time)")
     ap.add_argument("--out", default=".", help="output folder")
+    ap.add_argument("--norms", default="fused", choices=("model", "fused"),
+                    help="RMSNorm modules of every method's model: fused (one Triton launch each; default) or "
+                         "model (transformers' own)")
     ap.add_argument("--dry", action="store_true", help="CPU check of the plumbing: 1 layer, torch backend, eager")
     ap.add_argument("--time-quantize", action="store_true",
                     help="time quantization only (seconds per method, progress bars), no speed measurement")
@@ -115,7 +118,8 @@ def main():
                         calib_tokens=512 if args.dry else args.calib_tokens,
                         prefill_tokens=16 if args.dry else args.prefill, decode_tokens=4 if args.dry else args.decode,
                         speed_repeats=1 if args.dry else args.repeats, batches=args.batch, measure_ppl=False,
-                        measure_speed=not args.time_quantize, progress=args.time_quantize, graph_errors="record")
+                        measure_speed=not args.time_quantize, progress=args.time_quantize, graph_errors="record",
+                        norms="model" if args.dry else args.norms)
     import transformers
     import triton
 
@@ -124,7 +128,7 @@ def main():
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry else "cpu (--dry)",
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "command": "python perf/models_device.py " + " ".join(sys.argv[1:]),
-            "prepare_s": time.monotonic() - t_start, "skipped_for_time": []}
+            "prepare_s": time.monotonic() - t_start, "skipped_for_time": [], "norms": settings.norms}
     records = []
     for label, method, params in METHODS:
         if label not in chosen:

@@ -59,6 +59,8 @@ def _assert_clean_error(rc, err, command, option):
     (["--ppl"], "--ppl"),
     (["--decode-mode", "cuda-graph", "--device", "cpu"], "--decode-mode"),
     (["--decode-mode", "graph"], "--decode-mode"),
+    (["--norms", "fused", "--device", "cpu"], "--norms"),
+    (["--norms", "layer"], "--norms"),
     (["--prefill-tokens", "250", "--decode-tokens", "10"], "--prefill-tokens"),  # past its 256 positions
 ])
 def test_bad_bench_arguments_are_one_line_naming_the_option(tiny_named, tmp_path, capsys, extra, option):

@@ -99,6 +99,7 @@ def test_bench_times_prefill_and_decode(llama_dir, tmp_path, capsys):
     assert rc == 0, err
     (rec,) = json.loads(out.read_text())
     assert rec["speed"]["prefill_tokens_per_s"] > 0 and rec["speed"]["decode_tokens_per_s"] > 0
+    assert rec["norms"] == "model" and "fused_norms" not in rec
 
 
 def test_run_writes_json_and_report(llama_dir, tmp_path, capsys):

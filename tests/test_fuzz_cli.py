@@ -181,6 +181,7 @@ BENCH_OPTIONS = {
     "--decode-tokens": (["1", "4", None], ["0", "z"]),
     "--batch": (["1", "1,16", None], ["0", "1,x", "2,2", ""]),
     "--decode-mode": (["auto", "eager", None], ["graph"] + ([] if CUDA else ["cuda-graph"])),
+    "--norms": (["model", None], ["layer"] + ([] if CUDA else ["fused"])),
 }
 METHODS_GOOD = ["fp16", "w4a16", "rtn-w4a4", "smoothquant-w4a4", "zipper", "mosaic"]
 BAD_MODELS = ["missing", "config_list", "config_no_type", "config_gpt2", "no_weights", "safetensors_truncated",

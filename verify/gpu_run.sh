@@ -35,13 +35,13 @@ for s in $steps; do
         all) step verify_all "${ZQ_T_ALL:-420}" python -m pytest verify/ "${par[@]}" -q -p no:cacheprovider --durations=40 ;;
         memcheck) step memcheck "${ZQ_T_MEMCHECK:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
             python -m pytest verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py verify/test_w4a4.py \
-            verify/test_w4a16.py -m gpu -q -p no:cacheprovider ;;
+            verify/test_w4a16.py verify/test_rmsnorm.py -m gpu -q -p no:cacheprovider ;;
         # racecheck costs 1-24 s per LLaMA-sized test (sanitizer_racecheck_cut*.times): every kernel family and variant once
         # (W4A4 / W4A16 split-K at M = 1, 16 and the tiled GEMM at 100, the tma variant at both tiles; Mosaic's three fused
-        # variants; Zipper's high part; the activation quantizer's one- and two-pass rows)
+        # variants; Zipper's high part; the activation quantizer's one- and two-pass rows; the RMSNorm's fp16 rows)
         racecheck) step racecheck "${ZQ_T_RACECHECK:-240}" compute-sanitizer --tool racecheck --error-exitcode 3 \
             python -m pytest verify/test_w4a4.py verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py \
-            verify/test_w4a16.py -m gpu -q -p no:cacheprovider -k "(1000-4000 and not 256 and not tma) or \
+            verify/test_w4a16.py verify/test_rmsnorm.py -m gpu -q -p no:cacheprovider -k "(1000-4000 and not 256 and not tma) or \
             (tma_llama_shapes_compiled and 1000-4000-300) or \
             (llama_sizes_compiled and not down and not qkv) or (llama_o_size_compiled and not 512) or \
             (llama_rows and dtype0)" ;;

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..cli import ZqParser
 from . import synthetic
+from .norms import NORMS
 from .peers import PEER_METHODS
 from .quantize import METHODS
 from .synthetic import DEVICE_MAPS
@@ -220,7 +221,7 @@ def _settings(args, measure_ppl, measure_speed):
                     eval_split=args.eval_split,
                     prefill_tokens=getattr(args, "prefill_tokens", 256), decode_tokens=getattr(args, "decode_tokens", 32),
                     measure_ppl=measure_ppl, measure_speed=measure_speed, progress=not args.no_progress,
-                    threads=args.threads)
+                    threads=args.threads, norms=getattr(args, "norms", "model"))
 
 
 def _configs(args):
@@ -342,6 +343,8 @@ def _check_inputs(args, settings, configs, out_files=(), out_dir=None):
     if settings.layers is not None and not named:
         raise ValueError(f"--layers applies to the named configurations ({', '.join(synthetic.NAMED)}) only, "
                          f"not --model {settings.model}")
+    if settings.norms == "fused" and not settings.device.startswith("cuda"):
+        raise ValueError(f"--norms fused needs the model on a CUDA device, not --device {settings.device}")
     if settings.decode_mode == "cuda-graph" and not (settings.device.startswith("cuda") or settings.device_map):
         raise ValueError(f"--decode-mode cuda-graph needs the model on a CUDA device, not --device {settings.device}")
     for cfg in configs:
@@ -510,6 +513,9 @@ def register(subparsers):
                    help="decode timed as decode_tokens_per_s: auto (CUDA graphs on one GPU, eager on a CPU; "
                         "default), cuda-graph, or eager (a model spread over several devices); the eager decode "
                         "is always timed beside it")
+    p.add_argument("--norms", default="model", choices=NORMS,
+                   help="RMSNorm modules of every method's model: model (transformers' own; default) or fused "
+                        "(one Triton launch each, zqkernels.gpu.rmsnorm; CUDA only)")
     p.add_argument("--ppl", action="store_true", help="also measure perplexity")
     p.add_argument("--out", default="zq-bench.json", help="results JSON (default zq-bench.json)")
     p.add_argument("--plot", default=None, help="also write a PNG of prefill and decode tokens/s per method")

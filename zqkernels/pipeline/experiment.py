@@ -30,6 +30,7 @@ import torch
 from . import evaluate, synthetic, text
 from .calibrate import calibrate
 from .model import load_model
+from .norms import NORMS, fuse_norms
 from .peers import PeerConfig, quantize_peer
 from .quantize import MethodConfig, quantize_model, summarize_layers
 
@@ -64,6 +65,7 @@ class Settings:
     batches: tuple = (1,)  # batch sizes timed; the first is the record's `speed`
     decode_mode: str | None = None  # None: CUDA graphs on a GPU, eager on a CPU (evaluate.speed)
     graph_errors: str = "raise"  # "record": a failed CUDA-graph decode leaves the eager figures (evaluate.speed)
+    norms: str = "model"  # "fused": every method's RMSNorm modules through one Triton launch each (norms.py)
     layers: int | None = None  # named configurations: the first `layers` decoder layers (None: all)
     seed: int = 0  # named configurations: the weights' seed
     measure_ppl: bool = True
@@ -198,6 +200,10 @@ class Experiment:
             layers = quantize_peer(lm, self.stats, cfg, progress=s.progress)
         else:
             layers = quantize_model(lm, self.stats, cfg, backend=s.backend, progress=s.progress)
+        if s.norms == "fused":
+            fused_norms = fuse_norms(lm)
+        elif s.norms != "model":
+            raise ValueError(f"norms must be one of {NORMS}, got {s.norms!r}")
         t1 = time.perf_counter()
         rec = {k: self.meta[k] for k in ("model", "model_source", "model_note", "architecture", "calib_text",
                                          "eval_text", "eval_split", "texts", "calib_tokens", "eval_tokens",
@@ -211,6 +217,9 @@ class Experiment:
         rec["layer_summary"] = summary
         rec["layer_stats"] = layers
         rec["quantize_s"] = t1 - t0
+        rec["norms"] = s.norms
+        if s.norms == "fused":
+            rec["fused_norms"] = fused_norms
         if s.measure_ppl:
             ppl, n_pred = evaluate.perplexity(lm, self.eval_windows, progress=s.progress)
             rec.update(ppl=ppl, predictions=n_pred)

@@ -1,0 +1,84 @@
+"""RMSNorm in one launch: `out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`, row by row.
+
+transformers' LLaMA / Qwen RMSNorm runs this as six to eight elementwise and reduction kernels
+(a float32 copy of x, its square, the mean, the reciprocal square root, the product, the cast
+back, the weight's product), each a pass over the row in memory: on the H200 a 2,048-token
+LLaMA-3-8B prefill spent as long in them as in a third of its GEMMs
+(reports/results/h200/profile_decode_llama3-8b_gemv.json). Here one program reads a row once and
+writes it once, with the same arithmetic: the sum of squares in float32, the normalized row
+rounded to x's dtype, then multiplied by the weight in float32 (a product of two fp16 or bf16
+values is exact in float32) and rounded once to the output dtype, which is what torch's
+`weight * hidden.to(dtype)` does. The float32 sum is taken in another order than torch's
+reduction and the reciprocal square root may differ from torch's by a float32 ulp, so the
+normalized row can differ from transformers' by two ulps of x's dtype and the output by one more
+of its own (the bound `verify/test_rmsnorm.py` holds it to).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from zqkernels.gpu.operands import check_kernel_device, check_same_device
+
+MAX_HIDDEN = 32768  # one program holds its row in registers
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _round(v, dtype: tl.constexpr):
+    """float32 v to `dtype`, rounded to nearest even. For bfloat16 the rounding is done on the bits
+    first (the cast then only drops zero bits): Triton's interpreter truncates a float32 -> bfloat16
+    cast where the GPU rounds, and the two must give the same bits."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    normed = _round(xf * tl.math.rsqrt(var + eps), x.dtype)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    y = w * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, _round(y, out_ptr.dtype.element_ty), mask=ok)
+
+
+def _warps(block):
+    return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of x (module docstring): x fp16 / bf16 / fp32 [..., N] with
+    its last dimension contiguous, weight [N] of one of those dtypes on x's device, eps >= 0. Returns
+    a new tensor of x's shape in `torch.promote_types(weight.dtype, x.dtype)`."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} must be one of {DTYPES}, got {t.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"weight must be [{n}] (x's last dimension), got {tuple(weight.shape)}")
+    if n > MAX_HIDDEN:
+        raise ValueError(f"rows of {n} exceed the one-program row of {MAX_HIDDEN}")
+    if x.stride(-1) != 1 and x.numel() > n:
+        raise ValueError("x's last dimension must be contiguous")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_kernel_device("x", x)
+    check_same_device("weight", weight, x.device, "x")
+    rows = x.reshape(-1, n)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, n, rows.stride(0), out.stride(0),
+                                          float(eps), BLOCK=block, num_warps=_warps(block))
+    return out.view(x.shape)
