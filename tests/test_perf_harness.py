@@ -282,7 +282,7 @@ def test_every_gpu_benchmark_passes_a_factory():
                 files.add(path.name)
                 keywords = {k.arg for k in node.keywords}
                 assert "make_fn" in keywords and not node.args, f"{path.name}:{node.lineno} passes no make_fn"
-    assert files == {f"bench_{f}.py" for f in ("actquant", "baselines", "mosaic", "w4a4", "zipper")}
+    assert files == {f"bench_{f}.py" for f in ("actquant", "baselines", "mosaic", "rmsnorm", "w4a4", "zipper")}
 
 
 def test_graph_median_is_per_call_and_bad_arguments_are_refused(monkeypatch):
