@@ -41,7 +41,8 @@ for s in $steps; do
         # variants; Zipper's high part; the activation quantizer's one- and two-pass rows; the RMSNorm's fp16 rows)
         racecheck) step racecheck "${ZQ_T_RACECHECK:-240}" compute-sanitizer --tool racecheck --error-exitcode 3 \
             python -m pytest verify/test_w4a4.py verify/test_mosaic.py verify/test_zipper.py verify/test_actquant.py \
-            verify/test_w4a16.py verify/test_rmsnorm.py -m gpu -q -p no:cacheprovider -k "(1000-4000 and not 256 and not tma) or \
+            verify/test_w4a16.py verify/test_rmsnorm.py -m gpu -q -p no:cacheprovider -k "(llama_shapes_int32_exact_compiled and 1000-4000 and not 256) or \
+            (test_w4a16 and llama_shapes_compiled and 1000-4000 and not 256) or \
             (tma_llama_shapes_compiled and 1000-4000-300) or \
             (llama_sizes_compiled and not down and not qkv) or (llama_o_size_compiled and not 512) or \
             (llama_rows and dtype0)" ;;
