@@ -87,9 +87,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no new method after this many seconds (a 10-minute command must end in time)")
     ap.add_argument("--out", default=".", help="output folder")
-    ap.add_argument("--norms", default="fused", choices=("model", "fused"),
-                    help="RMSNorm modules of every method's model: fused (one Triton launch each; default) or "
-                         "model (transformers' own)")
+    ap.add_argument("--norms", default="model", choices=("model", "fused"),
+                    help="RMSNorm modules of every method's model: model (transformers' own; default, as the "
+                         "runs before the option) or fused (one Triton launch each)")
     ap.add_argument("--dry", action="store_true", help="CPU check of the plumbing: 1 layer, torch backend, eager")
     ap.add_argument("--time-quantize", action="store_true",
                     help="time quantization only (seconds per method, progress bars), no speed measurement")
@@ -106,6 +106,8 @@ def main():
     unknown = sorted(set(chosen) - set(labels))
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(labels)}")
+    if args.dry and args.norms == "fused":
+        ap.error("--norms fused needs a CUDA GPU; --dry runs on the CPU")
     if not args.dry and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: the measurement needs one (--dry checks the plumbing on a CPU)")
     out_dir = Path(args.out)
@@ -119,7 +121,7 @@ def main():
                         prefill_tokens=16 if args.dry else args.prefill, decode_tokens=4 if args.dry else args.decode,
                         speed_repeats=1 if args.dry else args.repeats, batches=args.batch, measure_ppl=False,
                         measure_speed=not args.time_quantize, progress=args.time_quantize, graph_errors="record",
-                        norms="model" if args.dry else args.norms)
+                        norms=args.norms)
     import transformers
     import triton
 

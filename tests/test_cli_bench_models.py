@@ -107,3 +107,7 @@ def test_the_device_script_writes_each_method_and_keeps_to_its_budget(tiny_named
                                       "--out", tmp_path])
     data = json.loads((tmp_path / f"models_{tiny_named}.json").read_text())
     assert rc == 0 and data["records"] == [] and data["meta"]["skipped_for_time"] == ["fp16", "rtn-w4a4"]
+    assert data["meta"]["norms"] == "model"
+    with pytest.raises(SystemExit):  # the fused norms need a GPU: refused before anything is built
+        _models_device(monkeypatch, ["--model", tiny_named, "--dry", "--norms", "fused", "--out", tmp_path])
+    assert "--norms fused needs a CUDA GPU" in capsys.readouterr().err
