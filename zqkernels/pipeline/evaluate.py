@@ -14,9 +14,10 @@ Speed (`speed`), for a batch of B prompts of T tokens (one prompt repeated, or B
   batch 1 the eager prefill of a quantized model is bound by it,
   reports/results/h200/models_llama3-8b_v4.json). Its last-position logits are compared with the
   same forward run eagerly (`graph_prefill_logits_equal_eager`, `graph_prefill_logits_rel_diff_eager`);
-- `prefill_tokens_per_s` is the graph figure when the graph ran and its logits equal the eager
-  forward's bit for bit (`prefill_mode` "cuda-graph"), else the eager one (`prefill_mode` "eager",
-  with `prefill_mode_reason`), as for the decode below;
+- `prefill_tokens_per_s` is the faster of the two when the graph ran and its logits equal the
+  eager forward's bit for bit (each method at its best: on the H200 fp16's eager prefill can be
+  the faster one), else the eager one; `prefill_mode` says which ("cuda-graph" or "eager", the
+  latter with `prefill_mode_reason`);
 - eager decode = `decode_tokens` greedy single-token steps after it on transformers' dynamic cache,
   each a Python-driven forward (`decode_tokens_per_s_eager`: B*steps / seconds, median);
 - CUDA-graph decode (on a GPU, the `decode_tokens_per_s` figure, `decode_mode` "cuda-graph"): the
@@ -179,8 +180,10 @@ def _graph_prefill(lm, ids, repeats, devices):
 def _prefill_headline(result):
     """prefill_tokens_per_s and prefill_mode from the eager and graph figures (module docstring)."""
     if "prefill_tokens_per_s_graph" in result and result["graph_prefill_logits_equal_eager"]:
-        return {"prefill_tokens_per_s": result["prefill_tokens_per_s_graph"], "prefill_mode": "cuda-graph"}
-    if "prefill_graph_error" in result:
+        if result["prefill_tokens_per_s_graph"] >= result["prefill_tokens_per_s_eager"]:
+            return {"prefill_tokens_per_s": result["prefill_tokens_per_s_graph"], "prefill_mode": "cuda-graph"}
+        reason = "the eager prefill ran faster than its CUDA graph (same logits); the faster is the figure"
+    elif "prefill_graph_error" in result:
         reason = "the CUDA-graph prefill failed (prefill_graph_error); the eager prefill is timed"
     elif "prefill_tokens_per_s_graph" in result:
         reason = (f"the CUDA-graph prefill's logits differ from the eager forward's (relative "
