@@ -3,7 +3,7 @@ float64 oracle, and `pipeline.norms.fuse_norms` on LLaMA / Qwen3 models.
 
 The kernel's arithmetic is transformers' (float32 sum of squares, the normalized row rounded to
 x's dtype, the weight's product rounded once), in another summation order and with another
-reciprocal square root. The bound (`bound`): the normalized row within two ulps of x's dtype (one
+reciprocal square root. The bound (`rounding_bound`): the normalized row within two ulps of x's dtype (one
 from the float32 reciprocal square root, one from the rounding to x's dtype) plus the float32
 sum's own error (a relative (log2 N + 1) 2^-23 for a tree or blocked sum of N squares), scaled by
 |weight|, plus one ulp of the output's dtype from the product. Against the float64 oracle of the same
@@ -12,22 +12,16 @@ adversarial cases are all-zero rows (the result is 0: rsqrt(eps) times 0), one h
 values near the dtype's smallest normal, M = 1 and M = 0, widths that are not powers of two
 (subnormal inputs are not drawn). Without a GPU the kernel runs under TRITON_INTERPRET=1.
 """
-import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from strategies import examples
-from zqkernels.gpu.rmsnorm import MAX_HIDDEN, rms_norm
+from zqkernels.gpu.rmsnorm import MAX_HIDDEN, rms_norm, rounding_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-def ulp(t):
-    info = torch.finfo(t.dtype)
-    return torch.exp2(torch.floor(torch.log2(t.abs().double().clamp_min(info.tiny)))) * info.eps
 
 
 def assert_mostly_equal(got, want, x):
@@ -61,18 +55,10 @@ def oracle(x, w, eps):
     return (w.double() * normed.double()).to(torch.promote_types(w.dtype, x.dtype))
 
 
-def bound(x, w, want):
-    """The module docstring's bound for each output."""
-    x64 = x.double()
-    normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-30)).to(x.dtype)
-    sum_err = normed.double().abs() * (np.log2(x.shape[-1]) + 1) * 2.0**-23
-    return w.double().abs() * (2 * ulp(normed) + sum_err) + ulp(want)
-
-
 def assert_within_bound(got, want, x, w, what):
     assert got.dtype == want.dtype and got.shape == want.shape, what
     err = (got.double().cpu() - want.double().cpu()).abs()
-    bad = err > bound(x.cpu(), w.cpu(), want.cpu())
+    bad = err > rounding_bound(x.cpu(), w.cpu(), want.cpu())
     assert not bool(bad.any()), f"{what}: {int(bad.sum())} outputs beyond the bound, worst error {float(err.max())}"
 
 

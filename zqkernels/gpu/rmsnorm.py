@@ -12,8 +12,10 @@ values is exact in float32) and rounded once to the output dtype, which is what 
 `weight * hidden.to(dtype)` does. The float32 sum is taken in another order than torch's
 reduction and the reciprocal square root may differ from torch's by a float32 ulp, so the
 normalized row can differ from transformers' by two ulps of x's dtype and the output by one more
-of its own (the bound `verify/test_rmsnorm.py` holds it to).
+of its own (`rounding_bound`).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,25 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     y = w * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, _round(y, out_ptr.dtype.element_ty), mask=ok)
+
+
+def rounding_bound(x, weight, want):
+    """float64, want's shape: how far each output may lie from transformers' (`want`, the module's
+    output for x): the normalized row within two ulps of x's dtype (one from the float32
+    reciprocal square root, one from its rounding to x's dtype) plus the float32 sum's own error
+    (a relative (log2 N + 1) 2^-23 for a tree or blocked sum of N squares), times |weight|, plus one
+    ulp of the output's dtype from the product. The bound `verify/test_rmsnorm.py` holds the kernel
+    to and `pipeline.norms.fuse_norms` checks each module against."""
+    x64 = x.double()
+    normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-30)).to(x.dtype)
+    sum_err = normed.double().abs() * (math.log2(x.shape[-1]) + 1) * 2.0**-23
+    return weight.double().abs() * (2 * ulp(normed) + sum_err) + ulp(want)
+
+
+def ulp(t):
+    """One ulp of each element of t in its dtype (float64; at least the smallest normal's)."""
+    info = torch.finfo(t.dtype)
+    return torch.exp2(torch.floor(torch.log2(t.abs().double().clamp_min(info.tiny)))) * info.eps
 
 
 def _warps(block):

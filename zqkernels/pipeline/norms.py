@@ -7,13 +7,11 @@ applies it to every method's model alike, fp16 included (`Settings.norms = "fuse
 comparison between methods is unchanged in kind while the norms stop costing a pass over the
 activations per elementwise op. Each replaced module is first run side by side with the new one on
 a random input and must agree within the kernel's rounding bound (two ulps of the normalized
-row, one of the product: `verify/test_rmsnorm.py`), else ValueError: a class whose forward has
+row, one of the product: `gpu.rmsnorm.rounding_bound`), else ValueError: a class whose forward has
 changed is refused, not swapped silently. Models on a CPU are refused (the kernel needs CUDA, or
 Triton's interpreter).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -41,27 +39,17 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _ulp(t):
-    """One ulp of each element of t in its dtype (at least the smallest normal's)."""
-    info = torch.finfo(t.dtype)
-    mag = t.abs().double().clamp_min(info.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
-
-
 def _check_agrees(name, module, fused):
-    """The kernel's bound (`verify/test_rmsnorm.py`): the normalized row within two ulps of x's
-    dtype and the float32 sum's error, times |weight|, plus one ulp of the output's dtype."""
+    """The module and its replacement on one random input, within the kernel's rounding bound."""
+    from zqkernels.gpu.rmsnorm import rounding_bound
+
     w = module.weight
     gen = torch.Generator(device=w.device).manual_seed(0)
     x = torch.randn(8, w.shape[0], generator=gen, device=w.device).to(w.dtype) * 3
     with torch.no_grad():
         want, got = module(x), fused(x)
-        x64 = x.double()
-        normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-30)).to(x.dtype)
-        sum_err = normed.double().abs() * (math.log2(w.shape[0]) + 1) * 2.0**-23
-        bound = w.double().abs() * (2 * _ulp(normed) + sum_err) + _ulp(want)
         ok = want.dtype == got.dtype and want.shape == got.shape and bool(
-            ((got.double() - want.double()).abs() <= bound).all())
+            ((got.double() - want.double()).abs() <= rounding_bound(x, w, want)).all())
     if not ok:
         raise ValueError(f"{name} ({type(module).__name__}): the fused RMSNorm does not reproduce this module's "
                          "forward within the kernel's rounding bound; not replaced")
