@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import reference as R
 from strategies import examples, matrices
-from zqkernels.gpu.actquant import LAYOUTS, quantize_activations
+from zqkernels.gpu.actquant import LAYOUTS, quantize_activations, quantize_silu_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -277,6 +277,99 @@ def test_llama_rows_equal_oracle_compiled(k, group, dtype):
     inv = torch.rand(k, generator=gen, device="cuda") * 4 + 0.25
     check_equal(x, inv, group)
     check_equal(x, None, group)
+
+
+def silu_mul_expected(h):
+    """x = silu(gate) * up as `quantize_silu_mul` defines it, for h = [gate | up]: on the GPU torch's
+    own ops (CUDA's expf, IEEE division); under the interpreter the same formula with numpy's
+    float32 exp, the interpreter's exp."""
+    k = h.shape[1] // 2
+    if h.is_cuda:
+        return torch.nn.functional.silu(h[:, :k]) * h[:, k:]
+    g = h[:, :k].float().numpy()
+    with np.errstate(over="ignore"):
+        silu = g / (np.float32(1.0) + np.exp(-g))
+    return (torch.from_numpy(silu).to(h.dtype).float() * h[:, k:].float()).to(h.dtype)
+
+
+def run_silu_mul(h, inv, group, config, layout):
+    """`quantize_silu_mul` with poisoned outputs, as `run_kernel`."""
+    m, k = h.shape[0], h.shape[1] // 2
+    out = (torch.full((m, k), 99, dtype=torch.int8, device=h.device) if layout == "int8" else
+           torch.full((m, k // 2), 0xA5, dtype=torch.uint8, device=h.device))
+    out_scales = torch.full((m,) if group is None else (m, -(-k // group)), float("nan"), device=h.device)
+    q, s = quantize_silu_mul(h, inv, group, layout=layout, out=out, out_scales=out_scales, config=config)
+    assert q.data_ptr() == out.data_ptr() and s.data_ptr() == out_scales.data_ptr()
+    return q.cpu().numpy(), s.cpu().numpy()
+
+
+def check_silu_mul(h, inv, group, config=None):
+    """The gated quantizer's codes and scales are the quantizer's on silu(gate) * up, bit for bit, in
+    both layouts (that quantizer equals the oracle: the laws above)."""
+    x = silu_mul_expected(h)
+    for layout in LAYOUTS if x.shape[1] % 2 == 0 else ("int8",):
+        q, s = run_silu_mul(h, inv, group, config, layout)
+        qr, sr = quantize_activations(x, inv, group, layout=layout, config=config)
+        np.testing.assert_array_equal(q, qr.cpu().numpy())  # exact
+        np.testing.assert_array_equal(s, sr.cpu().numpy())  # exact
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@settings(max_examples=examples(8))
+@given(data=st.data(), smooth=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_silu_mul_codes_equal_the_quantizer_on_silu_times_up(path, data, smooth, seed):
+    config, groups, min_cols = PATHS[path]
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)))
+    group = data.draw(st.sampled_from(groups))
+    h = data.draw(matrices(max_rows=5, max_cols=150, min_cols=min_cols, even_cols=data.draw(st.booleans())))
+    h = np.concatenate([h, data.draw(matrices(shape=h.shape))], axis=1)  # gate of one kind, up of another
+    h = np.clip(h, -FINFO_MAX[dtype], FINFO_MAX[dtype])
+    k = h.shape[1] // 2
+    inv = None
+    if smooth:
+        inv = torch.from_numpy(np.random.default_rng(seed).uniform(0.05, 20.0, k).astype(np.float32)).to(DEVICE)
+    ht = torch.from_numpy(h).to(DTYPES[dtype]).to(DEVICE)
+    x = silu_mul_expected(ht)
+    if not torch.isfinite(x.float() * (inv if inv is not None else 1.0)).all():
+        return  # silu * up (or smoothing) overflowed: the quantizer's non-finite contract, checked above
+    check_silu_mul(ht, inv, group, config)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_silu_mul_at_its_extremes(path, dtype):
+    """Gates where silu is 0, -0 (exp(-g) overflows), tiny or the gate itself, ups of 0 and signs;
+    a row whose product is all zero (scale 0, codes 0)."""
+    config, groups, min_cols = PATHS[path]
+    gate = np.array([0.0, -60.0, -100.0, 20.0, -3.0, 1e-3, 2.0, 88.0] * 9)[:max(8, min_cols)]
+    up = np.array([1.0, 5.0, -2.0, 0.0, -1.0, 7.0, 0.25, -0.5] * 9)[:gate.size]
+    h = np.stack([np.concatenate([gate, up]), np.concatenate([gate, np.zeros_like(up)])])
+    check_silu_mul(torch.from_numpy(h).to(DTYPES[dtype]).to(DEVICE), None, groups[-1], config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("k", [14336, 18944])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_llama_rows_equal_torch_compiled(k, group, dtype):
+    """LLaMA-3-8B's (and Qwen's) MLP width, compiled: bit for bit torch's F.silu(gate) * up, quantized."""
+    gen = torch.Generator(device="cuda").manual_seed(k + (group or 0))
+    h = (torch.randn(64, 2 * k, generator=gen, device="cuda") * 3).to(dtype)
+    h[3] = 0
+    h[5, 7] = 200.0
+    inv = torch.rand(k, generator=gen, device="cuda") * 4 + 0.25
+    check_silu_mul(h, inv, group)
+    check_silu_mul(h, None, group)
+
+
+def test_silu_mul_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="halves of equal width"):
+        quantize_silu_mul(_x(k=9))
+    with pytest.raises(ValueError, match="K must be even"):
+        quantize_silu_mul(_x(k=14))  # K = 7 cannot be packed
+    with pytest.raises(ValueError, match=r"inv_smooth must have shape \(4,\)"):
+        quantize_silu_mul(_x(k=8), torch.ones(8, device=DEVICE))
 
 
 def _x(m=2, k=8, dtype=torch.float16):

@@ -1,6 +1,7 @@
 """Fused activation quantization: optional smoothing (x * 1/s), per-token or per-token-per-group
 absmax, IEEE float32 scale and codes (round half to even), stored packed or one per byte; one pass
-over X.
+over X. `quantize_silu_mul` is the same kernel reading a gated MLP's [gate | up] and quantizing
+silu(gate) * up, computed in its load as torch computes it, so that product never goes to memory.
 
 Contract (DESIGN.md §1), all in IEEE float32 so that the GPU is bit-exact with
 `reference.quantize_activations`:
@@ -34,26 +35,9 @@ import triton.language as tl
 
 from zqkernels.gpu import limits
 from zqkernels.gpu.configs import launch_config
+from zqkernels.gpu.fpmath import div_rn, round_rne, silu
 from zqkernels.gpu.int4 import pack_lo_hi
 from zqkernels.gpu.operands import check_float_acts, check_out, check_same_device
-
-
-# IEEE round-to-nearest float32 division: the contract is defined with IEEE division, and Triton's
-# plain `/` on fp32 compiles to an approximate divide on NVIDIA GPUs. `tl.math.div_rn` exists on
-# Triton 3.x (interpreter included); older builds expose it in libdevice. Wrapped in a jit
-# function (not aliased): the interpreter patches `tl.math` at call time.
-if hasattr(tl.math, "div_rn"):
-
-    @triton.jit
-    def div_rn(x, y):
-        return tl.math.div_rn(x, y)
-
-else:  # pragma: no cover - depends on the installed Triton
-    from triton.language.extra import libdevice as _libdevice
-
-    @triton.jit
-    def div_rn(x, y):
-        return _libdevice.div_rn(x, y)
 
 
 # 1.5 * 2**23: v + MAGIC rounds v to an integer (the FPU's round-to-nearest-even, numpy's `rint`)
@@ -111,12 +95,20 @@ def codes_of(x, scale, d, y):
 
 
 @triton.jit
-def _load_tile(x_ptr, inv_ptr, row_off, k0, K, NG: tl.constexpr, GROUP: tl.constexpr, HAS_INV: tl.constexpr):
+def _load_tile(x_ptr, inv_ptr, row_off, k0, K, NG: tl.constexpr, GROUP: tl.constexpr, HAS_INV: tl.constexpr,
+               GATED: tl.constexpr):
     """float32 tile [NG, GROUP] of x (* inv_smooth) at channels k0 .. k0 + NG*GROUP: one
-    contiguous load (wide vector loads), viewed as [groups, channels]."""
+    contiguous load (wide vector loads), viewed as [groups, channels]. GATED: the row holds
+    [gate | up] (2K values) and x is silu(gate) * up with torch's roundings (`quantize_silu_mul`)."""
     k1 = k0 + tl.arange(0, NG * GROUP)
     m1 = k1 < K
-    x = tl.load(x_ptr + row_off + k1, mask=m1, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(x_ptr + row_off + k1, mask=m1, other=0.0)
+        u = tl.load(x_ptr + row_off + K + k1, mask=m1, other=0.0)
+        a = round_rne(silu(g.to(tl.float32)), g.dtype).to(tl.float32)
+        x = round_rne(a * u.to(tl.float32), g.dtype).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + row_off + k1, mask=m1, other=0.0).to(tl.float32)
     if HAS_INV:
         x = x * tl.load(inv_ptr + k1, mask=m1, other=0.0)
     return tl.reshape(x, (NG, GROUP))
@@ -148,7 +140,7 @@ def _quantize_activations_kernel(
     x_ptr, inv_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm, stride_sm,
     HAS_INV: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
-    INT8: tl.constexpr,
+    INT8: tl.constexpr, GATED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -157,7 +149,7 @@ def _quantize_activations_kernel(
     q_row = pid_m.to(tl.int64) * stride_qm
     if N_CHUNKS == 1:
         k0 = pid_k * BLOCK_K
-        x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, GROUP, HAS_INV)
+        x = _load_tile(x_ptr, inv_ptr, x_row, k0, K, NG, GROUP, HAS_INV, GATED)
         scale = scale_of(_absmax(x))
         _store_codes(x, scale, q_ptr, q_row, k0, K, NG, GROUP, INT8)
         gi = pid_k * NG + tl.arange(0, NG)
@@ -165,11 +157,11 @@ def _quantize_activations_kernel(
     else:  # per-token over a long row (NG == 1): absmax pass, then codes pass
         amax = tl.zeros((NG,), tl.float32)
         for c in range(N_CHUNKS):
-            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV)
+            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV, GATED)
             amax = max_nan(amax, _absmax(x))
         scale = scale_of(amax)
         for c in range(N_CHUNKS):
-            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV)
+            x = _load_tile(x_ptr, inv_ptr, x_row, c * BLOCK_K, K, NG, GROUP, HAS_INV, GATED)
             _store_codes(x, scale, q_ptr, q_row, c * BLOCK_K, K, NG, GROUP, INT8)
         tl.store(scale_ptr + pid_m.to(tl.int64) * stride_sm + tl.arange(0, NG), scale)
 
@@ -177,18 +169,22 @@ def _quantize_activations_kernel(
 LAYOUTS = ("int4", "int8")
 
 
-def check_inputs(x, inv_smooth, group_size, layout):
-    """The quantizer's inputs checked (also by the GEMV that quantizes in its prologue); the group as an int or None."""
+def check_inputs(x, inv_smooth, group_size, layout, gated=False):
+    """The quantizer's inputs checked (also by the GEMV that quantizes in its prologue); the group as
+    an int or None. gated: x is [M, 2K] (gate | up) and the codes are of its K channels."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    if layout == "int4" and x.shape[1] % 2:
-        raise ValueError(f"x: K must be even to pack two int4 codes per byte (layout='int4'), got K={x.shape[1]}")
+    if gated and x.shape[1] % 2:
+        raise ValueError(f"x must hold [gate | up] halves of equal width, got {x.shape[1]} columns")
+    k = x.shape[1] // 2 if gated else x.shape[1]
+    if layout == "int4" and k % 2:
+        raise ValueError(f"x: K must be even to pack two int4 codes per byte (layout='int4'), got K={k}")
     if inv_smooth is not None:
         if not isinstance(inv_smooth, torch.Tensor) or inv_smooth.dtype != torch.float32:
             raise ValueError(f"inv_smooth must be a float32 tensor, got {getattr(inv_smooth, 'dtype', type(inv_smooth))}")
-        if tuple(inv_smooth.shape) != (x.shape[1],):
-            raise ValueError(f"inv_smooth must have shape ({x.shape[1]},), got {tuple(inv_smooth.shape)}")
+        if tuple(inv_smooth.shape) != (k,):
+            raise ValueError(f"inv_smooth must have shape ({k},), got {tuple(inv_smooth.shape)}")
         check_same_device("inv_smooth", inv_smooth, x.device, "x")
         if not inv_smooth.is_contiguous():
             raise ValueError("inv_smooth must be contiguous")
@@ -208,7 +204,27 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     bucket's dict(ONE_PASS_MAX_K=..., ROW_CHUNK=..., ELEMS_PER_THREAD=...) (per token) or
     dict(GROUP_BLOCK=..., ELEMS_PER_THREAD=...) (groups), key by key (tests and tuning)."""
     group_size = check_inputs(x, inv_smooth, group_size, layout)
-    M, K = x.shape
+    return _quantize(x, x.shape[1], False, inv_smooth, group_size, layout, out, out_scales, check_finite, config)
+
+
+def quantize_silu_mul(h, inv_smooth=None, group_size=None, *, layout="int4", out=None, out_scales=None,
+                      check_finite=True, config=None):
+    """The codes and scales `quantize_activations` gives for x = silu(gate) * up, from
+    h = [gate | up] [M, 2K] fp16|bf16|fp32 (a gated MLP's fused gate/up output), without x in memory.
+
+    x is what torch computes from the two halves in h's dtype: silu in float32 as torch's CUDA
+    kernel does (`fpmath.silu`: CUDA's expf, IEEE division) rounded to h's dtype, times up in
+    float32, rounded to h's dtype; then smoothing and codes as `quantize_activations`. So on the
+    GPU the result equals `quantize_activations(F.silu(gate) * up)` bit for bit (under the
+    interpreter, exp is numpy's float32 exp). The other arguments as `quantize_activations`'s,
+    inv_smooth [K]."""
+    group_size = check_inputs(h, inv_smooth, group_size, layout, gated=True)
+    return _quantize(h, h.shape[1] // 2, True, inv_smooth, group_size, layout, out, out_scales, check_finite,
+                     config)
+
+
+def _quantize(x, K, gated, inv_smooth, group_size, layout, out, out_scales, check_finite, config):
+    M = x.shape[0]
     cfg = launch_config("actquant", "per_token" if group_size is None else "group", M, x.device)
     cfg.update(config or {})
     int8 = layout == "int8"
@@ -234,7 +250,7 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     _quantize_activations_kernel[grid](
         x, inv_smooth if inv_smooth is not None else x, q, scales,
         K, x.stride(0), q.stride(0), stride_sm,
-        HAS_INV=inv_smooth is not None, GROUP=group, BLOCK_K=block_k, N_CHUNKS=n_chunks, INT8=int8,
+        HAS_INV=inv_smooth is not None, GROUP=group, BLOCK_K=block_k, N_CHUNKS=n_chunks, INT8=int8, GATED=gated,
         num_warps=num_warps,
     )
     # The check reads the scales on the host; inside a CUDA-graph capture (no sync allowed) it is
@@ -242,6 +258,6 @@ def quantize_activations(x, inv_smooth=None, group_size=None, *, layout="int4", 
     capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if check_finite and not capturing and not bool(torch.isfinite(scales).all()):
         bad = torch.nonzero(~torch.isfinite(scales.reshape(M, -1)))[0].tolist()
-        raise ValueError(f"x holds NaN or Inf (after smoothing) in token {bad[0]}"
+        raise ValueError(f"x holds NaN or Inf (after {'silu * up and ' if gated else ''}smoothing) in token {bad[0]}"
                          + ("" if group_size is None else f", channel group {bad[1]}"))
     return q, scales

@@ -20,22 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from zqkernels.gpu.fpmath import round_rne
 from zqkernels.gpu.operands import check_kernel_device, check_same_device
 
 MAX_HIDDEN = 32768  # one program holds its row in registers
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _round(v, dtype: tl.constexpr):
-    """float32 v to `dtype`, rounded to nearest even. For bfloat16 the rounding is done on the bits
-    first (the cast then only drops zero bits): Triton's interpreter truncates a float32 -> bfloat16
-    cast where the GPU rounds, and the two must give the same bits."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -46,10 +35,10 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
-    normed = _round(xf * tl.math.rsqrt(var + eps), x.dtype)
+    normed = round_rne(xf * tl.math.rsqrt(var + eps), x.dtype)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     y = w * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, _round(y, out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, round_rne(y, out_ptr.dtype.element_ty), mask=ok)
 
 
 def rounding_bound(x, weight, want):
