@@ -18,7 +18,7 @@ import reference as R
 from zqkernels import nn as zqnn
 from zqkernels import ops
 from zqkernels.gpu import configs
-from zqkernels.gpu.actquant import quantize_activations
+from zqkernels.gpu.actquant import quantize_activations, quantize_silu_mul
 from zqkernels.gpu.mosaic import mosaic_w4a4_gemm
 from zqkernels.gpu.w4a4 import act_layouts, w4a4_gemm, w4a4_gemv_quant
 from zqkernels.gpu.w4a16 import w4a16_gemm
@@ -53,6 +53,17 @@ def test_quantize_activations_op(group, layout):
     q, s = torch.ops.zq.quantize_activations(x, inv, group, layout)
     q2, s2 = quantize_activations(x, inv, group or None, layout=layout)
     assert q.dtype == (torch.int8 if layout == "int8" else torch.uint8)
+    assert torch.equal(q, q2) and torch.equal(s, s2)  # exact: the same kernel
+
+
+@pytest.mark.parametrize("group, layout", [(0, "int4"), (32, "int8")])
+def test_quantize_silu_mul_op(group, layout):
+    h = _x(3, 192)
+    inv = torch.rand(96, device=DEVICE) + 0.5
+    torch.library.opcheck(torch.ops.zq.quantize_silu_mul, (h, inv, group, layout), test_utils=CHECKS)
+    q, s = torch.ops.zq.quantize_silu_mul(h, inv, group, layout)
+    q2, s2 = quantize_silu_mul(h, inv, group or None, layout=layout)
+    assert q.shape[1] == (96 if layout == "int8" else 48)
     assert torch.equal(q, q2) and torch.equal(s, s2)  # exact: the same kernel
 
 
@@ -206,3 +217,22 @@ def test_zipper_gpu_linear_op():
     args = (x, low.packed, low.scale, inv, *ops.zipper_high_args(high), 0)
     torch.library.opcheck(torch.ops.zq.zipper_gpu_linear, args, test_utils=CHECKS)
     assert torch.equal(torch.ops.zq.zipper_gpu_linear(*args), zipper_gpu_linear(x, low, high, inv, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton layers need a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16, 300, 2048])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_forward_silu_mul_is_the_layer_on_torchs_product(m, group, smooth):
+    """A W4A4 down projection fed [gate | up] gives, bit for bit, what it gives on torch's
+    F.silu(gate) * up, at the table's M buckets (gemv, split-K, the tiled and tma GEMMs)."""
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(1024, 384, bias=True).to("cuda", torch.float16)
+    s = np.random.default_rng(m).uniform(0.5, 2.0, 1024) if smooth else None
+    layer = zqnn.W4A4Linear(lin, smooth=s, act_group_size=group, backend="triton")
+    h = (torch.randn(m, 2048, device="cuda") * 3).to(torch.float16)
+    assert layer.takes_gated_input(h.dtype)
+    want = layer(torch.nn.functional.silu(h[:, :1024]) * h[:, 1024:])
+    assert torch.equal(layer.forward_silu_mul(h), want)  # exact: the same codes, the same GEMM
+    assert torch.equal(layer.forward_silu_mul(h.reshape(1, m, 2048)), want.reshape(1, m, 384))

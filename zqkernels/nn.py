@@ -375,6 +375,38 @@ class W4A4Linear(QuantLinear):
             return ops.call("w4a16_gemm", xs, w.packed, w.scale, self.group_size or 0)
         return w4a4_triton_product(x2, self.inv_smooth, w, self.act_group_size, x2.dtype, self._act_layouts)
 
+    def takes_gated_input(self, dtype):
+        """True when `forward_silu_mul` forms silu(gate) * up inside the activation quantizer for
+        input of `dtype`: the triton backend with 4-bit activations, fp16 / bf16 input (the
+        quantizer's roundings are the model's in that dtype). The gated MLP (`pipeline.fusion`)
+        asks before calling it."""
+        return self.backend == "triton" and self.act_bits == 4 and dtype in (torch.float16, torch.bfloat16)
+
+    def forward_silu_mul(self, h):
+        """self(silu(gate) * up) for h = [gate | up] [..., 2 * in_features], the product formed in
+        the activation quantizer (`gpu.actquant.quantize_silu_mul`), never stored: on the GPU the
+        codes, and so the output, are those of `self(F.silu(gate) * up)` bit for bit."""
+        if not isinstance(h, torch.Tensor) or not self.takes_gated_input(h.dtype):
+            raise ValueError(f"forward_silu_mul needs the triton backend with 4-bit activations and an fp16 / bf16 "
+                             f"input; this layer: backend={self.backend!r}, act_bits={self.act_bits}, input "
+                             f"{getattr(h, 'dtype', type(h).__name__)}")
+        if h.dim() == 0 or h.shape[-1] != 2 * self.in_features:
+            raise ValueError(f"input must hold [gate | up], 2 x {self.in_features} features in its last dimension, "
+                             f"got shape {tuple(h.shape)}")
+        from zqkernels.gpu.w4a4 import pick_act_layout
+
+        lead = h.shape[:-1]
+        h2 = self._cuda_input(h.reshape(-1, 2 * self.in_features))
+        # a "fused" bucket quantizes inside its GEMV, which reads x itself: here the GEMV takes the codes packed
+        layout = pick_act_layout(h2.shape[0], self._act_layouts)
+        layout = "int4" if layout == "fused" else layout
+        w = self.weight_layout
+        qx, sx = ops.call("quantize_silu_mul", h2, self.inv_smooth, self.act_group_size or 0, layout)
+        y = ops.call("w4a4_gemm", qx, sx, w.packed, w.scale, self.act_group_size or 0, h2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
 
 class W4A16Linear(W4A4Linear):
     """Weight-only RTN 4-bit (per channel or `group_size`), 16-bit activations: our W4A16 baseline."""

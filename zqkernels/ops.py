@@ -69,6 +69,26 @@ def _(x, inv_smooth, group_size, layout="int4"):
     return codes, x.new_empty(scales, dtype=torch.float32)
 
 
+@_op("quantize_silu_mul")
+def quantize_silu_mul(h: torch.Tensor, inv_smooth: torch.Tensor | None, group_size: int,
+                      layout: str = "int4") -> tuple[torch.Tensor, torch.Tensor]:
+    from zqkernels.gpu.actquant import quantize_silu_mul as launch
+
+    return launch(h, inv_smooth, _group(group_size), layout=layout, check_finite=False)
+
+
+@quantize_silu_mul.register_fake
+def _(h, inv_smooth, group_size, layout="int4"):
+    from zqkernels.gpu.actquant import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    m, k = h.shape[0], h.shape[1] // 2
+    scales = (m,) if group_size == 0 else (m, -(-k // group_size))
+    codes = h.new_empty((m, k), dtype=torch.int8) if layout == "int8" else h.new_empty((m, k // 2), dtype=torch.uint8)
+    return codes, h.new_empty(scales, dtype=torch.float32)
+
+
 # qx is either activation layout: packed uint8 [M, K/2] or int8 codes [M, K] (its dtype says which).
 @_op("w4a4_gemm")
 def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, act_group_size: int,
