@@ -90,6 +90,9 @@ def main():
     ap.add_argument("--norms", default="model", choices=("model", "fused"),
                     help="RMSNorm modules of every method's model: model (transformers' own; default, as the "
                          "runs before the option) or fused (one Triton launch each)")
+    ap.add_argument("--linears", default="model", choices=("model", "fused"),
+                    help="decoder linears of every method's model: model (transformers' q/k/v, gate/up; default) or "
+                         "fused (pipeline.fusion: one qkv_proj and one gate_up_proj a layer, every method alike)")
     ap.add_argument("--dry", action="store_true", help="CPU check of the plumbing: 1 layer, torch backend, eager")
     ap.add_argument("--time-quantize", action="store_true",
                     help="time quantization only (seconds per method, progress bars), no speed measurement")
@@ -121,7 +124,7 @@ def main():
                         prefill_tokens=16 if args.dry else args.prefill, decode_tokens=4 if args.dry else args.decode,
                         speed_repeats=1 if args.dry else args.repeats, batches=args.batch, measure_ppl=False,
                         measure_speed=not args.time_quantize, progress=args.time_quantize, graph_errors="record",
-                        norms=args.norms)
+                        norms=args.norms, linears=args.linears)
     import transformers
     import triton
 
@@ -130,7 +133,8 @@ def main():
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry else "cpu (--dry)",
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "command": "python perf/models_device.py " + " ".join(sys.argv[1:]),
-            "prepare_s": time.monotonic() - t_start, "skipped_for_time": [], "norms": settings.norms}
+            "prepare_s": time.monotonic() - t_start, "skipped_for_time": [], "norms": settings.norms,
+            "linears": settings.linears}
     records = []
     for label, method, params in METHODS:
         if label not in chosen:

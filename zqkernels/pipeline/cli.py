@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..cli import ZqParser
 from . import synthetic
+from .fusion import LINEARS
 from .norms import NORMS
 from .peers import PEER_METHODS
 from .quantize import METHODS
@@ -221,7 +222,8 @@ def _settings(args, measure_ppl, measure_speed):
                     eval_split=args.eval_split,
                     prefill_tokens=getattr(args, "prefill_tokens", 256), decode_tokens=getattr(args, "decode_tokens", 32),
                     measure_ppl=measure_ppl, measure_speed=measure_speed, progress=not args.no_progress,
-                    threads=args.threads, norms=getattr(args, "norms", "model"))
+                    threads=args.threads, norms=getattr(args, "norms", "model"),
+                    linears=getattr(args, "linears", "model"))
 
 
 def _configs(args):
@@ -516,6 +518,10 @@ def register(subparsers):
     p.add_argument("--norms", default="model", choices=NORMS,
                    help="RMSNorm modules of every method's model: model (transformers' own; default) or fused "
                         "(one Triton launch each, zqkernels.gpu.rmsnorm; CUDA only)")
+    p.add_argument("--linears", default="model", choices=LINEARS,
+                   help="decoder linears of every method's model: model (transformers' q/k/v, gate/up; default) "
+                        "or fused (q/k/v as one qkv_proj, gate/up as one gate_up_proj, quantized as one layer each; "
+                        "a W4A4 down projection then quantizes silu(gate) * up in its activation quantizer)")
     p.add_argument("--ppl", action="store_true", help="also measure perplexity")
     p.add_argument("--out", default="zq-bench.json", help="results JSON (default zq-bench.json)")
     p.add_argument("--plot", default=None, help="also write a PNG of prefill and decode tokens/s per method")

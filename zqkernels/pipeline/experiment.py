@@ -30,6 +30,7 @@ import torch
 from . import evaluate, synthetic, text
 from .calibrate import calibrate
 from .model import load_model
+from .fusion import LINEARS, fuse_linears
 from .norms import NORMS, fuse_norms
 from .peers import PeerConfig, quantize_peer
 from .quantize import MethodConfig, quantize_model, summarize_layers
@@ -66,6 +67,7 @@ class Settings:
     decode_mode: str | None = None  # None: CUDA graphs on a GPU, eager on a CPU (evaluate.speed)
     graph_errors: str = "raise"  # "record": a failed CUDA-graph decode leaves the eager figures (evaluate.speed)
     norms: str = "model"  # "fused": every method's RMSNorm modules through one Triton launch each (norms.py)
+    linears: str = "model"  # "fused": every method's q/k/v and gate/up as one linear each (fusion.py)
     layers: int | None = None  # named configurations: the first `layers` decoder layers (None: all)
     seed: int = 0  # named configurations: the weights' seed
     measure_ppl: bool = True
@@ -196,10 +198,15 @@ class Experiment:
             raise ValueError(f"--model {s.model}: {synthetic.NOTE}")
         t0 = time.perf_counter()
         lm = self._fresh_model(cfg, keep_model)
+        stats = self.stats
+        if s.linears == "fused":  # before quantization: each fused group is quantized as one layer
+            fused_linears, stats = fuse_linears(lm, self.stats)
+        elif s.linears != "model":
+            raise ValueError(f"linears must be one of {LINEARS}, got {s.linears!r}")
         if isinstance(cfg, PeerConfig):
-            layers = quantize_peer(lm, self.stats, cfg, progress=s.progress)
+            layers = quantize_peer(lm, stats, cfg, progress=s.progress)
         else:
-            layers = quantize_model(lm, self.stats, cfg, backend=s.backend, progress=s.progress)
+            layers = quantize_model(lm, stats, cfg, backend=s.backend, progress=s.progress)
         if s.norms == "fused":
             fused_norms = fuse_norms(lm)
         elif s.norms != "model":
@@ -220,6 +227,9 @@ class Experiment:
         rec["norms"] = s.norms
         if s.norms == "fused":
             rec["fused_norms"] = fused_norms
+        rec["linears"] = s.linears
+        if s.linears == "fused":
+            rec["fused_linears"] = fused_linears
         if s.measure_ppl:
             ppl, n_pred = evaluate.perplexity(lm, self.eval_windows, progress=s.progress)
             rec.update(ppl=ppl, predictions=n_pred)

