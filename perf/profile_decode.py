@@ -44,6 +44,7 @@ GROUPS = [
     ("zq w4a16", r"^_w4a16_"),
     ("zq w4a4 gemm", r"^_w4a4_"),
     ("zq act quant", r"^_quantize_activations"),
+    ("zq rms norm", r"^_rmsnorm_"),
     ("fp8 cast", r"^_fp8_"),
     ("int4 tinygemm", r"(?i)tinygemm"),
     ("cublas gemm / gemv", r"(?i)gemm|gemv|cutlass|xmma|nvjet|splitKreduce"),
@@ -164,6 +165,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled, and replayed for the graph time")
+    ap.add_argument("--norms", default="model", choices=("model", "fused"),
+                    help="RMSNorm modules of every method's model, as perf/models_device.py's option")
+    ap.add_argument("--linears", default="model", choices=("model", "fused"),
+                    help="decoder linears of every method's model, as perf/models_device.py's option")
     ap.add_argument("--out", default=".")
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: 1 layer, torch backend")
     args = ap.parse_args()
@@ -183,12 +188,14 @@ def main():
     settings = Settings(model=args.model, layers=layers, backend="torch" if args.dry else "triton",
                         device="cpu" if args.dry else "cuda", dtype="float32" if args.dry else "float16",
                         calib_tokens=512, calib_context=512, prefill_tokens=prefill, batches=(args.batch,),
-                        measure_ppl=False, measure_speed=False, progress=False)
+                        measure_ppl=False, measure_speed=False, progress=False, norms=args.norms,
+                        linears=args.linears)
     exp = Experiment(settings).prepare()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"profile_decode_{args.model}.json"
     meta = {"model": args.model, "layers": layers, "batch": args.batch, "prefill": prefill, "steps": args.steps,
+            "norms": args.norms, "linears": args.linears,
             "device": torch.cuda.get_device_name() if cuda else "cpu (--dry)", "torch": torch.__version__,
             "command": "python perf/profile_decode.py " + " ".join(sys.argv[1:]), "groups": GROUPS}
     records = []
