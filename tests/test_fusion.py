@@ -123,6 +123,32 @@ def test_each_input_runs_the_fused_linear_once():
         torch.testing.assert_close(k2, attn.qkv_proj(x)[:, 64:96])
 
 
+def test_a_fused_model_is_freed_when_dropped_and_its_copy_runs_its_own_weights():
+    import gc
+    import weakref
+
+    lm = _model("llama")
+    fuse_linears(lm)
+    ids = _ids()
+    twin = copy.deepcopy(lm)
+    with torch.no_grad():
+        want = lm(ids).logits
+        torch.testing.assert_close(twin(ids).logits, want, rtol=0, atol=0)
+        twin.model.layers[0].self_attn.qkv_proj.weight.mul_(2.0)  # the copy's slices read the copy's fused weight
+        assert not torch.equal(twin(ids).logits, want)
+        torch.testing.assert_close(lm(ids).logits, want, rtol=0, atol=0)
+    # no reference cycle through the slices: with the cycle collector off, dropping the model frees its
+    # attention modules (on a GPU, their weights), as it does an unfused model's
+    attn = weakref.ref(lm.model.layers[0].self_attn)
+    weight = weakref.ref(lm.model.layers[0].self_attn.qkv_proj.weight)
+    gc.disable()
+    try:
+        del lm
+        assert attn() is None and weight() is None
+    finally:
+        gc.enable()
+
+
 def test_modules_the_fusion_does_not_know_are_refused():
     lm = _model("llama")
     lm.model.layers[1].mlp.act_fn = nn.GELU()

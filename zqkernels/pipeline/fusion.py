@@ -24,6 +24,9 @@ another order), else ValueError: a class whose forward has changed is refused, n
 """
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 from torch import nn
 
@@ -58,11 +61,24 @@ def concat_linears(linears):
 
 
 class _SharedCall:
-    """One run of the owner's fused linear per input, handed out to its slices."""
+    """One run of the owner's fused linear per input, handed out to its slices. The owner is held
+    by a weak reference: the owner holds the slices and they hold this, so a strong one would be a
+    reference cycle, and a deleted model's attention modules (their weights on the GPU) would stay
+    until Python's cycle collector happened to run."""
 
     def __init__(self, owner, attr, n_slices):
-        self.owner, self.attr, self.n_slices = owner, attr, n_slices
+        self._owner, self.attr, self.n_slices = weakref.ref(owner), attr, n_slices
         self._clear()
+
+    def __deepcopy__(self, memo):  # a copied model's slices serve the copied owner (a weakref copies as itself)
+        return _SharedCall(copy.deepcopy(self.owner, memo), self.attr, self.n_slices)
+
+    @property
+    def owner(self):
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError(f"the module that held {self.attr} is gone")
+        return owner
 
     def _clear(self):
         self.x, self.version, self.y, self.served = None, None, None, set()
