@@ -4,11 +4,7 @@ Triton decides at decoration time whether a kernel is compiled or interpreted, s
 made here, before any test module imports `zqkernels.gpu`: with no CUDA GPU the kernels run under
 Triton's CPU interpreter (`TRITON_INTERPRET=1`) on small shapes; with one they run compiled.
 
-Hypothesis profiles, chosen by the environment variable ZQ_HYPOTHESIS_PROFILE (default: `gpu` when
-a CUDA GPU is present, else `ci`):
-- `ci`: each law's own example budget (`strategies.examples(n)` = n), no deadline; what CI runs.
-- `gpu`: the same budgets, compiled kernels; the `gpu`-marked tests add LLaMA-sized shapes.
-- `thorough`: ten times every budget, for a long hunt before a release or after a kernel change.
+Hypothesis profiles (ZQ_HYPOTHESIS_PROFILE): the repository's root conftest.py, shared with tests/.
 
 ZQ_TEST_TIMES=<file> appends one line per test phase as it finishes (seconds, phase, outcome,
 node id), so a run cut short by a time limit still says where its time went.
@@ -20,7 +16,6 @@ do not each start a pool as large as the host and oversubscribe it.
 import os
 
 import torch
-from hypothesis import HealthCheck, settings
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if _WORKERS > 1 and "PYTEST_XDIST_WORKER" in os.environ:
@@ -37,15 +32,6 @@ if not GPU_AVAILABLE:
 # Kernel tests run on this device: compiled on a GPU, interpreted (tensors on the CPU) otherwise.
 KERNEL_DEVICE = "cuda" if GPU_AVAILABLE else "cpu"
 
-# No deadline: the first example of a kernel test pays Triton/Numba compilation.
-_BASE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", **_BASE)
-settings.register_profile("gpu", **_BASE)
-settings.register_profile("thorough", max_examples=1000, **_BASE)
-PROFILE = os.environ.get("ZQ_HYPOTHESIS_PROFILE") or ("gpu" if GPU_AVAILABLE else "ci")
-if PROFILE not in ("ci", "gpu", "thorough"):
-    raise ValueError(f"ZQ_HYPOTHESIS_PROFILE must be ci, gpu or thorough, got {PROFILE!r}")
-settings.load_profile(PROFILE)
 
 _TIMES = os.environ.get("ZQ_TEST_TIMES")
 # under pytest-xdist every report reaches this hook twice (in its worker, then in the controller):

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from hypothesis import strategies as st
 
-# verify/conftest.py documents the profiles; "thorough" multiplies every law's example budget.
+# the root conftest.py documents the profiles; "thorough" multiplies every law's example budget.
 _FACTOR = 10 if os.environ.get("ZQ_HYPOTHESIS_PROFILE") == "thorough" else 1
 
 
