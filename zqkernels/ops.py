@@ -57,16 +57,20 @@ def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None, group
     return launch(x, inv_smooth, _group(group_size), layout=layout, check_finite=False)
 
 
-@quantize_activations.register_fake
-def _(x, inv_smooth, group_size, layout="int4"):
+def _fake_codes(x, m, k, group_size, layout):
+    """The quantizers' outputs for M rows of K channels: codes in `layout` and their scales."""
     from zqkernels.gpu.actquant import LAYOUTS
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    m, k = x.shape
     scales = (m,) if group_size == 0 else (m, -(-k // group_size))
     codes = x.new_empty((m, k), dtype=torch.int8) if layout == "int8" else x.new_empty((m, k // 2), dtype=torch.uint8)
     return codes, x.new_empty(scales, dtype=torch.float32)
+
+
+@quantize_activations.register_fake
+def _(x, inv_smooth, group_size, layout="int4"):
+    return _fake_codes(x, x.shape[0], x.shape[1], group_size, layout)
 
 
 @_op("quantize_silu_mul")
@@ -79,14 +83,7 @@ def quantize_silu_mul(h: torch.Tensor, inv_smooth: torch.Tensor | None, group_si
 
 @quantize_silu_mul.register_fake
 def _(h, inv_smooth, group_size, layout="int4"):
-    from zqkernels.gpu.actquant import LAYOUTS
-
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    m, k = h.shape[0], h.shape[1] // 2
-    scales = (m,) if group_size == 0 else (m, -(-k // group_size))
-    codes = h.new_empty((m, k), dtype=torch.int8) if layout == "int8" else h.new_empty((m, k // 2), dtype=torch.uint8)
-    return codes, h.new_empty(scales, dtype=torch.float32)
+    return _fake_codes(h, h.shape[0], h.shape[1] // 2, group_size, layout)  # h = [gate | up]
 
 
 # qx is either activation layout: packed uint8 [M, K/2] or int8 codes [M, K] (its dtype says which).

@@ -30,8 +30,11 @@ import weakref
 import torch
 from torch import nn
 
-ATTN_PARTS, ATTN_FUSED = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
-MLP_PARTS, MLP_FUSED = ("gate_proj", "up_proj"), "gate_up_proj"
+from .model import GATE_UP, QKV, SHARED_INPUT_GROUPS
+
+# The parts and the fused names are the model module's (its shared-input groups and fused linears)
+ATTN_PARTS, ATTN_FUSED = SHARED_INPUT_GROUPS[0], QKV
+MLP_PARTS, MLP_FUSED = SHARED_INPUT_GROUPS[2], GATE_UP
 FUSABLE_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention")
 FUSABLE_MLP = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 LINEARS = ("model", "fused")  # Settings.linears: transformers' separate linears, or fuse_linears'

@@ -25,9 +25,10 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 # After `fusion.fuse_linears`: q/k/v as one qkv_proj, gate/up as one gate_up_proj (each its own group).
-ATTN_FUSED = ("qkv_proj", "o_proj")
-MLP_FUSED = ("gate_up_proj", "down_proj")
-_ALL_GROUPS = (SHARED_INPUT_GROUPS[0], ATTN_FUSED[:1], SHARED_INPUT_GROUPS[1], SHARED_INPUT_GROUPS[2], MLP_FUSED[:1],
+QKV, GATE_UP = "qkv_proj", "gate_up_proj"
+ATTN_FUSED = (QKV, "o_proj")
+MLP_FUSED = (GATE_UP, "down_proj")
+_ALL_GROUPS = (SHARED_INPUT_GROUPS[0], (QKV,), SHARED_INPUT_GROUPS[1], SHARED_INPUT_GROUPS[2], (GATE_UP,),
                SHARED_INPUT_GROUPS[3])
 
 
