@@ -148,6 +148,25 @@ def test_w4a4_layer_product_takes_the_tables_layout_per_m(group, monkeypatch):
     assert set(seen[len(ms):]) == {"int4", "int8"}
 
 
+@pytest.mark.parametrize("group", [None, 32])
+def test_gated_product_is_the_product_on_torchs_silu_mul_in_every_bucket(group):
+    """`w4a4_triton_product(..., gated=True)` on [gate | up] quantizes silu(gate) * up in the
+    bucket's layout ("fused" buckets: packed codes) and equals the two launches on the gated
+    quantizer's codes exactly, for an M in every bucket of this device's table (the layer's
+    `forward_silu_mul` is this call)."""
+    w = _dense(40, 96)
+    inv = torch.rand(96, device=DEVICE) + 0.5
+    scales = "per_token" if group is None else "group"
+    keys = sorted(int(k) for k in configs.table_for(torch.device(DEVICE))["w4a4"][scales])
+    steps = act_layouts(group, torch.device(DEVICE))
+    for m in [keys[0]] + [k + 1 for k in keys[:-1]]:
+        h = _x(m, 192)
+        y = zqnn.w4a4_triton_product(h, inv, w, group, torch.float16, steps, gated=True)
+        layout = configs.launch_config("w4a4", scales, m, h.device)["act_layout"]
+        qx, sx = quantize_silu_mul(h, inv, group, layout="int4" if layout == "fused" else layout)
+        assert torch.equal(y, w4a4_gemm(qx, sx, w.packed, w.scale, group, torch.float16)), m  # exact
+
+
 def test_ops_call_runs_the_implementation_eagerly_and_the_op_under_compile(monkeypatch):
     """Eagerly, `ops.call` runs the op's implementation without the custom-op dispatcher (a spy
     on `torch.ops.zq` sees no call) and gives the op's output exactly; under torch.compile the

@@ -161,18 +161,22 @@ def fake_quantize_activations(x, bits=4, group_size=None):
     return codes * per_elem
 
 
-def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_layouts):
+def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_layouts, gated=False):
     """The triton W4A4 layers' product of x2 [M, K] with a `DenseInt4` (per-channel scales): fused
     smooth + quantize in the activation layout of this M's launch-table bucket (`act_layouts`, from
     `zqkernels.gpu.w4a4.act_layouts` at build time), then the GEMM, which reads the layout from the
-    codes' dtype; or, where the bucket names "fused", `w4a4_gemv_quant` alone (the same codes)."""
+    codes' dtype; or, where the bucket names "fused", `w4a4_gemv_quant` alone (the same codes).
+    gated: x2 is [gate | up] [M, 2K] and the quantizer forms silu(gate) * up (`quantize_silu_mul`);
+    a "fused" bucket then takes packed codes, since its GEMV would read the product itself."""
     from zqkernels.gpu.w4a4 import pick_act_layout
 
     layout = pick_act_layout(x2.shape[0], act_layouts)
-    if layout == "fused":  # a gemv bucket that quantizes inside the GEMV: one launch
+    if layout == "fused" and not gated:  # a gemv bucket that quantizes inside the GEMV: one launch
         return ops.call("w4a4_gemv_quant", x2, inv_smooth, weights.packed, weights.scale, act_group_size or 0,
                         out_dtype)
-    qx, sx = ops.call("quantize_activations", x2, inv_smooth, act_group_size or 0, layout)
+    layout = "int4" if layout == "fused" else layout
+    quantizer = "quantize_silu_mul" if gated else "quantize_activations"
+    qx, sx = ops.call(quantizer, x2, inv_smooth, act_group_size or 0, layout)
     return ops.call("w4a4_gemm", qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
 
 
@@ -257,12 +261,13 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have {self.in_features} features in its last dimension, got shape "
                              f"{tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._forward(x2)
+        return self._output(self._forward(x.reshape(-1, self.in_features)), x)
+
+    def _output(self, y, x):
+        """y [M, out_features] of the flattened input x: plus the bias, in x's dtype and lead shape."""
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_reference(self, x2):
         xs = self._smoothed(x2).detach().cpu().numpy().astype(np.float64)
@@ -393,19 +398,10 @@ class W4A4Linear(QuantLinear):
         if h.dim() == 0 or h.shape[-1] != 2 * self.in_features:
             raise ValueError(f"input must hold [gate | up], 2 x {self.in_features} features in its last dimension, "
                              f"got shape {tuple(h.shape)}")
-        from zqkernels.gpu.w4a4 import pick_act_layout
-
-        lead = h.shape[:-1]
         h2 = self._cuda_input(h.reshape(-1, 2 * self.in_features))
-        # a "fused" bucket quantizes inside its GEMV, which reads x itself: here the GEMV takes the codes packed
-        layout = pick_act_layout(h2.shape[0], self._act_layouts)
-        layout = "int4" if layout == "fused" else layout
-        w = self.weight_layout
-        qx, sx = ops.call("quantize_silu_mul", h2, self.inv_smooth, self.act_group_size or 0, layout)
-        y = ops.call("w4a4_gemm", qx, sx, w.packed, w.scale, self.act_group_size or 0, h2.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        y = w4a4_triton_product(h2, self.inv_smooth, self.weight_layout, self.act_group_size, h2.dtype,
+                                self._act_layouts, gated=True)
+        return self._output(y, h)
 
 
 class W4A16Linear(W4A4Linear):
