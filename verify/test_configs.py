@@ -37,7 +37,7 @@ def test_every_bucket_names_a_launchable_variant(path):
             for cfg in buckets.values():
                 assert cfg["variant"] in variants, (path.name, family, cfg)
                 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-                    if cfg["variant"] == "gemv" and key == "BLOCK_M":  # tokens on the CUDA cores: 1, 2, 4, ...
+                    if cfg["variant"] == "gemv" and key in ("BLOCK_M", "BLOCK_N"):  # CUDA cores, no MMA: 1, 2, 4, ...
                         assert cfg[key] >= 1 and cfg[key] & (cfg[key] - 1) == 0, (path.name, cfg)
                     else:
                         assert _pow2(cfg[key]), (path.name, family, cfg)
@@ -63,7 +63,8 @@ def test_every_bucket_names_a_launchable_variant(path):
                         assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
                 else:
                     assert "act_layout" not in cfg, (path.name, family, cfg)
-    for cfg in table["mosaic"]["w4a4"].values():
+    assert set(table["mosaic"]) == {"w4a4", "w4a4_group", "w4a16"}, path.name
+    for cfg in [*table["mosaic"]["w4a4"].values(), *table["mosaic"]["w4a4_group"].values()]:
         assert cfg["variant"] in mosaic.VARIANTS
         assert "act_layout" not in cfg  # the Mosaic kernels take packed activations only
         assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

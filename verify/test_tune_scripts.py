@@ -54,7 +54,8 @@ def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_
     out = tmp_path / "result.json"
     monkeypatch.setattr(sys, "argv", [script, "--out", str(out), "--table", "smoke.json", "--shapes",
                                       "smollm2-135m.o", "--m", "1,40", "--verify-shape", "40,256",
-                                      "--max-candidates", "2", "--max-calls-per-replay", "2"])
+                                      "--max-candidates", "2", "--max-calls-per-replay", "2"]
+                        + (["--scales", "per_token,group"] if family == "mosaic" else []))
     mod.main()
     record = json.loads(out.read_text())
     timed = [r for r in record["rows"] if "us" in r]
@@ -63,7 +64,9 @@ def test_tune_script_verifies_candidates_and_writes_a_table(script, family, tmp_
     assert record["replay"]["max_calls"] == 2 and "back-to-back" in record["timer"]
     assert not [r for r in record["rows"] if r.get("verified") is False], "a candidate failed verification"
     table = json.loads((tmp_path / "smoke.json").read_text())
-    sections = table[family] if family != "mosaic" else {"w4a4": table["mosaic"]["w4a4"]}
+    sections = table[family]
+    if family == "mosaic":  # both scale layouts tuned, into their own sections
+        assert set(record["winners"]) == {"w4a4", "w4a4_group"}, record["winners"].keys()
     for scales, winners in record["winners"].items():
         assert set(winners) == {"1", "40"}
         for m, cfg in sections[scales].items():

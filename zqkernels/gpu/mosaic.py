@@ -590,7 +590,11 @@ _WIDE_K = ("reslate", "splitk")
 
 
 def _table_config(m, weights, act_group_size, family):
-    """The launch table's config for M, with its tiles fitted to these weights and groups."""
+    """The launch table's config for M, with its tiles fitted to these weights and groups. A W4A4
+    product with activation or base-weight groups reads the table's `w4a4_group` section (tuned
+    with groups, whose shallow K steps want other tiles and stages), a per-token one `w4a4`."""
+    if family == "w4a4" and (act_group_size is not None or weights.group_size is not None):
+        family = "w4a4_group"
     cfg = launch_config("mosaic", family, m, weights.device)
     bn, bk = weights.block
     if bn % cfg["BLOCK_N"] and cfg["BLOCK_N"] % bn:  # a tile neither inside one row-block nor whole ones
