@@ -25,12 +25,14 @@ def C(variant, BM, BN, BK, W=4, S=4, GM=8, PLANES=True, **kw):
 def gemv(m):
     """CUDA-core candidates for a few tokens (M <= 4; BLOCK_M rows of tokens per program). At
     M = 16 the best, BLOCK_M 8, was 3.3-7.4x slower than splitk (tune_w4a4_small_m_group.json):
-    each weight word is multiplied once per token, on the CUDA cores."""
-    return [dict(variant="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k, num_warps=w, num_stages=s, SPLIT_K=0,
+    each weight word is multiplied once per token, on the CUDA cores. Narrow deep tiles (4-8 rows
+    of 2,048-4,096 channels) stream best at M = 1 (probe_gemv_m1.json); the kernel's loop has no
+    dot for Triton to pipeline, so num_stages is 1 (1 and 3 timed equal in tune_w4a4_m124.json)."""
+    return [dict(variant="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k, num_warps=w, num_stages=1, SPLIT_K=0,
                  SPLIT_TARGET_CTAS=t)
             for bm in (1, 2, 4) if m <= 4 and bm <= m < 2 * bm
-            for bn, k in ((32, 512), (64, 256), (64, 512), (128, 256), (16, 1024)) for w in (4, 8) for s in (1, 3)
-            for t in (264, 528)]
+            for bn, k in ((4, 4096), (8, 2048), (8, 4096), (16, 1024), (16, 2048), (32, 512), (32, 1024))
+            for w in (4, 8) for t in (264, 528)]
 
 
 def tiles(m, group):

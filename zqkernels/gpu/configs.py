@@ -44,6 +44,21 @@ def use_asm(device):
 
 
 @lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def use_pdl(device):
+    """Programmatic dependent launch (Hopper and later, compiled): a kernel launched so may start
+    while the kernel before it in the stream drains, and waits for it (`gdc_wait`) before it
+    touches memory. Not under the interpreter, nor before sm_90."""
+    if device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+@lru_cache(maxsize=None)
 def _load(name):
     return json.loads((CONFIG_DIR / name).read_text())
 

@@ -64,11 +64,12 @@ TRITON_INTERPRET=1); float32 scales of the documented shapes; act_group_size in
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
-from zqkernels.gpu.configs import launch_config, table_for, use_asm
+from zqkernels.gpu.configs import launch_config, table_for, use_asm, use_pdl
 from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
 from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
@@ -347,34 +348,30 @@ def _words_x16(codes, BLOCK_M: tl.constexpr, BW: tl.constexpr):
     return tl.sum(((even << 4) & 0xFF) << j, axis=2), tl.sum(((odd << 4) & 0xFF) << j, axis=2)
 
 
-# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _w4a4_gemv_kernel(
-    qx_ptr, sx_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KH, stride_xm, stride_wn, stride_om, stride_sxm, SPLIT_K,
-    ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, A_INT8: tl.constexpr, USE_ASM: tl.constexpr,
-):
-    """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K] weight codes as int32
-    words (eight codes each), unpacks them x16 in place and multiplies with dp4a, a [BLOCK_M,
-    BLOCK_N, BLOCK_K / 8] int32 accumulator (per-token) or its per-group sums rescaled into fp32.
-    K is split over SPLIT_K programs as in `splitk`. Strides are in words when WORDS, else in bytes."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
-    pid_k = tl.program_id(1)
-    BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    nw_w = tl.cdiv(KH, 4)  # weight words per row (the last one partial unless WORDS)
-    k_tiles = tl.cdiv(nw_w, BW)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
-    w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
-    a_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
+@triton.jit
+def _gemv_one_token(qx_ptr, qw_ptr, a_off, w_row, t0, t1, offs_w, nw_w, KH, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+                    WORDS: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 [1, BLOCK_N]: one token's per-token product over K tiles [t0, t1), [BLOCK_N, BW] weight
+    tiles (row starts w_row [BLOCK_N, 1]) against one row of packed activation words (a_off), in
+    2-D. The same products as `_gemv_tokens`, whose 3-D form ran 5-10 % slower at M = 1 on the
+    same tiles on the H200; this one is within 3 % of a read-only kernel on the same tiling
+    (reports/results/h200/probe_gemv_m1.json)."""
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
+    for t in range(t0, t1):
+        word = t * BW + offs_w
+        w_lo, w_hi = unpack_words_x16(_load_words(qw_ptr, w_row, word[None, :], nw_w, KH, WORDS))
+        a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_off, word, nw_w, KH, WORDS)[None, :])
+        acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
+        acc = dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
+    return tl.sum(acc, axis=1)[None, :]
+
+
+@triton.jit
+def _gemv_tokens(qx_ptr, sx_ptr, qw_ptr, rm, a_row, w_row, t0, t1, offs_w, nw_w, KH, stride_sxm,
+                 ACT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+                 WORDS: tl.constexpr, A_INT8: tl.constexpr, USE_ASM: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] over K tiles [t0, t1): int32 per-token products, or fp32 sums of each
+    activation group's product times its scale; activations packed or int8 codes."""
     if ACT_GROUP == 0:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32)
     else:
@@ -405,6 +402,51 @@ def _w4a4_gemv_kernel(
                 acc += _gemv_group_sums(part, sa[:, None], BLOCK_M, BLOCK_N, 1, BW)
     if ACT_GROUP == 0:
         acc = tl.sum(acc3, axis=2)
+    return acc
+
+
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a4_gemv_kernel(
+    qx_ptr, sx_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KH, stride_xm, stride_wn, stride_om, stride_sxm, SPLIT_K,
+    ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, A_INT8: tl.constexpr, USE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K] weight codes as int32
+    words (eight codes each), unpacks them x16 in place and multiplies with dp4a, a [BLOCK_M,
+    BLOCK_N, BLOCK_K / 8] int32 accumulator (per-token) or its per-group sums rescaled into fp32.
+    K is split over SPLIT_K programs as in `splitk`. Strides are in words when WORDS, else in bytes.
+    PDL: launched as a programmatic dependent launch (`configs.use_pdl`). Every program waits for
+    the kernel before to finish, its writes visible, before it touches memory, and lets the next
+    kernel launch at once: at M = 1 the grid's launch and ramp, about a microsecond, then overlap
+    the tail of the kernel before instead of following it."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    nw_w = tl.cdiv(KH, 4)  # weight words per row (the last one partial unless WORDS)
+    k_tiles = tl.cdiv(nw_w, BW)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
+    a_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
+    if BLOCK_M == 1 and ACT_GROUP == 0 and not A_INT8:
+        acc = _gemv_one_token(qx_ptr, qw_ptr, rm * stride_xm, (rn * stride_wn)[:, None], t0, t1, offs_w, nw_w, KH,
+                              BLOCK_N, BW, WORDS, USE_ASM)
+    else:
+        acc = _gemv_tokens(qx_ptr, sx_ptr, qw_ptr, rm, a_row, w_row, t0, t1, offs_w, nw_w, KH, stride_sxm,
+                           ACT_GROUP, BLOCK_M, BLOCK_N, BW, WORDS, A_INT8, USE_ASM)
     _splitk_epilogue(acc, ws_ptr, cnt_ptr, pid, pid_k, sx_ptr, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om,
                      SPLIT_K, ACT_GROUP, OUT_INT32, A_INT8, USE_SPLIT)
 
@@ -635,12 +677,14 @@ def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     words = _gemv_words(qx, qw)
     tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, qx.device)
     a, w, unit = (qx.view(torch.int32), qw.view(torch.int32), 4) if words else (qx, qw, 1)
+    pdl = use_pdl(qx.device)
     _w4a4_gemv_kernel[(tiles_mn, split)](
         a, sx, w, sw, out, ws, cnt,
         M, N, KH, qx.stride(0) // unit, qw.stride(0) // unit, out.stride(0), sx.stride(0) if sx.dim() == 2 else 1,
         split, ACT_GROUP=act_group, OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=block_k, WORDS=words, USE_SPLIT=split > 1, A_INT8=qx.dtype == torch.int8,
-        USE_ASM=use_asm(qx.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_ASM=use_asm(qx.device), PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
