@@ -216,7 +216,8 @@ def main():
                     torch.cuda.synchronize()
                     ok = bool(torch.equal(out, exact))
                     outs = [torch.empty_like(out) for _ in pws]
-                    us = 1e3 * graph_median_ms([lambda p=p, o=o: w4a4_gemm_int32(pa, p, out=o, config=cfg, static_weights=True)
+                    us = 1e3 * graph_median_ms([lambda p=p, o=o: w4a4_gemm_int32(pa, p, out=o, config=cfg,
+                                                                                 static_weights=True)
                                                 for p, o in zip(pws, outs)])
                     row(variant="shipped", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, split=s, exact=ok, us=us)
                 except Exception as e:  # noqa: BLE001
