@@ -52,7 +52,7 @@ def _bench_per_token(zq_bench, weight_cache, w4a4_gemm, shape, m, acts, method, 
     def make_fn(i):
         qx, sx = clone_operands(acts) if i else acts
         qw, sw = _weights(weight_cache, shape, i)
-        return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False, static_weights=True)  # as the layers run it
+        return lambda: w4a4_gemm(qx, sx, qw, sw, check_finite=False)
 
     zq_bench.gpu(make_fn=make_fn, family="w4a4", method=method, role="ours", shape=shape, m=m,
                  flops=2 * m * shape.n * shape.k, ops_unit="TOPS", bytes_moved=bytes_moved, **extra)
@@ -122,7 +122,7 @@ def test_zq_w4a4_aq(zq_bench, weight_cache, zq_kernel, shape, m):
 
         def layer():  # the layers run it unchecked, in the table's layout for this M
             qx, sx = quantize_activations(x, inv_s, layout=act_layout, check_finite=False)
-            return w4a4_gemm(qx, sx, qw, sw, check_finite=False, static_weights=True)
+            return w4a4_gemm(qx, sx, qw, sw, check_finite=False)
 
         return layer
 

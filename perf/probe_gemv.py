@@ -204,20 +204,18 @@ def main():
             del pk, packed, q
         except Exception as e:  # noqa: BLE001 - a torch without the op on this GPU: recorded, not fatal
             row(variant="torch_int4", us=None, error=repr(e)[:200])
-        # the shipped gemv through the int32 entry point, at each tile and split, as the layers launch it
-        # (static weights: each call's weights are its own copy, written long before)
+        # the shipped gemv through the int32 entry point, at each tile and split
         for bn, bk, w in TILES if "shipped" in args.variants.split(",") else ():
             for s in SPLITS:
                 if time.time() > t_end or triton.cdiv(N, bn) * s > MAX_PROGRAMS:
                     continue
                 cfg = dict(variant="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, SPLIT_K=s)
                 try:
-                    out = w4a4_gemm_int32(pa, pws[0], config=cfg, static_weights=True)
+                    out = w4a4_gemm_int32(pa, pws[0], config=cfg)
                     torch.cuda.synchronize()
                     ok = bool(torch.equal(out, exact))
                     outs = [torch.empty_like(out) for _ in pws]
-                    us = 1e3 * graph_median_ms([lambda p=p, o=o: w4a4_gemm_int32(pa, p, out=o, config=cfg,
-                                                                                 static_weights=True)
+                    us = 1e3 * graph_median_ms([lambda p=p, o=o: w4a4_gemm_int32(pa, p, out=o, config=cfg)
                                                 for p, o in zip(pws, outs)])
                     row(variant="shipped", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, split=s, exact=ok, us=us)
                 except Exception as e:  # noqa: BLE001

@@ -5,10 +5,10 @@ The launchers of every family run over every bucket of every GPU launch table (`
 replaced by recorders, so nothing executes: each
 records the kernel, its arguments and its compile options as the launcher passed them. Each
 distinct launch is then compiled ahead of time by Triton for an sm_90 target, through PTX and
-ptxas to a cubin, with `USE_ASM=True`, `PDL=True` and `WEIGHTS_EARLY=True` where the kernel
-takes them (what a GPU launch passes: the inline-PTX nibble unpack and the grid-dependency wait,
-which the interpreter never runs). So a CPU run proves what only a GPU run proved before: that
-the compiled path, inline assembly included, builds for the GPU the tables are for. It does not prove the compiled kernels right; the laws in the family tests do, compiled
+ptxas to a cubin, with `USE_ASM=True` and `PDL=True` where the kernel takes them (what a GPU launch
+passes: the inline-PTX nibble unpack and the grid-dependency wait, which the interpreter never
+runs). So a CPU run proves what only a GPU run proved before: that the compiled path, inline
+assembly included, builds for the GPU the tables are for. It does not prove the compiled kernels right; the laws in the family tests do, compiled
 on a GPU and interpreted on a CPU. Integer arguments are compiled without Triton's value
 specializations (a launch on a GPU may also specialize an argument equal to 1 or divisible by 16).
 """
@@ -87,8 +87,6 @@ def _signature(kernel, args, kwargs):
                 v = True  # a GPU launch's value (configs.use_asm): the inline-PTX path
             if name == "PDL":
                 v = True  # an sm_90 launch's value (configs.use_pdl): the grid-dependency wait
-            if name == "WEIGHTS_EARLY":
-                v = True  # the layers' launch (static_weights): the first tile loaded before that wait
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise AssertionError(f"{kernel.fn.__name__}: constexpr {name} of type {type(v).__name__}")
             sig[name], constexprs[name] = "constexpr", v

@@ -177,8 +177,7 @@ def w4a4_triton_product(x2, inv_smooth, weights, act_group_size, out_dtype, act_
     layout = "int4" if layout == "fused" else layout
     quantizer = "quantize_silu_mul" if gated else "quantize_activations"
     qx, sx = ops.call(quantizer, x2, inv_smooth, act_group_size or 0, layout)
-    # the layer's own weights, right after its quantizer: never written by the kernel before the GEMM
-    return ops.call("w4a4_gemm", qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype, True)
+    return ops.call("w4a4_gemm", qx, sx, weights.packed, weights.scale, act_group_size or 0, out_dtype)
 
 
 class QuantLinear(nn.Module):

@@ -87,19 +87,16 @@ def _(h, inv_smooth, group_size, layout="int4"):
 
 
 # qx is either activation layout: packed uint8 [M, K/2] or int8 codes [M, K] (its dtype says which).
-# static_weights: `gpu.w4a4.w4a4_gemm`'s promise (qw not written by the kernel just before); the
-# layers pass it, their weights being read right after their own quantizer.
 @_op("w4a4_gemm")
 def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, act_group_size: int,
-              out_dtype: torch.dtype, static_weights: bool = False) -> torch.Tensor:
+              out_dtype: torch.dtype) -> torch.Tensor:
     from zqkernels.gpu.w4a4 import w4a4_gemm as launch
 
-    return launch(qx, sx, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype, check_finite=False,
-                  static_weights=static_weights)
+    return launch(qx, sx, qw, sw, act_group_size=_group(act_group_size), out_dtype=out_dtype, check_finite=False)
 
 
 @w4a4_gemm.register_fake
-def _(qx, sx, qw, sw, act_group_size, out_dtype, static_weights=False):
+def _(qx, sx, qw, sw, act_group_size, out_dtype):
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
 
 

@@ -32,10 +32,9 @@ and odd channel of each byte (the int8 store writes it element by element).
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import launch_config, use_pdl
+from zqkernels.gpu.configs import launch_config
 from zqkernels.gpu.fpmath import div_rn, round_rne, silu
 from zqkernels.gpu.int4 import pack_lo_hi
 from zqkernels.gpu.operands import check_float_acts, check_out, check_same_device
@@ -141,13 +140,8 @@ def _quantize_activations_kernel(
     x_ptr, inv_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm, stride_sm,
     HAS_INV: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
-    INT8: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+    INT8: tl.constexpr, GATED: tl.constexpr,
 ):
-    # PDL (sm_90): a kernel launched after this one as a dependent launch (the W4A4 gemv) may start
-    # now. This kernel is launched plainly, so everything before it has finished; the dependent
-    # waits for this one before it reads the codes.
-    if PDL:
-        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -257,7 +251,7 @@ def _quantize(x, K, gated, inv_smooth, group_size, layout, out, out_scales, chec
         x, inv_smooth if inv_smooth is not None else x, q, scales,
         K, x.stride(0), q.stride(0), stride_sm,
         HAS_INV=inv_smooth is not None, GROUP=group, BLOCK_K=block_k, N_CHUNKS=n_chunks, INT8=int8, GATED=gated,
-        PDL=use_pdl(x.device), num_warps=num_warps,
+        num_warps=num_warps,
     )
     # The check reads the scales on the host; inside a CUDA-graph capture (no sync allowed) it is
     # skipped and the NaN scale alone marks a non-finite group.

@@ -350,25 +350,17 @@ def _words_x16(codes, BLOCK_M: tl.constexpr, BW: tl.constexpr):
 
 @triton.jit
 def _gemv_one_token(qx_ptr, qw_ptr, a_off, w_row, t0, t1, offs_w, nw_w, KH, BLOCK_N: tl.constexpr, BW: tl.constexpr,
-                    WORDS: tl.constexpr, USE_ASM: tl.constexpr, WAIT_AFTER_FIRST_TILE: tl.constexpr):
+                    WORDS: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 [1, BLOCK_N]: one token's per-token product over K tiles [t0, t1), [BLOCK_N, BW] weight
     tiles (row starts w_row [BLOCK_N, 1]) against one row of packed activation words (a_off), in
-    2-D, each tile's weights loaded one step ahead. The same products as `_gemv_tokens`, whose 3-D
-    form ran 5-10 % slower at M = 1 on the same tiles on the H200; this one is within 3 % of a
-    read-only kernel on the same tiling (reports/results/h200/probe_gemv_m1.json).
-    WAIT_AFTER_FIRST_TILE: the grid-dependency wait (and the go for the next kernel) comes after the
-    first weight tile's loads are issued, before any activation is read."""
-    nw_lim = tl.minimum(nw_w, t1 * BW)  # this share's words: the load one step past its end is masked off
-    nb_lim = tl.minimum(KH, t1 * BW * 4)
-    w_next = _load_words(qw_ptr, w_row, (t0 * BW + offs_w)[None, :], nw_lim, nb_lim, WORDS)
-    if WAIT_AFTER_FIRST_TILE:
-        gdc_wait()
-        gdc_launch_dependents()
+    2-D. The same products as `_gemv_tokens`, whose 3-D form ran 5-10 % slower at M = 1 on the
+    same tiles on the H200; this one is within 3 % of a read-only kernel on the same tiling
+    (reports/results/h200/probe_gemv_m1.json)."""
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
     for t in range(t0, t1):
-        w_lo, w_hi = unpack_words_x16(w_next)
-        w_next = _load_words(qw_ptr, w_row, ((t + 1) * BW + offs_w)[None, :], nw_lim, nb_lim, WORDS)
-        a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_off, t * BW + offs_w, nw_w, KH, WORDS)[None, :])
+        word = t * BW + offs_w
+        w_lo, w_hi = unpack_words_x16(_load_words(qw_ptr, w_row, word[None, :], nw_w, KH, WORDS))
+        a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_off, word, nw_w, KH, WORDS)[None, :])
         acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
         acc = dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
     return tl.sum(acc, axis=1)[None, :]
@@ -421,7 +413,7 @@ def _w4a4_gemv_kernel(
     ACT_GROUP: tl.constexpr, OUT_INT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, A_INT8: tl.constexpr, USE_ASM: tl.constexpr,
-    PDL: tl.constexpr, WEIGHTS_EARLY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K] weight codes as int32
     words (eight codes each), unpacks them x16 in place and multiplies with dp4a, a [BLOCK_M,
@@ -429,11 +421,9 @@ def _w4a4_gemv_kernel(
     K is split over SPLIT_K programs as in `splitk`. Strides are in words when WORDS, else in bytes.
     PDL: launched as a programmatic dependent launch (`configs.use_pdl`). Every program waits for
     the kernel before to finish, its writes visible, before it touches memory, and lets the next
-    kernel launch at once: the grid's launch and ramp then overlap the tail of the kernel before
-    instead of following it. WEIGHTS_EARLY (one token, per-token scale, packed codes, and the
-    caller's `static_weights` promise): the first weight tile is loaded before that wait."""
-    ONE_TOKEN: tl.constexpr = BLOCK_M == 1 and ACT_GROUP == 0 and not A_INT8
-    if PDL and not (WEIGHTS_EARLY and ONE_TOKEN):
+    kernel launch at once: at M = 1 the grid's launch and ramp, about a microsecond, then overlap
+    the tail of the kernel before instead of following it."""
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
@@ -451,9 +441,9 @@ def _w4a4_gemv_kernel(
     offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
     w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
     a_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
-    if ONE_TOKEN:
+    if BLOCK_M == 1 and ACT_GROUP == 0 and not A_INT8:
         acc = _gemv_one_token(qx_ptr, qw_ptr, rm * stride_xm, (rn * stride_wn)[:, None], t0, t1, offs_w, nw_w, KH,
-                              BLOCK_N, BW, WORDS, USE_ASM, PDL and WEIGHTS_EARLY)
+                              BLOCK_N, BW, WORDS, USE_ASM)
     else:
         acc = _gemv_tokens(qx_ptr, sx_ptr, qw_ptr, rm, a_row, w_row, t0, t1, offs_w, nw_w, KH, stride_sxm,
                            ACT_GROUP, BLOCK_M, BLOCK_N, BW, WORDS, A_INT8, USE_ASM)
@@ -556,7 +546,7 @@ def _tile_params(cfg, act_group, KH):
     return block_k, planes, KH % (block_k // 2) == 0
 
 
-def _launch_gemm(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=False):
+def _launch_gemm(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     M = qx.shape[0]
     N, KH = qw.shape
     block_k, planes, even_k = _tile_params(cfg, act_group, KH)
@@ -569,7 +559,7 @@ def _launch_gemm(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=
     )
 
 
-def _launch_splitk(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=False):
+def _launch_splitk(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     M = qx.shape[0]
     N, KH = qw.shape
     block_k, planes, even_k = _tile_params(cfg, act_group, KH)
@@ -596,7 +586,7 @@ def _tma_takes(qx, qw):
     return qx.dtype == torch.int8 and qw.shape[1] % 16 == 0 and qx.data_ptr() % 16 == 0 and qw.data_ptr() % 16 == 0
 
 
-def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=False):
+def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     M = qx.shape[0]
     N, KH = qw.shape
     if qx.dtype != torch.int8:
@@ -679,7 +669,7 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
     return out
 
 
-def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=False):
+def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     M = qx.shape[0]
     N, KH = qw.shape
     block_k = _gemv_block_k(cfg, 0)  # group scales: a tile may span groups, or lie inside one
@@ -693,18 +683,15 @@ def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights=
         M, N, KH, qx.stride(0) // unit, qw.stride(0) // unit, out.stride(0), sx.stride(0) if sx.dim() == 2 else 1,
         split, ACT_GROUP=act_group, OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=block_k, WORDS=words, USE_SPLIT=split > 1, A_INT8=qx.dtype == torch.int8,
-        USE_ASM=use_asm(qx.device), PDL=pdl, WEIGHTS_EARLY=static_weights, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
+        USE_ASM=use_asm(qx.device), PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
 
 
-def _launch(qx, sx, qw, sw, out, act_group, out_int32, config, static_weights=False):
-    """The dispatcher: the launch table's config for this M names the variant (see the docstring).
-    static_weights: the caller's promise that no kernel still running when this one is launched
-    writes qw (`w4a4_gemm`); a variant launched as a dependent launch may then load weights before
-    it waits on the kernel before (the gemv does, at one token)."""
+def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
+    """The dispatcher: the launch table's config for this M names the variant (see the docstring)."""
     scales = "per_token" if act_group == 0 else "group"
     cfg = dict(config) if config is not None else launch_config("w4a4", scales, qx.shape[0], qx.device)
     # The operand's dtype decides the activation load; a config's act_layout is the quantizer's choice.
@@ -718,7 +705,7 @@ def _launch(qx, sx, qw, sw, out, act_group, out_int32, config, static_weights=Fa
         variant = cfg.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    VARIANTS[variant](cfg, qx, sx, qw, sw, out, act_group, out_int32, static_weights)
+    VARIANTS[variant](cfg, qx, sx, qw, sw, out, act_group, out_int32)
     return out
 
 
@@ -787,20 +774,14 @@ def check_operands(qx_packed, qw_packed):
 
 
 def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *,
-              out=None, config=None, check_finite=True, static_weights=False):
+              out=None, config=None, check_finite=True):
     """qx_packed uint8 [M, K/2] (packed codes) or int8 [M, K] (one code per byte; the dtype says
     which), act_scale fp32 [M] (or [M, ceil(K/g)] with act_group_size=g), qw_packed uint8
     [N, K/2], w_scale fp32 [N] -> out_dtype [M, N] (fp16, bf16 or fp32).
     `out` (optional): preallocated result. `config` (tests and tuning) replaces the launch table's
     entry: a dict with "variant" ("gemm" | "splitk") and its tile parameters (an "act_layout" in it
     is the quantizer's: the dtype of qx_packed decides the load). check_finite: refuse
-    NaN / Inf scales (`operands.refuse_non_finite`; False on the layers' per-token path).
-    static_weights: promise that qw_packed is not written by the kernel launched just before this
-    call on the stream (nor by any still running): a layer's weights, read right after its
-    quantizer. On sm_90 the one-token gemv then loads its first weight tile before it waits for
-    that kernel, so the weight stream starts while the kernel before drains (at M = 1 about a
-    microsecond a call, reports/results/h200/probe_gemv_m1_pdl.json). Without it every program
-    waits first. A broken promise reads stale weights; nothing can check it."""
+    NaN / Inf scales (`operands.refuse_non_finite`; False on the layers' per-token path)."""
     M, N, KH = check_operands(qx_packed, qw_packed)
     act_group_size = limits.check_act_group(act_group_size)
     check_out_dtype(out_dtype)
@@ -810,17 +791,16 @@ def w4a4_gemm(qx_packed, act_scale, qw_packed, w_scale, act_group_size=None, out
     if check_finite:
         refuse_non_finite(act_scale=act_scale, w_scale=w_scale)
     out = check_out(out, (M, N), out_dtype, qx_packed.device)
-    return _launch(qx_packed, act_scale, qw_packed, w_scale, out, act_group_size or 0, False, config, static_weights)
+    return _launch(qx_packed, act_scale, qw_packed, w_scale, out, act_group_size or 0, False, config)
 
 
-def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None, static_weights=False):
+def w4a4_gemm_int32(qx_packed, qw_packed, *, out=None, config=None):
     """qx_packed uint8 [M, K/2] or int8 [M, K] x qw_packed uint8 [N, K/2] -> int32 [M, N] = qx @ qw.T
-    exactly (the debug entry point: the same kernels, the accumulator shifted back, not scaled;
-    static_weights as in `w4a4_gemm`)."""
+    exactly (the debug entry point: the same kernels, the accumulator shifted back, not scaled)."""
     M, N, KH = check_operands(qx_packed, qw_packed)
     out = check_out(out, (M, N), torch.int32, qx_packed.device)
     dummy = torch.empty(1, dtype=torch.float32, device=qx_packed.device)
-    return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config, static_weights)
+    return _launch(qx_packed, dummy, qw_packed, dummy, out, 0, True, config)
 
 
 def w4a4_linear(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_dtype=torch.float16, *, steps=None):
@@ -836,6 +816,5 @@ def w4a4_linear(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_dtyp
     if layout == "fused":
         return w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size, out_dtype, check_finite=False)
     qx, sx = quantize_activations(x, inv_smooth, act_group_size, layout=layout, check_finite=False)
-    # the kernel just before the GEMM is this quantizer, which never writes the weights
-    return w4a4_gemm(qx, sx, qw_packed, w_scale, act_group_size, out_dtype, check_finite=False, static_weights=True)
+    return w4a4_gemm(qx, sx, qw_packed, w_scale, act_group_size, out_dtype, check_finite=False)
 
