@@ -316,6 +316,24 @@ def test_launch_table_sends_groups_of_32_through_every_variant():
     assert all(c["BLOCK_K"] == 32 for c in cfgs) and _table_config(1, w, None, "w4a16")["BLOCK_K"] == 32
 
 
+@pytest.mark.parametrize("act_group, w_group, section", [(None, None, "w4a4"), (32, None, "w4a4_group"),
+                                                         (None, 64, "w4a4_group"), (64, 32, "w4a4_group")])
+def test_group_products_read_the_group_section_of_the_table(act_group, w_group, section, monkeypatch):
+    """A W4A4 product with activation or base-weight groups takes its tiles from the table's
+    `w4a4_group` section (tuned with groups), a per-token one from `w4a4`; W4A16 from `w4a16`."""
+    import zqkernels.gpu.mosaic as mosaic_module
+
+    asked = []
+    real = mosaic_module.launch_config
+    monkeypatch.setattr(mosaic_module, "launch_config",
+                        lambda family, scales, m, device: asked.append((family, scales)) or real(family, scales, m,
+                                                                                                  device))
+    w = prepare_mosaic(R.mosaic_quantize(np.ones((8, 128)), np.ones(128), density=0.5, group_size=w_group), DEVICE)
+    _table_config(40, w, act_group, "w4a4")
+    _table_config(40, w, None, "w4a16")
+    assert asked == [("mosaic", section), ("mosaic", "w4a16")]
+
+
 @pytest.mark.parametrize("m", TABLE_M)
 @settings(max_examples=examples(2))
 @given(codes=mosaic_codes(max_n=100, max_k=200, group_sizes=(32,)), data=st.data(),
