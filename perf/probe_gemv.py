@@ -43,25 +43,38 @@ SHAPES = {"down": (4096, 14336), "gate_up": (28672, 4096), "qkv": (6144, 4096), 
 # (BLOCK_N, BLOCK_K, num_warps): weight words per thread and tile = BN * BK / 8 / (32 * warps)
 TILES = [(16, 1024, 8), (16, 2048, 8), (16, 4096, 8), (16, 2048, 4), (8, 2048, 4), (8, 4096, 8), (32, 1024, 8),
          (4, 4096, 4)]
-# (name, PREFETCH, READ_ONLY, STREAM, PDL)
-PROBES = [("gemv", False, False, False, False), ("gemv_prefetch", True, False, False, False),
-          ("read_prefetch", True, True, False, False), ("gemv_prefetch_pdl", True, False, False, True),
-          ("read_prefetch_pdl", True, True, False, True)]
+# (name, PREFETCH, READ_ONLY, PDL). The first run's `_stream` rows (weight loads `.cg` and
+# evict-first) did not compile: ptxas refuses the two modifiers together (probe_gemv_m1.json).
+PROBES = [("gemv", False, False, False), ("gemv_prefetch", True, False, False), ("read_prefetch", True, True, False),
+          ("gemv_prefetch_pdl", True, False, True), ("read_prefetch_pdl", True, True, True)]
 MAX_PROGRAMS = 8192  # tiles x split beyond this are not timed (60 programs an SM)
 SPLITS = (1, 2, 4, 8)
 
 
 @triton.jit
+def _probe_step(acc, w, qx_ptr, word, lim, BLOCK_N: tl.constexpr, BW: tl.constexpr, READ_ONLY: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """acc [BLOCK_N, BW] after one tile of weight words w: XOR-folded (READ_ONLY), else the dp4a
+    products with the activation words `word` (those < lim; the rest are codes 0)."""
+    if READ_ONLY:
+        return acc ^ w
+    a_lo, a_hi = unpack_words_x16(tl.load(qx_ptr + word, mask=word < lim, other=0)[None, :])
+    w_lo, w_hi = unpack_words_x16(w)
+    acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
+    return dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
+
+
+@triton.jit
 def _probe_gemv_kernel(qx_ptr, qw_ptr, out_ptr, ws_ptr, cnt_ptr, N, NW, stride_wn, SPLIT_K,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                       READ_ONLY: tl.constexpr, STREAM: tl.constexpr, USE_SPLIT: tl.constexpr,
-                       USE_ASM: tl.constexpr, PDL: tl.constexpr):
+                       READ_ONLY: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+                       PDL: tl.constexpr):
     """M = 1, packed int4 activations and weights as int32 words (NW words a row), int32 out.
-    PREFETCH: tile t + 1's words are loaded before tile t's products. READ_ONLY: the weight words
-    are only XOR-folded (no activations, no dp4a): the streaming ceiling of the tiling. STREAM:
-    the weight loads are evicted first. PDL (launched as a programmatic dependent launch): the first
-    weight tile is loaded before waiting on the kernel before (weights are never written by it),
-    the activations after; the next kernel may launch at once (it waits on this one the same way)."""
+    PREFETCH: tile t + 1's weight words are loaded before tile t's products. READ_ONLY: the weight
+    words are only XOR-folded (no activations, no dp4a): the streaming ceiling of the tiling. PDL
+    (with PREFETCH; launched as a programmatic dependent launch): the first weight tile is loaded
+    before waiting on the kernel before (the probe's weights are never written by it), the
+    activations after; the next kernel may launch at once (it waits on this one the same way)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8
@@ -73,53 +86,24 @@ def _probe_gemv_kernel(qx_ptr, qw_ptr, out_ptr, ws_ptr, cnt_ptr, N, NW, stride_w
     t1 = tl.minimum(t0 + per_split, k_tiles)
     offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
     w_row = (rn * stride_wn)[:, None]
+    lim = tl.minimum(NW, t1 * BW)  # words of this split's tiles: a load past the last is masked off
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
     if PREFETCH:
-        lim = tl.minimum(NW, t1 * BW)  # words of this split's tiles: the load past the last is masked off
         word = t0 * BW + offs_w
-        if STREAM:
-            w_nx = tl.load(qw_ptr + w_row + word[None, :], mask=(word < lim)[None, :], other=0,
-                           eviction_policy="evict_first")
-        else:
-            w_nx = tl.load(qw_ptr + w_row + word[None, :], mask=(word < lim)[None, :], other=0)
+        w_nx = tl.load(qw_ptr + w_row + word[None, :], mask=(word < lim)[None, :], other=0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-        if not READ_ONLY:
-            a_nx = tl.load(qx_ptr + word, mask=word < lim, other=0)
         for t in range(t0, t1):
             w = w_nx
             nxt = (t + 1) * BW + offs_w
-            if STREAM:
-                w_nx = tl.load(qw_ptr + w_row + nxt[None, :], mask=(nxt < lim)[None, :], other=0,
-                               eviction_policy="evict_first")
-            else:
-                w_nx = tl.load(qw_ptr + w_row + nxt[None, :], mask=(nxt < lim)[None, :], other=0)
-            if READ_ONLY:
-                acc = acc ^ w
-            else:
-                a = a_nx
-                a_nx = tl.load(qx_ptr + nxt, mask=nxt < lim, other=0)
-                w_lo, w_hi = unpack_words_x16(w)
-                a_lo, a_hi = unpack_words_x16(a[None, :])
-                acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
-                acc = dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
+            w_nx = tl.load(qw_ptr + w_row + nxt[None, :], mask=(nxt < lim)[None, :], other=0)
+            acc = _probe_step(acc, w, qx_ptr, t * BW + offs_w, lim, BLOCK_N, BW, READ_ONLY, USE_ASM)
     else:
         for t in range(t0, t1):
             word = t * BW + offs_w
-            if STREAM:
-                w = tl.load(qw_ptr + w_row + word[None, :], mask=(word < NW)[None, :], other=0,
-                            eviction_policy="evict_first")
-            else:
-                w = tl.load(qw_ptr + w_row + word[None, :], mask=(word < NW)[None, :], other=0)
-            if READ_ONLY:
-                acc = acc ^ w
-            else:
-                a = tl.load(qx_ptr + word, mask=word < NW, other=0)
-                w_lo, w_hi = unpack_words_x16(w)
-                a_lo, a_hi = unpack_words_x16(a[None, :])
-                acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
-                acc = dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
+            w = tl.load(qw_ptr + w_row + word[None, :], mask=(word < lim)[None, :], other=0)
+            acc = _probe_step(acc, w, qx_ptr, word, lim, BLOCK_N, BW, READ_ONLY, USE_ASM)
     if READ_ONLY:
         total = tl.xor_sum(acc, axis=1)
         tl.store(out_ptr + pid_k * N + offs_n, total, mask=offs_n < N)
@@ -134,7 +118,7 @@ def _probe_gemv_kernel(qx_ptr, qw_ptr, out_ptr, ws_ptr, cnt_ptr, N, NW, stride_w
             tl.store(out_ptr + offs_n, total, mask=offs_n < N)
 
 
-def probe_launch(qx, qw, out, bn, bk, warps, split, prefetch, read_only, stream, pdl=False):
+def probe_launch(qx, qw, out, bn, bk, warps, split, prefetch, read_only, pdl=False):
     N, KH = qw.shape
     nw = KH // 4
     k_tiles = triton.cdiv(nw, bk // 8)
@@ -144,7 +128,7 @@ def probe_launch(qx, qw, out, bn, bk, warps, split, prefetch, read_only, stream,
                                tiles if split > 1 else 0)
     _probe_gemv_kernel[(tiles, split)](
         qx.view(torch.int32), qw.view(torch.int32), out, ws, cnt, N, nw, nw, split,
-        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=prefetch, READ_ONLY=read_only, STREAM=stream,
+        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=prefetch, READ_ONLY=read_only,
         USE_SPLIT=split > 1 and not read_only, USE_ASM=use_asm(qx.device), PDL=pdl, num_warps=warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}))
 
@@ -221,20 +205,20 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     row(variant="shipped", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, split=s, us=None, error=repr(e)[:200])
         # the probe kernel: product without / with prefetch, and the read-only ceiling
-        for name, prefetch, read_only, stream, pdl in [p for p in PROBES if p[0] in args.variants.split(",")]:
+        for name, prefetch, read_only, pdl in [p for p in PROBES if p[0] in args.variants.split(",")]:
             for bn, bk, w in TILES:
                 for s in SPLITS:
                     if time.time() > t_end or triton.cdiv(N, bn) * s > MAX_PROGRAMS:
                         continue
                     try:
                         o = torch.zeros(s * N if read_only else N, device="cuda", dtype=torch.int32)
-                        probe_launch(pa, pws[0], o, bn, bk, w, s, prefetch, read_only, stream, pdl)
+                        probe_launch(pa, pws[0], o, bn, bk, w, s, prefetch, read_only, pdl)
                         torch.cuda.synchronize()
                         ok = True if read_only else bool(torch.equal(o[None, :], exact))
                         outs = [torch.zeros_like(o) for _ in pws]
                         us = 1e3 * graph_median_ms(
-                            [lambda p=p, oo=oo: probe_launch(pa, p, oo, bn, bk, w, s, prefetch, read_only, stream,
-                                                             pdl) for p, oo in zip(pws, outs)])
+                            [lambda p=p, oo=oo: probe_launch(pa, p, oo, bn, bk, w, s, prefetch, read_only, pdl)
+                             for p, oo in zip(pws, outs)])
                         row(variant=name, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, split=s, exact=ok, us=us)
                     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                         row(variant=name, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, split=s, us=None, error=repr(e)[:200])
