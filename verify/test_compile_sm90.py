@@ -8,9 +8,10 @@ distinct launch is then compiled ahead of time by Triton for an sm_90 target, th
 ptxas to a cubin, with `USE_ASM=True` and `PDL=True` where the kernel takes them (what a GPU launch
 passes: the inline-PTX nibble unpack and the grid-dependency wait, which the interpreter never
 runs). So a CPU run proves what only a GPU run proved before: that the compiled path, inline
-assembly included, builds for the GPU the tables are for. It does not prove the compiled kernels right; the laws in the family tests do, compiled
-on a GPU and interpreted on a CPU. Integer arguments are compiled without Triton's value
-specializations (a launch on a GPU may also specialize an argument equal to 1 or divisible by 16).
+assembly included, builds for the GPU the tables are for. It does not prove the compiled kernels
+right; the laws in the family tests do, compiled on a GPU and interpreted on a CPU. Integer
+arguments are compiled without Triton's value specializations (a launch on a GPU may also
+specialize an argument equal to 1 or divisible by 16).
 """
 from __future__ import annotations
 

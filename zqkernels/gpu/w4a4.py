@@ -353,9 +353,10 @@ def _gemv_one_token(qx_ptr, qw_ptr, a_off, w_row, t0, t1, offs_w, nw_w, KH, BLOC
                     WORDS: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 [1, BLOCK_N]: one token's per-token product over K tiles [t0, t1), [BLOCK_N, BW] weight
     tiles (row starts w_row [BLOCK_N, 1]) against one row of packed activation words (a_off), in
-    2-D. The same products as `_gemv_tokens`, whose 3-D form ran 5-10 % slower at M = 1 on the
-    same tiles on the H200; this one is within 3 % of a read-only kernel on the same tiling
-    (reports/results/h200/probe_gemv_m1.json)."""
+    2-D. The same products as `_gemv_tokens`. On the H200 at M = 1 (reports/results/h200/
+    probe_gemv_m1*.json) the 3-D form ran 5-9 % behind a 2-D probe kernel on the same tiles, which
+    is within 3 % of a read-only kernel; in this form the gemv gained 0.4-4 % (another sitting)
+    and stays 4-7 % behind that probe (what costs the rest is not isolated)."""
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
     for t in range(t0, t1):
         word = t * BW + offs_w
@@ -421,8 +422,9 @@ def _w4a4_gemv_kernel(
     K is split over SPLIT_K programs as in `splitk`. Strides are in words when WORDS, else in bytes.
     PDL: launched as a programmatic dependent launch (`configs.use_pdl`). Every program waits for
     the kernel before to finish, its writes visible, before it touches memory, and lets the next
-    kernel launch at once: at M = 1 the grid's launch and ramp, about a microsecond, then overlap
-    the tail of the kernel before instead of following it."""
+    kernel launch at once: the grid's launch and ramp then overlap the tail of the kernel before
+    instead of following it (0.4-0.6 µs a call at M = 1 back to back on the H200,
+    reports/results/h200/probe_gemv_m1_pdl.json against probe_gemv_m1_b.json)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
