@@ -146,7 +146,7 @@ def test_zq_w4a4_fused(zq_bench, weight_cache, zq_kernel, shape, m):
     from zqkernels.gpu.configs import launch_config
 
     gemv_quant = zq_kernel("zqkernels.gpu.w4a4", "w4a4_gemv_quant")
-    cfg = launch_config("w4a4", "per_token", 1, torch.device("cuda"))
+    cfg = launch_config("w4a4", "per_token", 1, torch.device("cuda"), shape.n, shape.k)
     if cfg["variant"] != "gemv":
         pytest.skip(f"this GPU's M = 1 bucket is {cfg['variant']}, not gemv")
     inputs = (torch.randn(m, shape.k, device="cuda", dtype=torch.float16), torch.rand(shape.k, device="cuda") + 0.5)

@@ -8,7 +8,7 @@ Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a16 section) and eve
 import torch
 
 from tune_w4a4 import rand_packed, unpack
-from tuning import DEVICE, Sweep, parser
+from tuning import DEVICE, Sweep, attach_no_tma, parser
 
 from zqkernels.gpu.w4a16 import w4a16_gemm
 
@@ -21,17 +21,23 @@ def candidates(m, group):
     bk = 128 if group else 256
     if m <= 16:
         return [C("splitk", 16, bn, k, GM=1, S=s, SPLIT_K=0, SWAP_AB=True, PLANES=p) for bn in (64, 128)
-                for k in (64, bk) for s in (3, 4) for p in (False, True)]
+                for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)]
     if m <= 256:
         return [C("splitk", 64, 64, 128, SPLIT_K=0), C("gemm", 64, 64, 128), C("gemm", 128, 128, 64, W=8),
-                C("gemm", 64, 128, 64)]
-    return [C("gemm", bm, bn, k, W=w, S=s) for bm, bn, k, w, s in
-            ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
-             (128, 128, 64, 4, 4))]
+                C("gemm", 64, 128, 64)] + [C("tma", bm, bn, 64, W=w, S=4, SWAP_AB=True) for bm, bn, w in
+                                           ((64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 128, 4))]
+    gemm = [C("gemm", bm, bn, k, W=w, S=s) for bm, bn, k, w, s in ((128, 128, 64, 8, 4), (128, 128, 32, 4, 4))]
+    # tma: the weights as the MMA's register operand (SWAP_AB) or through shared memory
+    tiles = ((256, 128, 64, 8, 3, True), (256, 128, 64, 8, 4, True), (128, 128, 64, 4, 4, True),
+             (128, 128, 64, 4, 4, False), (128, 128, 64, 8, 4, True), (128, 128, 128, 8, 3, True),
+             (128, 256, 64, 8, 3, False), (256, 64, 64, 4, 4, True))
+    return [C("tma", bm, bn, k, W=w, S=s, SWAP_AB=sw) for bm, bn, k, w, s, sw in tiles] + gemm
 
 
 def main():
-    args = parser(__doc__).parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--scales", default="per_channel,group", help="the table sections to tune (comma-separated)")
+    args = ap.parse_args()
     sweep = Sweep("w4a16", args)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -50,6 +56,8 @@ def main():
         return err < 2e-3, f"max rel error {err:.2e} (fp16 output rounding)"
 
     for group, scales in ((None, "per_channel"), (128, "group")):
+        if scales not in args.scales.split(","):
+            continue
         for m in sweep.ms:
             def call(cfg, shape, m, group=group):
                 x = torch.randn(m, shape.k, generator=gen, device=DEVICE).half()
@@ -60,6 +68,7 @@ def main():
                 return lambda: w4a16_gemm(x, qw, sw, group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
+            attach_no_tma(sweep, scales, m, lambda r: r["config"]["variant"] != "tma")
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
     print("table written:", sweep.write_table())
 

@@ -12,7 +12,7 @@ Writes the winners into zqkernels/gpu/configs/<gpu>.json (w4a4 section) and ever
 import torch
 
 import reference
-from tuning import DEVICE, Sweep, parser
+from tuning import DEVICE, Sweep, attach_no_tma, parser
 
 from zqkernels.gpu.w4a4 import ACT_LAYOUTS, w4a4_gemm, w4a4_gemm_int32
 
@@ -75,20 +75,6 @@ def in_layout(p, layout):
     return p if layout == "int4" else torch.from_numpy(reference.unpack_int4(p.cpu().numpy())).to(p.device)
 
 
-def attach_no_tma(sweep, scales, m):
-    """A tma winner takes int8 codes through TMA descriptors only: its bucket also names, as
-    `no_tma`, the best packed-code candidate of this run (least geometric mean over the shapes), a
-    pointer-load variant for the operands a descriptor cannot take (w4a4._launch)."""
-    rows = [r for r in sweep.record["rows"] if r.get("scales") == scales and r.get("M") == m
-            and r.get("geomean_vs_best") is not None and r["config"]["act_layout"] == "int4"]
-    if not rows:
-        raise RuntimeError(f"{scales} M={m}: tma won but no packed-code candidate was timed; "
-                           "a tma bucket needs one as its no_tma config (raise --budget-s)")
-    best = min(rows, key=lambda r: r["geomean_vs_best"])
-    sweep.record["winners"][scales][str(m)]["no_tma"] = {k: v for k, v in best["config"].items() if k != "act_layout"}
-    sweep.save()
-
-
 def main():
     ap = parser(__doc__)
     ap.add_argument("--scales", default="per_token,group", help="the table sections to tune (comma-separated)")
@@ -139,8 +125,7 @@ def main():
                 return lambda: w4a4_gemm(qx, sx, qw, sw, act_group_size=group, config=cfg, check_finite=False)
 
             win = sweep.run(scales, m, candidates(m, group), lambda cfg, m, group=group: verify(cfg, m, group), call)
-            if win is not None and win["config"]["variant"] == "tma":
-                attach_no_tma(sweep, scales, m)
+            attach_no_tma(sweep, scales, m, lambda r: r["config"]["act_layout"] == "int4", strip=("act_layout",))
             print(scales, m, None if win is None else (win["config"], win["us"]), flush=True)
     print("table written:", sweep.write_table())
 

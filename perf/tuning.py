@@ -11,7 +11,11 @@ shape, m)` gives the call over copy 0; `Sweep.back_to_back` makes copies 1 .. N-
 bytes the call touches (its operands and its output: `timing.operand_bytes`), `--l2-multiple` and
 `--max-calls-per-replay`. Every row records the N of each shape (`calls_per_replay`). On the CPU
 (a smoke run under the interpreter) there is no L2 to span: one call per replay.
-The winner of a bucket has the lowest geometric mean of time / best time over the shapes.
+The winner of a bucket has the lowest geometric mean of time / best time over the shapes. Where
+another candidate beats it on one shape by more than SHAPE_MARGIN, that candidate is written for
+that shape too (the bucket's "shapes", `configs.launch_config`): one tile cannot suit a 4096-row
+and a 28,672-row weight alike (a 6144 x 4096 qkv at M = 1024 fills 1.45 waves of the H200's SMs
+with the tile that suits the rest).
 Winners are written into the family's section of `zqkernels/gpu/configs/<gpu>.json` (the file is
 created from default.json when the GPU has none, its other families kept as they are; a bucket the
 run tuned replaces the table's bucket of that M, the others stay as they were), and every
@@ -40,13 +44,16 @@ from timing import (  # noqa: E402
     L2_MULTIPLE, MAX_CALLS_PER_REPLAY, calls_per_replay, clone_call, graph_median_ms, l2_cache_bytes, operand_bytes,
 )
 
-from zqkernels.gpu.configs import CONFIG_DIR  # noqa: E402
+from zqkernels.gpu.configs import CONFIG_DIR, shape_key  # noqa: E402
 
 # Every model's layer shapes (the benchmark set and smaller ones, e.g. smollm2-135m for a CPU smoke run).
 SHAPES = {s.name: s for m in MODELS.values() for s in m.layer_shapes()}
 # The device the tune scripts run on: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (a smoke run
 # of the scripts themselves; its timings mean nothing and it writes no table unless asked).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# A per-shape entry is written only where it beats the bucket's winner on that shape by this much
+# (a smaller gain is within the run-to-run spread of these timings).
+SHAPE_MARGIN = 0.03
 TIMER = ("CUDA graph of calls_per_replay back-to-back calls, each on its own copy of the operands, "
          "do_bench median, L2 flushed per replay, time per call")
 
@@ -83,6 +90,41 @@ def default_table_name():
         if tag in name:
             return f"{tag}.json"
     return name.replace(" ", "_") + ".json"
+
+
+def _table_entry(cfg):
+    """A winner as the table holds it: without its timings, its per-shape entries likewise."""
+    entry = {k: v for k, v in cfg.items() if k not in ("us", "shapes")}
+    if "shapes" in cfg:
+        entry["shapes"] = {key: {k: v for k, v in c.items() if k != "us"} for key, c in cfg["shapes"].items()}
+    return entry
+
+
+def attach_no_tma(sweep, scales, m, fallback, strip=()):
+    """Each tma entry the run wrote for (scales, M), the bucket's and its per-shape ones, also names
+    as `no_tma` a pointer-load candidate of this run (rows where `fallback(row)`): for the bucket the
+    least geometric mean over the shapes, for a shape the fastest on it; the keys in `strip` are
+    dropped from it. A TMA descriptor takes only aligned operands (K a multiple of 32, 16-byte
+    rows); the family's dispatcher runs `no_tma` for the rest (`configs.tma_or_fallback`)."""
+    bucket = sweep.record["winners"].get(scales, {}).get(str(m))
+    if bucket is None:
+        return
+    entries = [(None, bucket)] + [(key, e) for key, e in bucket.get("shapes", {}).items()]
+    if not any(e["variant"] == "tma" for _, e in entries):
+        return
+    rows = [r for r in sweep.record["rows"] if r.get("scales") == scales and r.get("M") == m
+            and r.get("geomean_vs_best") is not None and fallback(r)]
+    if not rows:
+        raise RuntimeError(f"{scales} M={m}: tma won but no pointer-load candidate was timed; "
+                           "a tma entry needs one as its no_tma config (raise --budget-s)")
+    names = {shape_key(s.n, s.k): s.name for s in sweep.shapes}
+    for key, entry in entries:
+        if entry["variant"] != "tma":
+            continue
+        best = (min(rows, key=lambda r: r["geomean_vs_best"]) if key is None
+                else min(rows, key=lambda r: r["us"][names[key]]))
+        entry["no_tma"] = {k: v for k, v in best["config"].items() if k not in strip}
+    sweep.save()
 
 
 class Sweep:
@@ -152,7 +194,17 @@ class Sweep:
         for r in timed:
             r["geomean_vs_best"] = math.exp(sum(math.log(r["us"][s] / best[s]) for s in best) / len(best))
         win = min(timed, key=lambda r: r["geomean_vs_best"])
-        self.record["winners"].setdefault(scales, {})[str(m)] = dict(win["config"], us=win["us"])
+        bucket = dict(win["config"], us=win["us"])
+        shapes = {}
+        # a shape's entry keeps the bucket's act_layout (the layers pick the quantizer's per bucket)
+        same = [r for r in timed if r["config"].get("act_layout") == win["config"].get("act_layout")]
+        for s in self.shapes:
+            fastest = min(same, key=lambda r: r["us"][s.name])
+            if fastest is not win and fastest["us"][s.name] < (1 - SHAPE_MARGIN) * win["us"][s.name]:
+                shapes[shape_key(s.n, s.k)] = dict(fastest["config"], us=fastest["us"][s.name])
+        if shapes:
+            bucket["shapes"] = shapes
+        self.record["winners"].setdefault(scales, {})[str(m)] = bucket
         self.save()
         return win
 
@@ -170,7 +222,7 @@ class Sweep:
         for scales, buckets in self.record["winners"].items():
             # the buckets this run tuned replace theirs; the section's other buckets stay
             merged = dict(table.setdefault(key, {}).get(scales, {}))
-            merged.update({m: {k: v for k, v in cfg.items() if k != "us"} for m, cfg in buckets.items()})
+            merged.update({m: _table_entry(cfg) for m, cfg in buckets.items()})
             table[key][scales] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
         table.setdefault("match", [device_name()])
         table.setdefault("_tuned_by", {})[key] = {"command": self.record["command"],

@@ -160,6 +160,11 @@ def _ms(buckets):
     return sorted({1} | {int(k) for k in buckets})
 
 
+def _shape_entries(buckets):
+    """The per-shape configs of a section's buckets (`configs.launch_config`'s "shapes")."""
+    return [cfg for bucket in buckets.values() for cfg in bucket.get("shapes", {}).values()]
+
+
 def _drive_w4a4(table):
     gen = torch.Generator().manual_seed(0)
     n, k = 192, 640  # K not a multiple of 256: the uneven-K paths
@@ -178,13 +183,28 @@ def _drive_w4a4(table):
             if cfg["variant"] == "gemv":  # any gemv bucket may be made "fused": its tiles compile that way too
                 inv = torch.rand(k).to(KERNEL_DEVICE) + 0.5
                 w4a4.w4a4_gemv_quant(x, inv, qw, sw, group, torch.float16, config=cfg, check_finite=False)
+        for cfg in _shape_entries(table["w4a4"][scales]):  # per-shape entries: their configs at this shape
+            for qx in (torch.randint(0, 256, (4, k // 2), dtype=torch.uint8, generator=gen),
+                       torch.randint(-8, 8, (4, k), dtype=torch.int8, generator=gen)):
+                sx = (torch.rand(4) if group is None else torch.rand(4, -(-k // group))).to(KERNEL_DEVICE)
+                w4a4.w4a4_gemm(qx.to(KERNEL_DEVICE), sx, qw, sw, group, torch.float16, config=cfg, check_finite=False)
     for scales, group in (("per_channel", None), ("group", 128)):
         swg = (torch.rand(n) if group is None else torch.rand(n, -(-k // group))).to(KERNEL_DEVICE) + 0.1
+        for cfg in _shape_entries(table["w4a16"][scales]):
+            for dtype in (torch.float16, torch.bfloat16):
+                x = torch.randn(64, k).to(dtype).to(KERNEL_DEVICE)
+                w4a16.w4a16_gemm(x, qw, swg, group_size=group, config=cfg, check_finite=False)
+            # K not a multiple of 32: the entry's no_tma config
+            w4a16.w4a16_gemm(x[:, :k - 16].contiguous(), qw[:, :(k - 16) // 2].contiguous(), swg, group_size=group,
+                             config=cfg, check_finite=False)
         for m in _ms(table["w4a16"][scales]):
             x = torch.randn(m, k).half().to(KERNEL_DEVICE)
             w4a16.w4a16_gemm(x, qw, swg, group_size=group, check_finite=False)
-            if m == 1:  # bf16 activations once per section
-                w4a16.w4a16_gemm(x.bfloat16(), qw, swg, group_size=group, check_finite=False)
+            # bf16 activations in every bucket (the tma variant's unpack is its own PTX per dtype)
+            w4a16.w4a16_gemm(x.bfloat16(), qw, swg, group_size=group, check_finite=False)
+            if m > 1:  # K not a multiple of 32: a tma bucket's no_tma config
+                w4a16.w4a16_gemm(x[:, :k - 16].contiguous(), qw[:, :(k - 16) // 2].contiguous(), swg,
+                                 group_size=group, check_finite=False)
 
 
 def _drive_mosaic(table):

@@ -34,7 +34,17 @@ def test_every_bucket_names_a_launchable_variant(path):
         assert set(table[family]) == SCALES[family], (path.name, family)
         for scales, buckets in table[family].items():
             assert buckets and all(int(k) >= 1 for k in buckets), (path.name, family, scales)
-            for cfg in buckets.values():
+            entries = []
+            for bucket in buckets.values():
+                entries.append(bucket)
+                # per-shape entries ("NxK": a whole config) are configs of the same kind, and keep
+                # the bucket's act_layout (the layers pick the quantizer's layout per bucket)
+                for key, cfg in bucket.get("shapes", {}).items():
+                    n, k = key.split("x")
+                    assert int(n) >= 1 and int(k) >= 1 and key == configs.shape_key(int(n), int(k)), (path.name, key)
+                    assert "shapes" not in cfg and cfg.get("act_layout") == bucket.get("act_layout"), (path.name, cfg)
+                    entries.append(cfg)
+            for cfg in entries:
                 assert cfg["variant"] in variants, (path.name, family, cfg)
                 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                     if cfg["variant"] == "gemv" and key in ("BLOCK_M", "BLOCK_N"):  # CUDA cores, no MMA: 1, 2, 4, ...
@@ -46,21 +56,23 @@ def test_every_bucket_names_a_launchable_variant(path):
                     assert cfg["BLOCK_K"] >= 32 and cfg["SPLIT_K"] >= 0 and "PLANES" not in cfg, (path.name, cfg)
                 elif cfg["variant"] == "splitk":
                     assert cfg["SPLIT_K"] >= 0
+                elif cfg["variant"] == "tma" and family == "w4a16":  # the weights as the register operand, or not
+                    assert "SPLIT_K" not in cfg, (path.name, cfg)
                 else:
                     assert "SPLIT_K" not in cfg and "SWAP_AB" not in cfg, (path.name, cfg)
                 if cfg.get("SWAP_AB") and path.name != "interpreter.json":
                     assert cfg["BLOCK_N"] >= 64
                 if cfg.get("PLANES") and family == "w4a4":
                     assert cfg["BLOCK_K"] >= 64
+                # tma takes aligned operands through descriptors only: its entry names the config for the rest
+                assert (cfg["variant"] == "tma") == ("no_tma" in cfg), (path.name, scales, cfg)
+                if "no_tma" in cfg:
+                    pk = cfg["no_tma"]
+                    assert pk["variant"] in variants - {"tma"} and "act_layout" not in pk, (path.name, cfg)
+                    assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
                 if family == "w4a4":
                     assert cfg["act_layout"] in w4a4.TABLE_ACT_LAYOUTS, (path.name, scales, cfg)
                     assert cfg["act_layout"] != "fused" or cfg["variant"] == "gemv", (path.name, scales, cfg)
-                    # tma takes int8 codes through descriptors only: its bucket names the config for the rest
-                    assert (cfg["variant"] == "tma") == ("no_tma" in cfg), (path.name, scales, cfg)
-                    if "no_tma" in cfg:
-                        pk = cfg["no_tma"]
-                        assert pk["variant"] in variants - {"tma"} and "act_layout" not in pk, (path.name, cfg)
-                        assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
                 else:
                     assert "act_layout" not in cfg, (path.name, family, cfg)
     assert set(table["mosaic"]) == {"w4a4", "w4a4_group", "w4a16"}, path.name
@@ -91,6 +103,8 @@ def test_every_shipped_variant_appears_in_some_table():
         table = json.loads(path.read_text())
         for family in FAMILY_VARIANTS:
             used[family] |= {c["variant"] for b in table[family].values() for c in b.values()}
+            used[family] |= {e["variant"] for b in table[family].values() for c in b.values()
+                             for e in c.get("shapes", {}).values()}
         used_mosaic |= {c["variant"] for c in table["mosaic"]["w4a4"].values()}
     assert used == FAMILY_VARIANTS
     assert used_mosaic == set(mosaic.VARIANTS)
@@ -150,6 +164,21 @@ def test_launch_config_reads_the_gpu_table(fake_gpu):
     for m, key in [(1, "1"), (2, "16"), (16, "16"), (17, "64"), (300, "1024"), (5000, "4096")]:
         assert configs.launch_config("w4a4", "per_token", m, dev) == table["w4a4"]["per_token"][key], (m, key)
     assert configs.table_name("NVIDIA H200") == "h200.json"
+
+
+def test_a_per_shape_entry_replaces_its_bucket_for_that_shape_only(fake_gpu, monkeypatch):
+    """A bucket's "shapes" entry is what a launch of that N x K gets; any other shape, and a caller
+    that names no shape, get the bucket's own config (without the "shapes" key)."""
+    dev = fake_gpu("NVIDIA H200")
+    table = json.loads((configs.CONFIG_DIR / "h200.json").read_text())
+    bucket = dict(table["w4a16"]["group"]["4096"])
+    bucket.pop("shapes", None)
+    entry = dict(bucket, BLOCK_M=64, num_stages=2)
+    table["w4a16"]["group"]["4096"] = dict(bucket, shapes={configs.shape_key(6144, 4096): entry})
+    monkeypatch.setattr(configs, "_load", lambda name: table)
+    assert configs.launch_config("w4a16", "group", 3000, dev, 6144, 4096) == entry
+    assert configs.launch_config("w4a16", "group", 3000, dev, 4096, 6144) == bucket
+    assert configs.launch_config("w4a16", "group", 3000, dev) == bucket
 
 
 def test_an_unknown_gpu_gets_the_default_table_with_a_warning(fake_gpu):

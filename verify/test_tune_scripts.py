@@ -108,3 +108,52 @@ def test_tune_actquant_verifies_candidates_and_writes_its_buckets(tmp_path, monk
     for scales in ("per_token", "group"):
         for m in ("1", "40"):  # the fake times rise: each bucket's first candidate wins
             assert table["actquant"][scales][m] == tune_actquant.candidates(scales)[0], (scales, m)
+
+
+def test_a_candidate_faster_on_one_shape_is_written_for_that_shape_with_its_no_tma(tmp_path, monkeypatch):
+    """The sweep's winner is the least geometric mean over the shapes; a candidate that beats it on
+    one shape by more than SHAPE_MARGIN becomes that shape's entry of the bucket, and a tma entry
+    names as no_tma the fastest pointer-load candidate on its own shape. The table then launches
+    that shape with it, the other shapes with the bucket's config."""
+    import tuning
+
+    from zqkernels.gpu import configs
+
+    times = {"A": (1.0, 1.0), "B": (0.8, 1.5), "C": (1.2, 0.995)}  # geomean: A 1.12, B 1.23, C 1.22
+    cands = {"A": dict(variant="gemm", BLOCK_M=64), "B": dict(variant="tma", BLOCK_M=128),
+             "C": dict(variant="splitk", BLOCK_M=32)}
+    current = {}
+
+    def make_call(cfg, shape, m):
+        current["key"] = (cfg["BLOCK_M"], shape.name)
+        return lambda t=torch.zeros(4): t + 1
+
+    def fake_timer(fns):
+        bm, shape = current["key"]
+        tag = next(t for t, c in cands.items() if c["BLOCK_M"] == bm)
+        return times[tag][0 if shape.endswith(".o") else 1] / 1000.0
+
+    monkeypatch.setattr(tuning, "graph_median_ms", fake_timer)
+    monkeypatch.setattr(tuning, "replay_l2_bytes", lambda: 2**40)
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    shutil.copy(configs.CONFIG_DIR / "default.json", tmp_path / "default.json")
+    args = tuning.parser("t").parse_args(["--out", str(tmp_path / "r.json"), "--table", "smoke.json", "--shapes",
+                                          "smollm2-135m.o,smollm2-135m.down", "--m", "4096"])
+    sweep = tuning.Sweep("w4a16", args)
+    win = sweep.run("group", 4096, list(cands.values()), lambda cfg, m: (True, ""), make_call)
+    assert win["config"] == cands["A"]
+    tuning.attach_no_tma(sweep, "group", 4096, lambda r: r["config"]["variant"] != "tma")
+    o, down = sweep.shapes
+    bucket = sweep.record["winners"]["group"]["4096"]
+    # B beats A on o by 20 %: o's entry; C beats A on down by 0.5 %, within the margin: none
+    assert set(bucket["shapes"]) == {configs.shape_key(o.n, o.k)}
+    entry = bucket["shapes"][configs.shape_key(o.n, o.k)]
+    assert entry["variant"] == "tma" and entry["no_tma"] == cands["A"]  # A is the fastest non-tma on o
+    assert "no_tma" not in bucket  # the bucket's own winner is no tma config
+    table = json.loads(sweep.write_table().read_text())
+    written = table["w4a16"]["group"]["4096"]
+    assert "us" not in written and all("us" not in e for e in written["shapes"].values())
+    monkeypatch.setattr(configs, "table_for", lambda device: table)
+    cpu = torch.device("cpu")
+    assert configs.launch_config("w4a16", "group", 4096, cpu, o.n, o.k) == dict(cands["B"], no_tma=cands["A"])
+    assert configs.launch_config("w4a16", "group", 4096, cpu, down.n, down.k) == cands["A"]

@@ -23,6 +23,11 @@ EPS_OUT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 # Outputs that round into the dtype's subnormal range carry an absolute error of up to half its
 # smallest subnormal step (fp16: 2**-25), which no relative bound covers; 2**-24 as in test_mosaic.
 TINY = {torch.float16: 2.0**-24, torch.bfloat16: 1e-30, torch.float32: 1e-30}
+# The tma variant folds group scales into the 16-bit weights: the scale rounded to the dtype, then
+# the scaled weight (each a half-ulp: 2 x 2**-11 for fp16, 2 x 2**-8 for bf16, relative), and for
+# fp16 a weight in the subnormal range off by up to half its smallest step (2**-25) absolute.
+FOLD = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+FOLD_TINY = {torch.float16: 2.0**-25, torch.bfloat16: 0.0}
 # Each run deterministically (parametrized): every variant of `w4a16.VARIANTS`, both K orders and
 # orientations, split and unsplit. None is the launch table's choice.
 CONFIGS = [
@@ -37,10 +42,18 @@ CONFIGS = [
 ]
 
 
+# The tma variant takes K a multiple of 32 only (its own laws below): weights through shared
+# memory and as the MMA's register operand, a K tile deeper than the smaller groups (clamped).
+TMA_CONFIGS = [
+    dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=False, num_warps=4, num_stages=2),
+    dict(variant="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=1),
+]
+
+
 def test_every_variant_has_an_explicit_config():
     from zqkernels.gpu.w4a16 import VARIANTS
 
-    assert {c["variant"] for c in CONFIGS if c} == set(VARIANTS)
+    assert {c["variant"] for c in CONFIGS + TMA_CONFIGS if c} == set(VARIANTS)
 
 
 def dev(a, dtype=None):
@@ -48,12 +61,18 @@ def dev(a, dtype=None):
     return (t if dtype is None else t.to(dtype)).to(DEVICE)
 
 
-@pytest.mark.parametrize("ci", range(len(CONFIGS)))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@settings(max_examples=examples(3))
-@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
-def test_output_matches_oracle(data, group, dtype, ci, seed):
-    k = data.draw(st.integers(1, 150)) * 2
+def runs_tma(cfg, x, pw, group):
+    """True when this launch (an explicit config, or the launch table's) runs the tma variant."""
+    from zqkernels.gpu import configs, w4a16
+
+    m, k = x.shape
+    cfg = dict(cfg) if cfg is not None else configs.launch_config("w4a16", "group", m, x.device, pw.shape[0], k)
+    return configs.tma_or_fallback(cfg, w4a16.tma_takes(x, pw))[0] == "tma"
+
+
+def check_against_oracle(data, group, dtype, cfg, seed, k):
+    """The launch's output against `reference.w4a16_matmul` within the module's tolerance, for
+    drawn M, N, activations and codes at this K; returns (x, packed codes, scales, output)."""
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
     n = data.draw(st.integers(1, 40))
     x = np.clip(data.draw(matrices(shape=(m, k))), -6e4, 6e4)
@@ -64,7 +83,8 @@ def test_output_matches_oracle(data, group, dtype, ci, seed):
     sw_t = dev(sw[:, 0] if group is None else sw)
     xt = dev(x.astype(np.float32), dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    y = w4a16_gemm(xt, dev(R.pack_int4(qw)), sw_t, group_size=group, out=out, config=CONFIGS[ci])
+    pw = dev(R.pack_int4(qw))
+    y = w4a16_gemm(xt, pw, sw_t, group_size=group, out=out, config=cfg)
     assert y.dtype == dtype and y.data_ptr() == out.data_ptr()
     x64 = xt.double().cpu().numpy()  # the values the kernel saw (rounded to fp16/bf16)
     sw64 = sw[:, 0].astype(np.float64) if group is None else sw.astype(np.float64)
@@ -73,8 +93,51 @@ def test_output_matches_oracle(data, group, dtype, ci, seed):
     got = y.double().cpu().numpy()
     finite = np.abs(ref) < 6e4 if dtype == torch.float16 else np.ones_like(ref, dtype=bool)
     assert not np.isnan(got).any()
-    # tolerance: output rounding + fp32 accumulation (module docstring)
-    np.testing.assert_array_less(np.abs(got - ref)[finite], (EPS_OUT[dtype] * np.abs(ref) + 2.0**-18 * mag + TINY[dtype])[finite])
+    # tolerance: output rounding + fp32 accumulation (module docstring), + the folded group scales'
+    # roundings where the tma variant ran with groups
+    tol = EPS_OUT[dtype] * np.abs(ref) + 2.0**-18 * mag + TINY[dtype]
+    if group is not None and runs_tma(cfg, xt, pw, group):
+        tol = tol + FOLD[dtype] * mag + FOLD_TINY[dtype] * np.abs(x64).sum(axis=1, keepdims=True)
+    np.testing.assert_array_less(np.abs(got - ref)[finite], tol[finite])
+    return xt, pw, sw_t, y
+
+
+@pytest.mark.parametrize("ci", range(len(CONFIGS)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@settings(max_examples=examples(3))
+@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
+def test_output_matches_oracle(data, group, dtype, ci, seed):
+    check_against_oracle(data, group, dtype, CONFIGS[ci], seed, data.draw(st.integers(1, 150)) * 2)
+
+
+@pytest.mark.parametrize("ci", range(len(TMA_CONFIGS)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@settings(max_examples=examples(3))
+@given(data=st.data(), group=st.sampled_from([None, 32, 64, 128]), seed=st.integers(0, 2**32 - 1))
+def test_tma_output_matches_oracle(data, group, dtype, ci, seed):
+    """The tma variant (K a multiple of 32; M, N any: its boxes past them are zero-filled), the
+    16-bit codes made without a conversion instruction on a GPU, within the same tolerance."""
+    check_against_oracle(data, group, dtype, TMA_CONFIGS[ci], seed, 32 * data.draw(st.integers(1, 9)))
+
+
+@settings(max_examples=examples(6))
+@given(data=st.data(), group=st.sampled_from([None, 32]), seed=st.integers(0, 2**32 - 1))
+def test_a_tma_bucket_runs_what_tma_cannot_take_on_its_no_tma_config(data, group, seed):
+    """A launch-table bucket naming tma runs its `no_tma` config where a descriptor cannot take the
+    operands (K not a multiple of 32, an activation row not 16-byte aligned): the oracle's output
+    within tolerance, and the no_tma config's own output bit for bit, while the tma config alone
+    refuses them."""
+    case = data.draw(st.sampled_from(["k", "offset"]))
+    k = data.draw(st.sampled_from([48, 80, 100] if case == "k" else [64, 96]))
+    no_tma = dict(CONFIGS[2])
+    bucket = dict(TMA_CONFIGS[0], no_tma=no_tma)
+    xt, pw, sw_t, y = check_against_oracle(data, group, torch.float16, bucket, seed, k)
+    if case == "offset":  # the same activations one element into a buffer: base not 16-byte aligned
+        xt = torch.cat([torch.zeros(1, dtype=xt.dtype, device=DEVICE), xt.reshape(-1)])[1:].view(xt.shape)
+        y = w4a16_gemm(xt, pw, sw_t, group_size=group, config=bucket)
+    assert torch.equal(y, w4a16_gemm(xt, pw, sw_t, group_size=group, config=no_tma))  # exact: the same launch
+    with pytest.raises(ValueError, match="tma variant"):
+        w4a16_gemm(xt, pw, sw_t, group_size=group, config=TMA_CONFIGS[0])
 
 
 @pytest.mark.gpu
@@ -93,6 +156,59 @@ def test_llama_shapes_compiled(m, n, k, group):
     ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
                                           sw_t.double().cpu().numpy(), group_size=group)).cuda()
     assert (y - ref).norm() / ref.norm() < 1e-3  # fp16 output rounding, 2**-11 per element
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("m", [100, 1024])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_llama_shapes_compiled(m, n, k, group, swap, dtype):
+    """The tma variant at a 128 x 128 x 64 tile on 8 warps (the candidates' shape), both operand
+    placements, against the float64 product of the dequantized weights."""
+    cfg = dict(variant="tma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=swap, num_warps=8,
+               num_stages=4)
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    g = 1 if group is None else -(-k // group)
+    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
+    sw_t = sw[:, 0].contiguous() if group is None else sw
+    y = w4a16_gemm(x, torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda(), sw_t, group_size=group,
+                   config=cfg).double()
+    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
+                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    # the output dtype's rounding (fp16 2**-11, bf16 2**-8 per element), fp32 accumulation and with
+    # groups the folded scales (FOLD per weight, in random directions: far below it in the norm)
+    assert (y - ref).norm() / ref.norm() < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_unpack_of_every_byte_is_its_two_codes(dtype):
+    """`int4.unpack_lo_hi_float`'s inline-PTX form (compiled only) on all 256 byte values: the low
+    and the high nibble's two's-complement codes, exactly."""
+    import triton
+    import triton.language as tl
+
+    from zqkernels.gpu.int4 import unpack_lo_hi_float
+
+    @triton.jit
+    def kernel(p_ptr, lo_ptr, hi_ptr, DT: tl.constexpr):
+        offs = tl.arange(0, 256)
+        lo, hi = unpack_lo_hi_float(tl.load(p_ptr + offs), DT, True)
+        tl.store(lo_ptr + offs, lo)
+        tl.store(hi_ptr + offs, hi)
+
+    p = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    lo, hi = (torch.full((256,), float("nan"), dtype=dtype, device="cuda") for _ in range(2))
+    kernel[(1,)](p, lo, hi, DT=tl.float16 if dtype == torch.float16 else tl.bfloat16)
+    codes = R.unpack_int4(p.cpu().numpy()[None, :])[0]  # element 2i: low nibble of byte i
+    assert torch.equal(lo.cpu().float(), torch.from_numpy(codes[0::2].astype(np.float32)))  # exact
+    assert torch.equal(hi.cpu().float(), torch.from_numpy(codes[1::2].astype(np.float32)))  # exact
 
 
 def _x(m=4, k=8, dtype=torch.float16):
@@ -120,6 +236,8 @@ def _s(*shape):
         (lambda: w4a16_gemm(_x(), _p(), _s(3, 1), group_size=100), "group_size"),
         (lambda: w4a16_gemm(_x(), _p(), _s(3), group_size=32), "w_scale"),
         (lambda: w4a16_gemm(_x(), _p(), _s(3), out=_s(4, 3)), "out"),
+        # the tma variant folds group scales into fp16 weights: 8 x 8188 is fp16's largest value
+        (lambda: w4a16_gemm(_x(k=32), _p(3, 16), _s(3, 1) * 8189, group_size=32, config=TMA_CONFIGS[0]), "8188"),
     ],
 )
 def test_bad_arguments_raise_value_error(call, match):

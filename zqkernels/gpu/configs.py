@@ -89,16 +89,42 @@ def table_for(device):
     return _load(table_name(_device_name(index)))
 
 
-def launch_config(family, scales, m, device):
-    """A copy of the tuned config (with its "variant") of (family, scales) for M tokens on `device`."""
+def shape_key(n, k):
+    """The key of a bucket's per-shape entry: the weight's N x K."""
+    return f"{n}x{k}"
+
+
+def launch_config(family, scales, m, device, n=None, k=None):
+    """A copy of the tuned config (with its "variant") of (family, scales) for M tokens on `device`.
+    A bucket may hold under "shapes" whole configs for given weight shapes (`shape_key(n, k)`), the
+    tune's per-shape winners where one beat the bucket's own on that shape; given n and k, such an
+    entry replaces the bucket's config (it keeps the bucket's act_layout: the layers choose the
+    quantizer's layout per bucket)."""
     table = table_for(device)
     try:
         buckets = table[family][scales]
     except KeyError:
         raise KeyError(f"launch table has no config for {family}/{scales}") from None
     keys = sorted(int(k) for k in buckets)
-    pick = next((k for k in keys if k >= m), keys[-1])
-    return dict(buckets[str(pick)])
+    pick = next((b for b in keys if b >= m), keys[-1])
+    cfg = dict(buckets[str(pick)])
+    shapes = cfg.pop("shapes", {})
+    if n is not None and shape_key(n, k) in shapes:
+        cfg = dict(shapes[shape_key(n, k)])
+    return cfg
+
+
+def tma_or_fallback(cfg, tma_ok):
+    """(variant, tile parameters) of a launch config: a bucket naming the tma variant runs its
+    `"no_tma"` config instead where a TMA descriptor cannot take the operands (`tma_ok` False), so
+    the family takes every operand it accepts at every M; an explicit tma config without one is
+    left to refuse them. Pops "variant" and "no_tma" from `cfg`."""
+    variant = cfg.pop("variant")
+    no_tma = cfg.pop("no_tma", None)
+    if variant == "tma" and no_tma is not None and not tma_ok:
+        cfg = dict(no_tma)
+        variant = cfg.pop("variant")
+    return variant, cfg
 
 
 def describe(name):
@@ -119,6 +145,8 @@ def describe(name):
                     pk = cfg["no_tma"]
                     pk_tiles = "x".join(str(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     act += f" (else {pk['variant']} {pk_tiles})"
+                if "shapes" in cfg:
+                    act += f" (+{len(cfg['shapes'])} per-shape)"
                 row.append(f"{span}: {cfg.get('variant', family)} {tiles}{act}")
             lines.append(f"  {family}/{scales}: " + "; ".join(row))
     return "\n".join(lines)

@@ -59,6 +59,57 @@ def unpack_lo_hi_x16(packed, USE_ASM: tl.constexpr):
     return lo, hi
 
 
+# The 16-bit float form of a nibble, with no conversion instruction: a value 0..15 ORed into the
+# low mantissa bits of 1024.0 (fp16, where the step is 1) or 128.0 (bf16) *is* 1024 + u (128 + u).
+# XOR 8 first maps the two's-complement code c to u = c + 8, so subtracting 1032 (136) gives c
+# exactly. One LOP3 computes (bytes & mask) ^ (base | 8) for two codes at once; one fma.x2 takes
+# the base off both. The fp16 high nibble needs no shift: 1024 + 16u is exact too (step 1), and
+# the fma scales it by 1/16. bf16's mantissa is too short for that, so its high nibbles are
+# shifted down first. Constants per dtype (is_bf16): the magic, 1.0 or 1/16, -(base + 8) or -(base/16 + 8).
+_F16_LO = ("0x000F000F", "0x64086408", "0x3C003C00", "0xE408E408")
+_F16_HI = ("0x00F000F0", "0x64806480", "0x2C002C00", "0xD480D480")
+_BF16 = ("0x000F000F", "0x43084308", "0x3F803F80", "0xC308C308")
+
+
+def _unpack_float_asm(bf16):
+    """PTX: one b32 register of four packed bytes ($4) -> the four low-nibble codes as two x2
+    registers ($0, $1) and the four high-nibble codes ($2, $3), elements in byte order."""
+    lo, hi = (_BF16, _BF16) if bf16 else (_F16_LO, _F16_HI)
+    fma = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
+    shift = "shr.b32 h0, t0, 4; shr.b32 h1, t1, 4;" if bf16 else "mov.b32 h0, t0; mov.b32 h1, t1;"
+    return (
+        "{ .reg .b32 t0, t1, h0, h1, s, c, z; mov.b32 z, 0;"
+        " prmt.b32 t0, $4, z, 0x4140; prmt.b32 t1, $4, z, 0x4342;"  # bytes 0,1 (2,3) in the two halves
+        f" {shift}"
+        f" lop3.b32 $0, t0, {lo[0]}, {lo[1]}, 0x6A; lop3.b32 $1, t1, {lo[0]}, {lo[1]}, 0x6A;"  # (a & b) ^ c
+        f" mov.b32 s, {lo[2]}; mov.b32 c, {lo[3]}; {fma} $0, $0, s, c; {fma} $1, $1, s, c;"
+        f" lop3.b32 $2, h0, {hi[0]}, {hi[1]}, 0x6A; lop3.b32 $3, h1, {hi[0]}, {hi[1]}, 0x6A;"
+        f" mov.b32 s, {hi[2]}; mov.b32 c, {hi[3]}; {fma} $2, $2, s, c; {fma} $3, $3, s, c; }}"
+    )
+
+
+_ASM_F16 = tl.constexpr(_unpack_float_asm(False))
+_ASM_BF16 = tl.constexpr(_unpack_float_asm(True))
+
+
+@triton.jit
+def unpack_lo_hi_float(packed, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 tile -> (lo, hi) tiles of DTYPE (fp16 | bf16 | fp32) holding the codes themselves,
+    exactly: with USE_ASM (fp16 / bf16) by the magic-number form above, eight codes in ten
+    instructions and no int -> float conversion; else the codes converted one by one."""
+    if USE_ASM and DTYPE == tl.float16:
+        lo, hi = tl.inline_asm_elementwise(asm=_ASM_F16, constraints="=r,=r,=r,=r,r", args=[packed],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif USE_ASM and DTYPE == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise(asm=_ASM_BF16, constraints="=r,=r,=r,=r,r", args=[packed],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        lo8, hi8 = unpack_lo_hi(packed)
+        lo = lo8.to(DTYPE)
+        hi = hi8.to(DTYPE)
+    return lo, hi
+
+
 @triton.jit
 def pack_lo_hi(lo, hi):
     """int32 code tiles in [-8, 7] (elements 2i, 2i+1) -> uint8 tile of packed bytes."""

@@ -2,24 +2,38 @@
 
     Y[M, N] = sum_g (x[:, g] @ qw[:, g].T) x w_scale[:, g]      (per-channel: one group = all of K)
 
-The weights are unpacked as 16 * code (`int4.unpack_lo_hi_x16`, exact in fp16/bf16) and either
-put back in natural K order (join + reshape: one 16-bit tensor-core dot of a contiguous x tile)
-or kept as even/odd planes (PLANES: two dots against the even and odd columns of x), accumulated in
-fp32; the scale (and the exact 1/16) multiplies the fp32 partial sum (per group, BLOCK_K divides
-the group) or the whole sum in the epilogue (per channel).
-
-Variants, named per M bucket by the launch table as in `w4a4`: `splitk` (K split over programs,
-last arrival reduces, optional SWAP_AB) and `gemm` (one program per tile, grouped order).
+Variants, named per M bucket by the launch table as in `w4a4`:
+Every variant unpacks the weights straight to 16-bit codes in registers by the magic-number form
+(`int4.unpack_lo_hi_float`: eight codes in ten instructions, no int -> float conversion, exact in
+fp16 / bf16).
+- `splitk` (small M: K split over programs, last arrival reduces, optional SWAP_AB) and `gemm`
+  (one program per tile, grouped order): the codes either put back in natural K order (join +
+  reshape: one 16-bit tensor-core dot of a contiguous x tile) or kept as even/odd planes (PLANES:
+  two dots against the even and odd columns of x), accumulated in fp32; the scale multiplies the
+  fp32 partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per
+  channel).
+- `tma` (large M): both operands through TMA tensor descriptors, the weights optionally the MMA's
+  register operand (SWAP_AB, no shared-memory round trip for them). Per channel the scale is applied in the epilogue; with groups each K tile's weights
+  are multiplied by their group's scale in the activation dtype before the MMA (what a
+  dequantize-then-GEMM does), so the fp32 accumulator runs through the whole K loop: the scale is
+  rounded to fp16 / bf16 and each scaled weight once more (relative error up to 2^-10 for fp16,
+  2^-7 for bf16, per weight; exact codes times fp32 scales in the other variants). On the H200
+  at M = 4096 that ran 1.27-1.46x faster than rescaling each tile's partial sum in fp32 at the
+  rescale's best tile, and 2.6-3.0x on the same tile (reports/results/h200/tune_w4a16_tma_group.json). With fp16 activations the folded scales must
+  stay within fp16's range over 8 (|scale| <= 8188; checked with check_finite). It needs K a
+  multiple of 32 and 16-byte aligned operands; a bucket naming it also names under `"no_tma"` the
+  config for the rest (`configs.tma_or_fallback`), so every operand is taken at every M.
 Requirements (ValueError otherwise): x [M, K] fp16|bf16 contiguous, qw_packed uint8 [N, K/2]
 contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in `limits.W4A16_GROUPS`, one device.
 """
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import interpreting, launch_config, use_asm
-from zqkernels.gpu.int4 import unpack_lo_hi_x16
+from zqkernels.gpu.configs import interpreting, launch_config, tma_or_fallback, use_asm
+from zqkernels.gpu.int4 import unpack_lo_hi_float
 from zqkernels.gpu.operands import (
     check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
@@ -31,8 +45,12 @@ def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, strid
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, SWAP_AB: tl.constexpr,
                   USE_ASM: tl.constexpr):
-    """K tiles [t0, t1) of one output tile, fp32 accumulator [BLOCK_M, BLOCK_N] (16x the product)."""
+    """K tiles [t0, t1) of one output tile, fp32 accumulator [BLOCK_M, BLOCK_N] ([BLOCK_N, BLOCK_M]
+    with SWAP_AB) of the code product, group-rescaled."""
     BKH: tl.constexpr = BLOCK_K // 2
+    # Triton 3.9's interpreter mishandles bf16 (int8 -> bf16 casts and bf16 dots act on the raw
+    # bits): there, and only there, the bf16 tiles go through exact fp32 instead.
+    DT: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
     offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
     if PLANES:  # even / odd columns of x pair with the low / high nibble planes (strided loads)
@@ -55,15 +73,9 @@ def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, strid
                 xe = tl.load(x_ptrs, mask=kmask, other=0.0)
                 xo = tl.load(x_ptrs + 1, mask=kmask, other=0.0)
                 w = tl.load(w_ptrs, mask=kmask, other=0)
-            w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
-            if DOT_F32:  # interpreter only (see below)
-                xe = xe.to(tl.float32)
-                xo = xo.to(tl.float32)
-                w_lo = w_lo.to(tl.float32)
-                w_hi = w_hi.to(tl.float32)
-            else:
-                w_lo = w_lo.to(x_ptr.dtype.element_ty)
-                w_hi = w_hi.to(x_ptr.dtype.element_ty)
+            w_lo, w_hi = unpack_lo_hi_float(w, DT, USE_ASM)  # the codes, exact in fp16 / bf16
+            xe = xe.to(DT)
+            xo = xo.to(DT)
             if SWAP_AB:
                 part = tl.dot(w_lo, tl.trans(xe))
                 part = tl.dot(w_hi, tl.trans(xo), part)
@@ -77,15 +89,9 @@ def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, strid
             else:
                 x = tl.load(x_ptrs, mask=((t * BLOCK_K + offs_k) < 2 * KH)[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=((t * BKH + offs_kh) < KH)[None, :], other=0)
-            w_lo, w_hi = unpack_lo_hi_x16(w, USE_ASM)
-            w8 = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # 16 * code, natural K order
-            if DOT_F32:
-                # Triton 3.9's interpreter mishandles bf16 (int8 -> bf16 casts and bf16 dots act on
-                # the raw bits): there, and only there, the bf16 tiles go through exact fp32 instead.
-                x = x.to(tl.float32)
-                wf = w8.to(tl.float32)
-            else:
-                wf = w8.to(x_ptr.dtype.element_ty)  # 16 * code in [-128, 112]: exact in fp16/bf16
+            w_lo, w_hi = unpack_lo_hi_float(w, DT, USE_ASM)
+            wf = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # the codes, natural K order
+            x = x.to(DT)
             if SWAP_AB:
                 part = tl.dot(wf, tl.trans(x))
             else:
@@ -108,12 +114,10 @@ def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, strid
 
 @triton.jit
 def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr):
-    # `total` is 16x the product (weights unpacked as 16 * code); 1/16 is exact.
+    # `total` is the product of the codes (per channel: the scale comes here) or already scaled.
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if GROUP == 0:
-        total = total * (tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0) * 0.0625)[None, :]
-    else:
-        total = total * 0.0625
+        total = total * tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -161,6 +165,51 @@ def _w4a16_splitk_kernel(
         _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
 
 
+# M is a plain runtime int, as in the gemm variant.
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_tma_kernel(
+    x_desc, w_desc, sw_ptr, out_ptr,
+    M, N, KH, stride_om, stride_swn,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """One output tile a program, both operands through TMA tensor descriptors: activations [M, K]
+    in [BLOCK_M, BLOCK_K] boxes, packed weights [N, K/2] in [BLOCK_N, BLOCK_K/2] boxes, unpacked in
+    registers straight to 16-bit codes (`int4.unpack_lo_hi_float`: no int -> float conversion
+    instruction) and interleaved back to natural K order. SWAP_AB: the weights are the MMA's
+    register operand (dot(w, x.T)), so they never go through shared memory. The copy engine fills
+    a box past M, N or K with zeros (code 0, activation 0), so no load is masked."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    BKH: tl.constexpr = BLOCK_K // 2
+    DT: tl.constexpr = tl.float32 if DOT_F32 else out_ptr.dtype.element_ty
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, tl.cdiv(KH, BKH)):
+        x = x_desc.load([off_m, t * BLOCK_K])
+        w_lo, w_hi = unpack_lo_hi_float(w_desc.load([off_n, t * BKH]), DT, USE_ASM)
+        w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # the codes, exact in fp16 / bf16
+        if DOT_F32:  # the interpreter's bf16 (see `_w4a16_k_loop`)
+            x = x.to(tl.float32)
+        if GROUP != 0:
+            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP. Its scales
+            # go into the 16-bit weights before the MMA, so the accumulator never waits on a rescale.
+            sw = tl.load(sw_ptr + (offs_n % N) * stride_swn + (t * BLOCK_K) // GROUP)
+            w = w * sw.to(DT)[:, None]
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+
+
 def _common(cfg, x, group):
     block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
     KH = x.shape[1] // 2
@@ -192,7 +241,33 @@ def _launch_splitk(cfg, x, qw, sw, out, group):
         split, SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_SPLIT=split > 1, **meta)
 
 
-VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk}
+FP16_FOLDED_SCALE_MAX = 8188.0  # 8 x 8188 = 65504, fp16's largest finite value
+
+
+def tma_takes(x, qw):
+    """True when the tma variant can take these operands: TMA descriptors' 16-byte aligned base and
+    row stride (K a multiple of 32: K/2 weight bytes a row)."""
+    return qw.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0 and qw.data_ptr() % 16 == 0
+
+
+def _launch_tma(cfg, x, qw, sw, out, group):
+    M, K = x.shape
+    N = qw.shape[0]
+    if not tma_takes(x, qw):
+        raise ValueError(f"the tma variant needs K a multiple of 32 and 16-byte aligned operands, got K={K} "
+                         "(a launch-table bucket naming tma sends such operands to its no_tma config)")
+    meta = _common(cfg, x, group)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], meta["BLOCK_K"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _w4a16_tma_kernel[grid](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk // 2]), sw, out,
+        M, N, K // 2, out.stride(0), sw.stride(0) if group else 1,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        SWAP_AB=bool(cfg.get("SWAP_AB", False)),
+        DOT_F32=meta["DOT_F32"], USE_ASM=meta["USE_ASM"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "tma": _launch_tma}
 
 
 def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None, check_finite=True):
@@ -209,9 +284,14 @@ def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None,
         refuse_non_finite(x=x, w_scale=w_scale)
     out = check_out(out, (M, N), x.dtype, x.device)
     scales = "per_channel" if group_size is None else "group"
-    cfg = dict(config) if config is not None else launch_config("w4a16", scales, M, x.device)
-    variant = cfg.pop("variant")
+    cfg = dict(config) if config is not None else launch_config("w4a16", scales, M, x.device, N, K)
+    variant, cfg = tma_or_fallback(cfg, tma_takes(x, qw_packed))
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    if check_finite and variant == "tma" and group_size and x.dtype == torch.float16:
+        big = float(w_scale.abs().max()) if w_scale.numel() else 0.0
+        if big > FP16_FOLDED_SCALE_MAX:
+            raise ValueError(f"w_scale: the tma variant folds group scales into fp16 weights (codes up to -8); "
+                             f"|scale| <= {FP16_FOLDED_SCALE_MAX} needed, got {big:g}")
     VARIANTS[variant](cfg, x, qw_packed, w_scale, out, group_size or 0)
     return out

@@ -69,7 +69,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
-from zqkernels.gpu.configs import launch_config, table_for, use_asm, use_pdl
+from zqkernels.gpu.configs import launch_config, table_for, tma_or_fallback, use_asm, use_pdl
 from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
 from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
@@ -654,7 +654,7 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
         refuse_non_finite(x=x if inv_smooth is None else x.float() * inv_smooth, w_scale=w_scale)
     out = check_out(out, (M, N), out_dtype, x.device)
     scales = "per_token" if act_group == 0 else "group"
-    cfg = dict(config) if config is not None else launch_config("w4a4", scales, M, x.device)
+    cfg = dict(config) if config is not None else launch_config("w4a4", scales, M, x.device, N, K)
     if cfg.get("variant") != "gemv":
         raise ValueError(f"w4a4_gemv_quant runs the gemv variant's tiles; its config names {cfg.get('variant')!r}")
     block_k = _gemv_block_k(cfg, act_group)
@@ -695,16 +695,14 @@ VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv
 def _launch(qx, sx, qw, sw, out, act_group, out_int32, config):
     """The dispatcher: the launch table's config for this M names the variant (see the docstring)."""
     scales = "per_token" if act_group == 0 else "group"
-    cfg = dict(config) if config is not None else launch_config("w4a4", scales, qx.shape[0], qx.device)
+    cfg = (dict(config) if config is not None
+           else launch_config("w4a4", scales, qx.shape[0], qx.device, qw.shape[0], 2 * qw.shape[1]))
     # The operand's dtype decides the activation load; a config's act_layout is the quantizer's choice.
     layout = cfg.pop("act_layout", "int4")
     if layout not in TABLE_ACT_LAYOUTS:
         raise ValueError(f"config act_layout must be one of {TABLE_ACT_LAYOUTS}, got {layout!r}")
-    variant = cfg.pop("variant")
-    no_tma = cfg.pop("no_tma", None)
-    if variant == "tma" and no_tma is not None and not _tma_takes(qx, qw):
-        cfg = dict(no_tma)  # the bucket's config for what a descriptor cannot take (module docstring)
-        variant = cfg.pop("variant")
+    # a tma bucket's config for what a descriptor cannot take (module docstring)
+    variant, cfg = tma_or_fallback(cfg, _tma_takes(qx, qw))
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     VARIANTS[variant](cfg, qx, sx, qw, sw, out, act_group, out_int32)
