@@ -3,7 +3,9 @@
 A table is `{family: {scales: {M bucket: config}}}`; the bucket used for a launch is the
 smallest key >= M (else the largest), and its config names the kernel variant that runs
 (`"variant": "splitk"`, `"gemm"`, ...) with that variant's tile parameters: which variant wins at
-which M is a measured, per-GPU decision, so it is data too. `scales` names the scale layout the
+which M is a measured, per-GPU decision, so it is data too. A bucket may also hold, under
+`"shapes"`, whole configs for given weight shapes (`"NxK"`), written by a tune where another
+candidate beat the bucket's winner on that shape (`launch_config(..., n, k)`). `scales` names the scale layout the
 config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
 `per_channel` / `group` weight scales for W4A16). Every `w4a4` bucket also names the activation
 layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per byte) or `"int8"`
@@ -12,8 +14,9 @@ layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per b
 In h100.json, h200.json and default.json every bucket names int4 (int8 codes were slower with
 the configs tuned for packed ones, DESIGN.md "Leads"; the fused GEMV lost to quantizer + gemv on
 the H200's M = 1 tiles), except h200.json's per-token M > 256 buckets, whose `tma` variant takes
-int8 codes; a tma bucket also names, under `"no_tma"`, the config for the operands a TMA
-descriptor cannot take (packed codes, K not a multiple of 32, unaligned rows; `w4a4._launch`).
+int8 codes; a tma entry (of `w4a4` or `w4a16`) also names, under `"no_tma"`, the config for the
+operands a TMA descriptor cannot take (packed codes, K not a multiple of 32, unaligned rows;
+`tma_or_fallback`).
 `perf/tune_w4a4.py`'s candidates carry both code layouts. A table names the GPUs it
 is for in `"match"` (substrings of `torch.cuda.get_device_name()`); a GPU no table matches runs
 `default.json`, the untuned starting point, and a warning says so once. Under Triton's interpreter `interpreter.json` applies:
