@@ -100,8 +100,8 @@ def _table_entry(cfg):
     return entry
 
 
-def attach_no_tma(sweep, scales, m, fallback, strip=()):
-    """Each tma entry the run wrote for (scales, M), the bucket's and its per-shape ones, also names
+def attach_no_tma(sweep, scales, m, fallback, strip=(), tma_variants=("tma",)):
+    """Each TMA-loading entry (`tma_variants`) the run wrote for (scales, M), the bucket's and its per-shape ones, also names
     as `no_tma` a pointer-load candidate of this run (rows where `fallback(row)`): for the bucket the
     least geometric mean over the shapes, for a shape the fastest on it; the keys in `strip` are
     dropped from it. A TMA descriptor takes only aligned operands (K a multiple of 32, 16-byte
@@ -110,7 +110,7 @@ def attach_no_tma(sweep, scales, m, fallback, strip=()):
     if bucket is None:
         return
     entries = [(None, bucket)] + [(key, e) for key, e in bucket.get("shapes", {}).items()]
-    if not any(e["variant"] == "tma" for _, e in entries):
+    if not any(e["variant"] in tma_variants for _, e in entries):
         return
     rows = [r for r in sweep.record["rows"] if r.get("scales") == scales and r.get("M") == m
             and r.get("geomean_vs_best") is not None and fallback(r)]
@@ -119,7 +119,7 @@ def attach_no_tma(sweep, scales, m, fallback, strip=()):
                            "a tma entry needs one as its no_tma config (raise --budget-s)")
     names = {shape_key(s.n, s.k): s.name for s in sweep.shapes}
     for key, entry in entries:
-        if entry["variant"] != "tma":
+        if entry["variant"] not in tma_variants:
             continue
         best = (min(rows, key=lambda r: r["geomean_vs_best"]) if key is None
                 else min(rows, key=lambda r: r["us"][names[key]]))
@@ -164,8 +164,10 @@ class Sweep:
     def over_budget(self):
         return time.time() - self.t0 > self.args.budget_s
 
-    def run(self, scales, m, candidates, verify, make_call):
-        """verify(cfg, m) -> (ok, detail); make_call(cfg, shape, m) -> zero-argument closure."""
+    def run(self, scales, m, candidates, verify, make_call, per_shape=True):
+        """verify(cfg, m) -> (ok, detail); make_call(cfg, shape, m) -> zero-argument closure.
+        per_shape: write a shape's own entry where it wins by SHAPE_MARGIN (False for a family whose
+        launcher does not read them)."""
         timed = []
         for cfg in candidates[: self.args.max_candidates]:
             row = {"scales": scales, "M": m, "config": cfg}
@@ -198,7 +200,7 @@ class Sweep:
         shapes = {}
         # a shape's entry keeps the bucket's act_layout (the layers pick the quantizer's per bucket)
         same = [r for r in timed if r["config"].get("act_layout") == win["config"].get("act_layout")]
-        for s in self.shapes:
+        for s in self.shapes if per_shape else ():
             fastest = min(same, key=lambda r: r["us"][s.name])
             if fastest is not win and fastest["us"][s.name] < (1 - SHAPE_MARGIN) * win["us"][s.name]:
                 shapes[shape_key(s.n, s.k)] = dict(fastest["config"], us=fastest["us"][s.name])

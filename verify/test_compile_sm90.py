@@ -212,7 +212,7 @@ def _drive_mosaic(table):
     n, k = 128, 512
     w = rng.standard_normal((n, k))
     # per-channel base with per-token and grouped activations; groups of 32 with 16 x 128 blocks
-    for wg, block, ags in ((None, (64, 64), (None, 64)), (32, (16, 128), (32,))):
+    for wg, block, ags in ((None, (64, 64), (None, 64)), (32, (16, 128), (32, None))):
         weights = MosaicBlocks.from_codes(R.mosaic_quantize(w, rng.random(k) + 0.1, density=0.3, block=block,
                                                             group_size=wg), KERNEL_DEVICE)
         for m in _ms(table["mosaic"]["w4a4"]):

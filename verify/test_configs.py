@@ -79,6 +79,10 @@ def test_every_bucket_names_a_launchable_variant(path):
     for cfg in [*table["mosaic"]["w4a4"].values(), *table["mosaic"]["w4a4_group"].values()]:
         assert cfg["variant"] in mosaic.VARIANTS
         assert "act_layout" not in cfg  # the Mosaic kernels take packed activations only
+        # dequant loads through TMA descriptors: its bucket names the integer config for the rest
+        assert (cfg["variant"] == "dequant") == ("no_tma" in cfg), (path.name, cfg)
+        if "no_tma" in cfg:
+            assert cfg["no_tma"]["variant"] in set(mosaic.VARIANTS) - {"dequant"}, (path.name, cfg)
         assert all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     for cfg in table["mosaic"]["w4a16"].values():
         assert "variant" not in cfg and all(_pow2(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -105,7 +109,7 @@ def test_every_shipped_variant_appears_in_some_table():
             used[family] |= {c["variant"] for b in table[family].values() for c in b.values()}
             used[family] |= {e["variant"] for b in table[family].values() for c in b.values()
                              for e in c.get("shapes", {}).values()}
-        used_mosaic |= {c["variant"] for c in table["mosaic"]["w4a4"].values()}
+        used_mosaic |= {c["variant"] for section in ("w4a4", "w4a4_group") for c in table["mosaic"][section].values()}
     assert used == FAMILY_VARIANTS
     assert used_mosaic == set(mosaic.VARIANTS)
 

@@ -77,6 +77,12 @@ K32 = [
     dict(variant="reslate", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
     dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2),
 ]
+# The bf16 variant (TMA descriptors: K a multiple of 32); kept out of ALL, whose laws hold every
+# config to the integer variants' fp32 bound. BLOCK_K divides bk and the groups.
+DEQUANT = [
+    dict(variant="dequant", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(variant="dequant", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2),
+]
 W4A16_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=1, num_warps=4, num_stages=1),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, UNROLL=3, num_warps=4, num_stages=2),
@@ -91,9 +97,10 @@ def _ids(cfgs):
 
 
 def test_every_variant_has_explicit_configs():
-    assert {c["variant"] for c in ALL} == set(VARIANTS)
-    assert {c["variant"] for c in K64} == set(VARIANTS) and {c["variant"] for c in WIDE} >= {"reslate", "splitk"}
-    assert {c["variant"] for c in K32} == set(VARIANTS) and any(c["BLOCK_K"] == 32 for c in W4A16_CONFIGS)
+    integer = set(VARIANTS) - {"dequant"}
+    assert {c["variant"] for c in ALL} == integer and {c["variant"] for c in DEQUANT} == {"dequant"}
+    assert {c["variant"] for c in K64} == integer and {c["variant"] for c in WIDE} >= {"reslate", "splitk"}
+    assert {c["variant"] for c in K32} == integer and any(c["BLOCK_K"] == 32 for c in W4A16_CONFIGS)
 
 
 def dev(a):
@@ -101,12 +108,12 @@ def dev(a):
 
 
 @st.composite
-def mosaic_codes(draw, max_n=130, max_k=260, group_sizes=(None,)):
+def mosaic_codes(draw, max_n=130, max_k=260, group_sizes=(None,), k_multiple=2):
     """MosaicCodes drawn directly: base codes with extremes, and a residual block set chosen per
     row-block (none / every K-block / random), so empty N-tiles and full N-tiles both occur."""
     bn, bk = draw(st.sampled_from(BLOCKS))
     n = draw(st.integers(1, max_n))
-    k = 2 * draw(st.integers(1, max_k // 2))
+    k = k_multiple * draw(st.integers(1, max_k // k_multiple))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     nbr, nbc = -(-n // bn), -(-k // bk)
     style = draw(st.sampled_from(["per_row_block", "density_0", "one_block", "five_percent", "all"]))
@@ -159,15 +166,30 @@ def w4a4_inputs(x, act_group_size):
 TINY = {torch.float16: 2.0**-24, torch.bfloat16: 1e-30, torch.float32: 1e-30}
 
 
-def bound(ref, mag, dtype):
-    return EPS_OUT[dtype] * np.abs(ref) + 2.0**-20 * mag + TINY[dtype]
+# The dequant variant, compiled, forms sa * qx and the weight (sb * qb + sr * qr) in bf16 before its
+# MMA: the activation and each scaled term rounded (2**-8 each, relative), the scales too, and the
+# weight's sum: under 2**-6 of |qx sa| @ |W|.T. Under the interpreter it computes in fp32.
+FOLD = 2.0**-6 if GPU else 0.0
 
 
-def assert_close(out, ref, mag, dtype, what):
+def bound(ref, mag, dtype, folded=False):
+    return EPS_OUT[dtype] * np.abs(ref) + (2.0**-20 + (FOLD if folded else 0.0)) * mag + TINY[dtype]
+
+
+def runs_dequant(cfg, m, w, act_group_size, qxp):
+    """True when this launch (an explicit config, or the table's for M) runs the dequant variant."""
+    from zqkernels.gpu.configs import tma_or_fallback
+    from zqkernels.gpu.mosaic import dequant_takes
+
+    cfg = dict(cfg) if cfg is not None else _table_config(m, w, act_group_size, "w4a4")
+    return tma_or_fallback(cfg, dequant_takes(qxp, w), ("dequant",))[0] == "dequant"
+
+
+def assert_close(out, ref, mag, dtype, what, folded=False):
     y = out.detach().cpu().double().numpy()
     assert np.all(np.isfinite(y)), f"{what}: non-finite (unwritten?) outputs"
     err = np.abs(y - ref)
-    tol = bound(ref, mag, dtype)  # tolerance: eps_out * |ref| + 2**-20 * |qx| @ |W|.T (see module doc)
+    tol = bound(ref, mag, dtype, folded)  # tolerance: eps_out * |ref| + 2**-20 (FOLD) * |qx| @ |W|.T (module doc)
     worst = np.unravel_index(np.argmax(err - tol), err.shape)
     assert np.all(err <= tol), f"{what}: |err| {err[worst]} > tol {tol[worst]} at {worst}"
 
@@ -237,7 +259,7 @@ def test_fused_matches_reference_mosaic_matmul(codes, data, act_group_size, out_
     if out_dtype == torch.float16 and np.abs(ref).max() > 6e4:
         return  # beyond fp16's range: the product itself is not representable
     y = _into_poisoned(mosaic_w4a4_gemm, m, n, out_dtype, qxp, sxt, w, act_group_size=act_group_size, config=cfg)
-    assert_close(y, ref, mag, out_dtype, "fused")
+    assert_close(y, ref, mag, out_dtype, "fused", runs_dequant(cfg, m, w, act_group_size, qxp))
 
 
 @pytest.mark.parametrize("unfused", [False, True])
@@ -293,9 +315,10 @@ def _table_config_laws(codes, x, act_group_size, m, label):
     w = prepare_mosaic(codes, DEVICE)
     ref = R.mosaic_matmul(x, codes, act_group_size=act_group_size)
     mag = np.abs(R.dequantize(qx, sx, act_group_size)) @ R.mosaic_dequantize(abs_codes(codes)).T
+    folded = runs_dequant(None, m, w, act_group_size, qxp)
     for fn in (mosaic_w4a4_gemm, mosaic_w4a4_gemm_unfused):
         y = _into_poisoned(fn, m, n, torch.float32, qxp, sxt, w, act_group_size=act_group_size)
-        assert_close(y, ref, mag, torch.float32, f"{fn.__name__} {label}")
+        assert_close(y, ref, mag, torch.float32, f"{fn.__name__} {label}", folded)
     xt = torch.from_numpy(x).to(torch.bfloat16)
     x_used = xt.double().numpy()
     y = _into_poisoned(mosaic_w4a16_gemm, m, n, torch.float32, xt.to(DEVICE), w)
@@ -311,8 +334,8 @@ TABLE_M = [1, 8, 16, 40] + ([100, 300] if GPU else [])
 def test_launch_table_sends_groups_of_32_through_every_variant():
     w = prepare_mosaic(R.mosaic_quantize(np.ones((8, 96)), np.ones(96), density=0.5, group_size=32), DEVICE)
     cfgs = [_table_config(m, w, 32, "w4a4") for m in TABLE_M]
-    if not GPU:  # the interpreter's table reaches every variant; a GPU's tuned w4a4_group names its winners
-        assert {c["variant"] for c in cfgs} == set(VARIANTS)
+    if not GPU:  # the interpreter's table reaches every integer variant; a GPU's tuned w4a4_group names its winners
+        assert {c["variant"] for c in cfgs} == set(VARIANTS) - {"dequant"}
     assert all(c["BLOCK_K"] == 32 for c in cfgs) and _table_config(1, w, None, "w4a16")["BLOCK_K"] == 32
 
 
@@ -381,7 +404,7 @@ def test_unfused_baseline_matches_reference(codes, data, act_group_size, cfg):
     y = mosaic_w4a4_gemm_unfused(qxp, sxt, w, act_group_size=act_group_size, out_dtype=torch.float32, out=out,
                                  config=cfg)
     # Two launches: the base is rounded to the output dtype once before the residual is added.
-    assert_close(y, ref, mag, torch.float32, "unfused")
+    assert_close(y, ref, mag, torch.float32, "unfused", runs_dequant(cfg, m, w, act_group_size, qxp))
 
 
 @pytest.mark.parametrize("cfg", [None] + W4A16_CONFIGS, ids=_ids([None] + W4A16_CONFIGS))
@@ -555,6 +578,56 @@ def test_entry_points_reject_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
+# The bf16 variant
+
+
+@pytest.mark.parametrize("cfg", DEQUANT, ids=_ids(DEQUANT))
+@settings(max_examples=examples(5))
+@given(codes=mosaic_codes(max_k=256, group_sizes=(None, 32, 64), k_multiple=32), data=st.data(),
+       act_group_size=st.sampled_from([None, 32, 64]), residual=st.booleans(),
+       out_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_dequant_matches_reference(codes, data, act_group_size, residual, out_dtype, cfg):
+    """The dequant variant, fused (and with the residual compiled out, as the unfused baseline
+    runs it), against the oracle within the bf16 bound FOLD: base and residual in one MMA a step,
+    per-channel or grouped base scales, per-token or grouped activations, a residual block
+    spanning several K steps, K a multiple of 32 (TMA rows), M = 1 among the draws."""
+    cfg = dict(cfg, BLOCK_K=min([cfg["BLOCK_K"]] + [g for g in (act_group_size, codes.group_size) if g]))
+    m, n, qxp, sxt, w, ref, mag = _float_case(codes, data.draw, act_group_size, 20)
+    fn = mosaic_w4a4_gemm if residual else mosaic_w4a4_gemm_unfused
+    if not residual:
+        out_dtype = torch.float32  # the unfused baseline adds its residual to the stored output
+    y = _into_poisoned(fn, m, n, out_dtype, qxp, sxt, w, act_group_size=act_group_size, config=cfg)
+    assert_close(y, ref, mag, out_dtype, f"dequant, {'fused' if residual else 'unfused'}", folded=True)
+
+
+@settings(max_examples=examples(4))
+@given(codes=mosaic_codes(max_k=200, group_sizes=(32,)), data=st.data())
+def test_a_dequant_bucket_runs_what_tma_cannot_take_on_its_no_tma_config(codes, data):
+    """A launch-table bucket naming dequant runs its `no_tma` config where a TMA descriptor cannot
+    take the operands (K not a multiple of 32): that config's own output bit for bit, while the
+    dequant config alone refuses; and the int32 entry point refuses the dequant variant."""
+    n, k = codes.q_base.shape
+    m, n, qxp, sxt, w, ref, mag = _float_case(codes, data.draw, 32, 20)
+    bucket = dict(DEQUANT[0], no_tma=K32[1])
+    y = mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=32, out_dtype=torch.float32, config=bucket)
+    if k % 32:
+        assert torch.equal(y, mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=32, out_dtype=torch.float32,
+                                               config=K32[1]))  # exact: the same launch
+        with pytest.raises(ValueError, match="dequant variant needs K"):
+            mosaic_w4a4_gemm(qxp, sxt, w, act_group_size=32, config=DEQUANT[0])
+    assert_close(y, ref, mag, torch.float32, "dequant bucket", folded=k % 32 == 0)
+    with pytest.raises(ValueError, match="bf16"):
+        mosaic_w4a4_gemm_int32(qxp, prepare_mosaic(dataclasses_replace_group(codes), DEVICE), config=DEQUANT[0])
+
+
+def dataclasses_replace_group(codes):
+    """The same codes with per-channel base scales (the int32 entry point's requirement)."""
+    return R.MosaicCodes(q_base=codes.q_base, scale_base=np.ones(codes.q_base.shape[0]),
+                         block_index=codes.block_index, q_res=codes.q_res, scale_res=codes.scale_res,
+                         block=codes.block, group_size=None)
+
+
+# ------------------------------------------------------------------------------------------------
 # Compiled, LLaMA-3-8B sizes (GPU only)
 
 LLAMA = {"o": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336)}
@@ -612,3 +685,34 @@ def test_w4a16_unrolled_steps_past_k_read_no_group_scale():
     mag = np.abs(xt.double().numpy()) @ R.mosaic_dequantize(abs_codes(codes)).T
     assert np.all(np.isfinite(y))
     assert np.all(np.abs(y - ref) <= 2.0**-20 * mag + 1e-30)  # fp32 accumulation of exact products
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiled kernels on LLaMA-3-8B sizes")
+@pytest.mark.parametrize("shape", list(LLAMA))
+@pytest.mark.parametrize("m", [256, 1024])
+@pytest.mark.parametrize("act_group, tile", [(32, (128, 128, 8)), (None, (128, 64, 4))])
+def test_dequant_llama_sizes_compiled(shape, m, act_group, tile):
+    """The dequant variant in the accuracy configuration (groups of 32 both sides, 16 x 128 residual
+    blocks at density 0.3), compiled, against the float64 oracle on the same codes: bf16 operands,
+    fp32 accumulation (relative error in the norm, far under the per-element FOLD)."""
+    n, k = LLAMA[shape]
+    rng = np.random.default_rng(m + n)
+    bn, bk = 16, 128
+    nbr, nbc = n // bn, k // bk
+    flat = np.sort(rng.choice(nbr * nbc, size=int(0.3 * nbr * nbc), replace=False))
+    bi = np.stack(np.divmod(flat, nbc), 1).astype(np.int64)
+    codes = R.MosaicCodes(q_base=rng.integers(-8, 8, size=(n, k)).astype(np.int8),
+                          scale_base=rng.uniform(0.1, 1, (n, k // 32)), block_index=bi,
+                          q_res=rng.integers(-8, 8, size=(len(bi), bn, bk)).astype(np.int8),
+                          scale_res=rng.uniform(0, 0.1, size=(len(bi), bn)), block=(bn, bk), group_size=32)
+    w = prepare_mosaic(codes, DEVICE)
+    qx = rng.integers(-8, 8, size=(m, k)).astype(np.int8)
+    sx = rng.uniform(0.01, 1, (m, k // 32) if act_group else m)
+    bm, bnt, warps = tile
+    cfg = dict(variant="dequant", BLOCK_M=bm, BLOCK_N=bnt, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=4)
+    y = mosaic_w4a4_gemm(dev(R.pack_int4(qx)), dev(sx.astype(np.float32)), w, act_group_size=act_group,
+                         out_dtype=torch.float32, config=cfg).cpu().double().numpy()
+    xs = qx * (np.repeat(sx, 32, axis=1) if act_group else sx[:, None])
+    ref = xs @ R.mosaic_dequantize(codes).T
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3  # bf16 operands: 2**-8 per rounding, random signs

@@ -117,14 +117,14 @@ def launch_config(family, scales, m, device, n=None, k=None):
     return cfg
 
 
-def tma_or_fallback(cfg, tma_ok):
-    """(variant, tile parameters) of a launch config: a bucket naming the tma variant runs its
-    `"no_tma"` config instead where a TMA descriptor cannot take the operands (`tma_ok` False), so
-    the family takes every operand it accepts at every M; an explicit tma config without one is
-    left to refuse them. Pops "variant" and "no_tma" from `cfg`."""
+def tma_or_fallback(cfg, tma_ok, tma_variants=("tma",)):
+    """(variant, tile parameters) of a launch config: a bucket naming a variant that loads through
+    TMA descriptors (`tma_variants`) runs its `"no_tma"` config instead where a descriptor cannot
+    take the operands (`tma_ok` False), so the family takes every operand it accepts at every M;
+    an explicit such config without one is left to refuse them. Pops "variant" and "no_tma"."""
     variant = cfg.pop("variant")
     no_tma = cfg.pop("no_tma", None)
-    if variant == "tma" and no_tma is not None and not tma_ok:
+    if variant in tma_variants and no_tma is not None and not tma_ok:
         cfg = dict(no_tma)
         variant = cfg.pop("variant")
     return variant, cfg

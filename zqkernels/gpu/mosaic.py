@@ -29,6 +29,15 @@ Variants (one launch each; the launch table names one per M bucket, `configs.py`
   folded to fp32, then the tile's kept blocks in a plain tail, each step re-reading its X tile from
   L2 (about 5 % of the tile's X at 5 % density). Reusing the tile in registers needs a second
   accumulator live through the main loop, which at the large-M tile spilled; see docs/DESIGN.md.
+- `dequant` (large M, with groups on the H200): the product in bf16 on the 16-bit tensor cores.
+  Each K step's activation codes times their scales, and the base codes times theirs plus the
+  step's residual block (when the tile's list holds one) times its row scales, are formed in bf16
+  in registers (`int4.unpack_lo_hi_float`: no conversion instruction) and ONE bf16 MMA a step
+  accumulates in fp32: no int32 partial is converted and rescaled on the CUDA cores, and the
+  residual costs a masked load and an FMA per weight, no MMA. Activations and base weights come
+  through TMA descriptors (K a multiple of 32, 16-byte aligned), so a table bucket naming it also
+  names a `"no_tma"` integer config for the rest. Not an exact-integer path:
+  `mosaic_w4a4_gemm_int32` refuses it.
 `mosaic_w4a4_gemm_unfused` is the baseline: the same variant with the residual compiled out, then
 a second kernel that re-reads X for every kept block and adds the residual into the stored output.
 `mosaic_w4a4_gemm_int32` stores the base and residual int32 sums separately (exact tests).
@@ -40,10 +49,11 @@ blocks (bn, bk) powers of two with bk >= 64, K <= `limits.MAX_K`.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import interpreting, launch_config, use_asm
-from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_x16
+from zqkernels.gpu.configs import interpreting, launch_config, tma_or_fallback, use_asm
+from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_float, unpack_lo_hi_x16
 from zqkernels.gpu.operands import (
     check_float_acts, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
 )
@@ -579,13 +589,92 @@ def _mosaic_w4a16_kernel(
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+# M is a plain runtime int, as in the W4A4 GEMMs.
+@triton.jit(do_not_specialize=["M"])
+def _mosaic_dequant_kernel(
+    x_desc, w_desc, sx_ptr, sw_ptr, rp_ptr, sr_ptr, indptr_ptr, kblock_ptr, bids_ptr, out_ptr,
+    M, N, K, stride_sx, stride_sw,
+    ACT_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_RES: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_ASM: tl.constexpr, BN_RES: tl.constexpr, BK_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The W4A4 product in bf16 on the 16-bit tensor cores: each K step's activation codes times
+    their group scales, and the base codes times theirs plus the step's residual block (when the
+    tile's list holds one) times its row scales, are formed in bf16 in registers (the codes by the
+    magic-number unpack, no conversion instruction), and ONE bf16 MMA per step accumulates in fp32:
+    the residual costs a masked load and an FMA per weight, no second MMA, and no int32 partial is
+    rescaled on the CUDA cores. The weights are the MMA's register operand ([BLOCK_N, BLOCK_K]).
+    Activations [M, K/2] and base weights [N, K/2] come through TMA descriptors (zero-filled past
+    M, N and K); the residual blocks through the tile's block list, as in the W4A16 kernel."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    HALF: tl.constexpr = BLOCK_K // 2
+    rh = tl.arange(0, HALF)
+    DT: tl.constexpr = tl.float32 if DOT_F32 else tl.bfloat16
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if W_GROUP == 0:
+        sw_n = tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(DT)
+    if ACT_GROUP == 0:
+        # per-token scales go into the activation tile too: every step's operand is then a product
+        # in registers (Triton 3.6 failed to lay out the bare unpacked tile as a TMA-fed operand)
+        sx_m = tl.load(sx_ptr + rm, mask=m_ok, other=0.0).to(DT)
+    if HAS_RES:
+        LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
+        R: tl.constexpr = LIST_W // BN_RES
+        p, p_end, slot, n_local = _tile_list(indptr_ptr, pid_n, rn, BLOCK_N, BN_RES, LIST_W)
+        NO_BLOCK = 2147483647
+        next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+        r_off = n_local[:, None] * (BK_RES // 2) + rh[None, :]
+    for t in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = t * BLOCK_K
+        x_lo, x_hi = unpack_lo_hi_float(x_desc.load([off_m, t * HALF]), DT, USE_ASM)
+        x = _natural(x_lo, x_hi)  # [BLOCK_M, BLOCK_K] codes
+        if ACT_GROUP != 0:
+            # BLOCK_K divides ACT_GROUP: this whole step lies in group k0 // ACT_GROUP.
+            sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+            x = x * sxg.to(DT)[:, None]
+        else:
+            x = x * sx_m[:, None]
+        w_lo, w_hi = unpack_lo_hi_float(w_desc.load([off_n, t * HALF]), DT, USE_ASM)
+        w = _natural(w_lo, w_hi)  # [BLOCK_N, BLOCK_K] codes
+        if W_GROUP != 0:
+            swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
+            w = w * swg.to(DT)[:, None]
+        else:
+            w = w * sw_n[:, None]
+        if HAS_RES:
+            cb = k0 // BK_RES
+            if cb == next_cb:
+                koff = k0 - cb * BK_RES
+                bid = tl.load(bids_ptr + p * R + slot)
+                have = bid >= 0
+                rq = tl.load(rp_ptr + bid[:, None] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
+                             mask=have[:, None], other=0)
+                r_lo, r_hi = unpack_lo_hi_float(rq, DT, USE_ASM)
+                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0)
+                w = w + _natural(r_lo, r_hi) * srow.to(DT)[:, None]
+                if koff + BLOCK_K == BK_RES:
+                    p += 1
+                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+        acc = tl.dot(w, tl.trans(x), acc)
+    y = tl.trans(acc)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
 # The shipped variants (module docstring); the first two step their base loop independently of bk
 # (the fast base loop), inloop steps inside the residual blocks (BLOCK_K divides bk).
-VARIANTS = {"reslate": _mosaic_reslate_kernel, "splitk": _mosaic_splitk_kernel, "inloop": _mosaic_inloop_kernel}
+VARIANTS = {"reslate": _mosaic_reslate_kernel, "splitk": _mosaic_splitk_kernel, "inloop": _mosaic_inloop_kernel,
+            "dequant": _mosaic_dequant_kernel}
 _WIDE_K = ("reslate", "splitk")
 
 
@@ -595,7 +684,11 @@ def _table_config(m, weights, act_group_size, family):
     with groups, whose shallow K steps want other tiles and stages), a per-token one `w4a4`."""
     if family == "w4a4" and (act_group_size is not None or weights.group_size is not None):
         family = "w4a4_group"
-    cfg = launch_config("mosaic", family, m, weights.device)
+    return _fit(launch_config("mosaic", family, m, weights.device), weights, act_group_size)
+
+
+def _fit(cfg, weights, act_group_size):
+    """A table config's tiles fitted to these weights' blocks and these groups."""
     bn, bk = weights.block
     if bn % cfg["BLOCK_N"] and cfg["BLOCK_N"] % bn:  # a tile neither inside one row-block nor whole ones
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], bn)
@@ -661,15 +754,52 @@ def _check_w4a4_call(qx_packed, act_scale, weights, act_group_size):
     return m, None if act_group_size is None else int(act_group_size)
 
 
+def dequant_takes(qx_packed, weights):
+    """True when the dequant variant's TMA descriptors take these operands: K a multiple of 32
+    (K/2 bytes a row, 16-byte aligned) and 16-byte aligned bases."""
+    return (weights.shape[1] % 32 == 0 and qx_packed.data_ptr() % 16 == 0
+            and weights.qb_packed.data_ptr() % 16 == 0)
+
+
+def _launch_dequant(cfg, qx_packed, sx, weights, act_group_size, out, has_res):
+    n, k = weights.shape
+    m = qx_packed.shape[0]
+    bn, bk = weights.block
+    if not dequant_takes(qx_packed, weights):
+        raise ValueError(f"the dequant variant needs K a multiple of 32 and 16-byte aligned operands, got K={k} "
+                         "(a launch-table bucket naming dequant sends such operands to its no_tma config)")
+    bm, bnt, bkt = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sw = weights.scale_base
+    _mosaic_dequant_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bnt),)](
+        TensorDescriptor.from_tensor(qx_packed, [bm, bkt // 2]), TensorDescriptor.from_tensor(weights.qb_packed,
+                                                                                             [bnt, bkt // 2]),
+        sx, sw, weights.res_packed, weights.scale_res, *weights.tile_lists(max(bnt, bn)), out,
+        m, n, k, sx.stride(0), sw.stride(0),
+        ACT_GROUP=act_group_size or 0, W_GROUP=weights.group_size or 0, HAS_RES=has_res,
+        DOT_F32=interpreting(), USE_ASM=use_asm(weights.device), BN_RES=bn, BK_RES=bk,
+        BLOCK_M=bm, BLOCK_N=bnt, BLOCK_K=bkt, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+
+
 def _launch(qx_packed, act_scale, weights, act_group_size, out, out2, has_res, int_debug, config):
     """The dispatcher: the launch table's config for this M names the variant (module docstring)."""
     n, k = weights.shape
     m = qx_packed.shape[0]
     bn, bk = weights.block
     cfg = dict(config) if config is not None else _table_config(m, weights, act_group_size, "w4a4")
-    variant = cfg.pop("variant")
+    variant, cfg = tma_or_fallback(cfg, dequant_takes(qx_packed, weights), ("dequant",))
+    if config is None:
+        cfg = _fit(cfg, weights, act_group_size)  # a no_tma config, fitted as the bucket's was
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    if variant == "dequant":
+        if int_debug:
+            raise ValueError("the dequant variant computes in bf16: mosaic_w4a4_gemm_int32 needs a config of an "
+                             "integer variant (reslate, splitk, inloop)")
+        _check_config(cfg, weights, act_group_size, False, 32)
+        sx = act_scale if act_scale is not None else torch.zeros(max(m, 1), dtype=torch.float32, device=weights.device)
+        _launch_dequant(cfg, qx_packed, sx, weights, act_group_size, out, has_res)
+        return dict(cfg, variant=variant)
     _check_config(cfg, weights, act_group_size, variant in _WIDE_K, 32)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     split = 1
