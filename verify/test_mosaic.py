@@ -13,6 +13,10 @@ Laws:
 - groups of 32 (weights, activations or both; a 64-deep residual block then spans two groups):
   every variant, stepping K 32 deep (one natural-order int8 dot per step), equals the oracle as
   above, its int32 accumulators exactly.
+- the bf16 `dequant` variant (compiled: sa * qx and the weight in bf16 before the MMA) within
+  `eps_out * |ref| + (2**-20 + FOLD) * mag`, FOLD = 2**-6 (the bf16 roundings); under the
+  interpreter it computes in fp32 and FOLD is 0; a bucket naming it runs its `no_tma` config where
+  K is not a multiple of 32, and the int32 entry point refuses it.
 Residual block sets are drawn per row-block: empty, every K-block, or random (densities 0, one
 block, ~5 %, 100 %), on M = 1, N and K not multiples of the block, values with ties and outliers.
 Outputs are poisoned (0x7F7F7F7F / NaN) so an unwritten element fails.
