@@ -5,8 +5,8 @@ smallest key >= M (else the largest), and its config names the kernel variant th
 (`"variant": "splitk"`, `"gemm"`, ...) with that variant's tile parameters: which variant wins at
 which M is a measured, per-GPU decision, so it is data too. A bucket may also hold, under
 `"shapes"`, whole configs for given weight shapes (`"NxK"`), written by a tune where another
-candidate beat the bucket's winner on that shape (`launch_config(..., n, k)`). `scales` names the scale layout the
-config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
+candidate beat the bucket's winner on that shape (`launch_config(..., n, k)`; the W4A4 and W4A16
+launchers read them). `scales` names the scale layout the config was tuned for (`per_token` / `group` activation scales for the W4A4 families,
 `per_channel` / `group` weight scales for W4A16). Every `w4a4` bucket also names the activation
 layout its layers quantize into, `"act_layout": "int4"` (packed, two codes per byte) or `"int8"`
 (one code per byte, no unpack in the GEMM; `w4a4.act_layout`), or, in a `gemv` bucket, `"fused"`

@@ -65,7 +65,8 @@ def unpack_lo_hi_x16(packed, USE_ASM: tl.constexpr):
 # exactly. One LOP3 computes (bytes & mask) ^ (base | 8) for two codes at once; one fma.x2 takes
 # the base off both. The fp16 high nibble needs no shift: 1024 + 16u is exact too (step 1), and
 # the fma scales it by 1/16. bf16's mantissa is too short for that, so its high nibbles are
-# shifted down first. Constants per dtype (is_bf16): the magic, 1.0 or 1/16, -(base + 8) or -(base/16 + 8).
+# shifted down first. Each tuple: the nibble mask, the LOP3's XOR constant (base | 8), the fma's
+# factor (1.0, or 1/16 for fp16's high nibbles) and its addend (-(base + 8), or -(base/16 + 8)).
 _F16_LO = ("0x000F000F", "0x64086408", "0x3C003C00", "0xE408E408")
 _F16_HI = ("0x00F000F0", "0x64806480", "0x2C002C00", "0xD480D480")
 _BF16 = ("0x000F000F", "0x43084308", "0x3F803F80", "0xC308C308")

@@ -2,10 +2,9 @@
 
     Y[M, N] = sum_g (x[:, g] @ qw[:, g].T) x w_scale[:, g]      (per-channel: one group = all of K)
 
-Variants, named per M bucket by the launch table as in `w4a4`:
 Every variant unpacks the weights straight to 16-bit codes in registers by the magic-number form
 (`int4.unpack_lo_hi_float`: eight codes in ten instructions, no int -> float conversion, exact in
-fp16 / bf16).
+fp16 / bf16). Variants, named per M bucket by the launch table as in `w4a4`:
 - `splitk` (small M: K split over programs, last arrival reduces, optional SWAP_AB) and `gemm`
   (one program per tile, grouped order): the codes either put back in natural K order (join +
   reshape: one 16-bit tensor-core dot of a contiguous x tile) or kept as even/odd planes (PLANES:
@@ -13,16 +12,18 @@ fp16 / bf16).
   fp32 partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per
   channel).
 - `tma` (large M): both operands through TMA tensor descriptors, the weights optionally the MMA's
-  register operand (SWAP_AB, no shared-memory round trip for them). Per channel the scale is applied in the epilogue; with groups each K tile's weights
-  are multiplied by their group's scale in the activation dtype before the MMA (what a
-  dequantize-then-GEMM does), so the fp32 accumulator runs through the whole K loop: the scale is
-  rounded to fp16 / bf16 and each scaled weight once more (relative error up to 2^-10 for fp16,
-  2^-7 for bf16, per weight; exact codes times fp32 scales in the other variants). On the H200
-  at M = 4096 that ran 1.27-1.46x faster than rescaling each tile's partial sum in fp32 at the
-  rescale's best tile, and 2.6-3.0x on the same tile (reports/results/h200/tune_w4a16_tma_group.json). With fp16 activations the folded scales must
-  stay within fp16's range over 8 (|scale| <= 8188; checked with check_finite). It needs K a
-  multiple of 32 and 16-byte aligned operands; a bucket naming it also names under `"no_tma"` the
-  config for the rest (`configs.tma_or_fallback`), so every operand is taken at every M.
+  register operand (SWAP_AB, no shared-memory round trip for them). Per channel the scale is
+  applied in the epilogue; with groups each K tile's weights are multiplied by their group's
+  scale in the activation dtype before the MMA (what a dequantize-then-GEMM does), so the fp32
+  accumulator runs through the whole K loop: the scale is rounded to fp16 / bf16 and each scaled
+  weight once more (relative error up to 2^-10 for fp16, 2^-7 for bf16, per weight; exact codes
+  times fp32 scales in the other variants). On the H200 at M = 4096 that ran 1.27-1.46x faster
+  than rescaling each tile's partial sum in fp32 at the rescale's best tile, and 2.6-3.0x on the
+  same tile (reports/results/h200/tune_w4a16_tma_group.json). With fp16 activations the folded
+  scales must stay within fp16's range over 8 (|scale| <= 8188; checked with check_finite). It
+  needs K a multiple of 32 and 16-byte aligned operands; a bucket naming it also names under
+  `"no_tma"` the config for the rest (`configs.tma_or_fallback`), so every operand is taken at
+  every M.
 Requirements (ValueError otherwise): x [M, K] fp16|bf16 contiguous, qw_packed uint8 [N, K/2]
 contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in `limits.W4A16_GROUPS`, one device.
 """
