@@ -57,13 +57,14 @@ from zqkernels.gpu.int4 import unpack_interleaved, unpack_lo_hi_float, unpack_lo
 from zqkernels.gpu.operands import (
     check_float_acts, check_out, check_out_dtype, check_packed, check_same_device, check_scale, refuse_non_finite,
 )
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids, tile_origin
 from zqkernels.layouts import MosaicBlocks
 
 INV256 = tl.constexpr(0.00390625)  # removes the 16 * 16 of the x16 nibble planes, exactly
 # The shallowest int8 dot Triton compiles (Hopper's int8 wgmma is 32 deep): a K step of 64 or more
 # can dot its two nibble planes separately; a step of 32 (groups of 32) dots them interleaved.
 MIN_DOT_K = tl.constexpr(32)
+NO_BLOCK = tl.constexpr(2147483647)  # past a residual list's end: no K step's column-block
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +514,36 @@ def _mosaic_residual_kernel(
 
 
 @triton.jit
+def _list_start(indptr_ptr, kblock_ptr, pid_n, rn, rh, BLOCK_N: tl.constexpr, BN_RES: tl.constexpr,
+                BK_RES: tl.constexpr):
+    """The walk of a tile's residual list by kernels that test every K step against it: (first
+    entry, end, each column's row-block slot, each column's row in its block, the first listed
+    column-block (NO_BLOCK past the end), each column's offsets into a block's packed rows)."""
+    LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
+    p, p_end, slot, n_local = _tile_list(indptr_ptr, pid_n, rn, BLOCK_N, BN_RES, LIST_W)
+    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+    return p, p_end, slot, n_local, next_cb, n_local[:, None] * (BK_RES // 2) + rh[None, :]
+
+
+@triton.jit
+def _list_block(k0, p, p_end, next_cb, slot, n_local, r_off, rp_ptr, sr_ptr, bids_ptr, kblock_ptr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN_RES: tl.constexpr, BK_RES: tl.constexpr):
+    """At a K step inside the list's next column-block: (the step's packed residual codes
+    [BLOCK_N, BLOCK_K/2] (0 in row-blocks that keep none), their row scales, and the walk
+    advanced past the block at its last step)."""
+    R: tl.constexpr = (BLOCK_N if BLOCK_N > BN_RES else BN_RES) // BN_RES
+    koff = k0 % BK_RES
+    bid = tl.load(bids_ptr + p * R + slot)
+    have = bid >= 0
+    rq = tl.load(rp_ptr + bid[:, None] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off, mask=have[:, None], other=0)
+    srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0)
+    if koff + BLOCK_K == BK_RES:
+        p += 1
+        next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
+    return rq, srow, p, next_cb
+
+
+@triton.jit
 def _dot_operand(v, COMPILED: tl.constexpr):
     # Triton 3.9's interpreter gets int8 -> bfloat16 casts and bfloat16 dots wrong (garbage
     # values); there both operands go through float32, which is exact for these operands
@@ -548,12 +579,8 @@ def _mosaic_w4a16_kernel(
     w_ptrs = wp_ptr + rn[:, None] * KH + rh[None, :]  # [BLOCK_N, HALF]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
-    R: tl.constexpr = LIST_W // BN_RES
-    p, p_end, slot, n_local = _tile_list(indptr_ptr, pid_n, rn, BLOCK_N, BN_RES, LIST_W)
-    NO_BLOCK = 2147483647
-    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
-    r_off = n_local[:, None] * (BK_RES // 2) + rh[None, :]
+    p, p_end, slot, n_local, next_cb, r_off = _list_start(indptr_ptr, kblock_ptr, pid_n, rn, rh, BLOCK_N, BN_RES,
+                                                          BK_RES)
     for k_outer in range(0, K, BLOCK_K * UNROLL):
         for j in tl.static_range(UNROLL):
             k0 = k_outer + j * BLOCK_K
@@ -568,19 +595,11 @@ def _mosaic_w4a16_kernel(
                 acc += tl.dot(x, w) * swg[None, :]
             else:
                 acc = tl.dot(x, w, acc)
-            cb = k0 // BK_RES
-            if cb == next_cb:
-                koff = k0 - cb * BK_RES
-                bid = tl.load(bids_ptr + p * R + slot)
-                have = bid >= 0
-                rq = tl.load(rp_ptr + bid[:, None] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
-                             mask=have[:, None], other=0)
+            if k0 // BK_RES == next_cb:
+                rq, srow, p, next_cb = _list_block(k0, p, p_end, next_cb, slot, n_local, r_off, rp_ptr, sr_ptr,
+                                                   bids_ptr, kblock_ptr, BLOCK_N, BLOCK_K, BN_RES, BK_RES)
                 r = tl.trans(unpack_interleaved(rq, BLOCK_N, BLOCK_K).to(x.dtype))
-                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0)
                 res += tl.dot(x, r) * srow[None, :]
-                if koff + BLOCK_K == BK_RES:
-                    p += 1
-                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
     if W_GROUP == 0:
         sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
         acc = acc * sw[None, :]
@@ -606,11 +625,8 @@ def _mosaic_dequant_kernel(
     rescaled on the CUDA cores. The weights are the MMA's register operand ([BLOCK_N, BLOCK_K]).
     Activations [M, K/2] and base weights [N, K/2] come through TMA descriptors (zero-filled past
     M, N and K); the residual blocks through the tile's block list, as in the W4A16 kernel."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, BLOCK_N)
+    off_m, off_n, rm, rn = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_n = off_n // BLOCK_N
     m_ok = rm < M
     n_ok = rn < N
     HALF: tl.constexpr = BLOCK_K // 2
@@ -624,12 +640,8 @@ def _mosaic_dequant_kernel(
         # in registers (Triton 3.6 failed to lay out the bare unpacked tile as a TMA-fed operand)
         sx_m = tl.load(sx_ptr + rm, mask=m_ok, other=0.0).to(DT)
     if HAS_RES:
-        LIST_W: tl.constexpr = BLOCK_N if BLOCK_N > BN_RES else BN_RES
-        R: tl.constexpr = LIST_W // BN_RES
-        p, p_end, slot, n_local = _tile_list(indptr_ptr, pid_n, rn, BLOCK_N, BN_RES, LIST_W)
-        NO_BLOCK = 2147483647
-        next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
-        r_off = n_local[:, None] * (BK_RES // 2) + rh[None, :]
+        p, p_end, slot, n_local, next_cb, r_off = _list_start(indptr_ptr, kblock_ptr, pid_n, rn, rh, BLOCK_N,
+                                                              BN_RES, BK_RES)
     for t in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = t * BLOCK_K
         x_lo, x_hi = unpack_lo_hi_float(x_desc.load([off_m, t * HALF]), DT, USE_ASM)
@@ -648,19 +660,11 @@ def _mosaic_dequant_kernel(
         else:
             w = w * sw_n[:, None]
         if HAS_RES:
-            cb = k0 // BK_RES
-            if cb == next_cb:
-                koff = k0 - cb * BK_RES
-                bid = tl.load(bids_ptr + p * R + slot)
-                have = bid >= 0
-                rq = tl.load(rp_ptr + bid[:, None] * (BN_RES * (BK_RES // 2)) + koff // 2 + r_off,
-                             mask=have[:, None], other=0)
+            if k0 // BK_RES == next_cb:
+                rq, srow, p, next_cb = _list_block(k0, p, p_end, next_cb, slot, n_local, r_off, rp_ptr, sr_ptr,
+                                                   bids_ptr, kblock_ptr, BLOCK_N, BLOCK_K, BN_RES, BK_RES)
                 r_lo, r_hi = unpack_lo_hi_float(rq, DT, USE_ASM)
-                srow = tl.load(sr_ptr + bid * BN_RES + n_local, mask=have, other=0.0)
                 w = w + _natural(r_lo, r_hi) * srow.to(DT)[:, None]
-                if koff + BLOCK_K == BK_RES:
-                    p += 1
-                    next_cb = tl.load(kblock_ptr + p, mask=p < p_end, other=NO_BLOCK)
         acc = tl.dot(w, tl.trans(x), acc)
     y = tl.trans(acc)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty),

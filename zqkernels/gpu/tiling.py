@@ -37,6 +37,16 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def tile_origin(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(off_m, off_n, offs_m, offs_n) of this program's output tile in grouped order: the first
+    row and column (a TMA box's coordinates) and the tile's rows and columns."""
+    _, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    return off_m, off_n, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def splitk_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_k, offs_m, offs_n, M, N, SPLIT_K):
     """Store this split's partial `acc` [BLOCK_M, BLOCK_N], arrive on the tile's counter, and
     return (is_last, total): the last program to arrive gets the sum of every split's partial in

@@ -38,7 +38,7 @@ from zqkernels.gpu.int4 import unpack_lo_hi_float
 from zqkernels.gpu.operands import (
     check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids, tile_origin
 
 
 @triton.jit
@@ -180,11 +180,7 @@ def _w4a16_tma_kernel(
     instruction) and interleaved back to natural K order. SWAP_AB: the weights are the MMA's
     register operand (dot(w, x.T)), so they never go through shared memory. The copy engine fills
     a box past M, N or K with zeros (code 0, activation 0), so no load is masked."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
+    off_m, off_n, offs_m, offs_n = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     BKH: tl.constexpr = BLOCK_K // 2
     DT: tl.constexpr = tl.float32 if DOT_F32 else out_ptr.dtype.element_ty
     if SWAP_AB:

@@ -75,7 +75,7 @@ from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
     refuse_non_finite,
 )
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids
+from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids, tile_origin
 
 ACT_LAYOUTS = ("int4", "int8")  # the quantizer's `layout`: the activation codes a launch takes
 # The `act_layout` a launch-table bucket may name: one of those, or "fused" (a gemv bucket only):
@@ -267,11 +267,7 @@ def _w4a4_tma_kernel(
     codes [M, K] in [BLOCK_M, BLOCK_K] boxes (fed to the MMA as loaded) and packed weights [N, K/2]
     in [BLOCK_N, BLOCK_K/2] boxes, unpacked x16 in registers and interleaved back to natural K order.
     The copy engine fills a box past M, N or K with zeros (code 0), so no load is masked."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
+    off_m, off_n, offs_m, offs_n = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     BKH: tl.constexpr = BLOCK_K // 2
     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
