@@ -24,14 +24,12 @@ def candidates(m, group):
                 for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)]
     if m <= 256:
         return [C("splitk", 64, 64, 128, SPLIT_K=0), C("gemm", 64, 64, 128), C("gemm", 128, 128, 64, W=8),
-                C("gemm", 64, 128, 64)] + [C("tma", bm, bn, 64, W=w, S=4, SWAP_AB=True) for bm, bn, w in
+                C("gemm", 64, 128, 64)] + [C("tma", bm, bn, 64, W=w, S=4) for bm, bn, w in
                                            ((64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 128, 4))]
     gemm = [C("gemm", bm, bn, k, W=w, S=s) for bm, bn, k, w, s in ((128, 128, 64, 8, 4), (128, 128, 32, 4, 4))]
-    # tma: the weights as the MMA's register operand (SWAP_AB) or through shared memory
-    tiles = ((256, 128, 64, 8, 3, True), (256, 128, 64, 8, 4, True), (128, 128, 64, 4, 4, True),
-             (128, 128, 64, 4, 4, False), (128, 128, 64, 8, 4, True), (128, 128, 128, 8, 3, True),
-             (128, 256, 64, 8, 3, False), (256, 64, 64, 4, 4, True))
-    return [C("tma", bm, bn, k, W=w, S=s, SWAP_AB=sw) for bm, bn, k, w, s, sw in tiles] + gemm
+    tiles = ((256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+             (128, 128, 128, 8, 3), (256, 64, 64, 4, 4))
+    return [C("tma", bm, bn, k, W=w, S=s) for bm, bn, k, w, s in tiles] + gemm
 
 
 def main():

@@ -56,8 +56,6 @@ def test_every_bucket_names_a_launchable_variant(path):
                     assert cfg["BLOCK_K"] >= 32 and cfg["SPLIT_K"] >= 0 and "PLANES" not in cfg, (path.name, cfg)
                 elif cfg["variant"] == "splitk":
                     assert cfg["SPLIT_K"] >= 0
-                elif cfg["variant"] == "tma" and family == "w4a16":  # the weights as the register operand, or not
-                    assert "SPLIT_K" not in cfg, (path.name, cfg)
                 else:
                     assert "SPLIT_K" not in cfg and "SWAP_AB" not in cfg, (path.name, cfg)
                 if cfg.get("SWAP_AB") and path.name != "interpreter.json":

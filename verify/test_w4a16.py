@@ -42,11 +42,11 @@ CONFIGS = [
 ]
 
 
-# The tma variant takes K a multiple of 32 only (its own laws below): weights through shared
-# memory and as the MMA's register operand, a K tile deeper than the smaller groups (clamped).
+# The tma variant takes K a multiple of 32 only (its own laws below): a K tile deeper than the
+# smaller groups (clamped), tiles wider and taller than the other.
 TMA_CONFIGS = [
-    dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=False, num_warps=4, num_stages=2),
-    dict(variant="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=1),
+    dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2),
+    dict(variant="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
 ]
 
 
@@ -160,16 +160,16 @@ def test_llama_shapes_compiled(m, n, k, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("tile", [(128, 128, 8), (256, 128, 8), (128, 64, 4)])
 @pytest.mark.parametrize("m", [100, 1024])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336)])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tma_llama_shapes_compiled(m, n, k, group, swap, dtype):
-    """The tma variant at a 128 x 128 x 64 tile on 8 warps (the candidates' shape), both operand
-    placements, against the float64 product of the dequantized weights."""
-    cfg = dict(variant="tma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=swap, num_warps=8,
-               num_stages=4)
+def test_tma_llama_shapes_compiled(m, n, k, group, tile, dtype):
+    """The tma variant at the H200 table's tiles (BLOCK_M x BLOCK_N x 64, warps), against the
+    float64 product of the dequantized weights."""
+    bm, bn, warps = tile
+    cfg = dict(variant="tma", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=3)
     gen = torch.Generator(device="cuda").manual_seed(m + n + k)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)

@@ -11,8 +11,9 @@ fp16 / bf16). Variants, named per M bucket by the launch table as in `w4a4`:
   two dots against the even and odd columns of x), accumulated in fp32; the scale multiplies the
   fp32 partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per
   channel).
-- `tma` (large M): both operands through TMA tensor descriptors, the weights optionally the MMA's
-  register operand (SWAP_AB, no shared-memory round trip for them). Per channel the scale is
+- `tma` (large M): both operands through TMA tensor descriptors, the weights the MMA's register
+  operand (no shared-memory round trip for them; through shared memory they lost on every tile
+  tuned, docs/DESIGN.md "variants tried"). Per channel the scale is
   applied in the epilogue; with groups each K tile's weights are multiplied by their group's
   scale in the activation dtype before the MMA (what a dequantize-then-GEMM does), so the fp32
   accumulator runs through the whole K loop: the scale is rounded to fp16 / bf16 and each scaled
@@ -172,21 +173,19 @@ def _w4a16_tma_kernel(
     x_desc, w_desc, sw_ptr, out_ptr,
     M, N, KH, stride_om, stride_swn,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """One output tile a program, both operands through TMA tensor descriptors: activations [M, K]
     in [BLOCK_M, BLOCK_K] boxes, packed weights [N, K/2] in [BLOCK_N, BLOCK_K/2] boxes, unpacked in
     registers straight to 16-bit codes (`int4.unpack_lo_hi_float`: no int -> float conversion
-    instruction) and interleaved back to natural K order. SWAP_AB: the weights are the MMA's
-    register operand (dot(w, x.T)), so they never go through shared memory. The copy engine fills
-    a box past M, N or K with zeros (code 0, activation 0), so no load is masked."""
+    instruction) and interleaved back to natural K order. The weights are the MMA's register
+    operand (dot(w, x.T), the [BLOCK_N, BLOCK_M] tile transposed at the store), so they never go
+    through shared memory. The copy engine fills a box past M, N or K with zeros (code 0,
+    activation 0), so no load is masked."""
     off_m, off_n, offs_m, offs_n = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     BKH: tl.constexpr = BLOCK_K // 2
     DT: tl.constexpr = tl.float32 if DOT_F32 else out_ptr.dtype.element_ty
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(0, tl.cdiv(KH, BKH)):
         x = x_desc.load([off_m, t * BLOCK_K])
         w_lo, w_hi = unpack_lo_hi_float(w_desc.load([off_n, t * BKH]), DT, USE_ASM)
@@ -198,13 +197,8 @@ def _w4a16_tma_kernel(
             # go into the 16-bit weights before the MMA, so the accumulator never waits on a rescale.
             sw = tl.load(sw_ptr + (offs_n % N) * stride_swn + (t * BLOCK_K) // GROUP)
             w = w * sw.to(DT)[:, None]
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+        acc = tl.dot(w, tl.trans(x), acc)
+    _w4a16_epilogue(tl.trans(acc), sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
 
 
 def _common(cfg, x, group):
@@ -260,7 +254,6 @@ def _launch_tma(cfg, x, qw, sw, out, group):
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk // 2]), sw, out,
         M, N, K // 2, out.stride(0), sw.stride(0) if group else 1,
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        SWAP_AB=bool(cfg.get("SWAP_AB", False)),
         DOT_F32=meta["DOT_F32"], USE_ASM=meta["USE_ASM"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
