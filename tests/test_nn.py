@@ -251,3 +251,18 @@ def test_layer_inputs_and_options_refused_by_name():
         zqnn.W4A4Linear(lin, smooth=np.full(64, 1e300))  # 1/s is 0 in float32: the input would vanish
     with pytest.raises(ValueError, match="hdiag"):
         zqnn.MosaicLinear(lin, hdiag="not a vector")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton backend needs a CUDA GPU")
+def test_w4a16_group_scales_beyond_the_fp16_fold_are_refused_for_fp16_input():
+    """A triton W4A16 layer in groups whose scales exceed `w4a16.FP16_FOLDED_SCALE_MAX` (the tma
+    variant folds them into fp16 weights) refuses fp16 input by name, and runs bf16 input."""
+    lin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight[0, 0] = 6.0e4  # its group's scale: 6e4 / 7 > 8188
+    layer = zqnn.W4A4Linear(lin, act_bits=None, group_size=32, backend="triton")
+    x = torch.randn(4, 64, device="cuda")
+    with pytest.raises(ValueError, match="bfloat16"):
+        layer(x.half())
+    assert torch.isfinite(layer(x.bfloat16())).all()

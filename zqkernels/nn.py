@@ -360,6 +360,12 @@ class W4A4Linear(QuantLinear):
 
             self._act_layouts = act_layouts(self.act_group_size, self._device)
         self.weight_layout = DenseInt4.from_codes(q, s, self.group_size, self._device)
+        if self.act_bits is None and self.group_size is not None:
+            # The W4A16 kernel's tma variant folds group scales into 16-bit weights: with fp16
+            # activations they must stay within fp16's range over 8 (checked once, here).
+            from zqkernels.gpu.w4a16 import FP16_FOLDED_SCALE_MAX
+
+            self._fp16_scales_fold = float(self.weight_layout.scale.abs().max()) <= FP16_FOLDED_SCALE_MAX
 
     def _forward_torch(self, x2):
         return self._act(self._smoothed(x2)) @ self.w_deq_t
@@ -376,6 +382,11 @@ class W4A4Linear(QuantLinear):
         x2 = self._cuda_input(x2)
         w = self.weight_layout
         if self.act_bits is None:
+            if x2.dtype == torch.float16 and not getattr(self, "_fp16_scales_fold", True):
+                from zqkernels.gpu.w4a16 import FP16_FOLDED_SCALE_MAX
+
+                raise ValueError(f"this layer's group scales exceed {FP16_FOLDED_SCALE_MAX}, beyond what the W4A16 "
+                                 "kernel folds into fp16 weights; run it with bfloat16 activations")
             xs = (x2.float() * self.inv_smooth).to(x2.dtype) if self.inv_smooth is not None else x2
             return ops.call("w4a16_gemm", xs, w.packed, w.scale, self.group_size or 0)
         return w4a4_triton_product(x2, self.inv_smooth, w, self.act_group_size, x2.dtype, self._act_layouts)

@@ -608,6 +608,16 @@ def _mosaic_w4a16_kernel(
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit
+def _times_row_scales(tile, s_ptr, rows, ok, stride_s, k0, fixed, GROUP: tl.constexpr, DT: tl.constexpr):
+    """A [rows, BLOCK_K] code tile times its rows' scales in DT: `fixed` (one per row, GROUP 0) or
+    the step's group's (BLOCK_K divides GROUP: the whole step lies in group k0 // GROUP)."""
+    if GROUP != 0:
+        return tile * tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=ok, other=0.0).to(DT)[:, None]
+    else:
+        return tile * fixed[:, None]
+
+
 # M is a plain runtime int, as in the W4A4 GEMMs.
 @triton.jit(do_not_specialize=["M"])
 def _mosaic_dequant_kernel(
@@ -633,12 +643,11 @@ def _mosaic_dequant_kernel(
     rh = tl.arange(0, HALF)
     DT: tl.constexpr = tl.float32 if DOT_F32 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if W_GROUP == 0:
-        sw_n = tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(DT)
-    if ACT_GROUP == 0:
-        # per-token scales go into the activation tile too: every step's operand is then a product
-        # in registers (Triton 3.6 failed to lay out the bare unpacked tile as a TMA-fed operand)
-        sx_m = tl.load(sx_ptr + rm, mask=m_ok, other=0.0).to(DT)
+    # Per-row scales (per token, per channel) are loaded once. The per-token ones go into the
+    # activation tile too: every step's operand is then a product in registers (Triton 3.6 failed to
+    # lay out the bare unpacked tile as a TMA-fed operand).
+    sx_m = tl.load(sx_ptr + rm, mask=m_ok & (ACT_GROUP == 0), other=0.0).to(DT)
+    sw_n = tl.load(sw_ptr + rn, mask=n_ok & (W_GROUP == 0), other=0.0).to(DT)
     if HAS_RES:
         p, p_end, slot, n_local, next_cb, r_off = _list_start(indptr_ptr, kblock_ptr, pid_n, rn, rh, BLOCK_N,
                                                               BN_RES, BK_RES)
@@ -646,19 +655,9 @@ def _mosaic_dequant_kernel(
         k0 = t * BLOCK_K
         x_lo, x_hi = unpack_lo_hi_float(x_desc.load([off_m, t * HALF]), DT, USE_ASM)
         x = _natural(x_lo, x_hi)  # [BLOCK_M, BLOCK_K] codes
-        if ACT_GROUP != 0:
-            # BLOCK_K divides ACT_GROUP: this whole step lies in group k0 // ACT_GROUP.
-            sxg = tl.load(sx_ptr + rm * stride_sx + k0 // ACT_GROUP, mask=m_ok, other=0.0)
-            x = x * sxg.to(DT)[:, None]
-        else:
-            x = x * sx_m[:, None]
+        x = _times_row_scales(x, sx_ptr, rm, m_ok, stride_sx, k0, sx_m, ACT_GROUP, DT)
         w_lo, w_hi = unpack_lo_hi_float(w_desc.load([off_n, t * HALF]), DT, USE_ASM)
-        w = _natural(w_lo, w_hi)  # [BLOCK_N, BLOCK_K] codes
-        if W_GROUP != 0:
-            swg = tl.load(sw_ptr + rn * stride_sw + k0 // W_GROUP, mask=n_ok, other=0.0)
-            w = w * swg.to(DT)[:, None]
-        else:
-            w = w * sw_n[:, None]
+        w = _times_row_scales(_natural(w_lo, w_hi), sw_ptr, rn, n_ok, stride_sw, k0, sw_n, W_GROUP, DT)
         if HAS_RES:
             if k0 // BK_RES == next_cb:
                 rq, srow, p, next_cb = _list_block(k0, p, p_end, next_cb, slot, n_local, r_off, rp_ptr, sr_ptr,
