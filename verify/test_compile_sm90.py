@@ -255,6 +255,17 @@ def _drive_zipper(table):
                 x = torch.randn(m, k).to(x_dtype).to(KERNEL_DEVICE)
                 out = torch.zeros(m, n).to(KERNEL_DEVICE)
                 zipper_high.zipper_high_gpu(x, high, out, check_finite=False)
+    # dense: the w4a16 table's kernels accumulating into float32 (K = 256 takes tma buckets, 200
+    # their no_tma configs) and the 16-bit smoothing
+    for kd in (200, 256):
+        high = ZipperHighGPU.from_codes(q_high[:, :kd] if kd <= k else np.tile(q_high, 2)[:, :kd], scale,
+                                        KERNEL_DEVICE, method="dense")
+        inv = torch.rand(kd).to(KERNEL_DEVICE) + 0.5
+        for m in _ms(table["w4a16"]["per_channel"]):
+            for x_dtype in (torch.float32, torch.float16):
+                x = torch.randn(m, kd).to(x_dtype).to(KERNEL_DEVICE)
+                out = torch.zeros(m, n).to(KERNEL_DEVICE)
+                zipper_high.zipper_high_gpu(zipper_high._dense_acts(x, inv), high, out, check_finite=False)
 
 
 DRIVERS = {"w4a4+w4a16": _drive_w4a4, "mosaic": _drive_mosaic, "actquant": _drive_actquant,

@@ -63,7 +63,12 @@ def test_zipper_high_round_trip(method, data, density):
     n = data.draw(st.integers(1, 50))
     k = data.draw(st.integers(1, 90))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    q_high = np.where(rng.random((n, k)) < density, rng.integers(-128, 128, size=(n, k)), 0).astype(np.int8)
+    if method == "dense":  # int4 codes, K even: what the dense layout holds (its refusals below)
+        k += k % 2
+        lo, hi = -8, 8
+    else:
+        lo, hi = data.draw(st.sampled_from([(-128, 128), (-8, 8)]))  # auto takes dense only for int4 codes
+    q_high = np.where(rng.random((n, k)) < density, rng.integers(lo, hi, size=(n, k)), 0).astype(np.int8)
     q_high[rng.random(n) < 0.2] = 0  # rows without outliers
     scale = rng.uniform(0.0, 0.1, n)
     layout = ZipperHighGPU.from_codes(q_high, scale, "cpu", method=method)
@@ -86,6 +91,10 @@ def test_bad_codes_are_refused_by_name():
         DenseInt4.from_codes(np.zeros((2, 4), np.int8), np.ones(3), None, "cpu")
     with pytest.raises(ValueError, match="q_high holds codes outside"):
         ZipperHighGPU.from_codes(np.full((2, 4), 2**40, dtype=np.uint64), np.ones(2), "cpu")
+    with pytest.raises(ValueError, match=r"codes in \[-8, 7\] and K even"):
+        ZipperHighGPU.from_codes(np.full((2, 4), -9, np.int8), np.ones(2), "cpu", method="dense")
+    with pytest.raises(ValueError, match=r"codes in \[-8, 7\] and K even"):
+        ZipperHighGPU.from_codes(np.ones((2, 3), np.int8), np.ones(2), "cpu", method="dense")
 
 
 @pytest.mark.parametrize("build", [

@@ -6,7 +6,8 @@ tensor-core accumulation over K <= 300 plus the per-group fp32 rescale (each ste
 magnitude sum; Hopper's MMA accumulates with a few bits less than IEEE fp32, hence the margin).
 The products x * (16 * code) are exact in fp32, so nothing else rounds.
 Shapes: M = 1, N and K not multiples of any tile, K not a multiple of the group.
-Outputs are poisoned with NaN so an unwritten element fails.
+Outputs are poisoned with NaN so an unwritten element fails; with accumulate=True the float32 out
+holds random values and only the product may be added to it (one fp32 rounding, 2**-23 relative).
 """
 import numpy as np
 import pytest
@@ -70,9 +71,11 @@ def runs_tma(cfg, x, pw, group):
     return configs.tma_or_fallback(cfg, w4a16.tma_takes(x, pw))[0] == "tma"
 
 
-def check_against_oracle(data, group, dtype, cfg, seed, k):
+def check_against_oracle(data, group, dtype, cfg, seed, k, accumulate=None):
     """The launch's output against `reference.w4a16_matmul` within the module's tolerance, for
-    drawn M, N, activations and codes at this K; returns (x, packed codes, scales, output)."""
+    drawn M, N, activations and codes at this K, written to a NaN-poisoned `out` or (drawn)
+    accumulated into a float32 `out` holding random values; returns (x, packed codes, scales,
+    output)."""
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 20))]))
     n = data.draw(st.integers(1, 40))
     x = np.clip(data.draw(matrices(shape=(m, k))), -6e4, 6e4)
@@ -82,20 +85,32 @@ def check_against_oracle(data, group, dtype, cfg, seed, k):
     sw = rng.uniform(1e-4, 1e-2, (n, g)).astype(np.float32)
     sw_t = dev(sw[:, 0] if group is None else sw)
     xt = dev(x.astype(np.float32), dtype)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    if accumulate is None:
+        accumulate = data.draw(st.booleans())
+    before = np.random.default_rng(seed + 1).standard_normal((m, n)).astype(np.float32)
+    if accumulate:
+        out = dev(before.copy())
+    else:
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     pw = dev(R.pack_int4(qw))
-    y = w4a16_gemm(xt, pw, sw_t, group_size=group, out=out, config=cfg)
-    assert y.dtype == dtype and y.data_ptr() == out.data_ptr()
+    y = w4a16_gemm(xt, pw, sw_t, group_size=group, out=out, accumulate=accumulate, config=cfg)
+    assert y.dtype == (torch.float32 if accumulate else dtype) and y.data_ptr() == out.data_ptr()
     x64 = xt.double().cpu().numpy()  # the values the kernel saw (rounded to fp16/bf16)
     sw64 = sw[:, 0].astype(np.float64) if group is None else sw.astype(np.float64)
     ref = R.w4a16_matmul(x64, qw, sw64, group_size=group)
     mag = np.abs(x64) @ np.abs(R.dequantize(qw, sw64, group)).T
     got = y.double().cpu().numpy()
-    finite = np.abs(ref) < 6e4 if dtype == torch.float16 else np.ones_like(ref, dtype=bool)
+    if accumulate:  # out += the product, rounded once to float32
+        got = got - before
+        finite = np.ones_like(ref, dtype=bool)
+        eps_out, tiny = 2.0**-23 * (np.abs(ref) + np.abs(before)), 1e-30
+    else:
+        finite = np.abs(ref) < 6e4 if dtype == torch.float16 else np.ones_like(ref, dtype=bool)
+        eps_out, tiny = EPS_OUT[dtype] * np.abs(ref), TINY[dtype]
     assert not np.isnan(got).any()
     # tolerance: output rounding + fp32 accumulation (module docstring), + the folded group scales'
     # roundings where the tma variant ran with groups
-    tol = EPS_OUT[dtype] * np.abs(ref) + 2.0**-18 * mag + TINY[dtype]
+    tol = eps_out + 2.0**-18 * mag + tiny
     if group is not None and runs_tma(cfg, xt, pw, group):
         tol = tol + FOLD[dtype] * mag + FOLD_TINY[dtype] * np.abs(x64).sum(axis=1, keepdims=True)
     np.testing.assert_array_less(np.abs(got - ref)[finite], tol[finite])
@@ -131,7 +146,7 @@ def test_a_tma_bucket_runs_what_tma_cannot_take_on_its_no_tma_config(data, group
     k = data.draw(st.sampled_from([48, 80, 100] if case == "k" else [64, 96]))
     no_tma = dict(CONFIGS[2])
     bucket = dict(TMA_CONFIGS[0], no_tma=no_tma)
-    xt, pw, sw_t, y = check_against_oracle(data, group, torch.float16, bucket, seed, k)
+    xt, pw, sw_t, y = check_against_oracle(data, group, torch.float16, bucket, seed, k, accumulate=False)
     if case == "offset":  # the same activations one element into a buffer: base not 16-byte aligned
         xt = torch.cat([torch.zeros(1, dtype=xt.dtype, device=DEVICE), xt.reshape(-1)])[1:].view(xt.shape)
         y = w4a16_gemm(xt, pw, sw_t, group_size=group, config=bucket)
@@ -236,6 +251,9 @@ def _s(*shape):
         (lambda: w4a16_gemm(_x(), _p(), _s(3, 1), group_size=100), "group_size"),
         (lambda: w4a16_gemm(_x(), _p(), _s(3), group_size=32), "w_scale"),
         (lambda: w4a16_gemm(_x(), _p(), _s(3), out=_s(4, 3)), "out"),
+        (lambda: w4a16_gemm(_x(), _p(), _s(3), accumulate=True), "pass out"),
+        (lambda: w4a16_gemm(_x(), _p(), _s(3), out=_s(4, 3).half(), accumulate=True), "float32"),
+        (lambda: w4a16_gemm(_x(), _p(), _s(3), out=_s(4, 3), accumulate=1), "accumulate"),
         # the tma variant folds group scales into fp16 weights: 8 x 8188 is fp16's largest value
         (lambda: w4a16_gemm(_x(k=32), _p(3, 16), _s(3, 1) * 8189, group_size=32, config=TMA_CONFIGS[0]), "8188"),
     ],

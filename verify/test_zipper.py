@@ -7,8 +7,13 @@ Laws:
   sums: each rounding is 2**-24 of a partial magnitude; 2**-20 covers a few dozen of them).
 - with integer activations and Δ = 1/16 every product and partial sum is an integer below 2**24:
   the result equals the oracle exactly, for both layouts.
-- both layouts ("columns", "ell") compute the same function; an all-zero high part leaves `out`
-  untouched; bad arguments raise ValueError.
+- the "dense" layout (q_high packed as int4, the 16-bit tensor-core GEMM of `w4a16` accumulating
+  into out) multiplies X' in 16 bits: an fp32 X' rounds to bf16 (2**-9 relative per element, so
+  2**-8 * mag covers it), fp16 / bf16 are taken as they are; its fp32 tensor-core sums within
+  2**-18 * mag (test_w4a16's accumulation bound). It holds codes in [-8, 7] with K even and
+  refuses others by name; codes drawn for it are clipped into [-8, 7].
+- every layout computes the same function; an all-zero high part leaves `out` untouched; bad
+  arguments raise ValueError.
 - every tile, BLOCK_E (slots / columns summed a step: 1, or several with the last step partly
   past the end) included, gives the same: the launch table's, and tiles drawn explicitly.
 Shapes: M = 1, K odd and tiny, rows with no outlier and rows with many, codes up to ±127.
@@ -57,6 +62,31 @@ def prepare(codes, method="auto"):
     return ZipperHighGPU.from_codes(codes.q_high, codes.scale, DEVICE, method=method)
 
 
+def for_method(codes, method):
+    """The codes a layout can hold: the dense layout's int4 codes are q_high clipped to [-8, 7]."""
+    if method != "dense":
+        return codes
+    return R.ZipperCodes(q_low=codes.q_low, q_high=np.clip(codes.q_high, -8, 7).astype(np.int8), scale=codes.scale)
+
+
+def dense_refuses_odd_k(codes, method):
+    """True (after checking the refusal) where the dense layout cannot hold these codes: K odd."""
+    if method == "dense" and codes.q_high.shape[1] % 2:
+        with pytest.raises(ValueError, match="K even"):
+            prepare(codes, method)
+        return True
+    return False
+
+
+def tolerance_of(method, x_dtype, mag, before, ref):
+    """The module's bounds: fp32 products and sums (columns, ell), or 16-bit X' (fp32 rounded to
+    bf16) times exact codes summed on the tensor cores (dense)."""
+    tol = 2.0**-22 * (np.abs(before) + np.abs(ref)) + 1e-30
+    if method == "dense":
+        return tol + (2.0**-8 if x_dtype == torch.float32 else 0.0) * mag + 2.0**-18 * mag
+    return tol + 2.0**-20 * mag
+
+
 def test_every_layout_has_a_kernel():
     assert set(VARIANTS) == set(METHODS)
 
@@ -73,6 +103,10 @@ def to_dev(a, dtype):
 @given(codes=high_codes(), data=st.data(), x_dtype=st.sampled_from(X_DTYPES), method=st.sampled_from(METHODS),
        block=st.sampled_from(BLOCKS))
 def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, method, block):
+    codes = for_method(codes, method)
+    if dense_refuses_odd_k(codes, method):
+        return
+    block = None if method == "dense" else block  # dense: the w4a16 table's tiles (test_w4a16 draws others)
     n, k = codes.q_high.shape
     m = data.draw(st.sampled_from([1, data.draw(st.integers(1, 40))]))
     x = data.draw(matrices(shape=(m, k)))
@@ -88,8 +122,7 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
     ref = R.zipper_matmul(x_used, high_only(codes))  # the low part is zero: the high part alone
     mag = 16.0 * codes.scale[None, :] * (np.abs(x_used) @ np.abs(codes.q_high.astype(np.float64)).T)
     got = y.cpu().double().numpy() - before.astype(np.float64)
-    # tolerance: 2**-20 * mag + 2**-22 * (|out_before| + |ref|) (module doc)
-    tol = 2.0**-20 * mag + 2.0**-22 * (np.abs(before) + np.abs(ref)) + 1e-30
+    tol = tolerance_of(method, x_dtype, mag, before, ref)  # module doc
     assert np.all(np.isfinite(got))
     assert np.all(np.abs(got - ref) <= tol), f"max excess {np.max(np.abs(got - ref) - tol)}"
 
@@ -98,38 +131,52 @@ def test_high_part_is_added_to_out_as_the_oracle_says(codes, data, x_dtype, meth
 @pytest.mark.parametrize("block", BLOCKS)
 @given(codes=high_codes(), data=st.data(), method=st.sampled_from(METHODS))
 def test_integer_activations_give_the_exact_sparse_product(codes, data, method, block):
+    codes = for_method(codes, method)
+    if dense_refuses_odd_k(codes, method):
+        return
+    block = None if method == "dense" else block
     n, k = codes.q_high.shape
     m = data.draw(st.integers(1, 20))
     x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(-20, 21, size=(m, k)).astype(np.float64)
     unit = R.ZipperCodes(q_low=codes.q_low, q_high=codes.q_high, scale=np.full(n, 1.0 / 16.0))
     out = torch.full((m, n), 0.0, dtype=torch.float32, device=DEVICE)
     zipper_high_gpu(to_dev(x, torch.float32), prepare(unit, method), out, block=block)
-    # |sum| <= 20 * 128 * K < 2**24: every partial sum is an exact float32 integer.
+    # |sum| <= 20 * 128 * K < 2**24: every partial sum is an exact float32 integer (dense: the
+    # integers are exact in bf16 too, and the tensor cores' fp32 sums of integers below 2**24 are exact).
     np.testing.assert_array_equal(out.cpu().double().numpy(), R.sparse_matmul(x, codes.q_high))
 
 
 @settings(max_examples=examples(20))
 @given(codes=high_codes(), data=st.data())
-def test_both_layouts_agree(codes, data):
+def test_every_layout_agrees(codes, data):
+    codes = for_method(codes, "dense")  # codes every layout holds
     n, k = codes.q_high.shape
     m = data.draw(st.integers(1, 20))
-    x = to_dev(data.draw(matrices(shape=(m, k), kinds=("normal", "integers", "zero_rows"))), torch.float32)
-    outs = []
+    # activations exact in bf16, so the dense layout multiplies the same values as the others
+    x = to_dev(data.draw(matrices(shape=(m, k), kinds=("normal", "integers", "zero_rows"))), torch.bfloat16)
+    x = x.to(torch.float32)
+    mag = 16.0 * codes.scale[None, :] * (np.abs(x.cpu().double().numpy()) @ np.abs(codes.q_high.astype(np.float64)).T)
+    outs = {}
     for method in METHODS:
+        if dense_refuses_odd_k(codes, method):
+            continue
         out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
-        outs.append(zipper_high_gpu(x, prepare(codes, method), out).cpu())
-    scale = float(outs[0].abs().max()) + 1e-30
-    # Different summation orders (columns ascending in both, but grouped differently): 1e-6 relative.
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6 * scale)
+        outs[method] = zipper_high_gpu(x, prepare(codes, method), out).cpu().double().numpy()
+    scale = float(np.abs(outs["columns"]).max()) + 1e-30
+    for method, got in outs.items():
+        # Different summation orders: 1e-6 relative in fp32 (columns ascending in both, grouped
+        # differently), the tensor cores' accumulation bound for dense.
+        tol = 1e-6 * scale + (2.0**-18 * mag if method == "dense" else 0.0)
+        assert np.all(np.abs(got - outs["columns"]) <= tol), method
 
 
 def test_all_zero_high_part_leaves_out_untouched():
-    codes = R.ZipperCodes(q_low=np.ones((5, 7), np.int8), q_high=np.zeros((5, 7), np.int8), scale=np.ones(5))
+    codes = R.ZipperCodes(q_low=np.ones((5, 8), np.int8), q_high=np.zeros((5, 8), np.int8), scale=np.ones(5))
     out = torch.arange(15, dtype=torch.float32, device=DEVICE).reshape(3, 5)
     for method in METHODS:
         high = prepare(codes, method)
         assert high.nnz == 0
-        y = zipper_high_gpu(torch.ones((3, 7), device=DEVICE), high, out.clone())
+        y = zipper_high_gpu(torch.ones((3, 8), device=DEVICE), high, out.clone())
         torch.testing.assert_close(y, out, rtol=0, atol=0)
 
 
@@ -146,11 +193,18 @@ def test_prepare_picks_a_layout_and_counts_what_it_keeps():
     high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
     assert (high.method, high.width) == ("ell", 1)
     assert tuple(high.values.shape) == (1, 40)
+    q_high = np.where(rng.random((40, 64)) < 0.1, rng.integers(-7, 8, size=(40, 64)), 0).astype(np.int8)
+    q_high[0, :8] = 5  # outliers in most channels, the longest row past K/32: the int4 tensor-core pass
+    high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
+    assert (high.method, high.width, high.nnz) == ("dense", 64, int(np.count_nonzero(q_high)))
+    assert tuple(high.values.shape) == (40, 32) and high.values.dtype == torch.uint8
+    q_high[0, 0] = 8  # beyond int4: the float32 layouts
+    assert prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40))).method == "ell"
 
 
 def test_bad_arguments_raise_value_error():
     codes = R.zipper_quantize(np.random.default_rng(0).standard_t(2, size=(6, 10)), outlier_ratio=0.1)
-    high = prepare(codes)
+    high = prepare(codes, "ell")  # a layout whose tiles `block` sets
     x = torch.zeros((2, 10), device=DEVICE)
     out = torch.zeros((2, 6), device=DEVICE)
     cases = [
@@ -164,7 +218,10 @@ def test_bad_arguments_raise_value_error():
         (lambda: zipper_high_gpu(x, high, out, block=(16, 16)), r"\(BLOCK_M, BLOCK_N, BLOCK_E\)"),
         (lambda: zipper_high_gpu(x, high, out, block=(16, 16, 3)), "BLOCK_E=3 must be a power of two"),
         (lambda: zipper_high_gpu(x, high, out, block=(0, 16, 1)), "BLOCK_M=0"),
-        (lambda: prepare(codes, method="dense"), "method"),
+        (lambda: prepare(codes, method="sparse"), "method"),
+        (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high * 0 + 9, codes.scale), method="dense"), r"\[-8, 7\]"),
+        (lambda: zipper_high_gpu(x, prepare(R.ZipperCodes(codes.q_low, codes.q_high * 0 + 1, codes.scale), "dense"),
+                                 out, block=(16, 16, 1)), "block=None"),
         (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.float32), codes.scale)), "integer"),
         (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high, codes.scale[:-1])), "scale"),
         (lambda: prepare(R.ZipperCodes(codes.q_low, codes.q_high.astype(np.int16) * 300, codes.scale)), "outside"),
@@ -193,4 +250,6 @@ def test_llama_o_size_compiled(m):
         out = torch.zeros((m, n), dtype=torch.float32, device=DEVICE)
         zipper_high_gpu(to_dev(x, torch.float32), prepare(codes, method), out)
         rel = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
-        assert rel < 1e-6  # fp32 products and sums of a few dozen terms per output
+        # fp32 products and sums of a few dozen terms per output; dense: X' rounded to bf16
+        # (2**-9 per element, in random directions)
+        assert rel < (2.0**-9 if method == "dense" else 1e-6), method

@@ -4,9 +4,9 @@ codes and holding exactly the tensors its kernels read.
     DenseInt4      4-bit codes packed two per byte + float32 scales (W4A4 / W4A16 weights, the
                    ZipperQuant low part)
     MosaicBlocks   MosaicQuant: the dense 4-bit base + the kept 4-bit residual blocks, block-CSR
-    ZipperHighGPU  ZipperQuant's sparse high part for the GPU, in ONE of two layouts ("columns":
+    ZipperHighGPU  ZipperQuant's high part for the GPU, in ONE of three layouts ("columns":
                    the input channels holding any outlier gathered densely; "ell": per output row
-                   its nonzeros, padded to the longest row)
+                   its nonzeros, padded to the longest row; "dense": every code packed as int4)
 
 `X.from_codes(codes..., device)` packs and uploads; `to_codes()` returns the codes again as numpy:
 integer codes exactly, scales as the float32 the kernels read (`float32(scale)` widened to
@@ -279,7 +279,7 @@ class MosaicBlocks:
         return self.qb_packed.device
 
 
-ZIPPER_HIGH_METHODS = ("columns", "ell")
+ZIPPER_HIGH_METHODS = ("columns", "ell", "dense")
 
 
 @dataclass(frozen=True)
@@ -290,16 +290,22 @@ class ZipperHighGPU:
       float32 `[C, N]` (transposed: coalesced per channel); work M·N·C, pays when C << K.
     - "ell": each output row's nonzeros (column, value), padded to the longest row E_max and stored
       `[E_max, N]` so a tile's loads coalesce; work M·N·E_max gathers.
-    `method="auto"` picks columns while C <= E_max (the dense pass does no more work than the
-    gathers). Codes up to ±127 are exact in float32.
+    - "dense": every code of q_high packed two per byte (`reference.pack_int4`, uint8 [N, K/2]), for
+      a 16-bit tensor-core GEMM (`w4a16`); work M·N·K on the tensor cores, K/2 bytes a row. Needs
+      codes in [-8, 7] (`high_bits` 4 gives [-7, 7]) and K even.
+    Codes up to ±127 are exact in float32 (columns, ell). `method="auto"` picks dense when the
+    codes fit it, the columns holding outliers are more than K/8 of all (the columns layout would
+    read more bytes: 4 per float32 code against half a byte) and the longest row holds more than
+    K/32 of them (each ELL slot is a dependent gather per token); else columns while C <= E_max
+    (the dense column pass does no more work than the gathers), else ell.
     """
 
     shape: tuple  # (N, K)
     method: str
     row_scale: torch.Tensor  # float32 [N], 16 * Δ_n
-    index: torch.Tensor  # int32: columns [max(C,1)] or ell [max(E_max,1), N]
-    values: torch.Tensor  # float32: columns [max(C,1), N] or ell [max(E_max,1), N] (0 in padding)
-    width: int  # C or E_max
+    index: torch.Tensor  # int32: columns [max(C,1)], ell [max(E_max,1), N], dense [1] (unused)
+    values: torch.Tensor  # float32 columns [max(C,1), N] / ell [max(E_max,1), N] (0 in padding); dense uint8 [N, K/2]
+    width: int  # C, E_max, or K (dense)
     nnz: int
 
     @classmethod
@@ -317,9 +323,20 @@ class ZipperHighGPU:
         cols = np.flatnonzero(nz.any(axis=0)).astype(np.int32)
         counts = nz.sum(axis=1)
         e_max = int(counts.max()) if n else 0
+        fits_dense = k % 2 == 0 and (qh.size == 0 or (qh.min() >= -8 and qh.max() <= 7))
+        if method == "dense" and not fits_dense:
+            raise ValueError("method 'dense' packs q_high as int4: it needs codes in [-8, 7] and K even, got "
+                             f"K={k}, codes in [{qh.min() if qh.size else 0}, {qh.max() if qh.size else 0}]")
         if method == "auto":
-            method = "columns" if cols.size <= e_max or e_max == 0 else "ell"
-        if method == "columns":
+            if fits_dense and 8 * cols.size > k and 32 * e_max > k:
+                method = "dense"
+            else:
+                method = "columns" if cols.size <= e_max or e_max == 0 else "ell"
+        if method == "dense":
+            index = np.zeros(1, dtype=np.int32)
+            values = reference.pack_int4(qh) if k else np.zeros((n, 0), dtype=np.uint8)
+            width = k
+        elif method == "columns":
             c = cols.size
             values = qh[:, cols].T.astype(np.float32) if c else np.zeros((1, n), dtype=np.float32)
             index = cols if c else np.zeros(1, dtype=np.int32)
@@ -347,6 +364,9 @@ class ZipperHighGPU:
         n, k = self.shape
         qh = np.zeros((n, k), dtype=np.int8)
         idx, val = _host(self.index), _host(self.values)
+        if self.method == "dense":
+            return (reference.unpack_int4(_host(self.values)).astype(np.int8) if k else qh,
+                    (_host(self.row_scale) / np.float32(16.0)).astype(np.float64))
         if self.width:
             if self.method == "columns":
                 qh[:, idx[: self.width]] = val[: self.width].T.astype(np.int8)

@@ -115,12 +115,16 @@ def _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, rm, rn, KH, stride_xm, stride_wn, strid
 
 
 @triton.jit
-def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr):
+def _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP: tl.constexpr,
+                    ACCUMULATE: tl.constexpr):
     # `total` is the product of the codes (per channel: the scale comes here) or already scaled.
+    # ACCUMULATE: out (float32) += the product; one program owns each output, so no atomics.
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if GROUP == 0:
         total = total * tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    if ACCUMULATE:
+        total = tl.load(ptrs, mask=mask, other=0.0) + total
     tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,7 +134,7 @@ def _w4a16_gemm_kernel(
     M, N, KH, stride_xm, stride_wn, stride_om, stride_swn,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,7 +142,7 @@ def _w4a16_gemm_kernel(
     acc = _w4a16_k_loop(x_ptr, qw_ptr, sw_ptr, offs_m % M, offs_n % N, KH, stride_xm, stride_wn, stride_swn,
                         0, tl.cdiv(KH, BLOCK_K // 2), GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PLANES, EVEN_K, DOT_F32,
                         False, USE_ASM)
-    _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+    _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
@@ -147,7 +151,7 @@ def _w4a16_splitk_kernel(
     M, N, KH, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PLANES: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -162,9 +166,9 @@ def _w4a16_splitk_kernel(
     if USE_SPLIT:
         is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
         if is_last:
-            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
     else:
-        _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+        _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
 # M is a plain runtime int, as in the gemm variant.
@@ -173,7 +177,8 @@ def _w4a16_tma_kernel(
     x_desc, w_desc, sw_ptr, out_ptr,
     M, N, KH, stride_om, stride_swn,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, ACCUMULATE: tl.constexpr,
+    X_BF16: tl.constexpr,
 ):
     """One output tile a program, both operands through TMA tensor descriptors: activations [M, K]
     in [BLOCK_M, BLOCK_K] boxes, packed weights [N, K/2] in [BLOCK_N, BLOCK_K/2] boxes, unpacked in
@@ -184,7 +189,8 @@ def _w4a16_tma_kernel(
     activation 0), so no load is masked."""
     off_m, off_n, offs_m, offs_n = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     BKH: tl.constexpr = BLOCK_K // 2
-    DT: tl.constexpr = tl.float32 if DOT_F32 else out_ptr.dtype.element_ty
+    # the MMA's 16-bit type is the activations' (out may be float32: ACCUMULATE)
+    DT: tl.constexpr = tl.float32 if DOT_F32 else (tl.bfloat16 if X_BF16 else tl.float16)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(0, tl.cdiv(KH, BKH)):
         x = x_desc.load([off_m, t * BLOCK_K])
@@ -198,15 +204,16 @@ def _w4a16_tma_kernel(
             sw = tl.load(sw_ptr + (offs_n % N) * stride_swn + (t * BLOCK_K) // GROUP)
             w = w * sw.to(DT)[:, None]
         acc = tl.dot(w, tl.trans(x), acc)
-    _w4a16_epilogue(tl.trans(acc), sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP)
+    _w4a16_epilogue(tl.trans(acc), sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
-def _common(cfg, x, group):
+def _common(cfg, x, group, out):
     block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
     KH = x.shape[1] // 2
     return dict(GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
                 PLANES=bool(cfg.get("PLANES", False)) and block_k >= 32, EVEN_K=KH % (block_k // 2) == 0,
                 DOT_F32=interpreting() and x.dtype == torch.bfloat16, USE_ASM=use_asm(x.device),
+                ACCUMULATE=out.dtype == torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -215,13 +222,13 @@ def _launch_gemm(cfg, x, qw, sw, out, group):
     N = qw.shape[0]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _w4a16_gemm_kernel[grid](x, qw, sw, out, M, N, K // 2, x.stride(0), qw.stride(0), out.stride(0),
-                             sw.stride(0) if group else 1, **_common(cfg, x, group))
+                             sw.stride(0) if group else 1, **_common(cfg, x, group, out))
 
 
 def _launch_splitk(cfg, x, qw, sw, out, group):
     M, K = x.shape
     N = qw.shape[0]
-    meta = _common(cfg, x, group)
+    meta = _common(cfg, x, group, out)
     tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     split = choose_split_k(cfg, tiles_mn, triton.cdiv(K, meta["BLOCK_K"]), x.device)
     if split * M * N >= 2**31:
@@ -247,32 +254,40 @@ def _launch_tma(cfg, x, qw, sw, out, group):
     if not tma_takes(x, qw):
         raise ValueError(f"the tma variant needs K a multiple of 32 and 16-byte aligned operands, got K={K} "
                          "(a launch-table bucket naming tma sends such operands to its no_tma config)")
-    meta = _common(cfg, x, group)
+    meta = _common(cfg, x, group, out)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], meta["BLOCK_K"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a16_tma_kernel[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk // 2]), sw, out,
         M, N, K // 2, out.stride(0), sw.stride(0) if group else 1,
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        DOT_F32=meta["DOT_F32"], USE_ASM=meta["USE_ASM"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DOT_F32=meta["DOT_F32"], USE_ASM=meta["USE_ASM"], ACCUMULATE=meta["ACCUMULATE"],
+        X_BF16=x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "tma": _launch_tma}
 
 
-def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, config=None, check_finite=True):
+def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, accumulate=False, config=None,
+               check_finite=True):
     """x fp16|bf16 [M, K], qw_packed uint8 [N, K/2], w_scale fp32 [N] (or [N, ceil(K/g)] with
-    group_size=g) -> x.dtype [M, N]. `out` (optional): preallocated result. `config` (tests and
-    tuning) replaces the launch table's entry: a dict with "variant" and its tile parameters.
-    check_finite: refuse NaN / Inf in x or w_scale (False on the layers' per-token path)."""
+    group_size=g) -> x.dtype [M, N]. `out` (optional): preallocated result. accumulate=True: `out`
+    (required, float32 [M, N]) gets the product added in the epilogue, in fp32, and is returned.
+    `config` (tests and tuning) replaces the launch table's entry: a dict with "variant" and its
+    tile parameters. check_finite: refuse NaN / Inf in x or w_scale (and in an accumulated `out`;
+    False on the layers' per-token path)."""
     check_float_acts("x", x)
     M, N, K = check_float_x_packed_w(x, qw_packed)
     group_size = limits.check_w4a16_group(group_size)
     sw_shape = (N,) if group_size is None else (N, triton.cdiv(K, group_size))
     check_scale("w_scale", w_scale, sw_shape, x.device)
+    if accumulate is not True and accumulate is not False:
+        raise ValueError(f"accumulate must be True or False, got {accumulate!r}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True adds into out: pass out, a float32 [M, N] tensor")
+    out = check_out(out, (M, N), torch.float32 if accumulate else x.dtype, x.device)
     if check_finite:
-        refuse_non_finite(x=x, w_scale=w_scale)
-    out = check_out(out, (M, N), x.dtype, x.device)
+        refuse_non_finite(x=x, w_scale=w_scale, **({"out": out} if accumulate else {}))
     scales = "per_channel" if group_size is None else "group"
     cfg = dict(config) if config is not None else launch_config("w4a16", scales, M, x.device, N, K)
     variant, cfg = tma_or_fallback(cfg, tma_takes(x, qw_packed))

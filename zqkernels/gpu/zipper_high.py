@@ -1,4 +1,4 @@
-"""ZipperQuant's sparse high part on the GPU: `out += 16 * Δ_n * (X' @ q_high.T)` (DESIGN.md §2.4).
+"""ZipperQuant's high part on the GPU: `out += 16 * Δ_n * (X' @ q_high.T)` (DESIGN.md §2.4).
 
 ZipperQuant sends this part to the CPU; with the activations already on the GPU the same few
 multiply-adds may be cheaper there. The layout (`layouts.ZipperHighGPU`, built once) is one of:
@@ -8,11 +8,17 @@ multiply-adds may be cheaper there. The layout (`layouts.ZipperHighGPU`, built o
 - "ell": each output row keeps its own nonzeros (column, value), padded to the longest row
   (`[E_max, N]`, coalesced per tile); `out[m, n] += 16 Δ_n Σ_e X'[m, col[e, n]] val[e, n]`.
   Work M·N·E_max gathers; pays when the nonzeros are scattered over many columns.
-Both read X' in float32 and multiply in IEEE float32 (no TF32: the high part carries the outliers,
-whose error a 10-bit mantissa would amplify). `out` is float32 [M, N] and is accumulated in place
-(the low GEMM's output), one program per tile, so no atomics are needed. Tile shapes come from
-the launch table (`zipper_high` family, by M; wide-N layers take BLOCK_N_WIDE_N past WIDE_N;
-BLOCK_E entries summed a step, 1 in every GPU table until timed against more).
+- "dense": every code of q_high packed as int4, the product on the 16-bit tensor cores through
+  `w4a16.w4a16_gemm` accumulating into `out` (its launch table, `w4a16` per channel, row scale
+  16 Δ_n). Work M·N·K at tensor-core rate; pays when the outliers reach most input channels, as
+  the per-row grid puts them (`outlier_ratio` of every row).
+Columns and ell read X' in float32 and multiply in IEEE float32 (no TF32). Dense multiplies X' in
+16 bits: fp16 / bf16 as given, float32 rounded to bf16 (float32's range, so no X' overflows; 2^-9
+relative per element), the codes exact and the sums in fp32. `out` is float32 [M, N] and is
+accumulated in place (the low GEMM's output), one program per tile, so no atomics are needed.
+Tile shapes of columns and ell come from the launch table (`zipper_high` family, by M; wide-N
+layers take BLOCK_N_WIDE_N past WIDE_N; BLOCK_E entries summed a step, 1 in every GPU table until
+timed against more).
 """
 import torch
 import triton
@@ -86,7 +92,61 @@ def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride
     tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + acc * rs[None, :], mask=o_mask)
 
 
-VARIANTS = {"columns": _high_columns_kernel, "ell": _high_ell_kernel}  # one kernel per layout
+@triton.jit
+def _smooth_16bit_kernel(x_ptr, inv_ptr, y_ptr, M, K, stride_xm, BLOCK: tl.constexpr):
+    # X' = float32(x) * inv_s (IEEE, the quantizer's definition), rounded once to y's 16-bit type
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < K
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + row.to(tl.int64) * K + offs, (x * inv).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _dense_acts(x, inv_smooth):
+    """The dense layout's 16-bit X': x itself when it is fp16 / bf16 and unsmoothed, else
+    float32(x) * inv_s rounded to bf16 (float32's range: an X' beyond fp16's never overflows)."""
+    if inv_smooth is None:
+        return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+    m, k = x.shape
+    y = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
+    if m:
+        block = min(1024, triton.next_power_of_2(max(k, 16)))
+        _smooth_16bit_kernel[(m, triton.cdiv(k, block))](x, inv_smooth, y, m, k, x.stride(0), BLOCK=block,
+                                                         num_warps=4)
+    return y
+
+
+def _launch_rows(kernel, x, high, out, block):
+    m, (n, _) = x.shape[0], high.shape
+    if block is None:
+        cfg = launch_config("zipper_high", high.method, m, out.device)
+        bn = cfg["BLOCK_N_WIDE_N"] if n > cfg["WIDE_N"] else cfg["BLOCK_N"]
+        block = (cfg["BLOCK_M"], bn, cfg["BLOCK_E"])
+    bm, bn, be = check_block(block)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    kernel[grid](x, high.index, high.values, high.row_scale, out, m, n, high.width, x.stride(0),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, num_warps=4)
+
+
+def _launch_columns(x, high, out, block):
+    _launch_rows(_high_columns_kernel, x, high, out, block)
+
+
+def _launch_ell(x, high, out, block):
+    _launch_rows(_high_ell_kernel, x, high, out, block)
+
+
+def _launch_dense(x, high, out, block):
+    from zqkernels.gpu.w4a16 import w4a16_gemm
+
+    if block is not None:
+        raise ValueError("block: the dense layout runs on the w4a16 launch table's tiles; pass block=None")
+    w4a16_gemm(_dense_acts(x, None), high.values, high.row_scale, out=out, accumulate=True, check_finite=False)
+
+
+# one launcher per layout: columns and ell their own kernels, dense the W4A16 GEMM
+VARIANTS = {"columns": _launch_columns, "ell": _launch_ell, "dense": _launch_dense}
 
 
 def check_block(block):
@@ -128,16 +188,11 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
         raise ValueError(f"M={m} rows exceed the kernels' int32 offsets for this shape; split M")
     if check_finite:
         refuse_non_finite(x_smoothed=x_smoothed, out=out)
+    if block is not None and high.method != "dense":
+        check_block(block)
     if m == 0 or high.nnz == 0:
         return out
-    if block is None:
-        cfg = launch_config("zipper_high", high.method, m, out.device)
-        bn = cfg["BLOCK_N_WIDE_N"] if n > cfg["WIDE_N"] else cfg["BLOCK_N"]
-        block = (cfg["BLOCK_M"], bn, cfg["BLOCK_E"])
-    bm, bn, be = check_block(block)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    VARIANTS[high.method][grid](x_smoothed, high.index, high.values, high.row_scale, out, m, n, high.width,
-                                x_smoothed.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, num_warps=4)
+    VARIANTS[high.method](x_smoothed, high, out, block)
     return out
 
 
@@ -154,6 +209,8 @@ def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
 
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))  # before x.shape is read
     y = w4a4_linear(x, inv_smooth, low.packed, low.scale, act_group_size, torch.float32)
+    if high.method == "dense":
+        return zipper_high_gpu(_dense_acts(x, inv_smooth), high, y, check_finite=False)
     xs = x.to(torch.float32)
     if inv_smooth is not None:
         xs = xs * inv_smooth
