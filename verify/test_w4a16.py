@@ -40,6 +40,8 @@ CONFIGS = [
          num_warps=4, num_stages=1),
     dict(variant="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, PLANES=True, num_warps=4, num_stages=1),
     dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=2, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, GROUP_M=1, num_warps=2, num_stages=2),
 ]
 
 
@@ -198,6 +200,35 @@ def test_tma_llama_shapes_compiled(m, n, k, group, tile, dtype):
     # the output dtype's rounding (fp16 2**-11, bf16 2**-8 per element), fp32 accumulation and with
     # groups the folded scales (FOLD per weight, in random directions: far below it in the norm)
     assert (y - ref).norm() / ref.norm() < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("tile", [(8, 2048, 4), (4, 4096, 4), (32, 1024, 8), (64, 128, 4)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("split", [0, 1])
+def test_gemv_llama_shapes_compiled(m, n, k, group, tile, split):
+    """The gemv variant at the tune's tiles, written to fp16 and accumulated into float32, against
+    the float64 product of the dequantized weights."""
+    bn, bk, warps = tile
+    cfg = dict(variant="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=3,
+               SPLIT_K=split)
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
+    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    g = 1 if group is None else -(-k // group)
+    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
+    sw_t = sw[:, 0].contiguous() if group is None else sw
+    pw = torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda()
+    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
+                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    y = w4a16_gemm(x, pw, sw_t, group_size=group, config=cfg).double()
+    assert (y - ref).norm() / ref.norm() < 1e-3  # fp16 output rounding, 2**-11 per element
+    before = torch.randn(m, n, generator=gen, device="cuda")
+    acc = w4a16_gemm(x, pw, sw_t, group_size=group, out=before.clone(), accumulate=True, config=cfg).double()
+    assert (acc - before.double() - ref).norm() / ref.norm() < 1e-5  # fp32 sums and one fp32 rounding
 
 
 @pytest.mark.gpu

@@ -11,6 +11,11 @@ fp16 / bf16). Variants, named per M bucket by the launch table as in `w4a4`:
   two dots against the even and odd columns of x), accumulated in fp32; the scale multiplies the
   fp32 partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per
   channel).
+- `gemv` (M of 1 to a few): no MMA. Weight bytes streamed in [BLOCK_N, BLOCK_K / 2] tiles, both
+  nibbles made exact float32 codes by the same magic-number form in float32 (`_codes_f32`), and
+  multiplied with the float32 activations on the CUDA cores in a [BLOCK_M, BLOCK_N, BLOCK_K / 2]
+  accumulator; K split over programs as in `splitk`; group scales multiply each tile as it is
+  added (BLOCK_K divides the group). Exact products, fp32 sums.
 - `tma` (large M): both operands through TMA tensor descriptors, the weights the MMA's register
   operand (no shared-memory round trip for them; through shared memory they lost on every tile
   tuned, docs/DESIGN.md "variants tried"). Per channel the scale is
@@ -171,6 +176,73 @@ def _w4a16_splitk_kernel(
         _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
+@triton.jit
+def _codes_f32(nib):
+    """Two's-complement 4-bit codes (int32 nibbles 0..15) as exact float32 with no int -> float
+    conversion: (nib ^ 8) ORed into the mantissa of 2^23 is 2^23 + nib ^ 8, and subtracting
+    2^23 + 8 leaves the signed code. One LOP3 and one FADD (I2F issues at a quarter of their rate)."""
+    return (nib ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+
+
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KH, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K / 2] weight bytes,
+    turns both nibbles into exact float32 codes (`_codes_f32`) and multiplies them with the float32
+    activations in a [BLOCK_M, BLOCK_N, BLOCK_K / 2] accumulator, reduced once at the end; an MMA
+    tile is at least 16 tokens deep, so at M = 1 the tensor-core variants waste 15/16 of their
+    work and of their activation loads. With groups each tile (BLOCK_K divides the group) is
+    multiplied by its scale as it is added. K is split over SPLIT_K programs as in `splitk`."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    BKH: tl.constexpr = BLOCK_K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    k_tiles = tl.cdiv(KH, BKH)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
+    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BKH), dtype=tl.float32)
+    for t in range(t0, t1):
+        kh = t * BKH + offs_kh
+        k = t * BLOCK_K + offs_k
+        w_ptrs = qw_ptr + rn[:, None] * stride_wn + kh[None, :]
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + k[None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(kh < KH)[None, :], other=0)
+            x = tl.load(x_ptrs, mask=(k < 2 * KH)[None, :], other=0.0)
+        xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BKH, 2)))  # channels 2j and 2j + 1
+        w = w.to(tl.int32)
+        lo = _codes_f32(w & 0xF)[None, :, :]
+        hi = _codes_f32((w >> 4) & 0xF)[None, :, :]
+        part = lo * xe[:, None, :] + hi * xo[:, None, :]
+        if GROUP == 0:
+            acc += part
+        else:
+            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP.
+            sw = tl.load(sw_ptr + rn * stride_swn + (t * BLOCK_K) // GROUP)
+            acc += part * sw[None, :, None]
+    total = tl.sum(acc, axis=2)
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(total, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
+            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+    else:
+        _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+
+
 # M is a plain runtime int, as in the gemm variant.
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_tma_kernel(
@@ -239,6 +311,24 @@ def _launch_splitk(cfg, x, qw, sw, out, group):
         split, SWAP_AB=bool(cfg.get("SWAP_AB", False)), USE_SPLIT=split > 1, **meta)
 
 
+def _launch_gemv(cfg, x, qw, sw, out, group):
+    M, K = x.shape
+    N = qw.shape[0]
+    block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
+    if block_k < 2 or block_k & (block_k - 1):
+        raise ValueError(f"gemv config BLOCK_K must be a power of two >= 2, got {block_k}")
+    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    split = choose_split_k(cfg, tiles_mn, triton.cdiv(K, block_k), x.device)
+    if split * M * N >= 2**31:
+        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
+    ws, cnt = splitk_workspace(x.device, torch.float32, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
+    _w4a16_gemv_kernel[(tiles_mn, split)](
+        x, qw, sw, out, ws, cnt, M, N, K // 2, x.stride(0), qw.stride(0), out.stride(0), sw.stride(0) if group else 1,
+        split, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        EVEN_K=(K // 2) % (block_k // 2) == 0, USE_SPLIT=split > 1, ACCUMULATE=out.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 FP16_FOLDED_SCALE_MAX = 8188.0  # 8 x 8188 = 65504, fp16's largest finite value
 
 
@@ -265,7 +355,7 @@ def _launch_tma(cfg, x, qw, sw, out, group):
         X_BF16=x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "tma": _launch_tma}
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
 
 
 def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, accumulate=False, config=None,
