@@ -210,20 +210,23 @@ def _w4a16_gemv_kernel(
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
     offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
-    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BKH), dtype=tl.float32)
     for t in range(t0, t1):
         kh = t * BKH + offs_kh
-        k = t * BLOCK_K + offs_k
         w_ptrs = qw_ptr + rn[:, None] * stride_wn + kh[None, :]
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + k[None, :]
+        # channels 2j and 2j + 1 of byte j, each loaded in the weight tile's own layout along K
+        # (two strided loads hitting the same lines) rather than split from one contiguous tile,
+        # which costs a layout conversion a step
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * kh[None, :]
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
+            xe = tl.load(x_ptrs).to(tl.float32)
+            xo = tl.load(x_ptrs + 1).to(tl.float32)
         else:
-            w = tl.load(w_ptrs, mask=(kh < KH)[None, :], other=0)
-            x = tl.load(x_ptrs, mask=(k < 2 * KH)[None, :], other=0.0)
-        xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BKH, 2)))  # channels 2j and 2j + 1
+            kmask = (kh < KH)[None, :]
+            w = tl.load(w_ptrs, mask=kmask, other=0)
+            xe = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptrs + 1, mask=kmask, other=0.0).to(tl.float32)
         w = w.to(tl.int32)
         lo = _codes_f32(w & 0xF)[None, :, :]
         hi = _codes_f32((w >> 4) & 0xF)[None, :, :]
