@@ -183,23 +183,22 @@ def test_all_zero_high_part_leaves_out_untouched():
 def test_prepare_picks_a_layout_and_counts_what_it_keeps():
     rng = np.random.default_rng(3)
     q_high = np.zeros((40, 64), np.int8)
-    q_high[:, 5] = rng.integers(1, 5, size=40)  # one outlier channel: the column pass wins
+    q_high[:, 5] = rng.integers(1, 5, size=40)  # one outlier channel, int4 codes: the tensor-core pass
     codes = R.ZipperCodes(q_low=np.zeros((40, 64), np.int8), q_high=q_high, scale=np.ones(40))
     high = prepare(codes)
+    assert (high.method, high.width, high.nnz) == ("dense", 64, 40)
+    assert tuple(high.values.shape) == (40, 32) and high.values.dtype == torch.uint8
+    q_high[0, 5] = 9  # beyond int4, in one channel: the column pass
+    high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
     assert (high.method, high.width, high.nnz) == ("columns", 1, 40)
     assert tuple(high.values.shape) == (1, 40)  # only the chosen layout is built and uploaded
     q_high = np.zeros((40, 64), np.int8)
-    q_high[np.arange(40), np.arange(40)] = 3  # scattered: one per row, all in different columns
+    q_high[np.arange(40), np.arange(40)] = 9  # scattered beyond int4: one per row, all in different columns
     high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
     assert (high.method, high.width) == ("ell", 1)
     assert tuple(high.values.shape) == (1, 40)
-    q_high = np.where(rng.random((40, 64)) < 0.1, rng.integers(-7, 8, size=(40, 64)), 0).astype(np.int8)
-    q_high[0, :8] = 5  # outliers in most channels, the longest row past K/32: the int4 tensor-core pass
-    high = prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40)))
-    assert (high.method, high.width, high.nnz) == ("dense", 64, int(np.count_nonzero(q_high)))
-    assert tuple(high.values.shape) == (40, 32) and high.values.dtype == torch.uint8
-    q_high[0, 0] = 8  # beyond int4: the float32 layouts
-    assert prepare(R.ZipperCodes(q_low=q_high * 0, q_high=q_high, scale=np.ones(40))).method == "ell"
+    q_high = q_high[:, :63]  # int4 codes but K odd: not dense
+    assert prepare(R.ZipperCodes(q_low=q_high * 0, q_high=(q_high > 0).astype(np.int8), scale=np.ones(40))).method == "ell"
 
 
 def test_bad_arguments_raise_value_error():

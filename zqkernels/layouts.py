@@ -293,11 +293,12 @@ class ZipperHighGPU:
     - "dense": every code of q_high packed two per byte (`reference.pack_int4`, uint8 [N, K/2]), for
       a 16-bit tensor-core GEMM (`w4a16`); work M·N·K on the tensor cores, K/2 bytes a row. Needs
       codes in [-8, 7] (`high_bits` 4 gives [-7, 7]) and K even.
-    Codes up to ±127 are exact in float32 (columns, ell). `method="auto"` picks dense when the
-    codes fit it, the columns holding outliers are more than K/8 of all (the columns layout would
-    read more bytes: 4 per float32 code against half a byte) and the longest row holds more than
-    K/32 of them (each ELL slot is a dependent gather per token); else columns while C <= E_max
-    (the dense column pass does no more work than the gathers), else ell.
+    Codes up to ±127 are exact in float32 (columns, ell). `method="auto"` picks dense whenever the
+    codes fit it: on the H200 it was the fastest layer at every LLaMA-3-8B shape and M for the
+    per-row grid at outlier ratios 0.05 and 0.01, and for a high part in K/64 channels from M = 64
+    on, within 1.25x of ELL below that, where ELL took up to 40x dense's time at large M
+    (reports/results/h200/probe_zipper_layouts.json). Else columns while C <= E_max (the dense
+    column pass does no more work than the gathers), else ell.
     """
 
     shape: tuple  # (N, K)
@@ -328,7 +329,7 @@ class ZipperHighGPU:
             raise ValueError("method 'dense' packs q_high as int4: it needs codes in [-8, 7] and K even, got "
                              f"K={k}, codes in [{qh.min() if qh.size else 0}, {qh.max() if qh.size else 0}]")
         if method == "auto":
-            if fits_dense and 8 * cols.size > k and 32 * e_max > k:
+            if fits_dense and e_max:
                 method = "dense"
             else:
                 method = "columns" if cols.size <= e_max or e_max == 0 else "ell"
