@@ -137,11 +137,9 @@ def _launch_ell(x, high, out, block):
     _launch_rows(_high_ell_kernel, x, high, out, block)
 
 
-def _launch_dense(x, high, out, block):
+def _launch_dense(x, high, out, block):  # block: None (refused above)
     from zqkernels.gpu.w4a16 import w4a16_gemm
 
-    if block is not None:
-        raise ValueError("block: the dense layout runs on the w4a16 launch table's tiles; pass block=None")
     w4a16_gemm(_dense_acts(x, None), high.values, high.row_scale, out=out, accumulate=True, check_finite=False)
 
 
@@ -164,10 +162,11 @@ def check_block(block):
 def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     """`out += 16 * Δ_n * (x_smoothed @ q_high.T)` in place and return `out`.
 
-    x_smoothed: fp16/bf16/fp32 [M, K] (X', already smoothed), rows contiguous; high: a
+    x_smoothed: fp16/bf16/fp32 [M, K] (X', already smoothed), rows contiguous (the dense layout:
+    contiguous, and an fp32 X' is rounded to bf16 for its tensor cores); high: a
     `layouts.ZipperHighGPU`; out: float32 [M, N] contiguous on the same device.
-    `block=(BLOCK_M, BLOCK_N, BLOCK_E)` overrides the launch table's tiles (tests and tuning;
-    BLOCK_E: ELL slots or gathered columns summed a step).
+    `block=(BLOCK_M, BLOCK_N, BLOCK_E)` overrides the columns / ell launch table's tiles (tests and
+    tuning; BLOCK_E: ELL slots or gathered columns summed a step); the dense layout refuses it.
     check_finite: refuse NaN / Inf in x_smoothed or out (False on the layers' per-token path).
     """
     if not isinstance(high, ZipperHighGPU):
@@ -188,7 +187,9 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
         raise ValueError(f"M={m} rows exceed the kernels' int32 offsets for this shape; split M")
     if check_finite:
         refuse_non_finite(x_smoothed=x_smoothed, out=out)
-    if block is not None and high.method != "dense":
+    if block is not None:
+        if high.method == "dense":
+            raise ValueError("block: the dense layout runs on the w4a16 launch table's tiles; pass block=None")
         check_block(block)
     if m == 0 or high.nnz == 0:
         return out
