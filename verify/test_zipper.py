@@ -170,6 +170,26 @@ def test_every_layout_agrees(codes, data):
         assert np.all(np.abs(got - outs["columns"]) <= tol), method
 
 
+@settings(max_examples=examples(20))
+@given(data=st.data(), x_dtype=st.sampled_from(X_DTYPES))
+def test_dense_smoothing_is_torchs_bf16_rounding_of_the_float32_product(data, x_dtype):
+    """The dense layout's X' is float32(x) * inv_s rounded half to even to bf16, torch's bits exactly
+    (ties, huge values rounding to Inf, NaN kept NaN)."""
+    from zqkernels.gpu.zipper_high import _dense_acts
+
+    m, k = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 70))
+    x = torch.from_numpy(np.ascontiguousarray(data.draw(matrices(shape=(m, k))))).to(x_dtype)
+    inv = torch.from_numpy(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).uniform(0.1, 4.0, k)).float()
+    if x_dtype == torch.float32 and data.draw(st.booleans()):
+        x.view(-1)[0] = float("nan")
+        x.view(-1)[-1] = 3.3e38  # times inv_s up to 4: past float32's range, or rounds to bf16's Inf
+    want = (x.float() * inv).to(torch.bfloat16)
+    got = _dense_acts(x.to(DEVICE), inv.to(DEVICE)).cpu()
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16)[~want.isnan()], want.view(torch.int16)[~want.isnan()])
+    assert torch.equal(got.isnan(), want.isnan())
+
+
 def test_all_zero_high_part_leaves_out_untouched():
     codes = R.ZipperCodes(q_low=np.ones((5, 8), np.int8), q_high=np.zeros((5, 8), np.int8), scale=np.ones(5))
     out = torch.arange(15, dtype=torch.float32, device=DEVICE).reshape(3, 5)

@@ -93,14 +93,19 @@ def _high_ell_kernel(x_ptr, ecol_ptr, eval_ptr, rs_ptr, out_ptr, M, N, E, stride
 
 
 @triton.jit
-def _smooth_16bit_kernel(x_ptr, inv_ptr, y_ptr, M, K, stride_xm, BLOCK: tl.constexpr):
-    # X' = float32(x) * inv_s (IEEE, the quantizer's definition), rounded once to y's 16-bit type
+def _smooth_bf16_kernel(x_ptr, inv_ptr, y_ptr, M, K, stride_xm, BLOCK: tl.constexpr):
+    # X' = float32(x) * inv_s (IEEE, the quantizer's definition), rounded once to bf16 (half to
+    # even) in integer arithmetic on its bits, stored as int16: Triton's interpreter truncates a
+    # float32 -> bf16 cast, the GPU rounds it; this form is the same bits on both, torch's.
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < K
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
-    inv = tl.load(inv_ptr + offs, mask=ok, other=0.0)
-    tl.store(y_ptr + row.to(tl.int64) * K + offs, (x * inv).to(y_ptr.dtype.element_ty), mask=ok)
+    v = x * tl.load(inv_ptr + offs, mask=ok, other=0.0)
+    b = v.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16  # NaN bit patterns could carry into Inf: kept NaN below
+    r = tl.where(v != v, 0x7FC0, r)
+    tl.store(y_ptr + row.to(tl.int64) * K + offs, r.to(tl.int16), mask=ok)
 
 
 def _dense_acts(x, inv_smooth):
@@ -112,8 +117,8 @@ def _dense_acts(x, inv_smooth):
     y = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
     if m:
         block = min(1024, triton.next_power_of_2(max(k, 16)))
-        _smooth_16bit_kernel[(m, triton.cdiv(k, block))](x, inv_smooth, y, m, k, x.stride(0), BLOCK=block,
-                                                         num_warps=4)
+        _smooth_bf16_kernel[(m, triton.cdiv(k, block))](x, inv_smooth, y.view(torch.int16), m, k, x.stride(0),
+                                                        BLOCK=block, num_warps=4)
     return y
 
 
