@@ -157,21 +157,29 @@ def test_a_tma_bucket_runs_what_tma_cannot_take_on_its_no_tma_config(data, group
         w4a16_gemm(xt, pw, sw_t, group_size=group, config=TMA_CONFIGS[0])
 
 
+def llama_operands(m, n, k, group, dtype=torch.float16):
+    """Seeded GPU operands of an [m, k] x [n, k] W4A16 product: (generator, x, packed codes, scales,
+    float64 oracle product)."""
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    g = 1 if group is None else -(-k // group)
+    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
+    sw_t = sw[:, 0].contiguous() if group is None else sw
+    pw = torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda()
+    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
+                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    return gen, x, pw, sw_t, ref
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 16, 100, 256])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
 @pytest.mark.parametrize("group", [None, 128])
 def test_llama_shapes_compiled(m, n, k, group):
-    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
-    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
-    g = 1 if group is None else -(-k // group)
-    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
-    sw_t = sw[:, 0].contiguous() if group is None else sw
-    y = w4a16_gemm(x, torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda(), sw_t, group_size=group).double()
-    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
-                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    _, x, pw, sw_t, ref = llama_operands(m, n, k, group)
+    y = w4a16_gemm(x, pw, sw_t, group_size=group).double()
     assert (y - ref).norm() / ref.norm() < 1e-3  # fp16 output rounding, 2**-11 per element
 
 
@@ -215,15 +223,7 @@ def test_gemv_llama_shapes_compiled(m, n, k, group, tile, split):
     bn, bk, warps = tile
     cfg = dict(variant="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=3,
                SPLIT_K=split)
-    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
-    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
-    g = 1 if group is None else -(-k // group)
-    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
-    sw_t = sw[:, 0].contiguous() if group is None else sw
-    pw = torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda()
-    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
-                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    gen, x, pw, sw_t, ref = llama_operands(m, n, k, group)
     y = w4a16_gemm(x, pw, sw_t, group_size=group, config=cfg).double()
     assert (y - ref).norm() / ref.norm() < 1e-3  # fp16 output rounding, 2**-11 per element
     before = torch.randn(m, n, generator=gen, device="cuda")
