@@ -29,6 +29,8 @@ def candidates(m, group):
     if m <= 16:
         gemv = [C("gemv", 1, bn, k, W=w, S=s, GM=1, SPLIT_K=sk) for bn, k, w in GEMV_TILES[group] for s in (2, 3)
                 for sk in (0, 1)] if m <= 4 else []
+        gemv += [C("gemv_words", 1, bn, k, W=w, S=s, GM=1, SPLIT_K=sk, X_SPLIT=xs) for bn, k, w in GEMV_TILES[group]
+                 for s in (2, 3) for sk in (0, 1) for xs in (False, True)] if m <= 4 else []
         return [C("splitk", 16, bn, k, GM=1, S=s, SPLIT_K=0, SWAP_AB=True, PLANES=p) for bn in (64, 128)
                 for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)] + gemv
     if m <= 256:

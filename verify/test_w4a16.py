@@ -42,6 +42,9 @@ CONFIGS = [
     dict(variant="splitk", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=1),
     dict(variant="gemv", BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=1),
     dict(variant="gemv", BLOCK_M=2, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, GROUP_M=1, num_warps=2, num_stages=2),
+    dict(variant="gemv_words", BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(variant="gemv_words", BLOCK_M=2, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, GROUP_M=1, X_SPLIT=True, num_warps=2,
+         num_stages=2),
 ]
 
 
@@ -217,12 +220,13 @@ def test_tma_llama_shapes_compiled(m, n, k, group, tile, dtype):
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("split", [0, 1])
-def test_gemv_llama_shapes_compiled(m, n, k, group, tile, split):
-    """The gemv variant at the tune's tiles, written to fp16 and accumulated into float32, against
+@pytest.mark.parametrize("form", [("gemv", False), ("gemv_words", False), ("gemv_words", True)])
+def test_gemv_llama_shapes_compiled(m, n, k, group, tile, split, form):
+    """The gemv variants at the tune's tiles, written to fp16 and accumulated into float32, against
     the float64 product of the dequantized weights."""
     bn, bk, warps = tile
-    cfg = dict(variant="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=3,
-               SPLIT_K=split)
+    cfg = dict(variant=form[0], BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=3,
+               SPLIT_K=split, X_SPLIT=form[1])
     gen, x, pw, sw_t, ref = llama_operands(m, n, k, group)
     y = w4a16_gemm(x, pw, sw_t, group_size=group, config=cfg).double()
     assert (y - ref).norm() / ref.norm() < 1e-3  # fp16 output rounding, 2**-11 per element

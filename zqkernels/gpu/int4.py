@@ -124,6 +124,26 @@ NIBBLE_TOPS = tl.constexpr(-252645136)  # 0xF0F0F0F0 as an int32
 
 
 @triton.jit
+def load_words(ptr, row_off, word, nwords, nbytes, WORDS: tl.constexpr):
+    """int32 words `word` (any shape; row starts `row_off` broadcast against it) of rows holding
+    `nwords` words: loaded as words (WORDS: the rows are 4-byte aligned, offsets in words), else
+    as their four bytes, assembled little-endian (offsets in bytes; `nbytes` bytes per row, the
+    bytes past it zero). Out-of-row words are 0, i.e. codes 0."""
+    if WORDS:
+        return tl.load(ptr + row_off + word, mask=word < nwords, other=0)
+    else:
+        j = tl.arange(0, 4)
+        byte = tl.expand_dims(word * 4, len(word.shape)) + j
+        b = tl.load(ptr + tl.expand_dims(row_off, len(word.shape)) + byte, mask=byte < nbytes, other=0)
+        return tl.sum((b.to(tl.int32) & 0xFF) << (8 * j), axis=len(word.shape))
+
+
+def words_aligned(a, qw):
+    """True when a GEMV may load int32 words: K/2 a multiple of 4, both rows 4-byte aligned."""
+    return qw.shape[1] % 4 == 0 and a.data_ptr() % 4 == 0 and qw.data_ptr() % 4 == 0
+
+
+@triton.jit
 def unpack_words_x16(w):
     """int32 words of packed bytes -> (lo, hi) int32 words whose four int8 bytes are 16 * the codes
     of the even / odd elements (byte j of lo: element 2j; of hi: element 2j + 1). Plain 32-bit

@@ -36,11 +36,12 @@ contiguous, w_scale fp32 [N] or [N, ceil(K/g)], group_size in `limits.W4A16_GROU
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
-from zqkernels.gpu.configs import interpreting, launch_config, tma_or_fallback, use_asm
-from zqkernels.gpu.int4 import unpack_lo_hi_float
+from zqkernels.gpu.configs import interpreting, launch_config, tma_or_fallback, use_asm, use_pdl
+from zqkernels.gpu.int4 import load_words, unpack_lo_hi_float, words_aligned
 from zqkernels.gpu.operands import (
     check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
@@ -246,6 +247,120 @@ def _w4a16_gemv_kernel(
         _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
+@triton.jit
+def _x_channels(x_ptr, x_row, word, K, EVEN_K: tl.constexpr, X_SPLIT: tl.constexpr):
+    """The activations that meet the eight codes of weight words `word` [BW]: eight float32 tiles
+    [BLOCK_M, 1, BW], tile n holding channel 8 * word + n (0 past K). X_SPLIT: one contiguous
+    [BLOCK_M, BW, 8] load split into the eight, else eight strided loads in the words' own layout."""
+    if X_SPLIT:
+        kk = word[:, None] * 8 + tl.arange(0, 8)[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptr + x_row + kk[None, :, :])
+        else:
+            x = tl.load(x_ptr + x_row + kk[None, :, :], mask=kk[None, :, :] < K, other=0.0)
+        BM: tl.constexpr = x.shape[0]
+        BW: tl.constexpr = x.shape[1]
+        # channel n = 4a + 2b + c sits at [.., a, b, c] of the [.., 2, 2, 2] view: three splits
+        x0246, x1357 = tl.split(tl.reshape(x.to(tl.float32), (BM, BW, 4, 2)))
+        x04, x26 = tl.split(tl.reshape(x0246, (BM, BW, 2, 2)))
+        x15, x37 = tl.split(tl.reshape(x1357, (BM, BW, 2, 2)))
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        return (x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :], x4[:, None, :], x5[:, None, :],
+                x6[:, None, :], x7[:, None, :])
+    else:
+        kk = word[None, None, :] * 8
+        if EVEN_K:
+            return (tl.load(x_ptr + x_row + kk).to(tl.float32), tl.load(x_ptr + x_row + kk + 1).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 2).to(tl.float32), tl.load(x_ptr + x_row + kk + 3).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 4).to(tl.float32), tl.load(x_ptr + x_row + kk + 5).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 6).to(tl.float32), tl.load(x_ptr + x_row + kk + 7).to(tl.float32))
+        else:
+            return (tl.load(x_ptr + x_row + kk, mask=kk < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 1, mask=kk + 1 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 2, mask=kk + 2 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 3, mask=kk + 3 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 4, mask=kk + 4 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 5, mask=kk + 5 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 6, mask=kk + 6 < K, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + x_row + kk + 7, mask=kk + 7 < K, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """float32 [BLOCK_M, BLOCK_N, BW]: the eight codes of each weight word w [1, BLOCK_N, BW]
+    (nibble n = channel 8 * word + n) times their activations, summed; every product exact."""
+    part = _codes_f32(w & 0xF) * x0
+    part += _codes_f32((w >> 4) & 0xF) * x1
+    part += _codes_f32((w >> 8) & 0xF) * x2
+    part += _codes_f32((w >> 12) & 0xF) * x3
+    part += _codes_f32((w >> 16) & 0xF) * x4
+    part += _codes_f32((w >> 20) & 0xF) * x5
+    part += _codes_f32((w >> 24) & 0xF) * x6
+    return part + _codes_f32((w >> 28) & 0xF) * x7
+
+
+# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _w4a16_gemv_words_kernel(
+    x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr, EVEN_K: tl.constexpr, X_SPLIT: tl.constexpr, USE_SPLIT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
+):
+    """A few tokens on the CUDA cores, the weights streamed as int32 words (eight codes each, as
+    the W4A4 gemv reads them): each word's codes made exact float32 (`_codes_f32`) and multiplied
+    with their eight activations into one float32 accumulator per word, [BLOCK_M, BLOCK_N,
+    BLOCK_K / 8]. Strides in words when WORDS (rows 4-byte aligned), else in bytes, the words
+    assembled. With groups each tile (BLOCK_K divides the group) is multiplied by its scale as it
+    is added. K split over SPLIT_K programs as in `splitk`. PDL: launched as a programmatic
+    dependent launch, waiting for the kernel before it before touching memory (`w4a4`'s gemv)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    BW: tl.constexpr = BLOCK_K // 8
+    KH = K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    nw_w = tl.cdiv(KH, 4)
+    k_tiles = tl.cdiv(nw_w, BW)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
+    x_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+    for t in range(t0, t1):
+        word = t * BW + offs_w
+        if EVEN_K:
+            w = tl.load(qw_ptr + w_row + word[None, None, :])
+        else:
+            w = load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_channels(x_ptr, x_row, word, K, EVEN_K, X_SPLIT)
+        part = _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7)
+        if GROUP == 0:
+            acc += part
+        else:
+            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP.
+            sw = tl.load(sw_ptr + rn * stride_swn + (t * BLOCK_K) // GROUP)
+            acc += part * sw[None, :, None]
+    total = tl.sum(acc, axis=2)
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(total, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        if is_last:
+            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+    else:
+        _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+
+
 # M is a plain runtime int, as in the gemm variant.
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_tma_kernel(
@@ -332,6 +447,30 @@ def _launch_gemv(cfg, x, qw, sw, out, group):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _launch_gemv_words(cfg, x, qw, sw, out, group):
+    M, K = x.shape
+    N = qw.shape[0]
+    block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
+    if block_k < 8 or block_k & (block_k - 1):
+        raise ValueError(f"gemv config BLOCK_K must be a power of two >= 8 (one word), got {block_k}")
+    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    nwords = triton.cdiv(K // 2, 4)
+    split = choose_split_k(cfg, tiles_mn, triton.cdiv(nwords, block_k // 8), x.device)
+    if split * M * N >= 2**31:
+        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
+    ws, cnt = splitk_workspace(x.device, torch.float32, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
+    # Words straight from memory where every row starts 4-byte aligned; else bytes assembled.
+    words = words_aligned(x, qw)
+    w, unit = (qw.view(torch.int32), 4) if words else (qw, 1)
+    pdl = use_pdl(x.device)
+    _w4a16_gemv_words_kernel[(tiles_mn, split)](
+        x, w, sw, out, ws, cnt, M, N, K, x.stride(0), qw.stride(0) // unit, out.stride(0),
+        sw.stride(0) if group else 1, split, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=block_k, WORDS=words, EVEN_K=words and nwords % (block_k // 8) == 0,
+        X_SPLIT=bool(cfg.get("X_SPLIT", False)), USE_SPLIT=split > 1, ACCUMULATE=out.dtype == torch.float32,
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
+
+
 FP16_FOLDED_SCALE_MAX = 8188.0  # 8 x 8188 = 65504, fp16's largest finite value
 
 
@@ -358,7 +497,8 @@ def _launch_tma(cfg, x, qw, sw, out, group):
         X_BF16=x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "gemv_words": _launch_gemv_words,
+            "tma": _launch_tma}
 
 
 def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, accumulate=False, config=None,

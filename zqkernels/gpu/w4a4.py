@@ -70,7 +70,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, tma_or_fallback, use_asm, use_pdl
-from zqkernels.gpu.int4 import dp4a, even_odd_bytes, unpack_lo_hi_x16, unpack_words_x16
+from zqkernels.gpu.int4 import (
+    dp4a, even_odd_bytes, load_words, unpack_lo_hi_x16, unpack_words_x16, words_aligned,
+)
 from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
     refuse_non_finite,
@@ -290,21 +292,6 @@ def _w4a4_tma_kernel(
 
 
 @triton.jit
-def _load_words(ptr, row_off, word, nwords, nbytes, WORDS: tl.constexpr):
-    """int32 words `word` (any shape; row starts `row_off` broadcast against it) of rows holding
-    `nwords` words: loaded as words (WORDS: the rows are 4-byte aligned, offsets in words), else
-    as their four bytes, assembled little-endian (offsets in bytes; `nbytes` bytes per row, the
-    bytes past it zero). Out-of-row words are 0, i.e. codes 0."""
-    if WORDS:
-        return tl.load(ptr + row_off + word, mask=word < nwords, other=0)
-    else:
-        j = tl.arange(0, 4)
-        byte = tl.expand_dims(word * 4, len(word.shape)) + j
-        b = tl.load(ptr + tl.expand_dims(row_off, len(word.shape)) + byte, mask=byte < nbytes, other=0)
-        return tl.sum((b.to(tl.int32) & 0xFF) << (8 * j), axis=len(word.shape))
-
-
-@triton.jit
 def _gemv_products(w, a_lo, a_hi, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
                    USE_ASM: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N, BW] + the dp4a products of weight words w [1, BLOCK_N, BW] (packed,
@@ -356,8 +343,8 @@ def _gemv_one_token(qx_ptr, qw_ptr, a_off, w_row, t0, t1, offs_w, nw_w, KH, BLOC
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
     for t in range(t0, t1):
         word = t * BW + offs_w
-        w_lo, w_hi = unpack_words_x16(_load_words(qw_ptr, w_row, word[None, :], nw_w, KH, WORDS))
-        a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_off, word, nw_w, KH, WORDS)[None, :])
+        w_lo, w_hi = unpack_words_x16(load_words(qw_ptr, w_row, word[None, :], nw_w, KH, WORDS))
+        a_lo, a_hi = unpack_words_x16(load_words(qx_ptr, a_off, word, nw_w, KH, WORDS)[None, :])
         acc = dp4a(w_lo, tl.broadcast_to(a_lo, (BLOCK_N, BW)), acc, USE_ASM)
         acc = dp4a(w_hi, tl.broadcast_to(a_hi, (BLOCK_N, BW)), acc, USE_ASM)
     return tl.sum(acc, axis=1)[None, :]
@@ -377,13 +364,13 @@ def _gemv_tokens(qx_ptr, sx_ptr, qw_ptr, rm, a_row, w_row, t0, t1, offs_w, nw_w,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
         word = t * BW + offs_w
-        w = _load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
+        w = load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
         if A_INT8:  # two words of int8 codes per weight word: elements 8i..8i+3, 8i+4..8i+7
             word2 = 2 * word[None, None, :, None] + tl.arange(0, 2)[None, None, None, :]
-            a0, a1 = tl.split(_load_words(qx_ptr, a_row[:, :, :, None], word2, 2 * KH // 4, 2 * KH, WORDS))
+            a0, a1 = tl.split(load_words(qx_ptr, a_row[:, :, :, None], word2, 2 * KH // 4, 2 * KH, WORDS))
             a_lo, a_hi = even_odd_bytes(a0, a1, USE_ASM)
         else:
-            a_lo, a_hi = unpack_words_x16(_load_words(qx_ptr, a_row, word[None, None, :], nw_w, KH, WORDS))
+            a_lo, a_hi = unpack_words_x16(load_words(qx_ptr, a_row, word[None, None, :], nw_w, KH, WORDS))
         if ACT_GROUP == 0:
             acc3 = _gemv_products(w, a_lo, a_hi, acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
         else:
@@ -496,7 +483,7 @@ def _w4a4_gemv_quant_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t0, t1):
         if ACT_GROUP == 0:
-            w = _load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
+            w = load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
             kk = (t * BW + offs_w)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8] channels
             xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
             a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None], d[:, None, None], y[:, None, None]), BLOCK_M, BW)
@@ -507,7 +494,7 @@ def _w4a4_gemv_quant_kernel(
             # the interpreter but 3 % off compiled on the H200 (cause not isolated); this one
             # passes the compiled laws (reports/results/h200/verify_all_xdist14_gemv.log).
             wg = t * BW + tl.arange(0, NG)[:, None] * GW + tl.arange(0, GW)[None, :]  # [NG, GW] word ids
-            w = _load_words(qw_ptr, w_row[:, :, :, None], wg[None, None, :, :], nw_w, KH, WORDS)  # [1, BN, NG, GW]
+            w = load_words(qw_ptr, w_row[:, :, :, None], wg[None, None, :, :], nw_w, KH, WORDS)  # [1, BN, NG, GW]
             kk = wg[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [NG, GW, 8] channels
             xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None, None], kk[None, :, :, :], K, HAS_INV)
             sg = scale_of(tl.reduce(tl.reduce(tl.abs(xs), 3, max_nan), 2, max_nan))  # [BLOCK_M, NG]
@@ -604,11 +591,6 @@ def _launch_tma(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     )
 
 
-def _gemv_words(a, qw):
-    """True when the gemv kernels may load int32 words: K/2 a multiple of 4, both rows 4-byte aligned."""
-    return qw.shape[1] % 4 == 0 and a.data_ptr() % 4 == 0 and qw.data_ptr() % 4 == 0
-
-
 def _gemv_block_k(cfg, act_group):
     block_k = cfg["BLOCK_K"]
     if block_k < 32 or block_k & (block_k - 1):
@@ -654,7 +636,7 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
     if cfg.get("variant") != "gemv":
         raise ValueError(f"w4a4_gemv_quant runs the gemv variant's tiles; its config names {cfg.get('variant')!r}")
     block_k = _gemv_block_k(cfg, act_group)
-    words = _gemv_words(x, qw_packed)
+    words = words_aligned(x, qw_packed)
     tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, x.device)
     amax_block = min(2048, triton.next_power_of_2(K))
     _w4a4_gemv_quant_kernel[(tiles_mn, split)](
@@ -672,7 +654,7 @@ def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     N, KH = qw.shape
     block_k = _gemv_block_k(cfg, 0)  # group scales: a tile may span groups, or lie inside one
     # Words straight from memory where every row starts 4-byte aligned; else bytes assembled.
-    words = _gemv_words(qx, qw)
+    words = words_aligned(qx, qw)
     tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, qx.device)
     a, w, unit = (qx.view(torch.int32), qw.view(torch.int32), 4) if words else (qx, qw, 1)
     pdl = use_pdl(qx.device)
