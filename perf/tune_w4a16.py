@@ -17,11 +17,10 @@ def C(variant, BM, BN, BK, W=4, S=4, GM=8, **kw):
     return dict(variant=variant, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, num_warps=W, num_stages=S, **kw)
 
 
-# gemv tiles (BLOCK_N, BLOCK_K, warps): per channel deep rows, with groups the K tile is the group
-# (128 here), so wide tiles keep enough bytes in flight
-GEMV_TILES = {None: ((4, 4096, 4), (8, 2048, 4), (8, 4096, 8), (16, 1024, 4), (16, 2048, 8), (32, 512, 4),
-                     (32, 1024, 8), (8, 1024, 4)),
-              128: ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (8, 128, 2))}
+# gemv tiles (BLOCK_N, BLOCK_K, warps): deep narrow rows (a K tile may span groups), and the wide
+# 128-deep tiles that won with groups when a tile could not span them
+GEMV_DEEP = ((4, 4096, 4), (8, 2048, 4), (8, 1024, 4), (16, 1024, 4), (16, 2048, 8), (32, 512, 4), (32, 1024, 8))
+GEMV_TILES = {None: GEMV_DEEP, 128: GEMV_DEEP + ((64, 128, 4), (128, 128, 8))}
 
 
 def candidates(m, group):
@@ -29,8 +28,6 @@ def candidates(m, group):
     if m <= 16:
         gemv = [C("gemv", 1, bn, k, W=w, S=s, GM=1, SPLIT_K=sk) for bn, k, w in GEMV_TILES[group] for s in (2, 3)
                 for sk in (0, 1)] if m <= 4 else []
-        gemv += [C("gemv_words", 1, bn, k, W=w, S=s, GM=1, SPLIT_K=sk, X_SPLIT=xs) for bn, k, w in GEMV_TILES[group]
-                 for s in (2, 3) for sk in (0, 1) for xs in (False, True)] if m <= 4 else []
         return [C("splitk", 16, bn, k, GM=1, S=s, SPLIT_K=0, SWAP_AB=True, PLANES=p) for bn in (64, 128)
                 for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)] + gemv
     if m <= 256:

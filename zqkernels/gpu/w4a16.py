@@ -11,11 +11,13 @@ fp16 / bf16). Variants, named per M bucket by the launch table as in `w4a4`:
   two dots against the even and odd columns of x), accumulated in fp32; the scale multiplies the
   fp32 partial sum (per group, BLOCK_K divides the group) or the whole sum in the epilogue (per
   channel).
-- `gemv` (M of 1 to a few): no MMA. Weight bytes streamed in [BLOCK_N, BLOCK_K / 2] tiles, both
-  nibbles made exact float32 codes by the same magic-number form in float32 (`_codes_f32`), and
-  multiplied with the float32 activations on the CUDA cores in a [BLOCK_M, BLOCK_N, BLOCK_K / 2]
-  accumulator; K split over programs as in `splitk`; group scales multiply each tile as it is
-  added (BLOCK_K divides the group). Exact products, fp32 sums.
+- `gemv` (M of 1 to a few): no MMA. Weights streamed as int32 words in [BLOCK_N, BLOCK_K / 8]
+  tiles, the eight codes of a word made exact float32 by the same magic-number form in float32
+  (`_codes_f32`) and multiplied with their float32 activations on the CUDA cores into one
+  accumulator per word; K split over programs as in `splitk`; a K tile may span groups, each
+  group's sum multiplied by its scale as it is added. Exact products, fp32 sums. On the H200 at
+  M = 1 the word form ran 1.20x the form on bytes (one accumulator per byte) per channel
+  (reports/results/h200/tune_w4a16_words.json).
 - `tma` (large M): both operands through TMA tensor descriptors, the weights the MMA's register
   operand (no shared-memory round trip for them; through shared memory they lost on every tile
   tuned, docs/DESIGN.md "variants tried"). Per channel the scale is
@@ -185,107 +187,29 @@ def _codes_f32(nib):
     return (nib ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
 
 
-# M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KH, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
-):
-    """A few tokens on the CUDA cores: each program streams [BLOCK_N, BLOCK_K / 2] weight bytes,
-    turns both nibbles into exact float32 codes (`_codes_f32`) and multiplies them with the float32
-    activations in a [BLOCK_M, BLOCK_N, BLOCK_K / 2] accumulator, reduced once at the end; an MMA
-    tile is at least 16 tokens deep, so at M = 1 the tensor-core variants waste 15/16 of their
-    work and of their activation loads. With groups each tile (BLOCK_K divides the group) is
-    multiplied by its scale as it is added. K is split over SPLIT_K programs as in `splitk`."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
-    pid_k = tl.program_id(1)
-    BKH: tl.constexpr = BLOCK_K // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    k_tiles = tl.cdiv(KH, BKH)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    offs_kh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BKH), BKH), BKH)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BKH), dtype=tl.float32)
-    for t in range(t0, t1):
-        kh = t * BKH + offs_kh
-        w_ptrs = qw_ptr + rn[:, None] * stride_wn + kh[None, :]
-        # channels 2j and 2j + 1 of byte j, each loaded in the weight tile's own layout along K
-        # (two strided loads hitting the same lines) rather than split from one contiguous tile,
-        # which costs a layout conversion a step
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * kh[None, :]
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            xe = tl.load(x_ptrs).to(tl.float32)
-            xo = tl.load(x_ptrs + 1).to(tl.float32)
-        else:
-            kmask = (kh < KH)[None, :]
-            w = tl.load(w_ptrs, mask=kmask, other=0)
-            xe = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptrs + 1, mask=kmask, other=0.0).to(tl.float32)
-        w = w.to(tl.int32)
-        lo = _codes_f32(w & 0xF)[None, :, :]
-        hi = _codes_f32((w >> 4) & 0xF)[None, :, :]
-        part = lo * xe[:, None, :] + hi * xo[:, None, :]
-        if GROUP == 0:
-            acc += part
-        else:
-            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP.
-            sw = tl.load(sw_ptr + rn * stride_swn + (t * BLOCK_K) // GROUP)
-            acc += part * sw[None, :, None]
-    total = tl.sum(acc, axis=2)
-    if USE_SPLIT:
-        is_last, total = splitk_reduce(total, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
-        if is_last:
-            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
-    else:
-        _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
-
-
 @triton.jit
-def _x_channels(x_ptr, x_row, word, K, EVEN_K: tl.constexpr, X_SPLIT: tl.constexpr):
+def _x_channels(x_ptr, x_row, word, K, EVEN_K: tl.constexpr):
     """The activations that meet the eight codes of weight words `word` [BW]: eight float32 tiles
-    [BLOCK_M, 1, BW], tile n holding channel 8 * word + n (0 past K). X_SPLIT: one contiguous
-    [BLOCK_M, BW, 8] load split into the eight, else eight strided loads in the words' own layout."""
-    if X_SPLIT:
-        kk = word[:, None] * 8 + tl.arange(0, 8)[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptr + x_row + kk[None, :, :])
-        else:
-            x = tl.load(x_ptr + x_row + kk[None, :, :], mask=kk[None, :, :] < K, other=0.0)
-        BM: tl.constexpr = x.shape[0]
-        BW: tl.constexpr = x.shape[1]
-        # channel n = 4a + 2b + c sits at [.., a, b, c] of the [.., 2, 2, 2] view: three splits
-        x0246, x1357 = tl.split(tl.reshape(x.to(tl.float32), (BM, BW, 4, 2)))
-        x04, x26 = tl.split(tl.reshape(x0246, (BM, BW, 2, 2)))
-        x15, x37 = tl.split(tl.reshape(x1357, (BM, BW, 2, 2)))
-        x0, x4 = tl.split(x04)
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
-        return (x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :], x4[:, None, :], x5[:, None, :],
-                x6[:, None, :], x7[:, None, :])
+    [BLOCK_M, 1, BW], tile n holding channel 8 * word + n (0 past K). One contiguous
+    [BLOCK_M, BW, 8] load split in registers: eight strided loads, one per channel of a word, in
+    the words' own layout, were 9-20 % slower on the H200 (docs/DESIGN.md, "variants tried")."""
+    kk = word[:, None] * 8 + tl.arange(0, 8)[None, :]
+    if EVEN_K:
+        x = tl.load(x_ptr + x_row + kk[None, :, :])
     else:
-        kk = word[None, None, :] * 8
-        if EVEN_K:
-            return (tl.load(x_ptr + x_row + kk).to(tl.float32), tl.load(x_ptr + x_row + kk + 1).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 2).to(tl.float32), tl.load(x_ptr + x_row + kk + 3).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 4).to(tl.float32), tl.load(x_ptr + x_row + kk + 5).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 6).to(tl.float32), tl.load(x_ptr + x_row + kk + 7).to(tl.float32))
-        else:
-            return (tl.load(x_ptr + x_row + kk, mask=kk < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 1, mask=kk + 1 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 2, mask=kk + 2 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 3, mask=kk + 3 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 4, mask=kk + 4 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 5, mask=kk + 5 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 6, mask=kk + 6 < K, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + x_row + kk + 7, mask=kk + 7 < K, other=0.0).to(tl.float32))
+        x = tl.load(x_ptr + x_row + kk[None, :, :], mask=kk[None, :, :] < K, other=0.0)
+    BM: tl.constexpr = x.shape[0]
+    BW: tl.constexpr = x.shape[1]
+    # channel n = 4a + 2b + c sits at [.., a, b, c] of the [.., 2, 2, 2] view: three splits
+    x0246, x1357 = tl.split(tl.reshape(x.to(tl.float32), (BM, BW, 4, 2)))
+    x04, x26 = tl.split(tl.reshape(x0246, (BM, BW, 2, 2)))
+    x15, x37 = tl.split(tl.reshape(x1357, (BM, BW, 2, 2)))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return (x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :], x4[:, None, :], x5[:, None, :],
+            x6[:, None, :], x7[:, None, :])
 
 
 @triton.jit
@@ -304,26 +228,32 @@ def _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7):
 
 # M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _w4a16_gemv_words_kernel(
+def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, stride_swn, SPLIT_K,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WORDS: tl.constexpr, EVEN_K: tl.constexpr, X_SPLIT: tl.constexpr, USE_SPLIT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr, EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """A few tokens on the CUDA cores, the weights streamed as int32 words (eight codes each, as
-    the W4A4 gemv reads them): each word's codes made exact float32 (`_codes_f32`) and multiplied
-    with their eight activations into one float32 accumulator per word, [BLOCK_M, BLOCK_N,
-    BLOCK_K / 8]. Strides in words when WORDS (rows 4-byte aligned), else in bytes, the words
-    assembled. With groups each tile (BLOCK_K divides the group) is multiplied by its scale as it
-    is added. K split over SPLIT_K programs as in `splitk`. PDL: launched as a programmatic
-    dependent launch, waiting for the kernel before it before touching memory (`w4a4`'s gemv)."""
+    """A few tokens on the CUDA cores: an MMA tile is at least 16 tokens deep, so at M = 1 the
+    tensor-core variants waste 15/16 of their work. The weights are streamed as int32 words (eight
+    codes each, as the W4A4 gemv reads them), each word's codes made exact float32 (`_codes_f32`)
+    and multiplied with their eight activations into one float32 accumulator per word,
+    [BLOCK_M, BLOCK_N, BLOCK_K / 8], reduced once at the end. Strides in words when WORDS (rows
+    4-byte aligned), else in bytes, each word assembled from its four. With groups a K tile may
+    span several: each group's part of the tile is summed and multiplied by its scale as it is
+    added ([BLOCK_M, BLOCK_N] accumulator), or, in a tile inside one group, the tile by its scale.
+    K split over SPLIT_K programs as in `splitk`. PDL: launched as a programmatic dependent launch,
+    waiting for the kernel before it before touching memory (as `w4a4`'s gemv)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
     pid_k = tl.program_id(1)
-    BW: tl.constexpr = BLOCK_K // 8
+    BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
+    GW: tl.constexpr = GROUP // 8  # words per group (a group is a multiple of 8 channels: whole words)
+    SPANS: tl.constexpr = GROUP != 0 and GROUP < BLOCK_K  # a K tile holds NG whole groups
+    NG: tl.constexpr = BLOCK_K // GROUP if SPANS else 1
     KH = K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,28 +267,36 @@ def _w4a16_gemv_words_kernel(
     offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
     w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
     x_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+    if SPANS:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     for t in range(t0, t1):
         word = t * BW + offs_w
         if EVEN_K:
             w = tl.load(qw_ptr + w_row + word[None, None, :])
         else:
             w = load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_channels(x_ptr, x_row, word, K, EVEN_K, X_SPLIT)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_channels(x_ptr, x_row, word, K, EVEN_K)
         part = _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7)
         if GROUP == 0:
-            acc += part
-        else:
-            # BLOCK_K divides GROUP: this whole tile lies in group (t * BLOCK_K) // GROUP.
+            acc3 += part
+        elif SPANS:
+            g = t * NG + tl.arange(0, NG)
+            sw = tl.load(sw_ptr + rn[:, None] * stride_swn + g[None, :], mask=g[None, :] * GROUP < K, other=0.0)
+            g_sum = tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_N, NG, GW)), axis=3)
+            acc += tl.sum(g_sum * sw[None, :, :], axis=2)
+        else:  # the whole tile lies in group (t * BLOCK_K) // GROUP
             sw = tl.load(sw_ptr + rn * stride_swn + (t * BLOCK_K) // GROUP)
-            acc += part * sw[None, :, None]
-    total = tl.sum(acc, axis=2)
+            acc3 += part * sw[None, :, None]
+    if not SPANS:
+        acc = tl.sum(acc3, axis=2)
     if USE_SPLIT:
-        is_last, total = splitk_reduce(total, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
+        is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
         if is_last:
             _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
     else:
-        _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+        _w4a16_epilogue(acc, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
 # M is a plain runtime int, as in the gemm variant.
@@ -432,25 +370,7 @@ def _launch_splitk(cfg, x, qw, sw, out, group):
 def _launch_gemv(cfg, x, qw, sw, out, group):
     M, K = x.shape
     N = qw.shape[0]
-    block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
-    if block_k < 2 or block_k & (block_k - 1):
-        raise ValueError(f"gemv config BLOCK_K must be a power of two >= 2, got {block_k}")
-    tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    split = choose_split_k(cfg, tiles_mn, triton.cdiv(K, block_k), x.device)
-    if split * M * N >= 2**31:
-        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
-    ws, cnt = splitk_workspace(x.device, torch.float32, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
-    _w4a16_gemv_kernel[(tiles_mn, split)](
-        x, qw, sw, out, ws, cnt, M, N, K // 2, x.stride(0), qw.stride(0), out.stride(0), sw.stride(0) if group else 1,
-        split, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        EVEN_K=(K // 2) % (block_k // 2) == 0, USE_SPLIT=split > 1, ACCUMULATE=out.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def _launch_gemv_words(cfg, x, qw, sw, out, group):
-    M, K = x.shape
-    N = qw.shape[0]
-    block_k = cfg["BLOCK_K"] if not group else min(cfg["BLOCK_K"], group)
+    block_k = cfg["BLOCK_K"]  # a K tile may span groups (the kernel's docstring)
     if block_k < 8 or block_k & (block_k - 1):
         raise ValueError(f"gemv config BLOCK_K must be a power of two >= 8 (one word), got {block_k}")
     tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -463,11 +383,11 @@ def _launch_gemv_words(cfg, x, qw, sw, out, group):
     words = words_aligned(x, qw)
     w, unit = (qw.view(torch.int32), 4) if words else (qw, 1)
     pdl = use_pdl(x.device)
-    _w4a16_gemv_words_kernel[(tiles_mn, split)](
+    _w4a16_gemv_kernel[(tiles_mn, split)](
         x, w, sw, out, ws, cnt, M, N, K, x.stride(0), qw.stride(0) // unit, out.stride(0),
         sw.stride(0) if group else 1, split, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=block_k, WORDS=words, EVEN_K=words and nwords % (block_k // 8) == 0,
-        X_SPLIT=bool(cfg.get("X_SPLIT", False)), USE_SPLIT=split > 1, ACCUMULATE=out.dtype == torch.float32,
+        USE_SPLIT=split > 1, ACCUMULATE=out.dtype == torch.float32,
         PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
 
 
@@ -497,8 +417,7 @@ def _launch_tma(cfg, x, qw, sw, out, group):
         X_BF16=x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "gemv_words": _launch_gemv_words,
-            "tma": _launch_tma}
+VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
 
 
 def w4a16_gemm(x, qw_packed, w_scale, group_size=None, *, out=None, accumulate=False, config=None,
