@@ -28,8 +28,11 @@ def candidates(m, group):
     if m <= 16:
         gemv = [C("gemv", 1, bn, k, W=w, S=s, GM=1, SPLIT_K=sk) for bn, k, w in GEMV_TILES[group] for s in (2, 3)
                 for sk in (0, 1)] if m <= 4 else []
+        # tma at a few tokens: a 16-row activation box, K split by the launcher
+        tma = [C("tma", 16, bn, k, GM=1, S=s, SPLIT_K=0) for bn, k in ((64, 128), (128, 64), (64, 256), (128, 128), (64, 64))
+               for s in (3, 4) if not (group and k > group)]
         return [C("splitk", 16, bn, k, GM=1, S=s, SPLIT_K=0, SWAP_AB=True, PLANES=p) for bn in (64, 128)
-                for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)] + gemv
+                for k in (64, bk, 2 * bk) for s in (3, 4) for p in (False, True) if not (group and k > group)] + gemv + tma
     if m <= 256:
         return [C("splitk", 64, 64, 128, SPLIT_K=0), C("gemm", 64, 64, 128), C("gemm", 128, 128, 64, W=8),
                 C("gemm", 64, 128, 64)] + [C("tma", bm, bn, 64, W=w, S=4) for bm, bn, w in

@@ -51,6 +51,9 @@ CONFIGS = [
 TMA_CONFIGS = [
     dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2),
     dict(variant="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
+    # K split over programs (the small-M form): three shares, and the launcher's choice
+    dict(variant="tma", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=3, num_warps=4, num_stages=2),
+    dict(variant="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_K=0, num_warps=4, num_stages=2),
 ]
 
 
@@ -209,6 +212,30 @@ def test_tma_llama_shapes_compiled(m, n, k, group, tile, dtype):
     # the output dtype's rounding (fp16 2**-11, bf16 2**-8 per element), fp32 accumulation and with
     # groups the folded scales (FOLD per weight, in random directions: far below it in the norm)
     assert (y - ref).norm() / ref.norm() < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton needs a CUDA GPU")
+@pytest.mark.parametrize("tile", [(64, 128, 4), (128, 64, 4), (64, 256, 4)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (1000, 4000)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_split_k_small_m_compiled(m, n, k, group, tile, dtype):
+    """The tma variant at a few tokens (a 16-row activation box, K split over programs by the
+    launcher), written to the activations' dtype and accumulated into float32, against the float64
+    product of the dequantized weights."""
+    bn, bk, warps = tile
+    cfg = dict(variant="tma", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, SPLIT_K=0, num_warps=warps,
+               num_stages=3)
+    gen, x, pw, sw_t, ref = llama_operands(m, n, k, group, dtype)
+    y = w4a16_gemm(x, pw, sw_t, group_size=group, config=cfg).double()
+    # the output dtype's rounding and, with groups, the folded scales (as the large-M tma test)
+    assert (y - ref).norm() / ref.norm() < (1e-3 if dtype == torch.float16 else 8e-3)
+    before = torch.randn(m, n, generator=gen, device="cuda")
+    acc = w4a16_gemm(x, pw, sw_t, group_size=group, out=before.clone(), accumulate=True, config=cfg).double()
+    fold = 0.0 if group is None else FOLD[dtype]  # per weight, in random directions
+    assert (acc - before.double() - ref).norm() / ref.norm() < 1e-5 + fold
 
 
 @pytest.mark.gpu

@@ -302,11 +302,11 @@ def _w4a16_gemv_kernel(
 # M is a plain runtime int, as in the gemm variant.
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_tma_kernel(
-    x_desc, w_desc, sw_ptr, out_ptr,
-    M, N, KH, stride_om, stride_swn,
+    x_desc, w_desc, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KH, stride_om, stride_swn, SPLIT_K,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, ACCUMULATE: tl.constexpr,
-    X_BF16: tl.constexpr,
+    X_BF16: tl.constexpr, USE_SPLIT: tl.constexpr,
 ):
     """One output tile a program, both operands through TMA tensor descriptors: activations [M, K]
     in [BLOCK_M, BLOCK_K] boxes, packed weights [N, K/2] in [BLOCK_N, BLOCK_K/2] boxes, unpacked in
@@ -314,13 +314,20 @@ def _w4a16_tma_kernel(
     instruction) and interleaved back to natural K order. The weights are the MMA's register
     operand (dot(w, x.T), the [BLOCK_N, BLOCK_M] tile transposed at the store), so they never go
     through shared memory. The copy engine fills a box past M, N or K with zeros (code 0,
-    activation 0), so no load is masked."""
+    activation 0), so no load is masked. At small M (a box of 16 activation rows, the rows past M
+    zero-filled and never read from memory) K is split over SPLIT_K programs as in `splitk`, so
+    the grid covers the SMs."""
     off_m, off_n, offs_m, offs_n = tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     BKH: tl.constexpr = BLOCK_K // 2
     # the MMA's 16-bit type is the activations' (out may be float32: ACCUMULATE)
     DT: tl.constexpr = tl.float32 if DOT_F32 else (tl.bfloat16 if X_BF16 else tl.float16)
+    k_tiles = tl.cdiv(KH, BKH)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    pid_k = tl.program_id(1)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for t in range(0, tl.cdiv(KH, BKH)):
+    for t in range(t0, t1):
         x = x_desc.load([off_m, t * BLOCK_K])
         w_lo, w_hi = unpack_lo_hi_float(w_desc.load([off_n, t * BKH]), DT, USE_ASM)
         w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))  # the codes, exact in fp16 / bf16
@@ -332,7 +339,13 @@ def _w4a16_tma_kernel(
             sw = tl.load(sw_ptr + (offs_n % N) * stride_swn + (t * BLOCK_K) // GROUP)
             w = w * sw.to(DT)[:, None]
         acc = tl.dot(w, tl.trans(x), acc)
-    _w4a16_epilogue(tl.trans(acc), sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+    if USE_SPLIT:
+        is_last, total = splitk_reduce(tl.trans(acc), ws_ptr, cnt_ptr, tl.program_id(0), pid_k, offs_m, offs_n, M, N,
+                                       SPLIT_K)
+        if is_last:
+            _w4a16_epilogue(total, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
+    else:
+        _w4a16_epilogue(tl.trans(acc), sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, GROUP, ACCUMULATE)
 
 
 def _common(cfg, x, group, out):
@@ -408,13 +421,18 @@ def _launch_tma(cfg, x, qw, sw, out, group):
                          "(a launch-table bucket naming tma sends such operands to its no_tma config)")
     meta = _common(cfg, x, group, out)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], meta["BLOCK_K"]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _w4a16_tma_kernel[grid](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk // 2]), sw, out,
-        M, N, K // 2, out.stride(0), sw.stride(0) if group else 1,
+    tiles_mn = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = choose_split_k(dict(cfg, SPLIT_K=cfg.get("SPLIT_K", 1)), tiles_mn, triton.cdiv(K, bk), x.device)
+    if split * M * N >= 2**31:
+        raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use SPLIT_K 1")
+    ws, cnt = splitk_workspace(x.device, torch.float32, split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
+    _w4a16_tma_kernel[(tiles_mn, split)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk // 2]), sw, out, ws, cnt,
+        M, N, K // 2, out.stride(0), sw.stride(0) if group else 1, split,
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         DOT_F32=meta["DOT_F32"], USE_ASM=meta["USE_ASM"], ACCUMULATE=meta["ACCUMULATE"],
-        X_BF16=x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        X_BF16=x.dtype == torch.bfloat16, USE_SPLIT=split > 1, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 VARIANTS = {"gemm": _launch_gemm, "splitk": _launch_splitk, "gemv": _launch_gemv, "tma": _launch_tma}
