@@ -55,8 +55,9 @@ METHODS = [
     # MosaicQuant in groups of 32, the accuracy runs' (and the launch table's w4a4_group tuning)
     ("mosaic-5pct", "mosaic", {"alpha": 0.75, "group_size": 32, "density": 0.05}),
     ("mosaic", "mosaic", {"alpha": 0.75, "group_size": 32, "density": 0.3}),
-    # ZipperQuant as measured for accuracy: alpha 0.75, outlier_ratio 0.05, GPU high part
-    ("zipper", "zipper", {"alpha": 0.75, "outlier_ratio": 0.05, "high_bits": 4}),
+    # ZipperQuant as measured for accuracy: alpha 0.75, outlier_ratio 0.05, activations in groups
+    # of 32, GPU high part
+    ("zipper", "zipper", {"alpha": 0.75, "outlier_ratio": 0.05, "high_bits": 4, "act_group_size": 32}),
 ]
 
 

@@ -8,6 +8,11 @@ per LLaMA-3-8B shape and M, on three kinds of high part:
   few input channels, what the channel-structured grid gives).
 
     PYTHONUNBUFFERED=1 python perf/probe_zipper_layouts.py --out $OUT/probe_zipper_layouts.json [--budget-s 200]
+        [--act-group 32] [--ms 1,2,16]
+
+At an M whose W4A4 bucket names its gemv the layer runs the dense layout as one fused GEMV
+(`zipper_high.zipper_gemv`); there the probe also times the dense layout's two-pass form
+(`w4a4_linear`, then the bf16 X' and the W4A16 GEMM accumulating), as "dense_two_pass".
 
 Before timing, each layout's high part (the layer's output minus the W4A4 layer's) is checked
 against the float64 product 16 Δ (X' @ q_high.T): relative error (Frobenius) below 2^-8 for dense
@@ -37,7 +42,7 @@ from timing import calls_per_replay, graph_median_ms, l2_cache_bytes  # noqa: E4
 
 from zqkernels import quantizers  # noqa: E402
 from zqkernels.gpu.w4a4 import w4a4_linear  # noqa: E402
-from zqkernels.gpu.zipper_high import zipper_gpu_linear  # noqa: E402
+from zqkernels.gpu.zipper_high import _dense_acts, fused_at, zipper_gpu_linear, zipper_high_gpu  # noqa: E402
 from zqkernels.layouts import ZIPPER_HIGH_METHODS, DenseInt4, ZipperHighGPU  # noqa: E402
 
 SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -61,6 +66,12 @@ def layer_codes(n, k, kind, seed=0):
     return codes.q_low, q_high, codes.scale
 
 
+def dense_two_pass(x, low, high, inv, act_group):
+    """The dense layout's product as two passes: the W4A4 layer, then the high part accumulated."""
+    y = w4a4_linear(x, inv, low.packed, low.scale, act_group, torch.float32)
+    return zipper_high_gpu(_dense_acts(x, inv), high, y, check_finite=False)
+
+
 def copies(low, high, n):
     """n layers with their own device tensors (the first is the original)."""
     out = [(low, high)]
@@ -81,12 +92,15 @@ def main():
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--act-group", type=int, default=0, help="activation group size (0: per token)")
+    ap.add_argument("--ms", default=",".join(str(m) for m in MS))
     args = ap.parse_args()
+    g = args.act_group or None
     t_end = time.time() + args.budget_s
     l2 = l2_cache_bytes()
     rows = []
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-              "command": " ".join(sys.argv)}
+              "command": " ".join(sys.argv), "act_group": g}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         inv = (torch.rand(k, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) + 0.5).float()
@@ -108,12 +122,12 @@ def main():
                      "e_max": int((q_high != 0).sum(dim=1).max()), "auto": auto}
             print(name, kind, stats, flush=True)
             alive = set(highs)
-            for m in MS:
+            for m in (int(v) for v in args.ms.split(",")):
                 if time.time() > t_end:
                     rows.append({"shape": name, "kind": kind, "m": m, "skipped": "budget"})
                     break
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                y_low = w4a4_linear(x, inv, low.packed, low.scale, None, torch.float32)
+                y_low = w4a4_linear(x, inv, low.packed, low.scale, g, torch.float32)
                 xs = x.double() * inv.double()
                 ref = 16.0 * scale[None, :] * (xs @ q_high.double().T)
                 row = {"shape": name, "kind": kind, "m": m, **stats, "us": {}, "rel_err": {}}
@@ -122,21 +136,24 @@ def main():
                 xs_c = [x] + [x.clone() for _ in range(reps - 1)]
                 lows = copies(low, highs[auto], reps)
                 row["us"]["w4a4_linear"] = 1e3 * graph_median_ms(
-                    [lambda x=x_i, lw=lw: w4a4_linear(x, inv, lw.packed, lw.scale, None, torch.float32)
+                    [lambda x=x_i, lw=lw: w4a4_linear(x, inv, lw.packed, lw.scale, g, torch.float32)
                      for x_i, (lw, _) in zip(xs_c, lows)])
-                for method in sorted(alive):
-                    high = highs[method]
-                    y = zipper_gpu_linear(x, low, high, inv)
+                row["fused"] = "dense" in highs and fused_at(m, n, k, g, x.device)
+                runs = {method: (highs[method], zipper_gpu_linear) for method in sorted(alive)}
+                if row["fused"]:
+                    runs["dense_two_pass"] = (highs["dense"], dense_two_pass)
+                for method, (high, layer) in runs.items():
+                    y = layer(x, low, high, inv, g)
                     err = float((y.double() - y_low.double() - ref).norm() / ref.norm().clamp_min(1e-30))
                     row["rel_err"][method] = err
-                    if not err < TOL[method]:
+                    if not err < TOL.get(method, TOL["dense"]):
                         row.setdefault("wrong", []).append(method)
                         continue
                     reps_m = calls_per_replay(per_call + nbytes(high.index, high.values, high.row_scale), l2)
                     layers = copies(low, high, reps_m)
                     xs_m = [x] + [x.clone() for _ in range(reps_m - 1)]
                     row["us"][method] = 1e3 * graph_median_ms(
-                        [lambda x=x_i, lw=lw, hg=hg: zipper_gpu_linear(x, lw, hg, inv)
+                        [lambda x=x_i, lw=lw, hg=hg, layer=layer: layer(x, lw, hg, inv, g)
                          for x_i, (lw, hg) in zip(xs_m, layers)])
                     del layers
                 best = min(v for key, v in row["us"].items() if key != "w4a4_linear")

@@ -31,7 +31,7 @@ import triton.language as tl
 
 import reference as R
 from zqkernels.gpu import actquant, configs, mosaic, w4a4, w4a16, zipper_high
-from zqkernels.layouts import MosaicBlocks, ZipperHighGPU
+from zqkernels.layouts import DenseInt4, MosaicBlocks, ZipperHighGPU
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,6 +266,16 @@ def _drive_zipper(table):
                 x = torch.randn(m, kd).to(x_dtype).to(KERNEL_DEVICE)
                 out = torch.zeros(m, n).to(KERNEL_DEVICE)
                 zipper_high.zipper_high_gpu(zipper_high._dense_acts(x, inv), high, out, check_finite=False)
+    # the whole dense layer at every M of the W4A4 table: where its bucket names gemv, the fused
+    # GEMV with both code planes (per token and in groups; words, and bytes at K = 196)
+    for kd in (256, 196):
+        low = DenseInt4.from_codes(rng.integers(-8, 8, (n, kd)).astype(np.int8), scale, device=KERNEL_DEVICE)
+        high = ZipperHighGPU.from_codes(np.tile(q_high, 2)[:, :kd], scale, KERNEL_DEVICE, method="dense")
+        inv = torch.rand(kd).to(KERNEL_DEVICE) + 0.5
+        for scales, group in (("per_token", None), ("group", 32)):
+            for m in _ms(table["w4a4"][scales]):
+                x = torch.randn(m, kd).half().to(KERNEL_DEVICE)
+                zipper_high.zipper_gpu_linear(x, low, high, inv, group)
 
 
 DRIVERS = {"w4a4+w4a16": _drive_w4a4, "mosaic": _drive_mosaic, "actquant": _drive_actquant,

@@ -9,6 +9,7 @@ Tolerances (next to each assert): with a float64 LUT the result is the oracle's 
 order, 1e-12 of the absolute sum; with a float32 LUT the high part may err by the float32 bound
 of `verify/test_lut.py`; on the GPU the low part's float32 epilogue adds ~1e-6 relative.
 """
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
+from strategies import examples
 from zqkernels import hybrid as H
 from zqkernels.cpu import lut as cpu_lut
 
@@ -560,6 +562,104 @@ def test_triton_low_part_as_gpu_part_and_gpu_mode_equal_reference_under_interpre
     pytest.importorskip("zqkernels.gpu.zipper_high")
     y_gpu_mode = H._gpu(x, w)  # mode="gpu" refuses a CPU device; its body is what is checked here
     assert np.all(np.abs(y_gpu_mode.numpy() - ref) <= 4e-6 * low + gpu_high_bound(w) * high)
+
+
+DEVICE_X = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels' device (CPU: interpreted)
+# the fused GEMV's configs: one and a few tokens, a tile deeper than the activation groups, split K
+FUSED_CONFIGS = [
+    dict(variant="gemv", BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=2, BLOCK_N=8, BLOCK_K=128, SPLIT_K=3, num_warps=4, num_stages=1),
+    dict(variant="gemv", BLOCK_M=4, BLOCK_N=32, BLOCK_K=32, SPLIT_K=0, num_warps=2, num_stages=2),
+]
+
+
+def fused_bound(x, w):
+    """The fused GEMV against the oracle: the low part's codes exact (the quantizer's), its sums and
+    the activation scale in float32 (4e-6 of its magnitude, as the GPU part's), the high part's
+    products exact and summed in float32 over at most K terms (2**-18 of its magnitude for K up to
+    a few hundred; the float32 X' is the oracle's own)."""
+    low, high = abs_bounds(x, w)
+    return 4e-6 * low + 2.0**-18 * high
+
+
+@pytest.mark.parametrize("ci", range(len(FUSED_CONFIGS)))
+@settings(max_examples=examples(4), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), m=st.sampled_from([1, 2, 3]), k2=st.sampled_from([4, 21, 32, 64]),
+       act_group=st.sampled_from([None, 32, 64]), x_dtype=st.sampled_from([torch.float16, torch.float32]),
+       huge=st.booleans())
+def test_fused_gemv_is_the_oracles_zipper_product(ci, seed, m, k2, act_group, x_dtype, huge):
+    """`zipper_high.zipper_gemv` (the low part quantized and multiplied, the dense high part on X',
+    one launch) equals `reference.zipper_matmul` for drawn layers, K even or not a multiple of 8
+    (the bytes path), activation groups, split K, one huge activation, and all-zero tokens."""
+    from zqkernels.gpu.zipper_high import zipper_gemv
+
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 40)), 2 * k2
+    codes, s = make_layer(rng, n, k, outlier_cols=int(rng.integers(0, 4)), outlier_ratio=0.05)
+    w = H.ZipperWeights.prepare(codes, s, device=DEVICE_X, act_group_size=act_group)
+    high = w.high_gpu()
+    assert high.method == "dense"
+    x = rng.standard_normal((m, k))
+    if huge:
+        x[0, rng.integers(k)] = 3e4
+    if m > 1:
+        x[-1] = 0.0  # an all-zero token: scale 0, codes 0
+    xt = torch.from_numpy(x).to(x_dtype).to(DEVICE_X)
+    y = zipper_gemv(xt, w.low_layout, high, w.inv_smooth, act_group, config=FUSED_CONFIGS[ci])
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert np.all(np.abs(y.cpu().numpy() - H.reference_linear(xt, w)) <= fused_bound(xt, w))
+
+
+def test_fused_gemv_refuses_what_it_cannot_run():
+    from zqkernels.gpu.zipper_high import zipper_gemv
+    from zqkernels.layouts import ZipperHighGPU
+
+    rng = np.random.default_rng(3)
+    codes, s = make_layer(rng, 8, 32)
+    w = H.ZipperWeights.prepare(codes, s, device=DEVICE_X)
+    x = torch.randn(1, 32).to(DEVICE_X)
+    high = w.high_gpu()
+    ell = ZipperHighGPU.from_codes(codes.q_high, codes.scale, DEVICE_X, method="ell")
+    bad_scale = dataclasses.replace(high, row_scale=high.row_scale * 2)
+    for call, match in (
+        (lambda: zipper_gemv(x, w.low_layout, ell, w.inv_smooth), "dense"),
+        (lambda: zipper_gemv(x, w.low_layout, bad_scale, w.inv_smooth), "16 x low.scale"),
+        (lambda: zipper_gemv(x, w.low_layout, high, w.inv_smooth, config=dict(FUSED_CONFIGS[0], variant="splitk")),
+         "gemv"),
+        (lambda: zipper_gemv(x[:, :30], w.low_layout, high, w.inv_smooth), "inv_smooth|K"),
+        (lambda: zipper_gemv(torch.full_like(x, float("nan")), w.low_layout, high, w.inv_smooth), "NaN|finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@GPU
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("act_group", [None, 32])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (1024, 14336)])
+def test_fused_gemv_llama_shapes_compiled(m, act_group, n, k):
+    """The fused GEMV compiled at LLaMA widths on the W4A4 table's gemv tiles (the layers' choice)
+    and a split one, against the oracle (the layouts built directly: no CPU table)."""
+    from zqkernels.gpu.zipper_high import zipper_gemv
+    from zqkernels.layouts import DenseInt4, ZipperHighGPU
+
+    rng = np.random.default_rng(m + k)
+    codes, s = make_layer(rng, n, k, outlier_cols=16, outlier_ratio=0.05)
+    low = DenseInt4.from_codes(codes.q_low, codes.scale, None, "cuda")
+    high = ZipperHighGPU.from_codes(codes.q_high, codes.scale, "cuda", method="dense")
+    inv = torch.from_numpy(1.0 / s).float().cuda()
+    x = torch.from_numpy(rng.standard_normal((m, k))).half().cuda()
+    xs = (x.float() * inv).double().cpu().numpy()  # X' as the kernel forms it, float32
+    ref = R.zipper_matmul(xs, codes, act_bits=4, act_group_size=act_group)
+    qx, sx = R.quantize_activations(xs, group_size=act_group)
+    scale = np.abs(codes.scale)
+    mag_low = np.abs(R.dequantize(qx, sx, act_group)) @ (np.abs(codes.q_low.astype(np.float64)) * scale[:, None]).T
+    mag_high = 16.0 * scale * (np.abs(xs) @ np.abs(codes.q_high.astype(np.float64)).T)
+    bound = 4e-6 * mag_low + 2.0**-16 * mag_high  # float32 sums of up to 14,336 terms
+    for cfg in (None, dict(FUSED_CONFIGS[1], BLOCK_N=32, BLOCK_K=512)):
+        y = zipper_gemv(x, low, high, inv, act_group, config=cfg)
+        assert np.all(np.abs(y.cpu().numpy() - ref) <= bound)
 
 
 def test_the_default_mode_is_the_measured_fastest():

@@ -188,3 +188,58 @@ def dp4a(a, b, c, USE_ASM: tl.constexpr):
         for j in tl.static_range(4):
             acc += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
         return acc
+
+
+@triton.jit
+def codes_f32(nib):
+    """Two's-complement 4-bit codes (int32 nibbles 0..15) as exact float32 with no int -> float
+    conversion: (nib ^ 8) ORed into the mantissa of 2^23 is 2^23 + nib ^ 8, and subtracting
+    2^23 + 8 leaves the signed code. One LOP3 and one FADD (I2F issues at a quarter of their rate)."""
+    return (nib ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def word_products(w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """float32, the broadcast shape of w and the x_n: the eight codes of each packed int32 word w
+    (nibble n = channel 8 * word + n) times their float32 activations x_n, summed; every product
+    exact (a 4-bit code times a 16-bit float fits float32's mantissa)."""
+    part = codes_f32(w & 0xF) * x0
+    part += codes_f32((w >> 4) & 0xF) * x1
+    part += codes_f32((w >> 8) & 0xF) * x2
+    part += codes_f32((w >> 12) & 0xF) * x3
+    part += codes_f32((w >> 16) & 0xF) * x4
+    part += codes_f32((w >> 20) & 0xF) * x5
+    part += codes_f32((w >> 24) & 0xF) * x6
+    return part + codes_f32((w >> 28) & 0xF) * x7
+
+
+@triton.jit
+def split8(x):
+    """[A, B, 8] -> the eight [A, B] slices along the last axis (element n = 4a + 2b + c sits at
+    [.., a, b, c] of the [.., 2, 2, 2] view: three rounds of splits, in registers)."""
+    A: tl.constexpr = x.shape[0]
+    B: tl.constexpr = x.shape[1]
+    x0246, x1357 = tl.split(tl.reshape(x, (A, B, 4, 2)))
+    x04, x26 = tl.split(tl.reshape(x0246, (A, B, 2, 2)))
+    x15, x37 = tl.split(tl.reshape(x1357, (A, B, 2, 2)))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def split8_4d(x):
+    """[A, B, C, 8] -> the eight [A, B, C] slices along the last axis, as `split8`."""
+    A: tl.constexpr = x.shape[0]
+    B: tl.constexpr = x.shape[1]
+    C: tl.constexpr = x.shape[2]
+    x0246, x1357 = tl.split(tl.reshape(x, (A, B, C, 4, 2)))
+    x04, x26 = tl.split(tl.reshape(x0246, (A, B, C, 2, 2)))
+    x15, x37 = tl.split(tl.reshape(x1357, (A, B, C, 2, 2)))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7

@@ -13,7 +13,7 @@ fp16 / bf16). Variants, named per M bucket by the launch table as in `w4a4`:
   channel).
 - `gemv` (M of 1 to a few): no MMA. Weights streamed as int32 words in [BLOCK_N, BLOCK_K / 8]
   tiles, the eight codes of a word made exact float32 by the same magic-number form in float32
-  (`_codes_f32`) and multiplied with their float32 activations on the CUDA cores into one
+  (`int4.codes_f32`) and multiplied with their float32 activations on the CUDA cores into one
   accumulator per word; K split over programs as in `splitk`; a K tile may span groups, each
   group's sum multiplied by its scale as it is added. Exact products, fp32 sums. On the H200 at
   M = 1 the word form ran 1.20x the form on bytes (one accumulator per byte) per channel
@@ -43,7 +43,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from zqkernels.gpu import limits
 from zqkernels.gpu.configs import interpreting, launch_config, tma_or_fallback, use_asm, use_pdl
-from zqkernels.gpu.int4 import load_words, unpack_lo_hi_float, words_aligned
+from zqkernels.gpu.int4 import load_words, split8, unpack_lo_hi_float, word_products, words_aligned
 from zqkernels.gpu.operands import (
     check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
@@ -180,14 +180,6 @@ def _w4a16_splitk_kernel(
 
 
 @triton.jit
-def _codes_f32(nib):
-    """Two's-complement 4-bit codes (int32 nibbles 0..15) as exact float32 with no int -> float
-    conversion: (nib ^ 8) ORed into the mantissa of 2^23 is 2^23 + nib ^ 8, and subtracting
-    2^23 + 8 leaves the signed code. One LOP3 and one FADD (I2F issues at a quarter of their rate)."""
-    return (nib ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-
-
-@triton.jit
 def _x_channels(x_ptr, x_row, word, K, EVEN_K: tl.constexpr):
     """The activations that meet the eight codes of weight words `word` [BW]: eight float32 tiles
     [BLOCK_M, 1, BW], tile n holding channel 8 * word + n (0 past K). One contiguous
@@ -198,32 +190,9 @@ def _x_channels(x_ptr, x_row, word, K, EVEN_K: tl.constexpr):
         x = tl.load(x_ptr + x_row + kk[None, :, :])
     else:
         x = tl.load(x_ptr + x_row + kk[None, :, :], mask=kk[None, :, :] < K, other=0.0)
-    BM: tl.constexpr = x.shape[0]
-    BW: tl.constexpr = x.shape[1]
-    # channel n = 4a + 2b + c sits at [.., a, b, c] of the [.., 2, 2, 2] view: three splits
-    x0246, x1357 = tl.split(tl.reshape(x.to(tl.float32), (BM, BW, 4, 2)))
-    x04, x26 = tl.split(tl.reshape(x0246, (BM, BW, 2, 2)))
-    x15, x37 = tl.split(tl.reshape(x1357, (BM, BW, 2, 2)))
-    x0, x4 = tl.split(x04)
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
+    x0, x1, x2, x3, x4, x5, x6, x7 = split8(x.to(tl.float32))
     return (x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :], x4[:, None, :], x5[:, None, :],
             x6[:, None, :], x7[:, None, :])
-
-
-@triton.jit
-def _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7):
-    """float32 [BLOCK_M, BLOCK_N, BW]: the eight codes of each weight word w [1, BLOCK_N, BW]
-    (nibble n = channel 8 * word + n) times their activations, summed; every product exact."""
-    part = _codes_f32(w & 0xF) * x0
-    part += _codes_f32((w >> 4) & 0xF) * x1
-    part += _codes_f32((w >> 8) & 0xF) * x2
-    part += _codes_f32((w >> 12) & 0xF) * x3
-    part += _codes_f32((w >> 16) & 0xF) * x4
-    part += _codes_f32((w >> 20) & 0xF) * x5
-    part += _codes_f32((w >> 24) & 0xF) * x6
-    return part + _codes_f32((w >> 28) & 0xF) * x7
 
 
 # M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
@@ -237,7 +206,7 @@ def _w4a16_gemv_kernel(
 ):
     """A few tokens on the CUDA cores: an MMA tile is at least 16 tokens deep, so at M = 1 the
     tensor-core variants waste 15/16 of their work. The weights are streamed as int32 words (eight
-    codes each, as the W4A4 gemv reads them), each word's codes made exact float32 (`_codes_f32`)
+    codes each, as the W4A4 gemv reads them), each word's codes made exact float32 (`int4.codes_f32`)
     and multiplied with their eight activations into one float32 accumulator per word,
     [BLOCK_M, BLOCK_N, BLOCK_K / 8], reduced once at the end. Strides in words when WORDS (rows
     4-byte aligned), else in bytes, each word assembled from its four. With groups a K tile may
@@ -278,7 +247,7 @@ def _w4a16_gemv_kernel(
         else:
             w = load_words(qw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_channels(x_ptr, x_row, word, K, EVEN_K)
-        part = _word_products(w, x0, x1, x2, x3, x4, x5, x6, x7)
+        part = word_products(w, x0, x1, x2, x3, x4, x5, x6, x7)
         if GROUP == 0:
             acc3 += part
         elif SPANS:

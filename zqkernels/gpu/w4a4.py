@@ -71,7 +71,8 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, tma_or_fallback, use_asm, use_pdl
 from zqkernels.gpu.int4 import (
-    dp4a, even_odd_bytes, load_words, unpack_lo_hi_x16, unpack_words_x16, words_aligned,
+    dp4a, even_odd_bytes, load_words, split8, split8_4d, unpack_lo_hi_x16, unpack_words_x16, word_products,
+    words_aligned,
 )
 from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
@@ -439,19 +440,23 @@ def _w4a4_gemv_kernel(
 # M and SPLIT_K are plain runtime ints (no recompile for M == 1 or per split count).
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _w4a4_gemv_quant_kernel(
-    x_ptr, inv_ptr, qw_ptr, sw_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, inv_ptr, qw_ptr, sw_ptr, hw_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, SPLIT_K,
     ACT_GROUP: tl.constexpr, HAS_INV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, AMAX_CHUNKS: tl.constexpr,
-    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+    WORDS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, HIGH: tl.constexpr,
 ):
     """`_w4a4_gemv_kernel` with the activation quantizer in its prologue: float activations x [M, K]
     in, each program quantizing the channels of its own K tiles as `actquant` does. A per-token
     scale needs the whole row's absmax first: every program reads the row (AMAX_CHUNKS unrolled
     loads of AMAX_BLOCK channels, from L2 after the first) before its K loop; a group's absmax is
     taken on the tile itself (BLOCK_K is a multiple of the group). Weight strides in words when
-    WORDS, else in bytes."""
+    WORDS, else in bytes. HIGH (ZipperQuant's dense high part, `zipper_high.zipper_gemv`): a
+    second plane of packed codes hw [N, K/2], laid out as qw, is multiplied with the float32
+    X' = x * inv_smooth the quantizer forms anyway (exact products, float32 sums, `int4.
+    word_products`), and the output is (low + 16 * high) * w_scale: ZipperQuant's product with
+    Δ = w_scale, in one pass over x and both planes."""
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
     pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8
@@ -477,10 +482,14 @@ def _w4a4_gemv_quant_kernel(
         scale = scale_of(amax)  # [BLOCK_M], the quantizer's scale bit for bit
         d, y = recip_of(scale)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.int32)
+        if HIGH:
+            acc_h = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     else:
         GW: tl.constexpr = ACT_GROUP // 8
         NG: tl.constexpr = BW // GW  # the launcher makes BLOCK_K a multiple of the group
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HIGH:
+            acc_h = tl.zeros((BLOCK_M, BLOCK_N, NG, GW), dtype=tl.float32)
     for t in range(t0, t1):
         if ACT_GROUP == 0:
             w = load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
@@ -488,6 +497,11 @@ def _w4a4_gemv_quant_kernel(
             xs = _load_x(x_ptr, inv_ptr, x_row[:, None, None], kk[None, :, :], K, HAS_INV)  # [BLOCK_M, BW, 8]
             a_lo, a_hi = _words_x16(codes_of(xs, scale[:, None, None], d[:, None, None], y[:, None, None]), BLOCK_M, BW)
             acc3 = _gemv_products(w, a_lo[:, None, :], a_hi[:, None, :], acc3, BLOCK_M, BLOCK_N, BW, USE_ASM)
+            if HIGH:
+                x0, x1, x2, x3, x4, x5, x6, x7 = split8(xs)
+                hw = load_words(hw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
+                acc_h += word_products(hw, x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :],
+                                       x4[:, None, :], x5[:, None, :], x6[:, None, :], x7[:, None, :])
         else:
             # Everything indexed [.., group, word in group, ..] from the loads on. A form that
             # reshaped the [BLOCK_M, BW, 8] tile to [BLOCK_M, NG, group] and back was exact under
@@ -510,16 +524,43 @@ def _w4a4_gemv_quant_kernel(
                         tl.zeros(shape, dtype=tl.int32), USE_ASM)
             part = dp4a(tl.broadcast_to(w_hi, shape), tl.broadcast_to(a_hi, shape), part, USE_ASM)
             acc += tl.sum(tl.sum(part, axis=3).to(tl.float32) * sg[:, None, :], axis=2)
+            if HIGH:
+                x0, x1, x2, x3, x4, x5, x6, x7 = split8_4d(xs)
+                hw = load_words(hw_ptr, w_row[:, :, :, None], wg[None, None, :, :], nw_w, KH, WORDS)
+                acc_h += word_products(hw, x0[:, None, :, :], x1[:, None, :, :], x2[:, None, :, :],
+                                       x3[:, None, :, :], x4[:, None, :, :], x5[:, None, :, :], x6[:, None, :, :],
+                                       x7[:, None, :, :])
     if ACT_GROUP == 0:
         acc = tl.sum(acc3, axis=2)
     else:
         scale = None
+    if HIGH:
+        # one float32 partial per output, low and high parts in units of Δ: the low part's code
+        # product times its activation scales (exact int32 -> float32 below 2^24), + 16 x the high
+        if ACT_GROUP == 0:
+            acc = (acc >> 8).to(tl.float32) * scale[:, None] + 16.0 * tl.sum(acc_h, axis=2)
+        else:
+            acc = acc * 0.00390625 + 16.0 * tl.sum(tl.sum(acc_h, axis=3), axis=2)
     if USE_SPLIT:
         is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
         if is_last:
-            _w4a4_store(total, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, False, False)
+            _gemv_quant_store(total, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, HIGH)
     else:
-        _w4a4_store(acc, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, False, False)
+        _gemv_quant_store(acc, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, HIGH)
+
+
+@triton.jit
+def _gemv_quant_store(total, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP: tl.constexpr,
+                      HIGH: tl.constexpr):
+    """The fused GEMV's store: the W4A4 product's (`_w4a4_store`), or with HIGH the partial in units
+    of Δ times w_scale."""
+    if HIGH:
+        sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
+        ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, (total * sw[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    else:
+        _w4a4_store(total, scale, sw_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, ACT_GROUP, False, False)
 
 
 def _tile_params(cfg, act_group, KH):
@@ -598,13 +639,14 @@ def _gemv_block_k(cfg, act_group):
     return max(block_k, act_group)  # the fused prologue takes a group's absmax inside one tile
 
 
-def _gemv_split(cfg, M, N, KH, block_k, act_group, device):
-    """(tiles_mn, split, workspace, counters) of a gemv launch: K split as in `splitk`."""
+def _gemv_split(cfg, M, N, KH, block_k, float_partials, device):
+    """(tiles_mn, split, workspace, counters) of a gemv launch: K split as in `splitk`, the
+    partials int32 (per-token code products) or float32."""
     tiles_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     split = choose_split_k(cfg, tiles_mn, triton.cdiv(triton.cdiv(KH, 4), block_k // 8), device)
     if split * M * N >= 2**31:
         raise ValueError(f"split-K partials of [{M}, {N}] x {split} exceed int32 offsets; use the gemm variant")
-    ws, cnt = splitk_workspace(device, torch.int32 if act_group == 0 else torch.float32,
+    ws, cnt = splitk_workspace(device, torch.float32 if float_partials else torch.int32,
                                split * M * N if split > 1 else 0, tiles_mn if split > 1 else 0)
     return tiles_mn, split, ws, cnt
 
@@ -624,7 +666,6 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
 
     act_group = check_inputs(x, inv_smooth, act_group_size, "int4") or 0
     M, N, K = check_float_x_packed_w(x, qw_packed)
-    KH = K // 2
     limits.check_k(K, "x: K")
     check_out_dtype(out_dtype)
     check_scale("w_scale", w_scale, (N,), x.device)
@@ -635,16 +676,30 @@ def w4a4_gemv_quant(x, inv_smooth, qw_packed, w_scale, act_group_size=None, out_
     cfg = dict(config) if config is not None else launch_config("w4a4", scales, M, x.device, N, K)
     if cfg.get("variant") != "gemv":
         raise ValueError(f"w4a4_gemv_quant runs the gemv variant's tiles; its config names {cfg.get('variant')!r}")
+    return launch_gemv_quant(cfg, x, inv_smooth, qw_packed, w_scale, out, act_group)
+
+
+def launch_gemv_quant(cfg, x, inv_smooth, qw, sw, out, act_group, high_packed=None):
+    """The fused GEMV's launch on checked operands (`w4a4_gemv_quant`; with high_packed, a second
+    code plane as qw, ZipperQuant's `zipper_high.zipper_gemv`)."""
+    M, K = x.shape
+    N, KH = qw.shape
     block_k = _gemv_block_k(cfg, act_group)
-    words = words_aligned(x, qw_packed)
-    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, x.device)
+    high = high_packed is not None
+    words = words_aligned(x, qw) and (not high or words_aligned(x, high_packed))
+    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group != 0 or high, x.device)
     amax_block = min(2048, triton.next_power_of_2(K))
+
+    def w(t):
+        return t.view(torch.int32) if words else t
+
     _w4a4_gemv_quant_kernel[(tiles_mn, split)](
-        x, inv_smooth if inv_smooth is not None else x, qw_packed.view(torch.int32) if words else qw_packed,
-        w_scale, out, ws, cnt, M, N, K, x.stride(0), qw_packed.stride(0) // (4 if words else 1), out.stride(0), split,
+        x, inv_smooth if inv_smooth is not None else x, w(qw), sw, w(high_packed) if high else w(qw), out, ws, cnt,
+        M, N, K, x.stride(0), qw.stride(0) // (4 if words else 1), out.stride(0), split,
         ACT_GROUP=act_group, HAS_INV=inv_smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=block_k, AMAX_BLOCK=amax_block, AMAX_CHUNKS=triton.cdiv(K, amax_block), WORDS=words,
-        USE_SPLIT=split > 1, USE_ASM=use_asm(x.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_SPLIT=split > 1, USE_ASM=use_asm(x.device), HIGH=high, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -655,7 +710,7 @@ def _launch_gemv(cfg, qx, sx, qw, sw, out, act_group, out_int32):
     block_k = _gemv_block_k(cfg, 0)  # group scales: a tile may span groups, or lie inside one
     # Words straight from memory where every row starts 4-byte aligned; else bytes assembled.
     words = words_aligned(qx, qw)
-    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group, qx.device)
+    tiles_mn, split, ws, cnt = _gemv_split(cfg, M, N, KH, block_k, act_group != 0, qx.device)
     a, w, unit = (qx.view(torch.int32), qw.view(torch.int32), 4) if words else (qx, qw, 1)
     pdl = use_pdl(qx.device)
     _w4a4_gemv_kernel[(tiles_mn, split)](

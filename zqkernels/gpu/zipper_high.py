@@ -11,7 +11,10 @@ multiply-adds may be cheaper there. The layout (`layouts.ZipperHighGPU`, built o
 - "dense": every code of q_high packed as int4, the product on the 16-bit tensor cores through
   `w4a16.w4a16_gemm` accumulating into `out` (its launch table, `w4a16` per channel, row scale
   16 Δ_n). Work M·N·K at tensor-core rate; pays when the outliers reach most input channels, as
-  the per-row grid puts them (`outlier_ratio` of every row).
+  the per-row grid puts them (`outlier_ratio` of every row). At a few tokens (a W4A4 launch-table
+  bucket naming its gemv) the whole product is one fused GEMV instead, `zipper_gemv`: x read
+  once, quantized for the low part as the quantizer does, X' kept in float32 for the high part,
+  both code planes streamed as words in one pass.
 Columns and ell read X' in float32 and multiply in IEEE float32 (no TF32). Dense multiplies X' in
 16 bits: fp16 / bf16 as given, float32 rounded to bf16 (float32's range, so no X' overflows; 2^-9
 relative per element), the codes exact and the sums in fp32. `out` is float32 [M, N] and is
@@ -202,10 +205,59 @@ def zipper_high_gpu(x_smoothed, high, out, *, block=None, check_finite=True):
     return out
 
 
+def zipper_gemv(x, low, high, inv_smooth=None, act_group_size=None, *, out=None, config=None, check_finite=True):
+    """ZipperQuant's whole product at a few tokens in one launch, float32 [M, N]:
+    `Δ_n (s_x (q_x @ q_low.T) + 16 (X' @ q_high.T))` with X' = float32(x) * inv_s.
+
+    The W4A4 fused GEMV (`w4a4.w4a4_gemv_quant`: the activations quantized in its prologue, codes
+    bit for bit the quantizer's) reads the high part's dense code plane beside the low one and
+    multiplies it with X' in float32 (exact products, float32 sums; no bf16 X' as the dense
+    layout's tensor-core path takes). x fp16|bf16|fp32 [M, K] contiguous (K even); low:
+    `layouts.DenseInt4` of q_low (per-channel Δ_n); high: a dense `layouts.ZipperHighGPU` with
+    row_scale = 16 x low.scale (as the layers build it); `config`: a W4A4 gemv config (default:
+    the W4A4 launch table's bucket for M, which must name gemv). check_finite: refuse NaN / Inf in
+    X' and the scales and check the row scales (host syncs; False on the layers' path)."""
+    from zqkernels.gpu import limits
+    from zqkernels.gpu.actquant import check_inputs
+    from zqkernels.gpu.operands import check_float_x_packed_w, check_out, check_scale
+    from zqkernels.gpu.w4a4 import launch_gemv_quant
+
+    if not isinstance(high, ZipperHighGPU) or high.method != "dense":
+        raise ValueError(f"high must be a dense layouts.ZipperHighGPU, got "
+                         f"{getattr(high, 'method', type(high).__name__)!r}")
+    act_group = check_inputs(x, inv_smooth, act_group_size, "int4") or 0
+    m, n, k = check_float_x_packed_w(x, low.packed)
+    limits.check_k(k, "x: K")
+    if tuple(high.shape) != (n, k):
+        raise ValueError(f"high has shape {tuple(high.shape)}, the low part {(n, k)}")
+    check_scale("low.scale", low.scale, (n,), x.device)
+    check_same_device("high", high.values, x.device, "x")
+    out = check_out(out, (m, n), torch.float32, x.device)
+    if check_finite:
+        refuse_non_finite(x_smoothed=x if inv_smooth is None else x.float() * inv_smooth, w_scale=low.scale)
+        if not torch.equal(high.row_scale, 16.0 * low.scale):
+            raise ValueError("high.row_scale must be 16 x low.scale (ZipperQuant's 16 Δ_n)")
+    scales = "per_token" if act_group == 0 else "group"
+    cfg = dict(config) if config is not None else launch_config("w4a4", scales, m, x.device, n, k)
+    variant = cfg.pop("variant", None)
+    cfg.pop("act_layout", None)
+    if variant != "gemv":
+        raise ValueError(f"zipper_gemv runs the W4A4 gemv variant's tiles; its config names {variant!r}")
+    return launch_gemv_quant(cfg, x, inv_smooth, low.packed, low.scale, out, act_group, high.values)
+
+
+def fused_at(m, n, k, act_group_size, device):
+    """True when the dense layout's product at M tokens runs as one fused GEMV (`zipper_gemv`):
+    where the W4A4 launch table's bucket for M names its gemv variant."""
+    scales = "per_token" if not act_group_size else "group"
+    return launch_config("w4a4", scales, m, device, n, k).get("variant") == "gemv"
+
+
 def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
     """The whole ZipperQuant product on the GPU, float32 [M, N]: the low part (`w4a4.w4a4_linear`:
     smooth + quantize + GEMM as the launch table says for this M, into float32) and the
-    high part added in place, on X' = float32(x) * 1/s.
+    high part added in place, on X' = float32(x) * 1/s; for the dense layout at an M whose W4A4
+    bucket names the gemv, both in one fused GEMV (`zipper_gemv`).
 
     x: fp16|bf16|fp32 [M, K] contiguous; low: `layouts.DenseInt4` of q_low (per-channel Δ_n);
     high: `layouts.ZipperHighGPU`; inv_smooth: float32 [K] or None. A non-finite activation makes
@@ -214,6 +266,8 @@ def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
     from zqkernels.gpu.w4a4 import w4a4_linear
 
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))  # before x.shape is read
+    if high.method == "dense" and fused_at(x.shape[0], *low.shape, act_group_size, x.device):
+        return zipper_gemv(x, low, high, inv_smooth, act_group_size, check_finite=False)
     y = w4a4_linear(x, inv_smooth, low.packed, low.scale, act_group_size, torch.float32)
     if high.method == "dense":
         return zipper_high_gpu(_dense_acts(x, inv_smooth), high, y, check_finite=False)
