@@ -10,8 +10,8 @@ per LLaMA-3-8B shape and M, on three kinds of high part:
     PYTHONUNBUFFERED=1 python perf/probe_zipper_layouts.py --out $OUT/probe_zipper_layouts.json [--budget-s 200]
         [--act-group 32] [--ms 1,2,16]
 
-At an M whose W4A4 bucket names its gemv the layer runs the dense layout as one fused GEMV
-(`zipper_high.zipper_gemv`); there the probe also times the dense layout's two-pass form
+At an M where the launch table names the fused GEMV for the dense layout (`zipper_high.fused_at`)
+the layer runs it (`zipper_high.zipper_gemv`); there the probe also times the dense layout's two-pass form
 (`w4a4_linear`, then the bf16 X' and the W4A16 GEMM accumulating), as "dense_two_pass".
 
 Before timing, each layout's high part (the layer's output minus the W4A4 layer's) is checked
@@ -138,7 +138,7 @@ def main():
                 row["us"]["w4a4_linear"] = 1e3 * graph_median_ms(
                     [lambda x=x_i, lw=lw: w4a4_linear(x, inv, lw.packed, lw.scale, g, torch.float32)
                      for x_i, (lw, _) in zip(xs_c, lows)])
-                row["fused"] = "dense" in highs and fused_at(m, n, k, g, x.device)
+                row["fused"] = "dense" in highs and fused_at(m, g, x.device)
                 runs = {method: (highs[method], zipper_gpu_linear) for method in sorted(alive)}
                 if row["fused"]:
                     runs["dense_two_pass"] = (highs["dense"], dense_two_pass)

@@ -54,8 +54,8 @@ def test_every_bucket_names_a_launchable_variant(path):
                 assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] >= 1
                 if cfg["variant"] == "gemv":
                     assert cfg["BLOCK_K"] >= 32 and cfg["SPLIT_K"] >= 0 and "PLANES" not in cfg, (path.name, cfg)
-                elif cfg["variant"] == "splitk":
-                    assert cfg["SPLIT_K"] >= 0
+                elif cfg["variant"] == "splitk" or (cfg["variant"] == "tma" and family == "w4a16"):
+                    assert cfg.get("SPLIT_K", 1) >= 0  # w4a16's tma splits K at a few tokens
                 else:
                     assert "SPLIT_K" not in cfg and "SWAP_AB" not in cfg, (path.name, cfg)
                 if cfg.get("SWAP_AB") and path.name != "interpreter.json":
@@ -67,7 +67,8 @@ def test_every_bucket_names_a_launchable_variant(path):
                 if "no_tma" in cfg:
                     pk = cfg["no_tma"]
                     assert pk["variant"] in variants - {"tma"} and "act_layout" not in pk, (path.name, cfg)
-                    assert all(_pow2(pk[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), (path.name, cfg)
+                    tiles = ("BLOCK_K",) if pk["variant"] == "gemv" else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+                    assert all(_pow2(pk[k]) for k in tiles), (path.name, cfg)
                 if family == "w4a4":
                     assert cfg["act_layout"] in w4a4.TABLE_ACT_LAYOUTS, (path.name, scales, cfg)
                     assert cfg["act_layout"] != "fused" or cfg["variant"] == "gemv", (path.name, scales, cfg)
@@ -211,3 +212,21 @@ def test_describe_shows_every_family_and_bucket_of_a_table():
     assert "M>1024: tma 64x128x128 act int8 (else gemm 128x128x128)" in line["w4a4/group"]
     layouts = [l for l in text.splitlines() if l.strip().startswith("w4a4/")]
     assert layouts and all(l.count(" act ") == l.count(":") - 1 for l in layouts)  # each bucket's act_layout
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_the_dense_zipper_sections_name_fused_only_where_the_w4a4_bucket_is_a_gemv(path):
+    """zipper_high/dense (per-token activations) and dense_group name "fused" or "two_pass" per M;
+    the fused GEMV runs the W4A4 gemv bucket's tiles, so every M of a fused bucket has one."""
+    table = json.loads(path.read_text())
+    for section, scales in (("dense", "per_token"), ("dense_group", "group")):
+        buckets = table["zipper_high"][section]
+        w4a4_buckets = table["w4a4"][scales]
+        lo = 1
+        for key in sorted(buckets, key=int):
+            assert buckets[key]["variant"] in ("fused", "two_pass"), (path.name, section, key)
+            if buckets[key]["variant"] == "fused":
+                for m in range(lo, int(key) + 1):
+                    pick = next((b for b in sorted(map(int, w4a4_buckets)) if b >= m), max(map(int, w4a4_buckets)))
+                    assert w4a4_buckets[str(pick)]["variant"] == "gemv", (path.name, section, m)
+            lo = int(key) + 1

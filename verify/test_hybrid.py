@@ -590,15 +590,16 @@ def fused_bound(x, w):
 def test_fused_gemv_is_the_oracles_zipper_product(ci, seed, m, k2, act_group, x_dtype, huge):
     """`zipper_high.zipper_gemv` (the low part quantized and multiplied, the dense high part on X',
     one launch) equals `reference.zipper_matmul` for drawn layers, K even or not a multiple of 8
-    (the bytes path), activation groups, split K, one huge activation, and all-zero tokens."""
+    (the bytes path), activation groups, split K, one huge activation, all-zero tokens and layers
+    without outliers."""
     from zqkernels.gpu.zipper_high import zipper_gemv
+    from zqkernels.layouts import ZipperHighGPU
 
     rng = np.random.default_rng(seed)
     n, k = int(rng.integers(1, 40)), 2 * k2
     codes, s = make_layer(rng, n, k, outlier_cols=int(rng.integers(0, 4)), outlier_ratio=0.05)
     w = H.ZipperWeights.prepare(codes, s, device=DEVICE_X, act_group_size=act_group)
-    high = w.high_gpu()
-    assert high.method == "dense"
+    high = ZipperHighGPU.from_codes(codes.q_high, codes.scale, DEVICE_X, method="dense")  # also when empty
     x = rng.standard_normal((m, k))
     if huge:
         x[0, rng.integers(k)] = 3e4
@@ -639,8 +640,9 @@ def test_fused_gemv_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("act_group", [None, 32])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (1024, 14336)])
 def test_fused_gemv_llama_shapes_compiled(m, act_group, n, k):
-    """The fused GEMV compiled at LLaMA widths on the W4A4 table's gemv tiles (the layers' choice)
-    and a split one, against the oracle (the layouts built directly: no CPU table)."""
+    """The fused GEMV compiled at LLaMA widths on a split tile and, where the W4A4 table's bucket
+    names its gemv, on those tiles (the layers' choice), against the oracle (the layouts built
+    directly: no CPU table)."""
     from zqkernels.gpu.zipper_high import zipper_gemv
     from zqkernels.layouts import DenseInt4, ZipperHighGPU
 
@@ -657,7 +659,10 @@ def test_fused_gemv_llama_shapes_compiled(m, act_group, n, k):
     mag_low = np.abs(R.dequantize(qx, sx, act_group)) @ (np.abs(codes.q_low.astype(np.float64)) * scale[:, None]).T
     mag_high = 16.0 * scale * (np.abs(xs) @ np.abs(codes.q_high.astype(np.float64)).T)
     bound = 4e-6 * mag_low + 2.0**-16 * mag_high  # float32 sums of up to 14,336 terms
-    for cfg in (None, dict(FUSED_CONFIGS[1], BLOCK_N=32, BLOCK_K=512)):
+    from zqkernels.gpu import configs
+
+    table = configs.launch_config("w4a4", "group" if act_group else "per_token", m, x.device, n, k)
+    for cfg in [dict(FUSED_CONFIGS[1], BLOCK_N=32, BLOCK_K=512)] + ([table] if table["variant"] == "gemv" else []):
         y = zipper_gemv(x, low, high, inv, act_group, config=cfg)
         assert np.all(np.abs(y.cpu().numpy() - ref) <= bound)
 

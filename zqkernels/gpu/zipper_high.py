@@ -11,10 +11,10 @@ multiply-adds may be cheaper there. The layout (`layouts.ZipperHighGPU`, built o
 - "dense": every code of q_high packed as int4, the product on the 16-bit tensor cores through
   `w4a16.w4a16_gemm` accumulating into `out` (its launch table, `w4a16` per channel, row scale
   16 Δ_n). Work M·N·K at tensor-core rate; pays when the outliers reach most input channels, as
-  the per-row grid puts them (`outlier_ratio` of every row). At a few tokens (a W4A4 launch-table
-  bucket naming its gemv) the whole product is one fused GEMV instead, `zipper_gemv`: x read
-  once, quantized for the low part as the quantizer does, X' kept in float32 for the high part,
-  both code planes streamed as words in one pass.
+  the per-row grid puts them (`outlier_ratio` of every row). At the M the launch table names
+  (`fused_at`; on the H200 one token with per-token scales) the whole product is one fused GEMV
+  instead, `zipper_gemv`: x read once, quantized for the low part as the quantizer does, X' kept
+  in float32 for the high part, both code planes streamed as words in one pass.
 Columns and ell read X' in float32 and multiply in IEEE float32 (no TF32). Dense multiplies X' in
 16 bits: fp16 / bf16 as given, float32 rounded to bf16 (float32's range, so no X' overflows; 2^-9
 relative per element), the codes exact and the sums in fp32. `out` is float32 [M, N] and is
@@ -246,18 +246,26 @@ def zipper_gemv(x, low, high, inv_smooth=None, act_group_size=None, *, out=None,
     return launch_gemv_quant(cfg, x, inv_smooth, low.packed, low.scale, out, act_group, high.values)
 
 
-def fused_at(m, n, k, act_group_size, device):
+def fused_at(m, act_group_size, device):
     """True when the dense layout's product at M tokens runs as one fused GEMV (`zipper_gemv`):
-    where the W4A4 launch table's bucket for M names its gemv variant."""
-    scales = "per_token" if not act_group_size else "group"
-    return launch_config("w4a4", scales, m, device, n, k).get("variant") == "gemv"
+    where the launch table's `zipper_high` section `dense` (per-token activations) or
+    `dense_group` names "fused" for M, else "two_pass" (the W4A4 layer, then the W4A16 GEMM
+    accumulating). A measured choice: on the H200 the fused GEMV took o at M = 1 in 11.8 µs against
+    17.6 for the two passes per token, and lost at M = 2 and with groups of 32
+    (reports/results/h200/probe_zipper_fused*.json); a fused bucket lies where the W4A4 table's
+    bucket names its gemv, whose tiles it runs (test_configs)."""
+    section = "dense_group" if act_group_size else "dense"
+    variant = launch_config("zipper_high", section, m, device)["variant"]
+    if variant not in ("fused", "two_pass"):
+        raise ValueError(f"launch table zipper_high/{section}: variant must be fused or two_pass, got {variant!r}")
+    return variant == "fused"
 
 
 def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
     """The whole ZipperQuant product on the GPU, float32 [M, N]: the low part (`w4a4.w4a4_linear`:
     smooth + quantize + GEMM as the launch table says for this M, into float32) and the
-    high part added in place, on X' = float32(x) * 1/s; for the dense layout at an M whose W4A4
-    bucket names the gemv, both in one fused GEMV (`zipper_gemv`).
+    high part added in place, on X' = float32(x) * 1/s; for the dense layout at an M where the
+    launch table says so (`fused_at`), both in one fused GEMV (`zipper_gemv`).
 
     x: fp16|bf16|fp32 [M, K] contiguous; low: `layouts.DenseInt4` of q_low (per-channel Δ_n);
     high: `layouts.ZipperHighGPU`; inv_smooth: float32 [K] or None. A non-finite activation makes
@@ -266,7 +274,7 @@ def zipper_gpu_linear(x, low, high, inv_smooth=None, act_group_size=None):
     from zqkernels.gpu.w4a4 import w4a4_linear
 
     check_float_acts("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32))  # before x.shape is read
-    if high.method == "dense" and fused_at(x.shape[0], *low.shape, act_group_size, x.device):
+    if high.method == "dense" and fused_at(x.shape[0], act_group_size, x.device):
         return zipper_gemv(x, low, high, inv_smooth, act_group_size, check_finite=False)
     y = w4a4_linear(x, inv_smooth, low.packed, low.scale, act_group_size, torch.float32)
     if high.method == "dense":
