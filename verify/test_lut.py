@@ -249,3 +249,24 @@ def test_stats_count_nonzeros_and_entries(q, g):
     stats = L.lut_stats(R.build_pattern_lut(q, group_size=g))
     assert stats["nnz"] == np.count_nonzero(q)
     assert stats["E"] <= stats["nnz"] <= g * stats["E"]  # a stored pattern holds 1..g nonzeros
+
+
+@pytest.mark.parametrize("n, k, g", [(3, 40, 4), (60, 300, 4), (50, 700, 8)])
+def test_index_arrays_take_the_widths_the_bits_count_charges(n, k, g):
+    """Entry ids in the smallest unsigned width holding U - 1 (uint8 up to 256 patterns, uint16
+    beyond), CSR columns in the width holding K - 1, offsets int32: the bits-per-weight count's
+    widths (`reference.lut.uint_bytes`); on integer inputs both products still equal the oracle."""
+    rng = np.random.default_rng(n + k)
+    q = rng.integers(-8, 8, size=(n, k)).astype(np.int8)
+    q[rng.random((n, k)) < 0.5] = 0
+    lut = R.build_pattern_lut(q, group_size=g)
+    la, csr = L.prepare_lut(lut), L.prepare_csr(q)
+    u = lut.patterns.shape[0]
+    assert la.entry_ids.dtype.itemsize == R.lut.uint_bytes(max(u - 1, 0)) and la.entry_ids.dtype.kind == "u"
+    assert csr.indices.dtype.itemsize == R.lut.uint_bytes(k - 1) and csr.indices.dtype.kind == "u"
+    assert la.indptr.dtype == np.int32 and csr.indptr.dtype == np.int32 and la.pattern_cols.dtype == np.int32
+    assert (u > 256) == (la.entry_ids.dtype == np.uint16) or u > 65536
+    x = rng.integers(-1000, 1001, size=(5, k)).astype(np.float64)
+    ref = R.lut_matmul(x, lut)
+    assert np.array_equal(L.lut_matmul(x, la), ref)
+    assert np.array_equal(L.sparse_matmul(x, csr), ref)

@@ -8,7 +8,7 @@ E lookups and adds gather the output. The direct CSR product `x @ q_high.T` over
 Cache layout, the reason the kernels look the way they do: tokens are processed in tiles of `mt`.
 Each tile of `x` is transposed once to `xt[K, mt]` and the table is kept as `T[U, mt]`, so one
 entry id fetches `mt` contiguous partial products and the add runs as a SIMD loop over tokens;
-the entry-id stream (E int32s) is read once per tile instead of once per token. Each output row
+the entry-id stream (E ids, each in the smallest unsigned width that holds U - 1) is read once per tile instead of once per token. Each output row
 is summed in a per-thread accumulator of mt values (writing `out[m, n]` directly touched mt lines
 N*itemsize apart, one L1 set: 2x slower), two entries per step to halve the add chain, stored to
 `acc[n, :mt]`, and a blocked pass writes the scaled tile into `out`. `mt` is 128 bytes of tokens (32 float32 / 16
@@ -45,9 +45,12 @@ class LutArrays:
 
     shape: tuple  # (N, K) of the q_high the table was built from
     group_size: int
-    indptr: np.ndarray  # int64 [N+1]
-    entry_ids: np.ndarray  # uint32 [E] (unsigned: Numba then skips the negative-index wraparound, -20% at M=1)
-    pattern_cols: np.ndarray  # int64 [U]: first input channel of each dictionary entry's group
+    indptr: np.ndarray  # int32 [N+1] (int64 past 2^31 - 1 entries)
+    # uint8 / uint16 / uint32 [E]: the smallest unsigned width that holds U - 1 (`uint_width`), as
+    # the bits-per-weight count assumes; unsigned, so Numba skips the negative-index wraparound
+    # (-20 % at M = 1)
+    entry_ids: np.ndarray
+    pattern_cols: np.ndarray  # int32 [U]: first input channel of each dictionary entry's group
     patterns64: np.ndarray  # float64 [U, g], zero-padded past K
     patterns32: np.ndarray  # float32 [U, g], the same small integers (exact in float32)
 
@@ -77,8 +80,8 @@ class CsrHigh:
     """`q_high` as CSR over output rows, the direct product's operand; build with `prepare_csr`."""
 
     shape: tuple  # (N, K)
-    indptr: np.ndarray  # int64 [N+1]
-    indices: np.ndarray  # uint32 [nnz], column of each nonzero, ascending per row (unsigned as entry_ids)
+    indptr: np.ndarray  # int32 [N+1] (int64 past 2^31 - 1 nonzeros)
+    indices: np.ndarray  # [nnz] column of each nonzero, ascending per row, unsigned of `uint_width(K - 1)`
     values64: np.ndarray  # float64 [nnz]
     values32: np.ndarray  # float32 [nnz]
 
@@ -88,6 +91,19 @@ class CsrHigh:
 
     def values_for(self, dtype):
         return self.values32 if np.dtype(dtype) == np.float32 else self.values64
+
+
+def uint_width(max_value):
+    """The smallest unsigned numpy dtype holding every value in [0, max_value] (the width the
+    bits-per-weight count charges, `reference.lut.uint_bytes`)."""
+    from reference.lut import uint_bytes
+
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[uint_bytes(max_value)]
+
+
+def _offsets(indptr):
+    """Row offsets as int32 where they fit (every entry count below 2^31), else int64."""
+    return np.ascontiguousarray(indptr, dtype=np.int32 if int(indptr[-1]) < 2**31 else np.int64)
 
 
 def prepare_lut(lut):
@@ -121,9 +137,9 @@ def prepare_lut(lut):
     return LutArrays(
         shape=(n, k),
         group_size=g,
-        indptr=indptr,
-        entry_ids=np.ascontiguousarray(ids, dtype=np.uint32),
-        pattern_cols=np.ascontiguousarray(groups * g),
+        indptr=_offsets(indptr),
+        entry_ids=np.ascontiguousarray(ids, dtype=uint_width(max(u - 1, 0))),
+        pattern_cols=np.ascontiguousarray(groups * g, dtype=np.int32 if k < 2**31 else np.int64),
         patterns64=p64,
         patterns32=np.ascontiguousarray(p64, dtype=np.float32),
     )
@@ -141,8 +157,8 @@ def prepare_csr(q_high):
     vals = q[rows, cols].astype(np.float64)
     return CsrHigh(
         shape=tuple(int(d) for d in q.shape),
-        indptr=indptr,
-        indices=cols.astype(np.uint32),
+        indptr=_offsets(indptr),
+        indices=cols.astype(uint_width(max(q.shape[1] - 1, 0))),
         values64=vals,
         values32=vals.astype(np.float32),
     )
