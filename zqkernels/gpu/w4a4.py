@@ -454,9 +454,9 @@ def _w4a4_gemv_quant_kernel(
     taken on the tile itself (BLOCK_K is a multiple of the group). Weight strides in words when
     WORDS, else in bytes. HIGH (ZipperQuant's dense high part, `zipper_high.zipper_gemv`): a
     second plane of packed codes hw [N, K/2], laid out as qw, is multiplied with the float32
-    X' = x * inv_smooth the quantizer forms anyway (exact products, float32 sums, `int4.
-    word_products`), and the output is (low + 16 * high) * w_scale: ZipperQuant's product with
-    Δ = w_scale, in one pass over x and both planes."""
+    X' = x * inv_smooth the quantizer forms anyway (exact products, float32 sums,
+    `int4.word_products`), and the output is (low + 16 * high) * w_scale: ZipperQuant's product
+    with Δ = w_scale, in one pass over x and both planes."""
     pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
     pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8
