@@ -227,19 +227,3 @@ def split8(x):
     x1, x5 = tl.split(x15)
     x3, x7 = tl.split(x37)
     return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def split8_4d(x):
-    """[A, B, C, 8] -> the eight [A, B, C] slices along the last axis, as `split8`."""
-    A: tl.constexpr = x.shape[0]
-    B: tl.constexpr = x.shape[1]
-    C: tl.constexpr = x.shape[2]
-    x0246, x1357 = tl.split(tl.reshape(x, (A, B, C, 4, 2)))
-    x04, x26 = tl.split(tl.reshape(x0246, (A, B, C, 2, 2)))
-    x15, x37 = tl.split(tl.reshape(x1357, (A, B, C, 2, 2)))
-    x0, x4 = tl.split(x04)
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
-    return x0, x1, x2, x3, x4, x5, x6, x7

@@ -71,7 +71,7 @@ from zqkernels.gpu import limits
 from zqkernels.gpu.actquant import codes_of, max_nan, recip_of, scale_of
 from zqkernels.gpu.configs import launch_config, table_for, tma_or_fallback, use_asm, use_pdl
 from zqkernels.gpu.int4 import (
-    dp4a, even_odd_bytes, load_words, split8, split8_4d, unpack_lo_hi_x16, unpack_words_x16, word_products,
+    dp4a, even_odd_bytes, load_words, split8, unpack_lo_hi_x16, unpack_words_x16, word_products,
     words_aligned,
 )
 from zqkernels.gpu.operands import (
@@ -489,7 +489,7 @@ def _w4a4_gemv_quant_kernel(
         NG: tl.constexpr = BW // GW  # the launcher makes BLOCK_K a multiple of the group
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HIGH:
-            acc_h = tl.zeros((BLOCK_M, BLOCK_N, NG, GW), dtype=tl.float32)
+            acc_h = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     for t in range(t0, t1):
         if ACT_GROUP == 0:
             w = load_words(qw_ptr, w_row, (t * BW + offs_w)[None, None, :], nw_w, KH, WORDS)
@@ -525,11 +525,17 @@ def _w4a4_gemv_quant_kernel(
             part = dp4a(tl.broadcast_to(w_hi, shape), tl.broadcast_to(a_hi, shape), part, USE_ASM)
             acc += tl.sum(tl.sum(part, axis=3).to(tl.float32) * sg[:, None, :], axis=2)
             if HIGH:
-                x0, x1, x2, x3, x4, x5, x6, x7 = split8_4d(xs)
-                hw = load_words(hw_ptr, w_row[:, :, :, None], wg[None, None, :, :], nw_w, KH, WORDS)
-                acc_h += word_products(hw, x0[:, None, :, :], x1[:, None, :, :], x2[:, None, :, :],
-                                       x3[:, None, :, :], x4[:, None, :, :], x5[:, None, :, :], x6[:, None, :, :],
-                                       x7[:, None, :, :])
+                # the high part needs no group structure: X' read again in the per-token form's
+                # [tokens, words, 8] tiles (from L1), so no rank-4 / rank-5 tiles (in the
+                # [.., groups, words] indexing the fused GEMV lost to the two passes on the H200,
+                # reports/results/h200/probe_zipper_fused_g32.json)
+                word = t * BW + offs_w
+                kw = word[:, None] * 8 + tl.arange(0, 8)[None, :]
+                x0, x1, x2, x3, x4, x5, x6, x7 = split8(_load_x(x_ptr, inv_ptr, x_row[:, None, None], kw[None, :, :],
+                                                                K, HAS_INV))
+                hw = load_words(hw_ptr, w_row, word[None, None, :], nw_w, KH, WORDS)
+                acc_h += word_products(hw, x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :],
+                                       x4[:, None, :], x5[:, None, :], x6[:, None, :], x7[:, None, :])
     if ACT_GROUP == 0:
         acc = tl.sum(acc3, axis=2)
     else:
@@ -540,7 +546,7 @@ def _w4a4_gemv_quant_kernel(
         if ACT_GROUP == 0:
             acc = (acc >> 8).to(tl.float32) * scale[:, None] + 16.0 * tl.sum(acc_h, axis=2)
         else:
-            acc = acc * 0.00390625 + 16.0 * tl.sum(tl.sum(acc_h, axis=3), axis=2)
+            acc = acc * 0.00390625 + 16.0 * tl.sum(acc_h, axis=2)
     if USE_SPLIT:
         is_last, total = splitk_reduce(acc, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, SPLIT_K)
         if is_last:
