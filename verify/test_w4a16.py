@@ -199,16 +199,8 @@ def test_tma_llama_shapes_compiled(m, n, k, group, tile, dtype):
     float64 product of the dequantized weights."""
     bm, bn, warps = tile
     cfg = dict(variant="tma", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=3)
-    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-    qw = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
-    g = 1 if group is None else -(-k // group)
-    sw = torch.rand(n, g, generator=gen, device="cuda") * 0.01 + 1e-3
-    sw_t = sw[:, 0].contiguous() if group is None else sw
-    y = w4a16_gemm(x, torch.from_numpy(R.pack_int4(qw.cpu().numpy())).cuda(), sw_t, group_size=group,
-                   config=cfg).double()
-    ref = torch.from_numpy(R.w4a16_matmul(x.double().cpu().numpy(), qw.cpu().numpy(),
-                                          sw_t.double().cpu().numpy(), group_size=group)).cuda()
+    _, x, pw, sw_t, ref = llama_operands(m, n, k, group, dtype)
+    y = w4a16_gemm(x, pw, sw_t, group_size=group, config=cfg).double()
     # the output dtype's rounding (fp16 2**-11, bf16 2**-8 per element), fp32 accumulation and with
     # groups the folded scales (FOLD per weight, in random directions: far below it in the norm)
     assert (y - ref).norm() / ref.norm() < (1e-3 if dtype == torch.float16 else 8e-3)

@@ -47,6 +47,27 @@ def tile_origin(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 
 @triton.jit
+def gemv_tile(M, N, KH, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr):
+    """A CUDA-core GEMV program's share: (pid, pid_k, offs_m, offs_n, rm, rn, nw_w, t0, t1, offs_w). Its
+    output tile (one program per tile, no grouping), the rows and columns wrapped into range as
+    int64, the words per weight row (KH bytes, the last word partial unless whole), its K tiles
+    [t0, t1) of BW words under the split `program_id(1)` of SPLIT_K, and the tile's word offsets."""
+    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    nw_w = tl.cdiv(KH, 4)
+    k_tiles = tl.cdiv(nw_w, BW)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    return pid, pid_k, offs_m, offs_n, rm, rn, nw_w, t0, t1, offs_w
+
+
+@triton.jit
 def splitk_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_k, offs_m, offs_n, M, N, SPLIT_K):
     """Store this split's partial `acc` [BLOCK_M, BLOCK_N], arrive on the tile's counter, and
     return (is_last, total): the last program to arrive gets the sum of every split's partial in

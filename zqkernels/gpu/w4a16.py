@@ -47,7 +47,7 @@ from zqkernels.gpu.int4 import load_words, split8, unpack_lo_hi_float, word_prod
 from zqkernels.gpu.operands import (
     check_float_acts, check_float_x_packed_w, check_out, check_scale, refuse_non_finite,
 )
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids, tile_origin
+from zqkernels.gpu.tiling import choose_split_k, gemv_tile, splitk_reduce, splitk_workspace, tile_ids, tile_origin
 
 
 @triton.jit
@@ -217,23 +217,12 @@ def _w4a16_gemv_kernel(
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
-    pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
     GW: tl.constexpr = GROUP // 8  # words per group (a group is a multiple of 8 channels: whole words)
     SPANS: tl.constexpr = GROUP != 0 and GROUP < BLOCK_K  # a K tile holds NG whole groups
     NG: tl.constexpr = BLOCK_K // GROUP if SPANS else 1
     KH = K // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    nw_w = tl.cdiv(KH, 4)
-    k_tiles = tl.cdiv(nw_w, BW)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    pid, pid_k, offs_m, offs_n, rm, rn, nw_w, t0, t1, offs_w = gemv_tile(M, N, KH, SPLIT_K, BLOCK_M, BLOCK_N, BW)
     w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
     x_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
     if SPANS:

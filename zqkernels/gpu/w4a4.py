@@ -78,7 +78,7 @@ from zqkernels.gpu.operands import (
     check_float_x_packed_w, check_int8_codes, check_out, check_out_dtype, check_packed, check_same_device, check_scale,
     refuse_non_finite,
 )
-from zqkernels.gpu.tiling import choose_split_k, splitk_reduce, splitk_workspace, tile_ids, tile_origin
+from zqkernels.gpu.tiling import choose_split_k, gemv_tile, splitk_reduce, splitk_workspace, tile_ids, tile_origin
 
 ACT_LAYOUTS = ("int4", "int8")  # the quantizer's `layout`: the activation codes a launch takes
 # The `act_layout` a launch-table bucket may name: one of those, or "fused" (a gemv bucket only):
@@ -412,19 +412,8 @@ def _w4a4_gemv_kernel(
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
-    pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8  # weight words per K tile and row
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    nw_w = tl.cdiv(KH, 4)  # weight words per row (the last one partial unless WORDS)
-    k_tiles = tl.cdiv(nw_w, BW)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    pid, pid_k, offs_m, offs_n, rm, rn, nw_w, t0, t1, offs_w = gemv_tile(M, N, KH, SPLIT_K, BLOCK_M, BLOCK_N, BW)
     w_row = (rn * stride_wn)[None, :, None]  # [1, BLOCK_N, 1]
     a_row = (rm * stride_xm)[:, None, None]  # [BLOCK_M, 1, 1]
     if BLOCK_M == 1 and ACT_GROUP == 0 and not A_INT8:
@@ -457,20 +446,9 @@ def _w4a4_gemv_quant_kernel(
     X' = x * inv_smooth the quantizer forms anyway (exact products, float32 sums,
     `int4.word_products`), and the output is (low + 16 * high) * w_scale: ZipperQuant's product
     with Δ = w_scale, in one pass over x and both planes."""
-    pid, pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 1)
-    pid_k = tl.program_id(1)
     BW: tl.constexpr = BLOCK_K // 8
     KH = K // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    nw_w = tl.cdiv(KH, 4)
-    k_tiles = tl.cdiv(nw_w, BW)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BW), BW), BW)
+    pid, pid_k, offs_m, offs_n, rm, rn, nw_w, t0, t1, offs_w = gemv_tile(M, N, KH, SPLIT_K, BLOCK_M, BLOCK_N, BW)
     w_row = (rn * stride_wn)[None, :, None]
     x_row = rm * stride_xm
     if ACT_GROUP == 0:
